@@ -1,0 +1,51 @@
+# Set-up in two commands: `make demo` and `make test` (each creates .venv if missing).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+# A machine with an NVIDIA GPU gets the CUDA build of torch and onnxruntime-gpu;
+# every other machine gets the CPU build of torch (never a multi-GB CUDA wheel)
+# and onnxruntime.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(GPU),1)
+ORT_EXTRA := gpu
+TORCH_SPEC := torch==2.13.0
+else
+ORT_EXTRA := cpu
+TORCH_SPEC := torch==2.13.0+cpu
+endif
+EXTRAS := $(ORT_EXTRA),optimum,dev
+STAMP := $(VENV)/.installed-$(ORT_EXTRA)
+
+CHECKPOINT ?=
+RECIPE ?=
+TARGET ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" || \
+	  $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m sdcompiler demo \
+	  $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") \
+	  $(if $(RECIPE),--recipe "$(RECIPE)") \
+	  $(if $(TARGET),--target "$(TARGET)")
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_compile_sd15.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-out

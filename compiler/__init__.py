@@ -1,0 +1,26 @@
+"""sd-compiler: compress and export Stable Diffusion / SDXL pipelines.
+
+    from sdcompiler import compile_pipeline, load_compiled
+    pipe = compile_pipeline("ckpt/", recipe="none", target="onnx", output_dir="out/")
+    pipe = load_compiled("out/")
+    images = pipe("a red cube", num_inference_steps=4).images
+
+Importing this package imports neither triton, tensorrt nor modelopt, and
+does not initialise CUDA.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "compile_pipeline", "load_compiled"]
+
+
+def __getattr__(name):  # lazy: keep `import sdcompiler` cheap
+    if name == "compile_pipeline":
+        from sdcompiler.compile import compile_pipeline
+
+        return compile_pipeline
+    if name == "load_compiled":
+        from sdcompiler.runtime import load_compiled
+
+        return load_compiled
+    raise AttributeError(f"module 'sdcompiler' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from sdcompiler.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Checkpoint factories: real diffusers folders with random weights, built offline.
+
+`make_checkpoint(path, arch, size, seed)` writes a diffusers pipeline folder:
+
+- `size="full"`: the real SD1.5 / SD2.1 (768-v) / SDXL-base architecture from
+  the shipped configs (U-Net 859,520,964 / 865,910,724 / 2,567,463,684
+  params) with the real CLIP vocabulary. Our stand-in for real weights.
+- `size="tiny"`: the same block structure at tiny widths, so every
+  structural pass meets the real topology: SD has 4 stages (3 cross-attention
+  down stages + 1 plain, mirrored up), 2 layers per block and a cross-attention
+  mid-block; SDXL has 3 stages with transformer depths [1, 2, 10] and the
+  `text_time` added embedding. Text encoders are 2-layer CLIP models over a
+  514-token byte-level vocabulary; the VAE has the real 4 stages (8x), so
+  resolutions behave as in the real pipelines. Builds in about a second.
+
+Configs can be overridden per component (`unet={"layers_per_block": 1}`), as
+diffusers' `get_dummy_components` and modelopt's `get_tiny_unet` allow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from sdcompiler.archs import bytes_to_unicode, get_arch, shipped_config_dir
+from sdcompiler.errors import CheckpointError
+
+SIZES = ("tiny", "full")
+
+# Tiny widths per arch: block structure of the real model, widths divided down.
+_TINY_UNET: dict[str, dict[str, Any]] = {
+    "sd15": dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=4, norm_num_groups=8,
+                 cross_attention_dim=32, sample_size=16),
+    "sd21": dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=[2, 2, 4, 4], norm_num_groups=8,
+                 cross_attention_dim=32, sample_size=16),
+    "sdxl": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], norm_num_groups=8,
+                 cross_attention_dim=64, sample_size=16, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32),
+}
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=32, vocab_size=514)
+_TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=128)
+
+
+def make_checkpoint(
+    path: str | Path,
+    arch: str = "sd15",
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    unet: Mapping[str, Any] | None = None,
+    vae: Mapping[str, Any] | None = None,
+    text_encoder: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl") at `size` ("tiny" | "full").
+
+    Args:
+        path: destination folder (created; must be empty unless `overwrite`).
+        arch: architecture family.
+        size: "tiny" for tests, "full" for the real architecture (random weights).
+        seed: seeds every weight; the same seed gives the same files.
+        unet, vae, text_encoder: config overrides for that component.
+        overwrite: replace an existing non-empty folder.
+
+    Returns:
+        The folder, loadable by `DiffusionPipeline.from_pretrained` and by
+        `compile_pipeline`.
+    """
+    import diffusers
+    import transformers
+
+    spec = get_arch(arch)
+    if size not in SIZES:
+        raise CheckpointError(f"unknown size {size!r}; choose 'tiny' or 'full'")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        if (path / "model_index.json").exists() and json.loads((path / "model_index.json").read_text()).get(
+            "_sdcompiler_testing"
+        ) == {"arch": arch, "size": size, "seed": seed}:
+            return path  # already built with the same arguments
+        raise CheckpointError(f"{path} exists and is not empty; pick another folder or pass overwrite=True")
+
+    configs = shipped_config_dir(arch)
+    read = lambda component, name="config.json": json.loads((configs / component / name).read_text())  # noqa: E731
+
+    unet_config = read("unet") | (_TINY_UNET[arch] if size == "tiny" else {}) | dict(unet or {})
+    vae_config = read("vae") | (_TINY_VAE if size == "tiny" else {}) | dict(vae or {})
+    scheduler_config = read("scheduler", "scheduler_config.json")
+
+    torch.manual_seed(seed)
+    components: dict[str, Any] = {}
+    components["unet"] = diffusers.UNet2DConditionModel.from_config(_public(unet_config))
+    components["vae"] = diffusers.AutoencoderKL.from_config(_public(vae_config))
+    scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+    components["scheduler"] = scheduler_cls.from_config(scheduler_config)
+
+    for index, encoder_name in enumerate(spec.text_encoders):
+        suffix = "" if index == 0 else f"_{index + 1}"
+        tokenizer_dir = configs / f"tokenizer{suffix}"
+        tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        if size == "tiny":
+            tokenizer = _tiny_tokenizer(tokenizer_config["pad_token"])
+        else:
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+        text_config = read(encoder_name) | (_TINY_TEXT if size == "tiny" else {}) | dict(text_encoder or {})
+        if size == "tiny":  # the pooled output is taken at eos_token_id: it must be the tokenizer's
+            text_config |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        model_cls = getattr(transformers, text_config["architectures"][0])
+        config = transformers.CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"})
+        components[encoder_name] = model_cls(config).eval()
+        components[f"tokenizer{suffix}"] = tokenizer
+
+    pipeline_cls = getattr(diffusers, spec.pipeline_class)
+    if spec.is_sdxl:
+        pipe = pipeline_cls(**components, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = pipeline_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    if overwrite and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    index = json.loads((path / "model_index.json").read_text())
+    index["_sdcompiler_testing"] = {"arch": arch, "size": size, "seed": seed}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def _public(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _tiny_tokenizer(pad_token: str):
+    """A 514-token byte-level CLIP tokenizer: bytes, bytes + `</w>`, BOS, EOS; no merges."""
+    import tempfile
+
+    import transformers
+
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n")
+        return transformers.CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
