@@ -168,3 +168,13 @@ def write_clip_vocabulary(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def assemble_pipeline(spec: ArchSpec, components: Mapping):
+    """Build the diffusers pipeline object of `spec` from already-built components."""
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, spec.pipeline_class)
+    if spec.is_sdxl:
+        return pipeline_cls(**components)
+    return pipeline_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcompiler.archs import bytes_to_unicode, get_arch, shipped_config_dir
+from sdcompiler.archs import assemble_pipeline, bytes_to_unicode, get_arch, shipped_config_dir
 from sdcompiler.errors import CheckpointError
 
 SIZES = ("tiny", "full")
@@ -115,11 +115,7 @@ def make_checkpoint(
         components[encoder_name] = model_cls(config).eval()
         components[f"tokenizer{suffix}"] = tokenizer
 
-    pipeline_cls = getattr(diffusers, spec.pipeline_class)
-    if spec.is_sdxl:
-        pipe = pipeline_cls(**components, force_zeros_for_empty_prompt=True)
-    else:
-        pipe = pipeline_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(spec, components)
 
     if overwrite and path.exists():
         import shutil

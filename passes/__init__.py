@@ -1,0 +1,30 @@
+"""Passes: graph-level transforms of a diffusers pipeline, their registry and manager.
+
+Importing this package registers the built-in passes.
+"""
+
+from sdcompiler.passes.accounting import count_macs, count_params, unet_example_inputs
+from sdcompiler.passes.base import Pass, PassContext, PassRecord, available_passes, get_pass, register_pass
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, check_order, rebuild
+
+# Built-in passes register themselves on import.
+from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
+
+__all__ = [
+    "ORDERING_RULES",
+    "Pass",
+    "PassConfig",
+    "PassContext",
+    "PassManager",
+    "PassRecord",
+    "PassStep",
+    "available_passes",
+    "check_order",
+    "count_macs",
+    "count_params",
+    "get_pass",
+    "rebuild",
+    "register_pass",
+    "unet_example_inputs",
+]

@@ -1,0 +1,123 @@
+"""`compile_pipeline`: checkpoint -> passes -> lowering -> artifact -> runtime pipeline.
+
+    steps    = resolve_recipe(recipe)                  # strict configs + ordering rules, before any work
+    target   = get_target(target)                      # and its strict options
+    loaded   = load_checkpoint(checkpoint)             # diffusers folder | .safetensors | cached HF id
+    records  = PassManager(steps).run(pipe, ctx)       # one PassRecord per pass
+    lowering = target.lower(pipe, staging, options)    # named stages, each timed
+    manifest = {...}; rename staging -> output_dir     # atomic: never a half-written artifact
+    return load_compiled(output_dir)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Mapping
+
+from sdcompiler import __version__, knobs
+from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
+from sdcompiler.passes import PassContext, PassManager
+from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
+from sdcompiler.targets import LowerContext, get_target
+
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                      "triton", "nvidia-modelopt", "optimum-onnx")
+
+
+def compile_pipeline(
+    checkpoint: str | Path,
+    recipe: RecipeLike = "none",
+    target: str = "onnx",
+    output_dir: str | Path | None = None,
+    *,
+    target_options: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    macs_resolution: tuple[int, int] | None = None,
+    show_progress: bool | None = None,
+    seed: int = 0,
+    device: str | None = None,
+):
+    """Compile a Stable Diffusion / SDXL checkpoint into a deployable artifact and load it.
+
+    Args:
+        checkpoint: a diffusers folder, a single-file `.safetensors` checkpoint, or a
+            Hugging Face id already in the local cache.
+        recipe: a preset name, a YAML path, or a list of recipe items (see `sdcompiler.recipe`).
+        target: "onnx" (ONNX Runtime) or "torch".
+        output_dir: artifact folder; default: a folder in the cache named by the inputs' hash.
+        target_options: options of the target, e.g. `{"precision": "fp16"}` for onnx.
+        allow_pickle: allow pickle checkpoints (`.ckpt`, `.bin`, `.pt`), which can run code.
+        macs_resolution: pixel (H, W) at which MACs are counted; default: the model's native size.
+        show_progress: progress bars (default: on unless SDCOMPILER_QUIET is set).
+        seed: seeds everything random in passes.
+        device: where the returned pipeline runs ("cpu" / "cuda"); default: CUDA if available.
+
+    Returns:
+        The loaded `CompiledPipeline` (same as `load_compiled(output_dir)`).
+    """
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.runtime import load_compiled
+
+    show_progress = (not knobs.quiet()) if show_progress is None else show_progress
+    steps = resolve_recipe(recipe)
+    lowering = get_target(target)
+    target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")
+    if output_dir is None:
+        key = json.dumps([str(checkpoint), recipe_to_manifest(steps), target, target_config.to_dict()], sort_keys=True)
+        output_dir = knobs.cache_dir() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    output_dir = Path(output_dir)
+    check_destination(output_dir)
+
+    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    pipe, spec = loaded.pipeline, loaded.arch
+    default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    macs_resolution = tuple(macs_resolution or (default_size, default_size))
+    source_unet_config = dict(pipe.unet.config)
+
+    ctx = PassContext(arch=spec.name, macs_resolution=macs_resolution, cache_dir=knobs.cache_dir(), seed=seed,
+                      show_progress=show_progress)
+    start = time.perf_counter()
+    records = PassManager(steps).run(pipe, ctx)
+    passes_seconds = time.perf_counter() - start
+
+    with staged_artifact(output_dir) as staging:
+        stages = lowering.lower(pipe, staging, target_config,
+                                LowerContext(spec, source_unet_config, show_progress=show_progress))
+        manifest = {
+            "sdcompiler_version": __version__,
+            "source": loaded.source,
+            "arch": spec.name,
+            "target": target,
+            "recipe": recipe_to_manifest(steps),
+            "passes": [r.to_dict() for r in records],
+            "macs_resolution": list(macs_resolution),
+            "passes_seconds": round(passes_seconds, 3),
+            "lowering": {"target": target, "config": target_config.to_dict(),
+                         "stages": [vars(s) for s in stages]},
+            "model": {
+                "latent_channels": pipe.vae.config.latent_channels,
+                "vae_scale_factor": pipe.vae_scale_factor,
+                "scaling_factor": pipe.vae.config.scaling_factor,
+                "default_size": default_size,
+                "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+            },
+            "defaults": {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale},
+            "versions": package_versions(),
+        }
+        write_manifest(staging, manifest)
+    del pipe, loaded
+    return load_compiled(output_dir, device=device)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions

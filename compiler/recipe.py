@@ -1,0 +1,131 @@
+"""Recipes: what the user asks for -> an ordered list of validated pass steps.
+
+A recipe is a preset name, a YAML path, or a list of items. An item is:
+- a preset name: `"fuse-qkv"`;
+- a preset with overrides: `{"preset": "fuse-qkv", "cross_attention": False}`
+  (each override goes to the preset's pass whose config has that key);
+- a pass with its config: `{"pass": "fuse_qkv", "self_attention": True}`.
+A YAML recipe is such a list, or `{version: 1, passes: [...]}`.
+
+Presets are YAML files in `sdcompiler/presets/` of the same mapping form;
+each expands to exactly one pass unless its YAML lists several (composite).
+Resolution validates every config strictly and checks the ordering rules, so
+a bad recipe fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import yaml
+
+from sdcompiler.errors import RecipeError
+from sdcompiler.passes import PassStep, check_order, get_pass
+
+RecipeLike = Union[str, Path, Sequence[Any], None]
+RECIPE_VERSION = 1
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("sdcompiler") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("sdcompiler") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise RecipeError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
+    return _parse_mapping(yaml.safe_load(path.read_text()), f"preset {name!r}")
+
+
+def resolve_recipe(recipe: RecipeLike) -> list[PassStep]:
+    """Resolve any recipe form into validated, order-checked pass steps."""
+    steps = [step for item in _items(recipe) for step in _resolve_item(item)]
+    check_order(steps)
+    return steps
+
+
+def recipe_to_manifest(steps: Iterable[PassStep]) -> dict[str, Any]:
+    """The fully resolved recipe: replaying it gives the same passes and configs."""
+    return {"version": RECIPE_VERSION, "passes": [{"pass": s.name, **s.config.to_dict()} for s in steps]}
+
+
+def _items(recipe: RecipeLike) -> list[Any]:
+    if recipe is None:
+        return []
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            path = Path(text)
+            if not path.is_file():
+                raise RecipeError(f"recipe file {path} does not exist; pass a preset name or a YAML path")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                first = str(exc).splitlines()[0]
+                raise RecipeError(f"recipe file {path} is not valid YAML ({first}); fix the file") from None
+            if isinstance(data, list):
+                return data
+            return _parse_mapping(data, f"recipe file {path}")["passes"]
+        return [text]
+    if isinstance(recipe, Mapping):
+        return _parse_mapping(recipe, "recipe")["passes"]
+    if isinstance(recipe, Sequence):
+        return list(recipe)
+    raise RecipeError(f"a recipe must be a preset name, a YAML path or a list, not {type(recipe).__name__}")
+
+
+def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a list of passes or a mapping with 'version' and 'passes'")
+    unknown = set(data) - {"version", "passes", "description"}
+    if unknown:
+        raise RecipeError(f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description")
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise RecipeError(f"{where} has version {version!r}; this sd-compiler reads version {RECIPE_VERSION}")
+    passes = data.get("passes") or []
+    if not isinstance(passes, list):
+        raise RecipeError(f"'passes' in {where} must be a list")
+    return {"version": version, "passes": passes, "description": data.get("description", "")}
+
+
+def _resolve_item(item: Any) -> list[PassStep]:
+    if isinstance(item, str):
+        if item == "none":
+            return []
+        return [_step(p["pass"], _without(p, "pass")) for p in load_preset(item)["passes"]]
+    if not isinstance(item, Mapping):
+        raise RecipeError(f"recipe item {item!r} must be a preset name or a mapping with 'preset' or 'pass'")
+    if ("preset" in item) == ("pass" in item):
+        raise RecipeError(f"recipe item {dict(item)!r} must have exactly one of 'preset' or 'pass'")
+    if "pass" in item:
+        return [_step(item["pass"], _without(item, "pass"))]
+    name, overrides = item["preset"], _without(item, "preset")
+    preset_passes = load_preset(name)["passes"]
+    configs = [_without(p, "pass") for p in preset_passes]
+    for key, value in overrides.items():
+        takers = [i for i, p in enumerate(preset_passes) if key in _config_fields(p["pass"])]
+        if not takers:
+            raise RecipeError(f"override {key!r} of preset {name!r} is not a config key of its pass(es) "
+                              f"{', '.join(p['pass'] for p in preset_passes)}")
+        for i in takers:
+            configs[i][key] = value
+    return [_step(p["pass"], cfg) for p, cfg in zip(preset_passes, configs)]
+
+
+def _step(pass_name: str, config: Mapping[str, Any]) -> PassStep:
+    pass_ = get_pass(pass_name)
+    return PassStep(pass_name, pass_.config_class.from_dict(config, owner=pass_name))
+
+
+def _config_fields(pass_name: str) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(get_pass(pass_name).config_class)}
+
+
+def _without(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k != key}

@@ -1,0 +1,115 @@
+"""Run compiled artifacts: `load_compiled(dir) -> CompiledPipeline`, called like a diffusers pipeline.
+
+    pipe = load_compiled("out/")
+    out = pipe("a red cube", num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    out.images        # (N, H, W, 3) float array, a list of PIL images, or latents
+
+The target recorded in the manifest picks the component backends (ONNX
+Runtime sessions or torch modules); the denoising loop is
+`sdcompiler.sampling.generate` for every target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcompiler import knobs
+from sdcompiler.artifact import read_manifest, verify_files
+from sdcompiler.errors import PipelineArgumentError
+from sdcompiler.sampling import Components, generate
+
+SUPPORTED_ARGUMENTS = (
+    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
+    "latents", "num_images_per_prompt", "output_type",
+)
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class CompiledPipelineOutput:
+    images: Any
+
+
+class CompiledPipeline:
+    """A compiled text-to-image pipeline; `__call__` accepts diffusers' common arguments."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], components: Components, device: str):
+        self.root = root
+        self.manifest = manifest
+        self.components = components
+        self.device = device
+
+    @property
+    def arch(self) -> str:
+        return self.manifest["arch"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    def __repr__(self) -> str:
+        passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
+        return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"
+
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
+                 height=None, width=None, generator=None, latents=None, num_images_per_prompt=1,
+                 output_type="pil", **unsupported) -> CompiledPipelineOutput:
+        if unsupported:
+            raise PipelineArgumentError(
+                f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
+                f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
+            )
+        if prompt is None:
+            raise PipelineArgumentError("prompt is required (a string or a list of strings)")
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineArgumentError(f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
+        defaults = self.manifest.get("defaults", {})
+        try:
+            images = generate(
+                self.components, prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps or defaults.get("num_inference_steps", 50),
+                guidance_scale=defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale,
+                height=height, width=width, generator=generator, latents=latents,
+                num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                progress=None if knobs.quiet() else _progress_bar,
+            )
+        except (ValueError, TypeError) as exc:
+            raise PipelineArgumentError(str(exc)) from None
+        return CompiledPipelineOutput(images=images)
+
+
+def _progress_bar(iterable):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="denoise", leave=False)
+
+
+def load_compiled(path: str | Path, device: str | None = None, providers: list[str] | None = None) -> CompiledPipeline:
+    """Load an artifact folder written by `compile_pipeline` / `sdcompiler compile`.
+
+    Args:
+        path: the artifact folder (holds manifest.json).
+        device: "cpu" or "cuda"; default: CUDA when torch sees a GPU.
+        providers: ONNX Runtime execution providers (onnx target), overriding `device`.
+    """
+    from sdcompiler.targets import get_target
+
+    root = Path(path).resolve()
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = get_target(manifest["target"])
+    threads = knobs.num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    components = target.load(root, manifest, device, providers)
+    return CompiledPipeline(root, manifest, components, device)

@@ -1,0 +1,174 @@
+"""Text-to-image sampling over component callables: the one denoising loop every target runs.
+
+The loop reproduces diffusers' `StableDiffusionPipeline` and
+`StableDiffusionXLPipeline` step for step (tokenization, prompt encoding,
+classifier-free guidance `eps = eps_u + w (eps_c - eps_u)`, SDXL's added time
+ids and pooled embeddings, zeroed negative embeddings when SDXL has no
+negative prompt, latent scaling, decoding), but calls components through a
+narrow interface, so ONNX Runtime sessions, torch modules, TensorRT engines
+or Triton Inference Server BLS calls plug in unchanged:
+
+- text encoder: `encode(input_ids: LongTensor) -> TextEncoding`
+- U-Net: `unet(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> eps`
+- VAE decoder: `decode(latents) -> images in [-1, 1]`
+
+All tensors are torch tensors on the CPU (or the components' device).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TextEncoding:
+    last_hidden_state: torch.Tensor
+    pooled: torch.Tensor | None = None  # pooler_output (CLIPTextModel) or text_embeds (WithProjection)
+    penultimate_hidden_state: torch.Tensor | None = None
+
+
+class TextEncoder(Protocol):
+    def __call__(self, input_ids: torch.Tensor) -> TextEncoding: ...
+
+
+class UNet(Protocol):
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class Components:
+    """What the loop needs: callables plus the static facts about the model."""
+
+    tokenizers: Sequence  # one per text encoder
+    text_encoders: Sequence[TextEncoder]
+    unet: UNet
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    scheduler_factory: Callable[[], object]  # a fresh scheduler per call: calls do not share state
+    is_sdxl: bool
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    default_size: int  # pixels
+    force_zeros_for_empty_prompt: bool = True
+    dtype: torch.dtype = torch.float32
+
+
+def _as_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a string or a list of strings")
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(c: Components, prompts: list[str], negative: list[str] | None, guidance: bool, per_prompt: int):
+    """Prompt embeddings as diffusers builds them: returns (embeds, pooled or None), CFG batch first-half uncond."""
+    def encode(texts: list[str]):
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
+            out = encoder(_tokenize(tokenizer, texts))
+            if c.is_sdxl:
+                hidden.append(out.penultimate_hidden_state)
+                pooled = out.pooled  # the last encoder's projection is the pooled embedding
+            else:
+                hidden.append(out.last_hidden_state)
+        return torch.cat(hidden, dim=-1).to(c.dtype), (pooled.to(c.dtype) if pooled is not None else None)
+
+    embeds, pooled = encode(prompts)
+    if guidance:
+        if c.is_sdxl and negative is None and c.force_zeros_for_empty_prompt:
+            neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            neg_embeds, neg_pooled = encode(negative if negative is not None else [""] * len(prompts))
+        embeds = torch.cat([neg_embeds.repeat_interleave(per_prompt, 0), embeds.repeat_interleave(per_prompt, 0)])
+        if pooled is not None:
+            pooled = torch.cat([neg_pooled.repeat_interleave(per_prompt, 0), pooled.repeat_interleave(per_prompt, 0)])
+    else:
+        embeds = embeds.repeat_interleave(per_prompt, 0)
+        pooled = pooled.repeat_interleave(per_prompt, 0) if pooled is not None else None
+    return embeds, pooled
+
+
+def generate(
+    c: Components,
+    prompt: str | list[str],
+    *,
+    negative_prompt: str | list[str] | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    num_images_per_prompt: int = 1,
+    output_type: str = "pil",
+    progress: Callable | None = None,
+):
+    """Run text-to-image sampling; returns a numpy array (N, H, W, 3), a PIL list, or latents."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    prompts = _as_list(prompt, "prompt")
+    negative = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+    if negative is not None and len(negative) == 1 and len(prompts) > 1:
+        negative = negative * len(prompts)
+    if negative is not None and len(negative) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts; give one each")
+    height = height or c.default_size
+    width = width or c.default_size
+    for name, value in (("height", height), ("width", width)):
+        if value % (c.vae_scale_factor) != 0 or value <= 0:
+            raise ValueError(f"{name}={value} must be a positive multiple of {c.vae_scale_factor}")
+    guidance = guidance_scale > 1.0
+    batch = len(prompts) * num_images_per_prompt
+
+    embeds, pooled = encode_prompts(c, prompts, negative, guidance, num_images_per_prompt)
+    time_ids = None
+    if c.is_sdxl:  # original size, crop top-left, target size
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=c.dtype).repeat(embeds.shape[0], 1)
+
+    scheduler = c.scheduler_factory()
+    scheduler.set_timesteps(num_inference_steps)
+    shape = (batch, c.latent_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, dtype=c.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+    latents = latents.to(c.dtype) * scheduler.init_noise_sigma
+
+    step_params = set(inspect.signature(scheduler.step).parameters)
+    step_kwargs = {}
+    if "eta" in step_params:
+        step_kwargs["eta"] = 0.0
+    if "generator" in step_params:
+        step_kwargs["generator"] = generator
+
+    timesteps = scheduler.timesteps
+    for t in (progress(timesteps) if progress else timesteps):
+        model_input = torch.cat([latents] * 2) if guidance else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        eps = c.unet(model_input, t, embeds, pooled, time_ids)
+        if guidance:
+            eps_uncond, eps_text = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+
+    if output_type == "latent":
+        return latents
+    image = c.decode(latents / c.scaling_factor)
+    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return image
+    from PIL import Image
+
+    return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in image]

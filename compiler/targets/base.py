@@ -1,0 +1,135 @@
+"""Lowering targets: named stages that turn a transformed pipeline into artifact files.
+
+A target lowers (`lower(pipe, out_dir, ctx) -> [StageRecord]`) at compile
+time and loads (`load(root, manifest, device, providers) -> Components`) at
+run time; both directions live in the same class so the file layout is
+defined once. Targets register by name; `compile_pipeline(target=NAME)` and
+`load_compiled` dispatch through the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sdcompiler.archs import ArchSpec
+from sdcompiler.errors import LoweringError
+from sdcompiler.passes import PassConfig
+
+
+@dataclass
+class LowerContext:
+    """What a target needs besides the pipeline."""
+
+    arch: ArchSpec
+    source_unet_config: dict[str, Any]  # the U-Net config before any pass: rebuild starts from it
+    show_progress: bool = True
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Times one named lowering stage: `with Stage("export_onnx", settings) as s: ...; s.results[...] = ...`."""
+
+    def __init__(self, records: list[StageRecord], name: str, settings: dict[str, Any] | None = None):
+        self.record = StageRecord(name, 0.0, dict(settings or {}))
+        self.results = self.record.results
+        records.append(self.record)
+
+    def __enter__(self) -> "Stage":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.record.seconds = round(time.perf_counter() - self._start, 3)
+
+
+class Target:
+    name: ClassVar[str]
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+
+    def lower(self, pipe, out: Path, config: PassConfig, ctx: LowerContext) -> list[StageRecord]:
+        raise NotImplementedError
+
+    def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
+        """Return `sampling.Components` for the artifact at `root`."""
+        raise NotImplementedError
+
+
+_TARGETS: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    _TARGETS[cls.name] = cls
+    return cls
+
+
+def get_target(name: str) -> Target:
+    from sdcompiler.targets import onnx_target, torch_target  # noqa: F401  (registration)
+
+    try:
+        return _TARGETS[name]()
+    except KeyError:
+        raise LoweringError(f"unknown target {name!r}; available targets: {', '.join(sorted(_TARGETS))}") from None
+
+
+def write_pipeline_files(pipe, out: Path, components: dict[str, list]) -> None:
+    """Tokenizers, scheduler and `model_index.json` (with the given component entries)."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / name)
+    pipe.scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": type(pipe).__name__, "_diffusers_version": _version("diffusers")}
+    for key, value in pipe.config.items():
+        if not key.startswith("_") and not (isinstance(value, (list, tuple)) and len(value) == 2):
+            index[key] = value  # pipeline flags such as force_zeros_for_empty_prompt
+    for name in ("tokenizer", "tokenizer_2", "scheduler"):
+        if getattr(pipe, name, None) is not None:
+            index[name] = [_library(getattr(pipe, name)), type(getattr(pipe, name)).__name__]
+    index.update(components)
+    if not type(pipe).__name__.endswith("XLPipeline"):
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _library(obj) -> str:
+    return type(obj).__module__.split(".")[0]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def load_tokenizers(root: Path, spec: ArchSpec) -> list:
+    """Tokenizers with the class named in model_index.json (slow and fast CLIP tokenizers can differ)."""
+    import transformers
+
+    index = json.loads((root / "model_index.json").read_text())
+    tokenizers = []
+    for i in range(len(spec.text_encoders)):
+        name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+        library, class_name = index[name]
+        tokenizers.append(getattr(transformers, class_name).from_pretrained(root / name))
+    return tokenizers
+
+
+def scheduler_factory(root: Path):
+    """A callable that builds a fresh scheduler from the artifact's scheduler config."""
+    import diffusers
+
+    index = json.loads((root / "model_index.json").read_text())
+    scheduler_cls = getattr(diffusers, index["scheduler"][1])
+    config = scheduler_cls.load_config(root / "scheduler")
+    return lambda: scheduler_cls.from_config(config)

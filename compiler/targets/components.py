@@ -1,0 +1,136 @@
+"""Component callables for the sampling loop: torch modules and ONNX Runtime sessions.
+
+Each adapter hides its backend behind `sampling`'s narrow interface; ONNX
+Runtime adapters cast inputs to the dtypes the session declares (fp16 and
+bf16 artifacts) and return float32 torch tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdcompiler.archs import get_arch
+from sdcompiler.sampling import Components, TextEncoding
+
+
+def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode) -> Components:
+    from sdcompiler.targets.base import load_tokenizers, scheduler_factory
+
+    spec = get_arch(manifest["arch"])
+    model = manifest["model"]
+    return Components(
+        tokenizers=load_tokenizers(root, spec),
+        text_encoders=text_encoders,
+        unet=unet,
+        decode=decode,
+        scheduler_factory=scheduler_factory(root),
+        is_sdxl=spec.is_sdxl,
+        latent_channels=model["latent_channels"],
+        vae_scale_factor=model["vae_scale_factor"],
+        scaling_factor=model["scaling_factor"],
+        default_size=model["default_size"],
+        force_zeros_for_empty_prompt=model.get("force_zeros_for_empty_prompt", True),
+    )
+
+
+# --- torch -----------------------------------------------------------------------------------
+
+
+def torch_text_encoder(model: torch.nn.Module, sdxl: bool):
+    device = model.device
+
+    def encode(input_ids: torch.Tensor) -> TextEncoding:
+        with torch.inference_mode():
+            out = model(input_ids.to(device), output_hidden_states=sdxl)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return TextEncoding(
+            last_hidden_state=out.last_hidden_state.float().cpu(),
+            pooled=pooled.float().cpu(),
+            penultimate_hidden_state=out.hidden_states[-2].float().cpu() if sdxl else None,
+        )
+
+    return encode
+
+
+def torch_unet(unet: torch.nn.Module, device: str):
+    dtype = unet.dtype
+
+    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = None
+        if text_embeds is not None:
+            added = {"text_embeds": text_embeds.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
+        with torch.inference_mode():
+            out = unet(sample.to(device, dtype), timestep, encoder_hidden_states.to(device, dtype),
+                       added_cond_kwargs=added, return_dict=False)[0]
+        return out.float().cpu()
+
+    return run
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class OrtModel:
+    """One ONNX Runtime session called with torch tensors by input name."""
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+        from sdcompiler.errors import require
+
+        ort = require("onnxruntime", "cpu", "the onnx target")  # or [gpu]: onnxruntime-gpu
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, outputs: list[str] | None = None, **inputs) -> dict[str, torch.Tensor]:
+        feed = {}
+        for name, value in inputs.items():
+            if name not in self.inputs:
+                continue
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if self.inputs[name] == "tensor(bfloat16)":
+                raise NotImplementedError("bf16 session inputs need IO binding; use fp16 or fp32")
+            # np.require keeps 0-d arrays 0-d (ascontiguousarray would make the scalar timestep 1-d)
+            feed[name] = np.require(array.astype(_ORT_TYPES[self.inputs[name]], copy=False), requirements="C")
+        names = outputs or self.outputs
+        results = self.session.run(names, feed)
+        return {n: torch.from_numpy(np.asarray(r, dtype=np.float32)) for n, r in zip(names, results)}
+
+
+def ort_text_encoder(model: OrtModel, sdxl: bool):
+    pooled_name = "text_embeds" if "text_embeds" in model.outputs else "pooler_output"
+    hidden = sorted((o for o in model.outputs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
+    wanted = ["last_hidden_state", pooled_name] + ([hidden[-2]] if sdxl else [])
+
+    def encode(input_ids: torch.Tensor) -> TextEncoding:
+        out = model(wanted, input_ids=input_ids)
+        return TextEncoding(out["last_hidden_state"], out[pooled_name], out[hidden[-2]] if sdxl else None)
+
+    return encode
+
+
+def ort_unet(model: OrtModel):
+    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
+        return model(["out_sample"], sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                     text_embeds=text_embeds, time_ids=time_ids)["out_sample"]
+
+    return run
+
+
+def ort_vae_decoder(model: OrtModel):
+    return lambda latents: model(["sample"], latent_sample=latents)["sample"]

@@ -1,0 +1,233 @@
+"""`target="onnx"`: ONNX models in optimum's diffusers layout, run by ONNX Runtime.
+
+Stages: `export_onnx` (U-Net, text encoder(s), VAE decoder with the
+TorchScript exporter at opset 18: faster and leaner than the dynamo exporter
+for these models, environment.md) then `verify` (each ONNX model vs its torch
+module on the export inputs, max abs error recorded). Names, dtypes and
+dynamic axes follow optimum's exporter, so `ORTDiffusionPipeline` loads the
+artifact too: U-Net `sample, timestep (float scalar), encoder_hidden_states
+[, text_embeds, time_ids] -> out_sample`; text encoders `input_ids ->
+last_hidden_state, pooler_output | text_embeds [, hidden_states.i]`; VAE
+decoder `latent_sample -> sample`.
+
+The U-Net is traced at a latent size that is not a multiple of its overall
+down-sampling factor, so diffusers takes its explicit-upsample-size path and
+the graph computes every skip shape from its input: any latent size then
+runs, not only multiples of 8. Models over 2 GB are saved with one
+`model.onnx.data` file next to `model.onnx`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sdcompiler.archs import get_arch
+from sdcompiler.errors import LoweringError
+from sdcompiler.passes import PassConfig, unet_example_inputs
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
+from sdcompiler.targets.components import OrtModel, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB: leave room for the graph itself
+TRACE_LATENT = 10  # not a multiple of 4 or 8: forces diffusers' shape-generic upsampling path
+# Relative tolerance of the export check: |onnx - torch|max / max(1, |torch|max).
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}
+
+
+@dataclass(frozen=True)
+class OnnxTargetConfig(PassConfig):
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # U-Net and text encoders
+    vae_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16 VAE decoders can give black images
+    opset: int = 18
+    verify: bool = True
+
+
+class _UNetForExport(torch.nn.Module):
+    def __init__(self, unet, sdxl: bool):
+        super().__init__()
+        self.unet, self.sdxl = unet, sdxl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _TextEncoderForExport(torch.nn.Module):
+    def __init__(self, model, hidden_states: bool):
+        super().__init__()
+        self.model, self.hidden_states = model, hidden_states
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=self.hidden_states, return_dict=True)
+        first = [out.text_embeds, out.last_hidden_state] if hasattr(out, "text_embeds") else [
+            out.last_hidden_state, out.pooler_output]
+        return tuple(first) + (tuple(out.hidden_states) if self.hidden_states else ())
+
+
+class _VaeDecoderForExport(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+@dataclass
+class _Export:
+    name: str
+    module: torch.nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    dtype: torch.dtype
+
+
+def _exports(pipe, spec, config: OnnxTargetConfig) -> list[_Export]:
+    dtype, vae_dtype = DTYPES[config.precision], DTYPES[config.vae_precision]
+    generator = torch.Generator().manual_seed(0)
+    exports = []
+    batch = {0: "batch_size"}
+    for name in spec.text_encoders:
+        encoder = getattr(pipe, name)
+        hidden = spec.is_sdxl
+        first = ["text_embeds", "last_hidden_state"] if "WithProjection" in type(encoder).__name__ else [
+            "last_hidden_state", "pooler_output"]
+        layers = encoder.config.num_hidden_layers
+        outputs = first + ([f"hidden_states.{i}" for i in range(layers + 1)] if hidden else [])
+        ids = torch.randint(0, encoder.config.vocab_size, (2, 77), generator=generator)
+        seq = {0: "batch_size", 1: "sequence_length"}
+        axes = {"input_ids": seq} | {o: (batch if o in ("pooler_output", "text_embeds") else seq) for o in outputs}
+        exports.append(_Export(name, _TextEncoderForExport(encoder, hidden), (ids,), ["input_ids"], outputs, axes, dtype))
+
+    inputs = unet_example_inputs(pipe.unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=generator)
+    args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    if spec.is_sdxl:
+        args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
+        names += ["text_embeds", "time_ids"]
+        axes |= {"text_embeds": batch, "time_ids": batch}
+    exports.append(_Export("unet", _UNetForExport(pipe.unet, spec.is_sdxl), tuple(args), names, ["out_sample"], axes, dtype))
+
+    latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=generator)
+    axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+            "sample": {0: "batch_size", 2: "height", 3: "width"}}
+    exports.append(_Export("vae_decoder", _VaeDecoderForExport(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
+    return exports
+
+
+def _cast_args(args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if a.is_floating_point() and a.ndim > 0 else a for a in args)
+
+
+def export_model(export: _Export, folder: Path, opset: int) -> Path:
+    """Export one component to `folder/model.onnx` (+ `model.onnx.data` when large)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.onnx"
+    module = export.module.to(export.dtype).eval()
+    args = _cast_args(export.args, export.dtype)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
+                                  input_names=export.input_names, output_names=export.output_names,
+                                  dynamic_axes=export.dynamic_axes, do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types; name the component
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoweringError(f"ONNX export of {export.name} failed: {first}; rerun with --debug for the trace") from exc
+        if nbytes > EXTERNAL_DATA_BYTES:  # the TorchScript exporter wrote one file per tensor: gather them
+            model = onnx.load(str(raw))
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            del model
+        else:
+            shutil.move(str(raw), target)
+    module.to(torch.float32)
+    return target
+
+
+def verify_model(export: _Export, path: Path, precision: str) -> dict[str, float]:
+    """Compare the ONNX model with its torch module on the export inputs."""
+    session = OrtModel(path, ["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = export.module(*export.args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session(export.output_names, **dict(zip(export.input_names, export.args)))
+    error, scale = 0.0, 1.0
+    for name, ref in zip(export.output_names, expected):
+        error = max(error, (got[name] - ref.float()).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    del session
+    return {"max_abs_error": error, "relative_error": error / scale}
+
+
+@register_target
+class OnnxTarget(Target):
+    name = "onnx"
+    config_class = OnnxTargetConfig
+
+    def lower(self, pipe, out: Path, config: OnnxTargetConfig, ctx: LowerContext) -> list[StageRecord]:
+        from tqdm.auto import tqdm
+
+        records: list[StageRecord] = []
+        exports = _exports(pipe, ctx.arch, config)
+        paths = {}
+        with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript",
+                                            "precision": config.precision, "vae_precision": config.vae_precision}) as stage:
+            for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
+                paths[export.name] = export_model(export, out / export.name, config.opset)
+                stage.results[export.name] = sorted(p.name for p in (out / export.name).iterdir())
+            write_component_configs(pipe, out, ctx)
+            write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
+                                                 type(getattr(pipe, n)).__name__]
+                                             for n in (*ctx.arch.text_encoders, "unet", "vae")})
+        if config.verify:
+            with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
+                for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
+                    precision = config.vae_precision if export.name == "vae_decoder" else config.precision
+                    result = verify_model(export, paths[export.name], precision)
+                    stage.results[export.name] = result
+                    if result["relative_error"] > TOLERANCE[precision]:
+                        raise LoweringError(
+                            f"ONNX {export.name} disagrees with torch (relative error {result['relative_error']:.2e} "
+                            f"> {TOLERANCE[precision]:.0e} at {precision}); try precision='fp32' or report the model"
+                        )
+        return records
+
+    def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
+        from sdcompiler import knobs
+
+        spec = get_arch(manifest["arch"])
+        if providers is None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        threads = knobs.num_threads()
+        encoders = [ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
+                    for n in spec.text_encoders]
+        unet = ort_unet(OrtModel(root / "unet" / "model.onnx", providers, threads))
+        decode = ort_vae_decoder(OrtModel(root / "vae_decoder" / "model.onnx", providers, threads))
+        return make_components(root, manifest, encoders, unet, decode)
+
+
+def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
+    """Each component folder gets its config.json, as optimum's ORT models read them."""
+    for name in ctx.arch.text_encoders:
+        getattr(pipe, name).config.to_json_file(out / name / "config.json")
+    (out / "unet" / "config.json").write_text(json.dumps(dict(pipe.unet.config), indent=2, sort_keys=True, default=list))
+    (out / "vae_decoder" / "config.json").write_text(
+        json.dumps(dict(pipe.vae.config), indent=2, sort_keys=True, default=list))

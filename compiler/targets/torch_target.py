@@ -1,0 +1,114 @@
+"""`target="torch"`: the transformed pipeline's weights as safetensors, rebuilt at load time.
+
+Layout: the diffusers folder layout, except that `unet/config.json` holds the
+U-Net config *before* the recipe ran and `unet/diffusion_pytorch_model.safetensors`
+the weights *after* it. Loading builds the original U-Net without memory
+for weights (meta device), replays each structural pass's `rebuild` from the
+manifest's recipe, then assigns the stored weights (strict: every parameter
+must be present and no extra one). No training or calibration reruns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sdcompiler.archs import get_arch
+from sdcompiler.errors import ArtifactError
+from sdcompiler.passes import PassConfig
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
+from sdcompiler.targets.components import make_components, torch_text_encoder, torch_unet
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class TorchTargetConfig(PassConfig):
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@register_target
+class TorchTarget(Target):
+    name = "torch"
+    config_class = TorchTargetConfig
+
+    def lower(self, pipe, out: Path, config: TorchTargetConfig, ctx: LowerContext) -> list[StageRecord]:
+        from safetensors.torch import save_file
+
+        records: list[StageRecord] = []
+        dtype = DTYPES[config.precision]
+        with Stage(records, "save_weights", {"precision": config.precision}) as stage:
+            for name in ctx.arch.text_encoders:
+                getattr(pipe, name).to(dtype).save_pretrained(out / name, safe_serialization=True)
+                getattr(pipe, name).to(torch.float32)
+            pipe.vae.save_pretrained(out / "vae", safe_serialization=True)  # VAE stays fp32
+            (out / "unet").mkdir()
+            (out / "unet" / "config.json").write_text(json.dumps(ctx.source_unet_config, indent=2, sort_keys=True))
+            state = {k: v.detach().to(dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
+            save_file(state, str(out / UNET_WEIGHTS), metadata={"format": "pt"})
+            components = {name: ["transformers", type(getattr(pipe, name)).__name__] for name in ctx.arch.text_encoders}
+            components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+            write_pipeline_files(pipe, out, components)
+            stage.results["unet_tensors"] = len(state)
+        return records
+
+    def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
+        spec = get_arch(manifest["arch"])
+        dtype = DTYPES[manifest["lowering"]["config"]["precision"]]
+        pipe = rebuild_pipeline(root, manifest, device, dtype)
+        encoders = [torch_text_encoder(getattr(pipe, name), spec.is_sdxl) for name in spec.text_encoders]
+        vae = pipe.vae
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
+
+        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode)
+
+
+def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", dtype=torch.float32):
+    """The transformed diffusers pipeline of a torch artifact: original structure + rebuild + stored weights."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from sdcompiler.archs import assemble_pipeline
+    from sdcompiler.passes import rebuild
+    from sdcompiler.recipe import resolve_recipe
+    from sdcompiler.targets.base import load_tokenizers, scheduler_factory
+
+    spec = get_arch(manifest["arch"])
+    index = json.loads((root / "model_index.json").read_text())
+    components: dict[str, Any] = {}
+    for i, (name, tokenizer) in enumerate(zip(spec.text_encoders, load_tokenizers(root, spec))):
+        encoder_cls = getattr(transformers, index[name][1])
+        components[name] = encoder_cls.from_pretrained(root / name, torch_dtype=dtype).eval()
+        components["tokenizer" if i == 0 else f"tokenizer_{i + 1}"] = tokenizer
+    components["vae"] = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
+    components["scheduler"] = scheduler_factory(root)()
+    with init_empty_weights():
+        components["unet"] = diffusers.UNet2DConditionModel.from_config(
+            diffusers.UNet2DConditionModel.load_config(root / "unet")
+        )
+    pipe = assemble_pipeline(spec, components)
+    rebuild(pipe, resolve_recipe(manifest["recipe"]))
+    state = load_file(str(root / UNET_WEIGHTS))
+    try:
+        pipe.unet.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ArtifactError(f"U-Net weights in {root} do not match the rebuilt structure ({first}); recompile") from None
+    leftover = [n for n, p in pipe.unet.named_parameters() if p.is_meta]
+    if leftover:
+        raise ArtifactError(f"U-Net parameters {leftover[:3]} have no stored weights in {root}; recompile")
+    pipe.unet.to(device=device, dtype=dtype).eval()
+    for name in spec.text_encoders:
+        getattr(pipe, name).to(device)
+    pipe.vae.to(device)
+    return pipe

@@ -1,0 +1,88 @@
+"""Parameter and MAC accounting for U-Nets.
+
+MACs = FLOPs / 2 as counted by `torch.utils.flop_counter.FlopCounterMode`
+(matmuls, convolutions, attention) for one U-Net forward at batch 1 and a
+stated pixel resolution, text length 77. The forward runs on the meta device
+through `torch.func.functional_call` with meta stand-ins for every parameter
+and buffer: no memory for activations, no second copy of the weights, and the
+real module is untouched. Custom ops count only if they register a FLOP
+formula (the kernels package does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+TEXT_LENGTH = 77
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def parameter_layout(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of all parameters: the structure a pass may or may not change."""
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+def unet_example_inputs(
+    unet: torch.nn.Module,
+    batch: int = 1,
+    latent_hw: tuple[int, int] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor | dict]:
+    """Keyword inputs for `UNet2DConditionModel.forward` (random, or empty on meta).
+
+    SDXL U-Nets (`addition_embed_type == "text_time"`) also get
+    `added_cond_kwargs = {text_embeds, time_ids}`.
+    """
+    config = unet.config
+    h, w = latent_hw or (config.sample_size, config.sample_size)
+    cross_dim = config.cross_attention_dim
+    if isinstance(cross_dim, (list, tuple)):
+        cross_dim = cross_dim[0]
+
+    def make(*shape, scale=1.0):
+        if torch.device(device).type == "meta":
+            return torch.empty(*shape, device=device, dtype=dtype)
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).mul(scale).to(device, dtype)
+
+    inputs: dict[str, torch.Tensor | dict] = {
+        "sample": make(batch, config.in_channels, h, w),
+        "timestep": torch.tensor(500.0, device=device, dtype=torch.float32),
+        "encoder_hidden_states": make(batch, TEXT_LENGTH, cross_dim),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        text_embeds_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": make(batch, text_embeds_dim),
+            "time_ids": time_ids.to(device=device, dtype=dtype) if torch.device(device).type != "meta"
+            else torch.empty(batch, 6, device=device, dtype=dtype),
+        }
+    return inputs
+
+
+def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
+    """MACs of one batch-1 U-Net forward at pixel `resolution` (H, W), counted on meta."""
+    latent_hw = (resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor)
+    meta_state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in list(unet.named_parameters()) + list(unet.named_buffers())
+    }
+    inputs = unet_example_inputs(unet, 1, latent_hw, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch.func.functional_call(unet, meta_state, args=(), kwargs=inputs, strict=False)
+    return counter.get_total_flops() // 2

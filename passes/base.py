@@ -1,0 +1,114 @@
+"""The pass interface, its record, and the registry.
+
+A pass transforms a diffusers pipeline in place (mostly its U-Net):
+
+    class FuseQKV(Pass):
+        name = "fuse_qkv"; config_class = FuseQKVConfig; stage = "structural"
+        changes_structure = True
+        def run(self, pipe, config, ctx) -> dict[str, float]: ...   # metrics
+        def rebuild(self, pipe, config): ...                         # structure only
+
+`stage` places the pass in the ordering rules (`sdcompiler.passes.manager`).
+A pass that changes module types or structure must implement `rebuild`,
+which re-applies the structural change to freshly built, weightless modules,
+so an artifact loads without training or calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.errors import PassError, RecipeError
+
+STAGES = ("merge", "structural", "training", "distill_merge", "quantize", "scheduler", "noop")
+
+
+@dataclass
+class PassContext:
+    """What a pass may know about the run besides the pipeline itself."""
+
+    arch: str
+    macs_resolution: tuple[int, int]
+    cache_dir: Path
+    seed: int = 0
+    show_progress: bool = True
+    device: str = "cpu"
+
+
+@dataclass
+class PassRecord:
+    """One entry of `manifest.json["passes"]`: the replay script and the ledger."""
+
+    name: str
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set the class attributes and `run`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    stage: ClassVar[str] = "noop"
+    changes_structure: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def requires(self, pipe, config: PassConfig, ctx: PassContext) -> None:
+        """Raise PassError when `pipe` is not something this pass can transform."""
+
+    def ensures(self, pipe, config: PassConfig, ctx: PassContext) -> None:
+        """Raise PassError when the pass did not leave what it promises."""
+
+    def run(self, pipe, config: PassConfig, ctx: PassContext) -> dict[str, float]:
+        """Transform `pipe` in place; return named metrics for the record."""
+        raise NotImplementedError
+
+    def rebuild(self, pipe, config: PassConfig) -> None:
+        """Re-apply the structural change to a freshly built (weightless) pipeline."""
+        if self.changes_structure:
+            raise NotImplementedError(f"pass {self.name!r} changes structure but has no rebuild()")
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available to recipes under `cls.name`."""
+    if cls.stage not in STAGES:
+        raise ValueError(f"pass {cls.name!r} has unknown stage {cls.stage!r}; stages: {STAGES}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> Pass:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise RecipeError(f"unknown pass {name!r}; available passes: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_passes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_structure_unchanged(pass_: Pass, before: dict, after: dict) -> None:
+    """Guard used by the manager: a pass that says it keeps structure must keep it."""
+    if not pass_.changes_structure and before != after:
+        raise PassError(
+            f"pass {pass_.name!r} changed the U-Net's parameter layout but declares changes_structure=False; "
+            "fix the pass (it must provide rebuild())"
+        )

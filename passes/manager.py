@@ -1,0 +1,108 @@
+"""PassManager: check a resolved recipe's ordering, run its passes, record each one.
+
+Ordering rules are data (`ORDERING_RULES`): `(earlier, later, why)` says a
+pass of stage `earlier` may not follow a pass of stage `later`. A violating
+recipe is rejected before any pass runs, naming both passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from sdcompiler.passes.accounting import count_macs, count_params, parameter_layout
+from sdcompiler.passes.base import Pass, PassContext, PassRecord, check_structure_unchanged, get_pass
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.errors import PassError, RecipeError
+
+ORDERING_RULES: tuple[tuple[str, str, str], ...] = (
+    ("merge", "structural", "LoRA merges need their target modules, which structural passes may remove"),
+    ("merge", "quantize", "LoRA weights cannot be fused into quantized weights"),
+    ("structural", "quantize", "quantization scales are calibrated for one architecture"),
+    ("training", "quantize", "recovery training must see the final float architecture before quantization"),
+    ("distill_merge", "quantize", "CFG/step distillation merges change the weights quantization calibrates"),
+)
+
+
+@dataclass(frozen=True)
+class PassStep:
+    """One resolved recipe item: a pass and its validated config."""
+
+    name: str
+    config: PassConfig
+
+    @property
+    def pass_(self) -> Pass:
+        return get_pass(self.name)
+
+
+def check_order(steps: Sequence[PassStep]) -> None:
+    """Reject a recipe whose passes break an ordering rule."""
+    for j, later in enumerate(steps):
+        for earlier in steps[:j]:
+            for must_be_first, must_be_second, why in ORDERING_RULES:
+                if later.pass_.stage == must_be_first and earlier.pass_.stage == must_be_second:
+                    raise RecipeError(
+                        f"pass {later.name!r} ({must_be_first}) must come before pass {earlier.name!r} "
+                        f"({must_be_second}): {why}; reorder the recipe"
+                    )
+
+
+class PassManager:
+    """Runs resolved passes over a pipeline in order and returns their records."""
+
+    def __init__(self, steps: Sequence[PassStep], *, count_cost: bool = True):
+        self.steps = list(steps)
+        self.count_cost = count_cost
+        check_order(self.steps)
+
+    def run(self, pipe, ctx: PassContext, on_step: Callable[[PassStep], None] | None = None) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        params, macs = self._cost(pipe, ctx)
+        for index, step in enumerate(self.steps):
+            pass_ = step.pass_
+            if on_step:
+                on_step(step)
+            history = ", ".join(s.name for s in self.steps[:index]) or "nothing"
+            try:
+                pass_.requires(pipe, step.config, ctx)
+            except PassError as exc:
+                raise PassError(f"pass {step.name!r} (after {history}) cannot run: {exc}") from None
+            layout = parameter_layout(pipe.unet)
+            start = time.perf_counter()
+            metrics = pass_.run(pipe, step.config, ctx) or {}
+            seconds = time.perf_counter() - start
+            check_structure_unchanged(pass_, layout, parameter_layout(pipe.unet))
+            try:
+                pass_.ensures(pipe, step.config, ctx)
+            except PassError as exc:
+                raise PassError(f"pass {step.name!r} (after {history}) broke its guarantee: {exc}") from None
+            params_after, macs_after = self._cost(pipe, ctx)
+            records.append(
+                PassRecord(
+                    name=step.name,
+                    config=step.config.to_dict(),
+                    params_before=params,
+                    params_after=params_after,
+                    macs_before=macs,
+                    macs_after=macs_after,
+                    seconds=round(seconds, 4),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            )
+            params, macs = params_after, macs_after
+        return records
+
+    def _cost(self, pipe, ctx: PassContext) -> tuple[int, int]:
+        if not self.count_cost:
+            return count_params(pipe.unet), 0
+        return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
+
+
+def rebuild(pipe, steps: Sequence[PassStep]) -> None:
+    """Re-apply the structure of every structural pass, in recipe order (no weights, no training)."""
+    for step in steps:
+        pass_ = step.pass_
+        if pass_.changes_structure:
+            pass_.rebuild(pipe, step.config)
