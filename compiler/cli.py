@@ -1,0 +1,278 @@
+"""The `sdcompiler` command line: compile, generate, inspect, demo.
+
+Exit status: 0 on success; 2 for a malformed command line (argparse); 1 for
+every other error, with one plain line on stderr naming the problem and the
+fix (`--debug` prints the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from sdcompiler import __version__, knobs
+
+# The demo's recipe: the richest combination of passes available. Extend it as passes land.
+DEMO_RECIPE = ["fuse-qkv"]
+DEMO_PROMPTS = ("a red cube on a wooden table, studio light",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        knobs.set_quiet(True)
+    debug = args.debug or knobs.debug()
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line for users, the trace for --debug
+        from sdcompiler.errors import SDCompilerError
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, SDCompilerError):
+            message = str(exc)
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            message = f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdcompiler", description="Compress and export Stable Diffusion / SDXL.")
+    parser.add_argument("--version", action="version", version=f"sdcompiler {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print tracebacks")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", parents=[common], help="compile a checkpoint into an artifact folder")
+    p.add_argument("checkpoint", help="diffusers folder, .safetensors file, or cached Hugging Face id")
+    p.add_argument("--recipe", default="none", help="preset name or YAML file; comma-separate presets to chain them")
+    p.add_argument("--target", default="onnx", choices=["onnx", "torch"])
+    p.add_argument("--out", required=True, help="artifact folder to write (atomically)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="target precision (default fp32)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, YAML-typed value (repeatable), e.g. --option verify=false")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (can run code)")
+    p.add_argument("--macs-resolution", type=_resolution, help="HxW in pixels for MAC counts")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", parents=[common], help="generate images with a compiled artifact")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    p.add_argument("--negative-prompt", action="append")
+    p.add_argument("--steps", type=int, help="default: the artifact's")
+    p.add_argument("--guidance", type=float, help="default: the artifact's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", parents=[common], help="describe an artifact or a checkpoint")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", parents=[common], help="compile a tiny (or your) checkpoint and show what changed")
+    p.add_argument("--checkpoint", help="default: a tiny SD1.5 checkpoint built on the fly")
+    p.add_argument("--recipe", help=f"default: {','.join(DEMO_RECIPE)}")
+    p.add_argument("--target", default=None, choices=["onnx", "torch"], help="default: onnx if onnxruntime is installed")
+    p.add_argument("--out", default="demo-out", help="where the artifact and image go")
+    p.add_argument("--steps", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        return h, w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 512x512, got {text!r}") from None
+
+
+def _recipe(text: str):
+    return text if text.endswith((".yaml", ".yml")) or "," not in text else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _target_options(args) -> dict:
+    import yaml
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            from sdcompiler.errors import ConfigError
+
+            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    if args.precision:
+        options["precision"] = args.precision
+    return options
+
+
+def cmd_compile(args) -> int:
+    from sdcompiler import compile_pipeline
+
+    start = time.perf_counter()
+    pipe = compile_pipeline(args.checkpoint, recipe=_recipe(args.recipe), target=args.target, output_dir=args.out,
+                            target_options=_target_options(args), allow_pickle=args.allow_pickle,
+                            macs_resolution=args.macs_resolution, device="cpu")
+    if args.json:
+        print(json.dumps(pipe.manifest, indent=2))
+    else:
+        print(summarize_manifest(pipe.manifest))
+        print(f"wrote {pipe.root} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from sdcompiler import load_compiled
+
+    pipe = load_compiled(args.artifact, device=args.device)
+    start = time.perf_counter()
+    images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, height=args.height, width=args.width,
+                  num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+                  output_type="pil").images
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    path = Path(args.path)
+    if (path / "manifest.json").exists():
+        from sdcompiler.artifact import read_manifest
+
+        manifest = read_manifest(path)
+        print(json.dumps(manifest, indent=2) if args.json else summarize_manifest(manifest))
+        return 0
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.passes import count_macs, count_params
+
+    loaded = load_checkpoint(args.path)
+    pipe = loaded.pipeline
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    info = {
+        "path": loaded.source["path"], "kind": loaded.source["kind"], "arch": loaded.arch.name,
+        "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "unet_params": count_params(pipe.unet), "unet_macs": count_macs(pipe.unet, (size, size), pipe.vae_scale_factor),
+        "macs_resolution": [size, size],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        print("\n".join(f"{k:<{width}}  {_fmt(v) if isinstance(v, int) else v}" for k, v in info.items()))
+    return 0
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(n)
+
+
+def summarize_manifest(manifest: dict) -> str:
+    lines = [f"artifact: {manifest['arch']} -> {manifest['target']} (sd-compiler {manifest['sdcompiler_version']})",
+             f"source:   {manifest['source']['path']}"]
+    res = "x".join(map(str, manifest.get("macs_resolution", [])))
+    lines.append(f"{'pass':<16} {'params before':>14} {'params after':>13} {'MACs before':>12} {'MACs after':>11} {'seconds':>8}")
+    for p in manifest["passes"]:
+        lines.append(f"{p['name']:<16} {_fmt(p['params_before']):>14} {_fmt(p['params_after']):>13} "
+                     f"{_fmt(p['macs_before']):>12} {_fmt(p['macs_after']):>11} {p['seconds']:>8.2f}")
+    if not manifest["passes"]:
+        lines.append("(no passes)")
+    lines.append(f"MACs counted per U-Net forward at {res} px, batch 1")
+    for stage in manifest["lowering"]["stages"]:
+        detail = ""
+        if stage["name"] == "verify":
+            worst = max(r["max_abs_error"] for r in stage["results"].values())
+            detail = f" (max abs error vs torch {worst:.2e})"
+        lines.append(f"lowering {stage['name']}: {stage['seconds']:.2f} s{detail}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from sdcompiler import compile_pipeline
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.testing import make_checkpoint
+
+    target = args.target or ("onnx" if importlib.util.find_spec("onnxruntime") else "torch")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = make_checkpoint(knobs.cache_dir() / "demo" / "tiny-sd15", "sd15", "tiny", seed=0)
+        print(f"built a tiny SD1.5 checkpoint (random weights) at {checkpoint}")
+    recipe = _recipe(args.recipe) if args.recipe else DEMO_RECIPE
+    out = Path(args.out)
+    print(f"compiling with recipe {recipe} for target {target} ...")
+    start = time.perf_counter()
+    compiled = compile_pipeline(checkpoint, recipe=recipe, target=target, output_dir=out / "artifact", device="cpu")
+    compile_seconds = time.perf_counter() - start
+
+    reference = load_checkpoint(checkpoint).pipeline
+    reference.set_progress_bar_config(disable=True)
+    call = dict(prompt=list(DEMO_PROMPTS), num_inference_steps=args.steps, output_type="np")
+
+    def timed(fn, repeats=3):
+        times, image = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            image = fn(generator=torch.Generator().manual_seed(0), **call).images
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)), image
+
+    knobs.set_quiet(True)
+    ref_seconds, ref_image = timed(reference)
+    cmp_seconds, cmp_image = timed(compiled)
+    mse = float(np.mean((ref_image - cmp_image) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    from PIL import Image
+
+    image_path = out / "demo.png"
+    Image.fromarray((cmp_image[0] * 255).round().astype(np.uint8)).save(image_path)
+
+    print()
+    print(summarize_manifest(compiled.manifest))
+    print()
+    first = compiled.manifest["passes"][0] if compiled.manifest["passes"] else None
+    last = compiled.manifest["passes"][-1] if compiled.manifest["passes"] else None
+    rows = [
+        ("U-Net params", _fmt(first["params_before"]) if first else "-", _fmt(last["params_after"]) if last else "-"),
+        ("U-Net MACs", _fmt(first["macs_before"]) if first else "-", _fmt(last["macs_after"]) if last else "-"),
+        (f"latency, {args.steps} steps (median of 3)", f"{ref_seconds:.3f} s (diffusers eager)",
+         f"{cmp_seconds:.3f} s ({target}, {ref_seconds / cmp_seconds:.2f}x)"),
+    ]
+    for name, before, after in rows:
+        print(f"{name:<32} {before:>28}  ->  {after}")
+    print(f"{'fidelity vs uncompiled':<32} max abs diff {np.abs(ref_image - cmp_image).max():.2e}, PSNR {psnr:.1f} dB")
+    print(f"compile time {compile_seconds:.1f} s; artifact {out / 'artifact'}; image {image_path}")
+    return 0
