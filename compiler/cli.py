@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         knobs.set_quiet(True)
     debug = args.debug or knobs.debug()
+    if not debug:  # library chatter (e.g. diffusers' import-time warnings) would break the one-line contract
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
