@@ -102,8 +102,6 @@ class OrtModel:
             if name not in self.inputs:
                 continue
             array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            if self.inputs[name] == "tensor(bfloat16)":
-                raise NotImplementedError("bf16 session inputs need IO binding; use fp16 or fp32")
             # np.require keeps 0-d arrays 0-d (ascontiguousarray would make the scalar timestep 1-d)
             feed[name] = np.require(array.astype(_ORT_TYPES[self.inputs[name]], copy=False), requirements="C")
         names = outputs or self.outputs
