@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +51,9 @@ def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
     check_destination(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
     try:
         yield staging
         if not (staging / MANIFEST).exists():
@@ -97,7 +101,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Check that every file listed in the manifest is present with its recorded size of hash."""
+    """Check that every file listed in the manifest is present.
+
+    Hashes are not recomputed at load (seconds per GB); `sdcompiler inspect` shows them.
+    """
     missing = [name for name in manifest.get("files", {}) if not (root / name).is_file()]
     if missing:
         raise ArtifactError(f"artifact {root} is incomplete: missing {', '.join(missing[:3])}; recompile it")

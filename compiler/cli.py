@@ -129,17 +129,19 @@ def _target_options(args) -> dict:
 
 
 def cmd_compile(args) -> int:
-    from sdcompiler import compile_pipeline
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.compile import compile_artifact
 
     start = time.perf_counter()
-    pipe = compile_pipeline(args.checkpoint, recipe=_recipe(args.recipe), target=args.target, output_dir=args.out,
+    root = compile_artifact(args.checkpoint, recipe=_recipe(args.recipe), target=args.target, output_dir=args.out,
                             target_options=_target_options(args), allow_pickle=args.allow_pickle,
-                            macs_resolution=args.macs_resolution, device="cpu")
+                            macs_resolution=args.macs_resolution)
+    manifest = read_manifest(root)
     if args.json:
-        print(json.dumps(pipe.manifest, indent=2))
+        print(json.dumps(manifest, indent=2))
     else:
-        print(summarize_manifest(pipe.manifest))
-        print(f"wrote {pipe.root} in {time.perf_counter() - start:.1f} s")
+        print(summarize_manifest(manifest))
+        print(f"wrote {root} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -6,7 +6,7 @@
     records  = PassManager(steps).run(pipe, ctx)       # one PassRecord per pass
     lowering = target.lower(pipe, staging, options)    # named stages, each timed
     manifest = {...}; rename staging -> output_dir     # atomic: never a half-written artifact
-    return load_compiled(output_dir)
+    return load_compiled(output_dir)                   # compile_pipeline; compile_artifact stops before
 """
 
 from __future__ import annotations
@@ -28,7 +28,23 @@ VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime
                       "triton", "nvidia-modelopt", "optimum-onnx")
 
 
-def compile_pipeline(
+def compile_pipeline(checkpoint: str | Path, recipe: RecipeLike = "none", target: str = "onnx",
+                     output_dir: str | Path | None = None, *, device: str | None = None, **options):
+    """Compile a Stable Diffusion / SDXL checkpoint into a deployable artifact and load it.
+
+    Takes the arguments of `compile_artifact` (which documents them) plus `device`,
+    where the returned pipeline runs ("cpu" / "cuda"; default: CUDA if available).
+
+    Returns:
+        The loaded `CompiledPipeline` (same as `load_compiled(output_dir)`).
+    """
+    from sdcompiler.runtime import load_compiled
+
+    root = compile_artifact(checkpoint, recipe, target, output_dir, **options)
+    return load_compiled(root, device=device)
+
+
+def compile_artifact(
     checkpoint: str | Path,
     recipe: RecipeLike = "none",
     target: str = "onnx",
@@ -39,9 +55,8 @@ def compile_pipeline(
     macs_resolution: tuple[int, int] | None = None,
     show_progress: bool | None = None,
     seed: int = 0,
-    device: str | None = None,
-):
-    """Compile a Stable Diffusion / SDXL checkpoint into a deployable artifact and load it.
+) -> Path:
+    """Compile a Stable Diffusion / SDXL checkpoint into an artifact folder (without loading it).
 
     Args:
         checkpoint: a diffusers folder, a single-file `.safetensors` checkpoint, or a
@@ -54,13 +69,11 @@ def compile_pipeline(
         macs_resolution: pixel (H, W) at which MACs are counted; default: the model's native size.
         show_progress: progress bars (default: on unless SDCOMPILER_QUIET is set).
         seed: seeds everything random in passes.
-        device: where the returned pipeline runs ("cpu" / "cuda"); default: CUDA if available.
 
     Returns:
-        The loaded `CompiledPipeline` (same as `load_compiled(output_dir)`).
+        The artifact folder.
     """
     from sdcompiler.loading import load_checkpoint
-    from sdcompiler.runtime import load_compiled
 
     show_progress = (not knobs.quiet()) if show_progress is None else show_progress
     steps = resolve_recipe(recipe)
@@ -109,8 +122,7 @@ def compile_pipeline(
             "versions": package_versions(),
         }
         write_manifest(staging, manifest)
-    del pipe, loaded
-    return load_compiled(output_dir, device=device)
+    return output_dir
 
 
 def package_versions() -> dict[str, str]:

@@ -109,8 +109,8 @@ def _resolve_item(item: Any) -> list[PassStep]:
     for key, value in overrides.items():
         takers = [i for i, p in enumerate(preset_passes) if key in _config_fields(p["pass"])]
         if not takers:
-            raise RecipeError(f"override {key!r} of preset {name!r} is not a config key of its pass(es) "
-                              f"{', '.join(p['pass'] for p in preset_passes)}")
+            passes = ", ".join(p["pass"] for p in preset_passes) or "(it has no passes)"
+            raise RecipeError(f"override {key!r} of preset {name!r} is not a config key of its pass(es): {passes}")
         for i in takers:
             configs[i][key] = value
     return [_step(p["pass"], cfg) for p, cfg in zip(preset_passes, configs)]

@@ -75,7 +75,8 @@ class CompiledPipeline:
             images = generate(
                 self.components, prompt,
                 negative_prompt=negative_prompt,
-                num_inference_steps=num_inference_steps or defaults.get("num_inference_steps", 50),
+                num_inference_steps=defaults.get("num_inference_steps", 50) if num_inference_steps is None
+                else num_inference_steps,
                 guidance_scale=defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale,
                 height=height, width=width, generator=generator, latents=latents,
                 num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -108,8 +109,5 @@ def load_compiled(path: str | Path, device: str | None = None, providers: list[s
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = get_target(manifest["target"])
-    threads = knobs.num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     components = target.load(root, manifest, device, providers)
     return CompiledPipeline(root, manifest, components, device)

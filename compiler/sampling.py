@@ -124,11 +124,13 @@ def generate(
         negative = negative * len(prompts)
     if negative is not None and len(negative) != len(prompts):
         raise ValueError(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts; give one each")
-    height = height or c.default_size
-    width = width or c.default_size
+    height = c.default_size if height is None else height
+    width = c.default_size if width is None else width
     for name, value in (("height", height), ("width", width)):
         if value % (c.vae_scale_factor) != 0 or value <= 0:
             raise ValueError(f"{name}={value} must be a positive multiple of {c.vae_scale_factor}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive integer")
     guidance = guidance_scale > 1.0
     batch = len(prompts) * num_images_per_prompt
 

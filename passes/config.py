@@ -39,7 +39,8 @@ class PassConfig:
         if unknown:
             allowed = ", ".join(sorted(fields)) or "(none)"
             raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; allowed keys: {allowed}")
-        if data.get("version", cls.VERSION) > cls.VERSION:
+        version = _coerce(data.get("version", cls.VERSION), int, f"{where}: key 'version'")
+        if version > cls.VERSION:
             raise ConfigError(
                 f"{where} has version {data['version']}, newer than this sd-compiler supports ({cls.VERSION}); "
                 "upgrade sd-compiler"

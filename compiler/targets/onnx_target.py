@@ -229,7 +229,13 @@ class OnnxTarget(Target):
 def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
     """Each component folder gets its config.json, as optimum's ORT models read them."""
     for name in ctx.arch.text_encoders:
-        getattr(pipe, name).config.to_json_file(out / name / "config.json")
-    (out / "unet" / "config.json").write_text(json.dumps(dict(pipe.unet.config), indent=2, sort_keys=True, default=list))
-    (out / "vae_decoder" / "config.json").write_text(
-        json.dumps(dict(pipe.vae.config), indent=2, sort_keys=True, default=list))
+        config = getattr(pipe, name).config.to_dict()
+        _write_config(out / name / "config.json", config)
+    _write_config(out / "unet" / "config.json", dict(pipe.unet.config))
+    _write_config(out / "vae_decoder" / "config.json", dict(pipe.vae.config))
+
+
+def _write_config(path: Path, config: dict) -> None:
+    """Write a component config; `_name_or_path` would point back at the source checkpoint."""
+    config = {k: v for k, v in config.items() if k != "_name_or_path"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")

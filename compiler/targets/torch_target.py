@@ -48,9 +48,12 @@ class TorchTarget(Target):
                 getattr(pipe, name).to(torch.float32)
             pipe.vae.save_pretrained(out / "vae", safe_serialization=True)  # VAE stays fp32
             (out / "unet").mkdir()
-            (out / "unet" / "config.json").write_text(json.dumps(ctx.source_unet_config, indent=2, sort_keys=True))
+            (out / "unet" / "config.json").write_text(json.dumps(
+                {k: v for k, v in ctx.source_unet_config.items() if k != "_name_or_path"}, indent=2, sort_keys=True))
             state = {k: v.detach().to(dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
             save_file(state, str(out / UNET_WEIGHTS), metadata={"format": "pt"})
+            for config_file in [out / n / "config.json" for n in (*ctx.arch.text_encoders, "vae")]:
+                scrub_source_path(config_file)
             components = {name: ["transformers", type(getattr(pipe, name)).__name__] for name in ctx.arch.text_encoders}
             components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
             write_pipeline_files(pipe, out, components)
@@ -71,6 +74,13 @@ class TorchTarget(Target):
         return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode)
 
 
+def scrub_source_path(config_file: Path) -> None:
+    """Drop `_name_or_path` (the source checkpoint's path): an artifact refers to nothing outside itself."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", dtype=torch.float32):
     """The transformed diffusers pipeline of a torch artifact: original structure + rebuild + stored weights."""
     import diffusers
@@ -88,7 +98,7 @@ def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", 
     components: dict[str, Any] = {}
     for i, (name, tokenizer) in enumerate(zip(spec.text_encoders, load_tokenizers(root, spec))):
         encoder_cls = getattr(transformers, index[name][1])
-        components[name] = encoder_cls.from_pretrained(root / name, torch_dtype=dtype).eval()
+        components[name] = encoder_cls.from_pretrained(root / name, dtype=dtype).eval()
         components["tokenizer" if i == 0 else f"tokenizer_{i + 1}"] = tokenizer
     components["vae"] = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
     components["scheduler"] = scheduler_factory(root)()

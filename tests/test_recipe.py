@@ -1,0 +1,158 @@
+"""Recipe resolution: preset names, overrides, pass items, YAML files, errors, and the manifest round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdcompiler.errors import ConfigError, RecipeError
+from sdcompiler.passes import PassStep
+from sdcompiler.passes.fuse_qkv import FuseQKVConfig
+from sdcompiler.recipe import available_presets, load_preset, recipe_to_manifest, resolve_recipe
+
+FUSE_DEFAULT = [PassStep("fuse_qkv", FuseQKVConfig())]
+FUSE_SELF_ONLY = [PassStep("fuse_qkv", FuseQKVConfig(cross_attention=False))]
+
+
+def _write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_presets_include_none_and_fuse_qkv():
+    presets = available_presets()
+    assert {"none", "fuse-qkv"} <= set(presets)
+    for name in presets:  # every shipped preset resolves and is one pass (no composites shipped yet)
+        steps = resolve_recipe(name)
+        assert len(steps) == (0 if name == "none" else 1), name
+        assert load_preset(name)["version"] == 1
+
+
+@pytest.mark.parametrize("recipe", ["none", None, [], ["none"], {"version": 1, "passes": []}])
+def test_empty_recipes(recipe):
+    assert resolve_recipe(recipe) == []
+
+
+@pytest.mark.parametrize("recipe", ["fuse-qkv", ["fuse-qkv"], [{"preset": "fuse-qkv"}], [{"pass": "fuse_qkv"}],
+                                    {"version": 1, "passes": ["fuse-qkv"]}])
+def test_forms_of_the_same_recipe(recipe):
+    assert resolve_recipe(recipe) == FUSE_DEFAULT
+
+
+def test_preset_overrides():
+    assert resolve_recipe([{"preset": "fuse-qkv", "cross_attention": False}]) == FUSE_SELF_ONLY
+    steps = resolve_recipe([{"preset": "fuse-qkv", "self_attention": False, "cross_attention": True}])
+    assert steps[0].config == FuseQKVConfig(self_attention=False, cross_attention=True)
+
+
+def test_pass_item_with_config():
+    assert resolve_recipe([{"pass": "fuse_qkv", "cross_attention": False}]) == FUSE_SELF_ONLY
+
+
+def test_yaml_list_file(tmp_path):
+    path = _write(tmp_path, "- pass: fuse_qkv\n  cross_attention: false\n")
+    assert resolve_recipe(path) == FUSE_SELF_ONLY
+    assert resolve_recipe(str(path)) == FUSE_SELF_ONLY
+
+
+def test_yaml_mapping_file(tmp_path):
+    path = _write(tmp_path, "version: 1\ndescription: mine\npasses:\n  - preset: fuse-qkv\n    cross_attention: false\n",
+                  "recipe.yml")
+    assert resolve_recipe(path) == FUSE_SELF_ONLY
+
+
+def test_yaml_file_with_preset_names(tmp_path):
+    assert resolve_recipe(_write(tmp_path, "- none\n- fuse-qkv\n")) == FUSE_DEFAULT
+
+
+def test_unknown_preset_lists_presets():
+    for recipe in ("no-such-preset", [{"preset": "no-such-preset"}]):
+        with pytest.raises(RecipeError) as info:
+            resolve_recipe(recipe)
+        message = str(info.value)
+        assert "no-such-preset" in message
+        assert "fuse-qkv" in message and "none" in message
+
+
+def test_unknown_pass_lists_passes():
+    with pytest.raises(RecipeError, match="fuse_qkv") as info:
+        resolve_recipe([{"pass": "no_such_pass"}])
+    assert "no_such_pass" in str(info.value)
+
+
+def test_unknown_key_in_yaml_mapping(tmp_path):
+    path = _write(tmp_path, "version: 1\npases:\n  - fuse-qkv\n")
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(path)
+    assert "pases" in str(info.value) and "passes" in str(info.value)
+
+
+def test_unsupported_recipe_version(tmp_path):
+    with pytest.raises(RecipeError, match="version"):
+        resolve_recipe(_write(tmp_path, "version: 2\npasses: []\n"))
+
+
+@pytest.mark.parametrize("item", [{"preset": "fuse-qkv", "bogus": 1}, {"preset": "none", "cross_attention": False}])
+def test_bad_override_key(item):
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe([item])
+    assert repr(next(k for k in item if k != "preset")) in str(info.value)
+
+
+def test_bad_config_in_pass_item():
+    with pytest.raises(ConfigError, match="bogus"):
+        resolve_recipe([{"pass": "fuse_qkv", "bogus": 1}])
+    with pytest.raises(ConfigError, match="self_attention"):
+        resolve_recipe([{"preset": "fuse-qkv", "self_attention": "yes"}])
+
+
+@pytest.mark.parametrize("item", [42, {"preset": "fuse-qkv", "pass": "fuse_qkv"}, {"cross_attention": False}])
+def test_malformed_items(item):
+    with pytest.raises(RecipeError):
+        resolve_recipe([item])
+
+
+def test_invalid_yaml_text(tmp_path):
+    path = _write(tmp_path, "passes: [fuse-qkv\n  - : : :\n")
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(path)
+    message = str(info.value)
+    assert str(path) in message and "YAML" in message and "\n" not in message
+
+
+def test_yaml_that_is_neither_list_nor_mapping(tmp_path):
+    with pytest.raises(RecipeError):
+        resolve_recipe(_write(tmp_path, "just a string\n"))
+
+
+def test_missing_yaml_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(RecipeError) as info:
+        resolve_recipe(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_recipe_of_wrong_type():
+    with pytest.raises(RecipeError):
+        resolve_recipe(3.5)
+
+
+@pytest.mark.parametrize("recipe", ["none", "fuse-qkv", [{"preset": "fuse-qkv", "cross_attention": False}],
+                                    [{"pass": "fuse_qkv", "self_attention": False}]])
+def test_recipe_to_manifest_round_trip(recipe, tmp_path):
+    import json
+
+    import yaml
+
+    steps = resolve_recipe(recipe)
+    manifest = recipe_to_manifest(steps)
+    assert manifest["version"] == 1 and len(manifest["passes"]) == len(steps)
+    assert json.loads(json.dumps(manifest)) == manifest  # JSON-ready
+    assert resolve_recipe(manifest) == steps
+    assert resolve_recipe(json.loads(json.dumps(manifest))) == steps
+    # the manifest form is also a valid YAML recipe file
+    assert resolve_recipe(_write(tmp_path, yaml.safe_dump(manifest))) == steps
+    for entry, step in zip(manifest["passes"], steps):
+        assert entry == {"pass": step.name, **step.config.to_dict()}
