@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sdcompiler import __version__, knobs
 
-# The demo's recipe: the richest combination of passes available. Extend it as passes land.
-DEMO_RECIPE = ["fuse-qkv"]
+# The demo's recipe per arch: the richest combination of passes available. Extend it as passes land.
+DEMO_RECIPES = {"sd15": ["bk-small", "fuse-qkv"], "sd21": ["bk-small", "fuse-qkv"], "sdxl": ["koala-700m", "fuse-qkv"]}
 DEMO_PROMPTS = ("a red cube on a wooden table, studio light",)
 
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="compile a tiny (or your) checkpoint and show what changed")
     p.add_argument("--checkpoint", help="default: a tiny SD1.5 checkpoint built on the fly")
-    p.add_argument("--recipe", help=f"default: {','.join(DEMO_RECIPE)}")
+    p.add_argument("--recipe", help="default: bk-small,fuse-qkv (SD 1.x/2.x) or koala-700m,fuse-qkv (SDXL)")
     p.add_argument("--target", default=None, choices=["onnx", "torch"], help="default: onnx if onnxruntime is installed")
     p.add_argument("--out", default="demo-out", help="where the artifact and image go")
     p.add_argument("--steps", type=int, default=4)
@@ -237,15 +237,15 @@ def cmd_demo(args) -> int:
     if checkpoint is None:
         checkpoint = make_checkpoint(knobs.cache_dir() / "demo" / "tiny-sd15", "sd15", "tiny", seed=0)
         print(f"built a tiny SD1.5 checkpoint (random weights) at {checkpoint}")
-    recipe = _recipe(args.recipe) if args.recipe else DEMO_RECIPE
+    loaded = load_checkpoint(checkpoint)
+    reference = loaded.pipeline
+    reference.set_progress_bar_config(disable=True)
+    recipe = _recipe(args.recipe) if args.recipe else DEMO_RECIPES[loaded.arch.name]
     out = Path(args.out)
-    print(f"compiling with recipe {recipe} for target {target} ...")
+    print(f"compiling {loaded.arch.description} with recipe {recipe} for target {target} ...")
     start = time.perf_counter()
     compiled = compile_pipeline(checkpoint, recipe=recipe, target=target, output_dir=out / "artifact", device="cpu")
     compile_seconds = time.perf_counter() - start
-
-    reference = load_checkpoint(checkpoint).pipeline
-    reference.set_progress_bar_config(disable=True)
     call = dict(prompt=list(DEMO_PROMPTS), num_inference_steps=args.steps, output_type="np")
 
     def timed(fn, repeats=3):

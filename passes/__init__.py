@@ -9,6 +9,7 @@ from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, check_order, rebuild
 
 # Built-in passes register themselves on import.
+from sdcompiler.passes import block_pruning as _block_pruning  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
 
 __all__ = [

@@ -117,7 +117,9 @@ def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", 
     leftover = [n for n, p in pipe.unet.named_parameters() if p.is_meta]
     if leftover:
         raise ArtifactError(f"U-Net parameters {leftover[:3]} have no stored weights in {root}; recompile")
-    pipe.unet.to(device=device, dtype=dtype).eval()
+    if pipe.unet.dtype != dtype:
+        pipe.unet.to(dtype=dtype)
+    pipe.unet.to(device=device).eval()
     for name in spec.text_encoders:
         getattr(pipe, name).to(device)
     pipe.vae.to(device)
