@@ -37,6 +37,11 @@ class PassContext:
     seed: int = 0
     show_progress: bool = True
     device: str = "cpu"
+    source_hash: str = ""  # content hash of the loaded checkpoint: keys data caches
+    # Set by the PassManager for passes with needs_teacher: the U-Net as it was before the first
+    # structural pass since the previous training pass, and a key naming it (source + passes before).
+    teacher: Any = None
+    teacher_key: str = ""
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Pass:
     config_class: ClassVar[type[PassConfig]] = PassConfig
     stage: ClassVar[str] = "noop"
     changes_structure: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # the manager keeps a frozen copy of the pre-structural U-Net for it
     description: ClassVar[str] = ""
 
     def requires(self, pipe, config: PassConfig, ctx: PassContext) -> None:

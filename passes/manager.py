@@ -7,6 +7,9 @@ recipe is rejected before any pass runs, naming both passes.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -64,6 +67,9 @@ class PassManager:
             pass_ = step.pass_
             if on_step:
                 on_step(step)
+            if pass_.stage == "structural" and ctx.teacher is None and self._teacher_needed_after(index):
+                ctx.teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+                ctx.teacher_key = _teacher_key(ctx.source_hash, self.steps[:index])
             history = ", ".join(s.name for s in self.steps[:index]) or "nothing"
             try:
                 pass_.requires(pipe, step.config, ctx)
@@ -92,12 +98,26 @@ class PassManager:
                 )
             )
             params, macs = params_after, macs_after
+            if pass_.needs_teacher:  # the next structural pass starts a new teacher
+                ctx.teacher, ctx.teacher_key = None, ""
         return records
+
+    def _teacher_needed_after(self, index: int) -> bool:
+        """A later pass needs a teacher, and no training pass in between takes this one."""
+        for step in self.steps[index + 1:]:
+            if step.pass_.needs_teacher:
+                return True
+        return False
 
     def _cost(self, pipe, ctx: PassContext) -> tuple[int, int]:
         if not self.count_cost:
             return count_params(pipe.unet), 0
         return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
+
+
+def _teacher_key(source_hash: str, before: Sequence[PassStep]) -> str:
+    text = json.dumps([source_hash, [(s.name, s.config.to_dict()) for s in before]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def rebuild(pipe, steps: Sequence[PassStep]) -> None:

@@ -1,0 +1,95 @@
+"""Training and calibration data made by the teacher itself, cached on disk by content hash.
+
+No image data set is available (or needed): prompts -> the teacher's text
+embeddings and the latents its own sampler produces for them (classifier-free
+guidance, a few steps). Those latents stand in for the training images of
+BK-SDM / KOALA; noise and timesteps are drawn per training step. The cache key
+hashes the teacher's identity (source checkpoint hash + the passes before it),
+the prompts and every sampling setting, so a changed input never reuses data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sdcompiler.passes.errors import PassError
+
+
+def load_prompts(path: str | None = None) -> list[str]:
+    """The shipped list of 320 diverse prompts, or a user file (one prompt per line, `#` comments)."""
+    if path is None:
+        text = (resources.files("sdcompiler.passes") / "data" / "prompts.txt").read_text()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise PassError(f"prompts file {file} does not exist; pass a text file with one prompt per line")
+        text = file.read_text()
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise PassError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+@dataclass
+class TeacherSamples:
+    text_embeds: torch.Tensor  # (P, 77, D)
+    latents: torch.Tensor  # (P, C, h, w): the teacher's final latents
+    pooled: torch.Tensor | None = None  # SDXL (P, D_pooled)
+    time_ids: torch.Tensor | None = None  # SDXL (P, 6)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def unet_kwargs(self, index: torch.Tensor | slice) -> dict:
+        kwargs = {"encoder_hidden_states": self.text_embeds[index]}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled[index], "time_ids": self.time_ids[index]}
+        return kwargs
+
+
+def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
+                    guidance: float, seed: int, cache_dir: Path, teacher_key: str, show_progress: bool = True,
+                    batch: int = 4) -> TeacherSamples:
+    """Text embeddings and teacher-sampled latents for `prompts`, from the cache when possible."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([teacher_key, prompts, resolution, steps, guidance, seed,
+                                     type(pipe.scheduler).__name__]).encode()).hexdigest()[:24]
+    file = Path(cache_dir) / "teacher-data" / f"{key}.safetensors"
+    if file.exists():
+        return TeacherSamples(**load_file(str(file)))
+
+    student = pipe.unet
+    pipe.register_modules(unet=teacher)  # sample with the teacher; the pipeline keeps its scheduler and encoders
+    sdxl = hasattr(pipe, "text_encoder_2")
+    parts: dict[str, list[torch.Tensor]] = {"text_embeds": [], "latents": [], "pooled": [], "time_ids": []}
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start:start + batch]
+            generator = torch.Generator().manual_seed(seed + start)
+            with torch.no_grad():
+                latents = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                               width=resolution, generator=generator, output_type="latent").images
+                encoded = pipe.encode_prompt(chunk, device=latents.device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False)
+            parts["latents"].append(latents.float().cpu())
+            parts["text_embeds"].append(encoded[0].float().cpu())
+            if sdxl:
+                parts["pooled"].append(encoded[2].float().cpu())
+                parts["time_ids"].append(torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                                      dtype=torch.float32).repeat(len(chunk), 1))
+    finally:
+        pipe.register_modules(unet=student)
+    samples = TeacherSamples(**{k: torch.cat(v) for k, v in parts.items() if v})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in samples.tensors().items()}, str(partial))
+    partial.rename(file)
+    return samples
