@@ -136,6 +136,10 @@ def cmd_compile(args) -> int:
     root = compile_artifact(args.checkpoint, recipe=_recipe(args.recipe), target=args.target, output_dir=args.out,
                             target_options=_target_options(args), allow_pickle=args.allow_pickle,
                             macs_resolution=args.macs_resolution)
+    from sdcompiler.compile import _is_main_process
+
+    if not _is_main_process():
+        return 0  # a secondary training process (accelerate launch / torchrun): rank 0 writes and reports
     manifest = read_manifest(root)
     if args.json:
         print(json.dumps(manifest, indent=2))

@@ -96,6 +96,8 @@ def compile_artifact(
     start = time.perf_counter()
     records = PassManager(steps).run(pipe, ctx)
     passes_seconds = time.perf_counter() - start
+    if not _is_main_process():  # under accelerate launch / torchrun: training ran on all ranks, rank 0 writes
+        return output_dir
 
     with staged_artifact(output_dir) as staging:
         stages = lowering.lower(pipe, staging, target_config,
@@ -123,6 +125,12 @@ def compile_artifact(
         }
         write_manifest(staging, manifest)
     return output_dir
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def package_versions() -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -89,7 +90,7 @@ def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resol
         pipe.register_modules(unet=student)
     samples = TeacherSamples(**{k: torch.cat(v) for k, v in parts.items() if v})
     file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_suffix(".partial")
+    partial = file.with_suffix(f".{os.getpid()}.partial")  # several training processes may write it at once
     save_file({k: v.contiguous() for k, v in samples.tensors().items()}, str(partial))
     partial.rename(file)
     return samples
