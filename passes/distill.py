@@ -171,7 +171,10 @@ class Distill(Pass):
                                        lr=config.lr, weight_decay=config.weight_decay, seed=ctx.seed,
                                        mixed_precision=config.mixed_precision,
                                        checkpoint_every=config.checkpoint_every)
-            run_key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), len(train.latents)]).encode())
+            # The student's structure is part of the key: two recipes with the same teacher and distill config
+            # (bk-small vs bk-small-condconv) must not resume each other's checkpoints.
+            layout = sorted((name, list(p.shape)) for name, p in student.state_dict().items())
+            run_key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), len(train.latents), layout]).encode())
             trainer = Trainer(student, list(student.parameters()), loss_fn, draw, len(train.latents), settings,
                               checkpoint_dir=ctx.cache_dir / "train" / f"distill-{run_key.hexdigest()[:20]}",
                               show_progress=ctx.show_progress, cpu=device.type == "cpu")
