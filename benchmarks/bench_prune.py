@@ -139,40 +139,89 @@ def apply_preset(teacher, arch: str, preset: str, cache_dir: Path):
                      "pass_metrics": metrics}
 
 
-def time_round_robin(models: dict, inputs: dict, warmup: int, repeats: int, label: str) -> dict:
-    """Warm up each model, then `repeats` rounds running every model once in order; per-model times (s)."""
+class QuietWaiter:
+    """Waits, before each timing round, until other processes leave the cores alone, within a total budget."""
+
+    def __init__(self, threshold: float, budget_s: float):
+        self.threshold, self.budget_s, self.waited_s = threshold, budget_s, 0.0
+
+    def wait(self, label: str) -> float:
+        """Sample 2 s windows until others use <= threshold cores; return the seconds waited."""
+        start = time.perf_counter()
+        announced = False
+        while self.waited_s + (time.perf_counter() - start) < self.budget_s:
+            meter = CpuMeter()
+            time.sleep(2.0)
+            if meter.stop().get("others_cores", 0.0) <= self.threshold:
+                break
+            if not announced:
+                log(f"[{label}] other processes are busy: waiting for a quiet moment "
+                    f"(budget left {self.budget_s - self.waited_s:.0f} s)")
+                announced = True
+        waited = time.perf_counter() - start
+        self.waited_s += waited
+        return waited
+
+
+def time_round_robin(models: dict, inputs: dict, warmup: int, repeats: int, label: str,
+                     quiet_threshold: float, waiter: QuietWaiter) -> dict:
+    """Warm up each model, then rounds running every model once in order; per-model times (s).
+
+    Each run records the cores other processes used meanwhile. A round is *quiet* when no run in it saw more
+    than `quiet_threshold` cores of others. Rounds continue until `repeats` quiet rounds are in, or
+    2 * `repeats` rounds ran; the medians then use the quiet rounds if there are `repeats` of them, else all
+    rounds (and the result is marked contended). On 2 cores, one busy process slows torch's 2 OpenMP threads
+    up to 6x, and a round half inside such a burst skews every ratio it feeds.
+    """
     import torch
 
-    def timed(unet) -> float:
+    def timed(unet) -> tuple[float, float]:
+        meter = CpuMeter()
         start = time.perf_counter()
         with torch.inference_mode():
             unet(**inputs, return_dict=False)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, meter.stop().get("others_cores", 0.0)
 
+    waited = [waiter.wait(label)]
     warm = {name: [] for name in models}
     for _ in range(warmup):
         for name, unet in models.items():
-            warm[name].append(round(timed(unet), 3))
+            warm[name].append(round(timed(unet)[0], 3))
     log(f"[{label}] warm-up: " + ", ".join(f"{n} {v}" for n, v in warm.items()))
-    times = {name: [] for name in models}
+    rounds: list[dict] = []
     meter = CpuMeter()
-    for i in range(repeats):
-        for name, unet in models.items():
-            times[name].append(timed(unet))
-        log(f"[{label}] round {i + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()))
+    while sum(r["quiet"] for r in rounds) < repeats and len(rounds) < 2 * repeats:
+        waited.append(waiter.wait(label))
+        runs = {name: timed(unet) for name, unet in models.items()}
+        others = max(load for _, load in runs.values())
+        rounds.append({"seconds": {n: round(t, 4) for n, (t, _) in runs.items()},
+                       "others_cores": {n: load for n, (_, load) in runs.items()},
+                       "quiet": others <= quiet_threshold})
+        log(f"[{label}] round {len(rounds)} ({'quiet' if rounds[-1]['quiet'] else f'contended: others {others:.2f} cores'}"
+            f", {sum(r['quiet'] for r in rounds)}/{repeats} quiet): "
+            + ", ".join(f"{n} {t:.3f} s" for n, (t, _) in runs.items()))
     cpu_load = meter.stop()
-    base = times[UNPRUNED]
-    out = {"warmup": warmup, "repeats": repeats, "warmup_seconds": warm, "cpu_load": cpu_load, "models": {}}
-    for name, series in times.items():
-        entry = {"seconds": [round(t, 4) for t in series], "median_ms": round(1000 * statistics.median(series), 1)}
+    quiet = [r for r in rounds if r["quiet"]]
+    used = quiet if len(quiet) >= repeats else rounds
+    out = {"warmup": warmup, "repeats": repeats, "quiet_threshold_cores": quiet_threshold,
+           "rounds_run": len(rounds), "quiet_rounds": len(quiet), "rounds_used": len(used),
+           "contended": used is rounds and len(quiet) < len(rounds), "waited_for_quiet_s": round(sum(waited), 1),
+           "warmup_seconds": warm, "cpu_load": cpu_load,
+           "rounds": rounds, "models": {}}
+    base = [r["seconds"][UNPRUNED] for r in used]
+    for name in models:
+        series = [r["seconds"][name] for r in used]
+        entry = {"median_ms": round(1000 * statistics.median(series), 1), "min_ms": round(1000 * min(series), 1)}
         if name != UNPRUNED:
             entry["speedup"] = round(statistics.median(base) / statistics.median(series), 3)
             entry["speedup_median_of_rounds"] = round(statistics.median(b / t for b, t in zip(base, series)), 3)
+            entry["speedup_of_minimums"] = round(min(base) / min(series), 3)
         out["models"][name] = entry
     return out
 
 
-def bench_arch(arch: str, args, cache_dir: Path) -> dict:
+def bench_arch(arch: str, args, cache_dir: Path, waiter: QuietWaiter) -> dict:
     import torch
 
     from sdcompiler.passes import count_macs, count_params, unet_example_inputs
@@ -218,9 +267,14 @@ def bench_arch(arch: str, args, cache_dir: Path) -> dict:
             label = f"{arch} {latent}x{latent}"
             log(f"[{label}] timing {', '.join(models)}: {warmup} warm-up, {repeats} interleaved rounds, "
                 f"torch threads {torch.get_num_threads()}")
-            timing = time_round_robin(models, inputs, warmup, repeats, label)
+            timing = time_round_robin(models, inputs, warmup, repeats, label, args.quiet_threshold, waiter)
             timing.update({"latent": [latent, latent], "batch": 1, "text_length": 77,
                            "torch_threads": torch.get_num_threads()})
+            # MACs at the timed size: the attention share shrinks with the latent, so the ratio differs.
+            macs = {name: count_macs(unet, (8 * latent, 8 * latent)) for name, unet in models.items()}
+            for name, entry in timing["models"].items():
+                entry["macs"] = macs[name]
+                entry["macs_ratio"] = round(macs[name] / macs[UNPRUNED], 4)
             result["latency"][f"{latent}x{latent}"] = timing
     del models, teacher
     gc.collect()
@@ -241,7 +295,7 @@ def markdown(results: dict) -> str:
     sizes = sorted({key for a in results["archs"].values() for key in a["latency"]}, key=lambda s: int(s.split("x")[0]))
     head = ["preset", "arch", "params", "params ratio", "published", "deviation", "MACs", "MACs ratio"]
     for size in sizes:
-        head += [f"ms unpruned / pruned @{size}", f"speedup @{size}"]
+        head += [f"MACs ratio @{size}", f"ms unpruned / pruned @{size}", f"speedup @{size}"]
     lines = [f"## prune ({results['date']})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch, a in results["archs"].items():
         res = "x".join(map(str, a["resolution"]))
@@ -249,7 +303,7 @@ def markdown(results: dict) -> str:
                f"{a['unpruned']['macs'] / 1e9:.1f}G @{res}", "1.000"]
         for size in sizes:
             t = a["latency"].get(size)
-            row += [f"{t['models'][UNPRUNED]['median_ms']:.0f}" if t else "-", ""]
+            row += ["1.000" if t else "-", f"{t['models'][UNPRUNED]['median_ms']:.0f}" if t else "-", ""]
         lines.append("| " + " | ".join(row) + " |")
         for preset, p in a["presets"].items():
             row = [f"**{preset}**", arch, f"{p['params'] / 1e6:,.1f}M", f"{p['params_ratio']:.3f}",
@@ -257,7 +311,9 @@ def markdown(results: dict) -> str:
                    f"{p['macs'] / 1e9:.1f}G", f"{p['macs_ratio']:.3f}"]
             for size in sizes:
                 t = a["latency"].get(size)
-                row += [_ms(t, preset), f"**{t['models'][preset]['speedup']:.2f}x**" if t else "-"]
+                mark = " (contended)" if t and t["contended"] else ""
+                row += [f"{t['models'][preset]['macs_ratio']:.3f}" if t else "-", _ms(t, preset),
+                        f"**{t['models'][preset]['speedup']:.2f}x**{mark}" if t else "-"]
             lines.append("| " + " | ".join(row) + " |")
     m = results["machine"]
     notes = [
@@ -265,22 +321,30 @@ def markdown(results: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
         "Real U-Net architectures with random weights (seed 0); each preset applied by its pass exactly as the "
         "compiler resolves it. Params exact; MACs = FLOPs/2 from `count_macs` (meta device, batch 1, 77 tokens) "
-        "at 512x512 (SD1.5) / 1024x1024 (SDXL).",
+        "at 512x512 (SD1.5) / 1024x1024 (SDXL); `MACs ratio @NxN` is the same count at the timed latent "
+        "(pixel size 8N), where attention is a smaller share of the work.",
     ]
-    load_parts = []
+    load_parts, contended = [], []
     for arch, a in results["archs"].items():
         for size, t in a["latency"].items():
-            n = t["repeats"]
-            load_parts.append(f"{arch} @{size}: median of {n}, others {t['cpu_load'].get('others_cores', '?')} cores")
+            which = "quiet" if not t["contended"] and t["quiet_rounds"] else "all"
+            load_parts.append(f"{arch} @{size}: medians of {t['rounds_used']} {which} rounds "
+                              f"({t['quiet_rounds']} of {t['rounds_run']} quiet; others used "
+                              f"{t['cpu_load'].get('others_cores', '?')} cores on average; waited "
+                              f"{t['waited_for_quiet_s']:.0f} s for quiet)")
+            if t["contended"]:
+                contended.append(f"{arch} @{size} (speedups from minimums: " + ", ".join(
+                    f"{n} {e['speedup_of_minimums']:.2f}x" for n, e in t["models"].items() if n != UNPRUNED) + ")")
     if load_parts:
         notes.append("Latency: torch eager fp32, `inference_mode`, batch 1, 77 tokens, torch threads "
-                     f"{results['torch_threads']}; rounds interleave unpruned and every pruned U-Net; speedup = "
-                     "median(unpruned) / median(pruned). " + "; ".join(load_parts) + ".")
-        busy = max(t["cpu_load"].get("others_cores", 0.0) for a in results["archs"].values()
-                   for t in a["latency"].values())
-        if busy >= 0.25:
-            notes.append(f"Other processes kept up to {busy:.2f} of the {m['cpu_count']} cores busy during timing: "
-                         "absolute times are inflated; the ratios, measured in the same rounds, are the result."
+                     f"{results['torch_threads']}; each round runs the unpruned U-Net then every pruned one; speedup "
+                     "= median(unpruned) / median(pruned) over the rounds used. A round is quiet when other "
+                     f"processes used <= {results['settings']['quiet_threshold']} cores during each of its runs; "
+                     "before each round the script waits (within a budget) for the machine to go quiet. "
+                     + "; ".join(load_parts) + ".")
+        if contended:
+            notes.append("**Contended** (too few quiet rounds, so all rounds were used and absolute times are "
+                         "inflated): " + "; ".join(contended) + "."
                          + (" Likely: " + "; ".join(results["other_busy_processes"])
                             if results["other_busy_processes"] else ""))
     else:
@@ -314,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="SD1.5 latent sizes to time (default 32,64)")
     parser.add_argument("--latents-sdxl", type=parse_ints, default=DEFAULT_LATENTS["sdxl"],
                         help="SDXL latent sizes to time (default 32; 64x64 takes ~18 s per unpruned forward)")
+    parser.add_argument("--quiet-threshold", type=float, default=0.25,
+                        help="a timing round counts as quiet when other processes used at most this many cores "
+                             "during each of its runs (default 0.25); up to 2x --repeats rounds run to collect "
+                             "--repeats quiet ones")
+    parser.add_argument("--max-wait", type=float, default=600.0,
+                        help="seconds in all to wait, before timing rounds, for other processes to go quiet "
+                             "(default 600; 0 = never wait)")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
@@ -330,13 +401,17 @@ def main(argv: list[str] | None = None) -> int:
         "other_busy_processes": busy_processes(),
         "settings": {"arch": args.arch, "repeats": args.repeats, "warmup": args.warmup,
                      "skip_latency": args.skip_latency, "latents_sd15": list(args.latents_sd15),
-                     "latents_sdxl": list(args.latents_sdxl), "seed": SEED},
+                     "latents_sdxl": list(args.latents_sdxl), "quiet_threshold": args.quiet_threshold,
+                     "max_wait": args.max_wait,
+                     "seed": SEED},
         "archs": {},
     }
+    waiter = QuietWaiter(args.quiet_threshold, args.max_wait)
     with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
         for arch in args.arch:
-            results["archs"][arch] = bench_arch(arch, args, Path(tmp))
+            results["archs"][arch] = bench_arch(arch, args, Path(tmp), waiter)
     results["total_seconds"] = round(time.perf_counter() - start, 1)
+    results["waited_for_quiet_s"] = round(waiter.waited_s, 1)
     results["peak_rss_gib"] = peak_rss_gib()
     results["load_average"]["end"] = load_average()
     for busy in busy_processes():
