@@ -120,7 +120,8 @@ def compile_artifact(
                 "default_size": default_size,
                 "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
             },
-            "defaults": {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale},
+            "defaults": {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale}
+            | ctx.pipeline_defaults,
             "versions": package_versions(),
         }
         write_manifest(staging, manifest)

@@ -1,0 +1,105 @@
+"""merge_lora: fuse LoRA adapters into the weights, W <- W + scale * (alpha / r) B A.
+
+The files are read by diffusers' own LoRA loader (`load_lora_weights`, which
+converts the kohya / A1111 key layouts and peft/diffusers ones), attached as
+peft adapters, weighted per LoRA (`set_adapters`), fused (`fuse_lora`, U-Net
+and text encoders alike) and unloaded, so the result is a plain pipeline with
+changed weights and no adapter modules: every later pass and target sees an
+ordinary model. It must run before structural passes (their target modules
+must still exist; an ordering rule).
+
+Only `.safetensors` files are read (a LoRA file is a checkpoint too). A LoRA
+that attaches to no module of this U-Net (made for another architecture, e.g.
+an SD 1.x LoRA on SDXL) or whose shapes do not fit is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdcompiler.passes.base import Pass, PassContext, register_pass
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.errors import PassError
+
+
+@dataclass(frozen=True)
+class MergeLoRAConfig(PassConfig):
+    path: str | None = None  # one LoRA file ...
+    scale: float = 1.0
+    loras: tuple[dict, ...] = ()  # ... or several: [{path: ..., scale: ...}, ...]
+
+    def items(self) -> list[tuple[str, float]]:
+        entries = [(self.path, self.scale)] if self.path else []
+        for entry in self.loras:
+            unknown = set(entry) - {"path", "scale"}
+            if unknown or "path" not in entry:
+                raise PassError(f"each entry of 'loras' needs 'path' (and optionally 'scale'); got {dict(entry)}")
+            entries.append((str(entry["path"]), float(entry.get("scale", 1.0))))
+        if not entries:
+            raise PassError("merge_lora needs 'path' or 'loras': the LoRA file(s) to merge")
+        return entries
+
+
+def _adapter_layers(module: torch.nn.Module, adapter: str) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for m in module.modules() if isinstance(m, BaseTunerLayer) and adapter in m.active_adapters)
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    """diffusers logs 'no LoRA keys found' as a warning; we turn that case into an error ourselves."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@register_pass
+class MergeLoRA(Pass):
+    name = "merge_lora"
+    config_class = MergeLoRAConfig
+    stage = "merge"
+    description = "fuse LoRA files (diffusers/peft or kohya layouts) into the U-Net and text encoders"
+
+    def requires(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> None:
+        for path, _ in config.items():
+            file = Path(path)
+            if not file.is_file():
+                raise PassError(f"LoRA file {file} does not exist")
+            if file.suffix != ".safetensors":
+                raise PassError(f"LoRA file {file} is not .safetensors; pickle files can run code: convert it first")
+
+    def run(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> dict[str, float]:
+        names, scales, layers = [], [], 0
+        try:
+            for index, (path, scale) in enumerate(config.items()):
+                name = f"merge_{index}"
+                try:
+                    with _diffusers_errors_only():
+                        pipe.load_lora_weights(path, adapter_name=name)
+                except (ValueError, RuntimeError, KeyError) as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    raise PassError(f"LoRA {path} does not fit this {ctx.arch} model ({first}); "
+                                    "check it was made for this architecture") from None
+                attached = _adapter_layers(pipe.unet, name)
+                if attached == 0:
+                    raise PassError(f"LoRA {path} attaches to no module of this {ctx.arch} U-Net "
+                                    "(made for another architecture?)")
+                layers += attached
+                names.append(name)
+                scales.append(scale)
+            pipe.set_adapters(names, adapter_weights=scales)
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        finally:
+            if names or hasattr(pipe.unet, "peft_config"):
+                pipe.unload_lora_weights()
+        return {"loras": len(names), "unet_lora_layers": layers}
