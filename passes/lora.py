@@ -41,7 +41,8 @@ class MergeLoRAConfig(PassConfig):
                 raise PassError(f"each entry of 'loras' needs 'path' (and optionally 'scale'); got {dict(entry)}")
             entries.append((str(entry["path"]), float(entry.get("scale", 1.0))))
         if not entries:
-            raise PassError("merge_lora needs 'path' or 'loras': the LoRA file(s) to merge")
+            raise PassError("merge_lora needs 'path' or 'loras': the LoRA file(s) to merge "
+                            "(with a preset: {preset: lcm-lora, path: FILE})")
         return entries
 
 
