@@ -1,7 +1,8 @@
 """Benchmark: what block pruning (BK-SDM) and U-Net slimming (KOALA) buy on the real architectures.
 
     python benchmarks/bench_prune.py [--arch sd15,sdxl] [--repeats N] [--warmup N] [--skip-latency]
-                                     [--latents-sd15 32,64] [--latents-sdxl 32] [--results-dir DIR]
+                                     [--latents-sd15 32,64] [--latents-sdxl 32] [--quiet-threshold 0.25]
+                                     [--max-wait 600] [--results-dir DIR]
 
 For each preset (bk-base, bk-small, bk-tiny on SD1.5; koala-1b, koala-700m on SDXL), on the real U-Net built
 from the shipped config (`compiler/configs/{sd15,sdxl}/unet/config.json`, `UNet2DConditionModel.from_config`,
@@ -21,11 +22,14 @@ random weights after `torch.manual_seed(0)`):
    every pruned one (unpruned, bk-base, bk-small, bk-tiny, unpruned, ...), so machine noise hits all alike and
    one unpruned series serves every preset. Reports medians and the speedup median(unpruned) /
    median(pruned); the JSON also holds the median of the per-round ratios. The CPU time other processes took
-   during each timed phase is measured (/proc/stat minus our own rusage), as in bench_compile_sd15.py.
+   during each run is measured (/proc/stat minus our own rusage, as in bench_compile_sd15.py): on 2 cores one
+   busy process slows torch's 2 threads up to 6x, so only *quiet* rounds count (see `time_round_robin`),
+   and before each round the script waits, within `--max-wait` seconds in all, for the machine to go quiet.
 
 Defaults: SD1.5 at 32x32 (5 repeats, 2 warm-up) and 64x64 (3 repeats, 1 warm-up); SDXL at 32x32 (3 repeats,
 1 warm-up). `--repeats` / `--warmup` override every size. Results go to benchmarks/results/prune.{json,md};
-the Markdown table is printed. About 5-10 minutes on 2 cores; peak RSS ~11 GB (the SDXL teacher).
+the Markdown table is printed. About 4 minutes of measuring on 2 quiet cores, plus any waiting; peak RSS
+~10 GB (the SDXL teacher).
 """
 
 from __future__ import annotations
@@ -163,6 +167,13 @@ class QuietWaiter:
         return waited
 
 
+def others_during_runs(rounds: list[dict]) -> float:
+    """Average cores other processes used while the given rounds' runs ran (time-weighted)."""
+    total = sum(t for r in rounds for t in r["seconds"].values())
+    busy = sum(t * r["others_cores"][n] for r in rounds for n, t in r["seconds"].items())
+    return round(busy / total, 2) if total else 0.0
+
+
 def time_round_robin(models: dict, inputs: dict, warmup: int, repeats: int, label: str,
                      quiet_threshold: float, waiter: QuietWaiter) -> dict:
     """Warm up each model, then rounds running every model once in order; per-model times (s).
@@ -201,13 +212,15 @@ def time_round_robin(models: dict, inputs: dict, warmup: int, repeats: int, labe
         log(f"[{label}] round {len(rounds)} ({'quiet' if rounds[-1]['quiet'] else f'contended: others {others:.2f} cores'}"
             f", {sum(r['quiet'] for r in rounds)}/{repeats} quiet): "
             + ", ".join(f"{n} {t:.3f} s" for n, (t, _) in runs.items()))
-    cpu_load = meter.stop()
+    cpu_load = meter.stop()  # the whole phase, waits included
     quiet = [r for r in rounds if r["quiet"]]
     used = quiet if len(quiet) >= repeats else rounds
     out = {"warmup": warmup, "repeats": repeats, "quiet_threshold_cores": quiet_threshold,
            "rounds_run": len(rounds), "quiet_rounds": len(quiet), "rounds_used": len(used),
            "contended": used is rounds and len(quiet) < len(rounds), "waited_for_quiet_s": round(sum(waited), 1),
-           "warmup_seconds": warm, "cpu_load": cpu_load,
+           "warmup_seconds": warm, "cpu_load_phase": cpu_load,
+           "others_cores_during_runs": others_during_runs(rounds),
+           "others_cores_during_used_runs": others_during_runs(used),
            "rounds": rounds, "models": {}}
     base = [r["seconds"][UNPRUNED] for r in used]
     for name in models:
@@ -330,7 +343,8 @@ def markdown(results: dict) -> str:
             which = "quiet" if not t["contended"] and t["quiet_rounds"] else "all"
             load_parts.append(f"{arch} @{size}: medians of {t['rounds_used']} {which} rounds "
                               f"({t['quiet_rounds']} of {t['rounds_run']} quiet; others used "
-                              f"{t['cpu_load'].get('others_cores', '?')} cores on average; waited "
+                              f"{t['others_cores_during_used_runs']} cores during the runs used, "
+                              f"{t['others_cores_during_runs']} during all; waited "
                               f"{t['waited_for_quiet_s']:.0f} s for quiet)")
             if t["contended"]:
                 contended.append(f"{arch} @{size} (speedups from minimums: " + ", ".join(
