@@ -25,7 +25,7 @@ from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
-    "latents", "num_images_per_prompt", "output_type",
+    "latents", "num_images_per_prompt", "output_type", "timesteps",
 )
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -58,7 +58,7 @@ class CompiledPipeline:
 
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
                  height=None, width=None, generator=None, latents=None, num_images_per_prompt=1,
-                 output_type="pil", **unsupported) -> CompiledPipelineOutput:
+                 output_type="pil", timesteps=None, **unsupported) -> CompiledPipelineOutput:
         if unsupported:
             raise PipelineArgumentError(
                 f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
@@ -71,6 +71,8 @@ class CompiledPipeline:
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
         defaults = self.manifest.get("defaults", {})
+        if timesteps is None and num_inference_steps is None:
+            timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         try:
             images = generate(
                 self.components, prompt,
@@ -80,7 +82,7 @@ class CompiledPipeline:
                 guidance_scale=defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale,
                 height=height, width=width, generator=generator, latents=latents,
                 num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                progress=None if knobs.quiet() else _progress_bar,
+                progress=None if knobs.quiet() else _progress_bar, timesteps=timesteps,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None

@@ -114,6 +114,7 @@ def generate(
     num_images_per_prompt: int = 1,
     output_type: str = "pil",
     progress: Callable | None = None,
+    timesteps: Sequence[int] | None = None,
 ):
     """Run text-to-image sampling; returns a numpy array (N, H, W, 3), a PIL list, or latents."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -129,6 +130,10 @@ def generate(
     for name, value in (("height", height), ("width", width)):
         if value % (c.vae_scale_factor) != 0 or value <= 0:
             raise ValueError(f"{name}={value} must be a positive multiple of {c.vae_scale_factor}")
+    if timesteps is not None:
+        if not timesteps or not all(isinstance(t, int) for t in timesteps):
+            raise ValueError("timesteps must be a non-empty list of integers")
+        num_inference_steps = len(timesteps)
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive integer")
     guidance = guidance_scale > 1.0
@@ -140,7 +145,12 @@ def generate(
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=c.dtype).repeat(embeds.shape[0], 1)
 
     scheduler = c.scheduler_factory()
-    scheduler.set_timesteps(num_inference_steps)
+    if timesteps is not None:  # as diffusers' retrieve_timesteps
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"{type(scheduler).__name__} does not accept explicit timesteps")
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_inference_steps)
     shape = (batch, c.latent_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
     if latents is None:
         latents = randn_tensor(shape, generator=generator, dtype=c.dtype)

@@ -13,6 +13,7 @@ from sdcompiler.passes import block_pruning as _block_pruning  # noqa: F401,E402
 from sdcompiler.passes import distill as _distill  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
 from sdcompiler.passes import lora as _lora  # noqa: F401,E402
+from sdcompiler.passes import scheduler as _scheduler  # noqa: F401,E402
 
 __all__ = [
     "ORDERING_RULES",

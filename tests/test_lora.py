@@ -124,3 +124,21 @@ def test_lora_merge_must_come_before_structural_passes(tiny_checkpoint, lora_fil
     recipe = ["bk-small", {"pass": "merge_lora", "path": str(lora_files["a"])}]
     with pytest.raises(RecipeError, match="'merge_lora' .* must come before pass 'prune_blocks'"):
         compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
+
+
+def test_lcm_lora_composite_preset(tiny_checkpoint, lora_files, tmp_path):
+    """{preset: lcm-lora, path}: two records (merge + scheduler), 4 steps / guidance 1 by default, like diffusers."""
+    from diffusers import LCMScheduler
+
+    ckpt = tiny_checkpoint("sd15")
+    compiled = compile_pipeline(ckpt, [{"preset": "lcm-lora", "path": str(lora_files["a"])}], "onnx",
+                                tmp_path / "out", show_progress=False)
+    assert [r["name"] for r in compiled.manifest["passes"]] == ["merge_lora", "set_scheduler"]
+    assert compiled.manifest["defaults"]["num_inference_steps"] == 4
+    assert compiled.manifest["defaults"]["guidance_scale"] == 1.0
+    got = compiled("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
+    reference = _reference(ckpt, [(lora_files["a"], 1.0)])
+    reference.scheduler = LCMScheduler.from_config(reference.scheduler.config, original_inference_steps=50)
+    want = reference("a cat", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                     output_type="np").images
+    assert np.abs(got - want).max() < 1e-3

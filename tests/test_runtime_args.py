@@ -37,7 +37,8 @@ def test_unsupported_argument_is_named(pipe, extra):
 
 def test_supported_arguments_are_diffusers_common_ones():
     assert set(SUPPORTED_ARGUMENTS) == {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height",
-                                        "width", "generator", "latents", "num_images_per_prompt", "output_type"}
+                                        "width", "generator", "latents", "num_images_per_prompt", "output_type",
+                                        "timesteps"}
 
 
 def test_output_type_pil(pipe):
