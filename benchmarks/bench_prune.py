@@ -37,20 +37,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-from bench_compile_sd15 import CpuMeter, busy_processes, load_average, machine  # noqa: E402
+from bench_common import CpuMeter, finish_results, log, new_results, peak_rss_gib, write_results  # noqa: E402
 
 PACKAGES = ("sd-compiler", "torch", "diffusers", "accelerate")
 SEED = 0
@@ -70,24 +68,6 @@ PUBLISHED_TEXT = {
 DEFAULT_LATENTS = {"sd15": (32, 64), "sdxl": (32,)}
 DEFAULT_REPEATS = {32: 5, 64: 3}  # SD1.5; SDXL uses 3 at every size
 UNPRUNED = "unpruned"
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def peak_rss_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
 
 
 class StandInPipe:
@@ -405,21 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     start = time.perf_counter()
-    results: dict = {
-        "benchmark": "prune",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "versions": versions(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": {"start": load_average()},
-        "other_busy_processes": busy_processes(),
+    results = new_results("prune", PACKAGES, torch_threads=torch.get_num_threads())
+    results.update({
         "settings": {"arch": args.arch, "repeats": args.repeats, "warmup": args.warmup,
                      "skip_latency": args.skip_latency, "latents_sd15": list(args.latents_sd15),
                      "latents_sdxl": list(args.latents_sdxl), "quiet_threshold": args.quiet_threshold,
                      "max_wait": args.max_wait,
                      "seed": SEED},
         "archs": {},
-    }
+    })
     waiter = QuietWaiter(args.quiet_threshold, args.max_wait)
     with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
         for arch in args.arch:
@@ -427,16 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     results["waited_for_quiet_s"] = round(waiter.waited_s, 1)
     results["peak_rss_gib"] = peak_rss_gib()
-    results["load_average"]["end"] = load_average()
-    for busy in busy_processes():
-        if busy not in results["other_busy_processes"]:
-            results["other_busy_processes"].append(busy)
-
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
-    (args.results_dir / "prune.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.results_dir / "prune.md").write_text(table)
-    print(table)
+    finish_results(results)
+    write_results(results, markdown(results), args.results_dir, "prune")
     log(f"wrote {args.results_dir / 'prune.json'} and .md in {results['total_seconds']:.0f} s")
     return 0
 

@@ -324,20 +324,19 @@ class PruneBlocks(Pass):
             raise PassError(f"condconv_experts={config.condconv_experts}: use 0 (off) or at least 2 experts")
         self._config(pipe, config)  # raises on impossible settings before anything changes
 
-    def run(self, pipe, config: PruneBlocksConfig, ctx: PassContext) -> dict[str, float]:
+    def _apply(self, pipe, config: PruneBlocksConfig, inherit: bool) -> dict[str, float]:
         teacher = pipe.unet
-        metrics = restructure(pipe, self._config(pipe, config), _offset(config), inherit=True)
-        if config.condconv_experts:
+        metrics = restructure(pipe, self._config(pipe, config), _offset(config), inherit=inherit)
+        if config.condconv_experts:  # on meta U-Nets (rebuild) this makes the same modules without weights
             metrics |= apply_condconv(teacher, pipe.unet, _offset(config), config.condconv_experts,
                                       config.condconv_primary_gate)
         return metrics
 
+    def run(self, pipe, config: PruneBlocksConfig, ctx: PassContext) -> dict[str, float]:
+        return self._apply(pipe, config, inherit=True)
+
     def rebuild(self, pipe, config: PruneBlocksConfig) -> None:
-        teacher = pipe.unet
-        restructure(pipe, self._config(pipe, config), _offset(config), inherit=False)
-        if config.condconv_experts:
-            apply_condconv(teacher, pipe.unet, _offset(config), config.condconv_experts,
-                           config.condconv_primary_gate)
+        self._apply(pipe, config, inherit=False)
 
 
 @register_pass

@@ -72,3 +72,4 @@ def compiled(tiny_checkpoint, tmp_path_factory):
         return built[key]
 
     return get
+

@@ -17,6 +17,7 @@ from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, count_params
 from sdcompiler.passes.block_pruning import student_config
 from sdcompiler.recipe import resolve_recipe
+from unet_holder import UNetHolder
 
 # Published U-Net sizes: BK-SDM 0.58B / 0.49B / 0.33B (SD v1.4), KOALA 1,161M / 782M (SDXL).
 FULL_SIZE = {
@@ -30,15 +31,6 @@ TINY_PRESETS = [("sd15", "bk-base"), ("sd15", "bk-small"), ("sd15", "bk-tiny"), 
                 ("sdxl", "koala-1b"), ("sdxl", "koala-700m")]
 
 
-class _Holder:
-    """The part of a diffusers pipeline the structural passes touch."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def register_modules(self, **modules):
-        for name, module in modules.items():
-            setattr(self, name, module)
 
 
 def _ctx(arch: str) -> PassContext:
@@ -61,7 +53,7 @@ def _apply(pipe, preset: str, arch: str):
 @pytest.mark.parametrize("arch,preset", list(FULL_SIZE))
 def test_full_size_parameter_counts_match_published(arch, preset):
     exact, published = FULL_SIZE[(arch, preset)]
-    pipe = _Holder(_full_meta_unet(arch))
+    pipe = UNetHolder(_full_meta_unet(arch))
     metrics = _apply(pipe, preset, arch)  # the full inheritance mapping, shape-checked, on meta tensors
     assert count_params(pipe.unet) == exact
     tolerance = 0.025 if preset.startswith("bk") else 0.005
@@ -76,7 +68,7 @@ def teachers(tiny_checkpoint):
 
 def _student(teachers, arch, preset):
     teacher = teachers[arch].unet
-    pipe = _Holder(UNet2DConditionModel.from_config(teacher.config))
+    pipe = UNetHolder(UNet2DConditionModel.from_config(teacher.config))
     pipe.unet.load_state_dict(teacher.state_dict())
     _apply(pipe, preset, arch)
     return teacher, pipe.unet

@@ -18,6 +18,7 @@ from sdcompiler.passes import PassContext, count_params
 from sdcompiler.passes.accounting import parameter_layout
 from sdcompiler.passes.condconv import CondConv2d
 from sdcompiler.recipe import resolve_recipe
+from unet_holder import UNetHolder
 
 PRESETS = ["bk-base", "bk-small", "bk-tiny"]
 # SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_block_pruning's. The extra
@@ -39,15 +40,6 @@ EXPECTED_TARGETS = {
 }
 
 
-class _Holder:
-    """The part of a diffusers pipeline the structural passes touch."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def register_modules(self, **modules):
-        for name, module in modules.items():
-            setattr(self, name, module)
 
 
 def _ctx() -> PassContext:
@@ -82,7 +74,7 @@ def teacher(tiny_checkpoint):
 
 
 def _student(teacher, recipe):
-    pipe = _Holder(UNet2DConditionModel.from_config(teacher.config))
+    pipe = UNetHolder(UNet2DConditionModel.from_config(teacher.config))
     pipe.unet.load_state_dict(teacher.state_dict())
     metrics = _apply(pipe, recipe)
     return pipe.unet.eval(), metrics
@@ -208,7 +200,7 @@ def test_fixed_routing_survives_a_strict_state_dict_round_trip(teacher):
     state = cond.state_dict()
     assert f"{name}.fixed_routing" in state
     with torch.device("meta"):
-        pipe = _Holder(UNet2DConditionModel.from_config(teacher.config))
+        pipe = UNetHolder(UNet2DConditionModel.from_config(teacher.config))
     _step("bk-tiny-condconv").pass_.rebuild(pipe, _step("bk-tiny-condconv").config)
     pipe.unet.load_state_dict(state, strict=True, assign=True)
     assert torch.equal(pipe.unet.get_submodule(name).fixed_routing, torch.tensor([1.0, 0.0]))
@@ -223,7 +215,7 @@ def test_fixed_routing_survives_a_strict_state_dict_round_trip(teacher):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_full_size_condconv_parameter_counts(preset, capsys):
     pure_count, cond_count = FULL_SIZE[preset]
-    pipe = _Holder(_full_meta_unet())
+    pipe = UNetHolder(_full_meta_unet())
     metrics = _apply(pipe, f"{preset}-condconv")
     counted = count_params(pipe.unet)
     with capsys.disabled():
@@ -233,7 +225,7 @@ def test_full_size_condconv_parameter_counts(preset, capsys):
     assert counted == pure_count + metrics["condconv_params"]
     assert set(_condconvs(pipe.unet)) == EXPECTED_TARGETS[preset]
 
-    rebuilt = _Holder(_full_meta_unet())  # rebuild makes the same structure as run
+    rebuilt = UNetHolder(_full_meta_unet())  # rebuild makes the same structure as run
     step = _step(f"{preset}-condconv")
     step.pass_.rebuild(rebuilt, step.config)
     assert parameter_layout(rebuilt.unet) == parameter_layout(pipe.unet)

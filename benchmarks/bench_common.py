@@ -1,0 +1,166 @@
+"""Helpers the benchmark scripts share: logging, machine description, load and CPU-use sampling, peak RSS, and
+the results header and closing (other busy processes, load average, `results/<name>.{json,md}`).
+
+A plain module next to the scripts: `python benchmarks/bench_x.py` puts this folder on sys.path, and each script
+also inserts it itself, so `from bench_common import ...` works from any working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- machine ----------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def busy_processes(min_cpu: float = 20.0) -> list[str]:
+    """Other processes with a high lifetime-average %CPU (ps): names the likely culprits, measures nothing."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    busy = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 3)
+        if len(parts) < 4 or os.getpid() in (int(parts[0]), int(parts[1])):
+            continue
+        if float(parts[2]) >= min_cpu:
+            busy.append(f"pid {parts[0]}: {parts[3][:100]}")
+    return busy[:5]
+
+
+class CpuMeter:
+    """CPU used by other processes during a phase: all busy CPU time (/proc/stat) minus this process and its
+    children (getrusage). `others_cores` = average cores the rest of the machine kept busy (0 = quiet)."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+        ours = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), ours
+
+    def stop(self) -> dict:
+        end = self._sample()
+        if self.start is None or end is None:
+            return {}
+        wall, busy, ours = (e - s for e, s in zip(end, self.start))
+        others = max(0.0, busy - ours)
+        return {"wall_s": round(wall, 1), "our_cores": round(ours / wall, 2),
+                "others_cores": round(others / wall, 2)}
+
+
+def machine() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "platform_processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "mem_total_gib": mem_total_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `packages`; those not installed are left out."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def peak_rss_gib() -> float:
+    """Peak RSS of this process so far, GiB (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+
+def new_results(name: str, packages: tuple[str, ...], **extra) -> dict:
+    """The results' opening keys, in order: benchmark, date, machine, versions, `extra`, load average at start,
+    other busy processes. The caller adds its settings and measurements after these."""
+    return {
+        "benchmark": name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "versions": versions(packages),
+        **extra,
+        "load_average": {"start": load_average()},
+        "other_busy_processes": busy_processes(),
+    }
+
+
+def finish_results(results: dict) -> None:
+    """Record the load average at the end and add the processes busy now to those busy at the start."""
+    results["load_average"]["end"] = load_average()
+    for busy in busy_processes():
+        if busy not in results["other_busy_processes"]:
+            results["other_busy_processes"].append(busy)
+
+
+def write_results(results: dict, table: str, results_dir: Path, name: str) -> Path:
+    """Write `<results_dir>/<name>.json` and `.md`, print the Markdown table; return the JSON's path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text(table)
+    print(table)
+    return results_dir / f"{name}.json"
