@@ -52,6 +52,11 @@ class CompiledPipeline:
     def target(self) -> str:
         return self.manifest["target"]
 
+    @property
+    def unet(self):
+        """The U-Net torch module (target "torch"); None where the U-Net is an ONNX Runtime session."""
+        return self.components.modules.get("unet")
+
     def __repr__(self) -> str:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
         return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"

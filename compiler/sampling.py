@@ -18,7 +18,7 @@ All tensors are torch tensors on the CPU (or the components' device).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -57,6 +57,7 @@ class Components:
     default_size: int  # pixels
     force_zeros_for_empty_prompt: bool = True
     dtype: torch.dtype = torch.float32
+    modules: dict = field(default_factory=dict)  # torch modules behind the callables (torch target only)
 
 
 def _as_list(value, name: str) -> list[str]:

@@ -10,6 +10,7 @@ from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, che
 
 # Built-in passes register themselves on import.
 from sdcompiler.passes import block_pruning as _block_pruning  # noqa: F401,E402
+from sdcompiler.passes import cfg_distill as _cfg_distill  # noqa: F401,E402
 from sdcompiler.passes import distill as _distill  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
 from sdcompiler.passes import lora as _lora  # noqa: F401,E402

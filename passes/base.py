@@ -42,6 +42,7 @@ class PassContext:
     # structural pass since the previous training pass, and a key naming it (source + passes before).
     teacher: Any = None
     teacher_key: str = ""
+    model_key: str = ""  # names the model a pass receives (source + passes before it): keys its data caches
     # Call defaults the compiled pipeline should use (num_inference_steps, guidance_scale), set by passes
     # such as set_scheduler; compile_pipeline records them in the manifest's "defaults".
     pipeline_defaults: dict = field(default_factory=dict)

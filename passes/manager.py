@@ -71,6 +71,7 @@ class PassManager:
                 ctx.teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
                 ctx.teacher_key = _teacher_key(ctx.source_hash, self.steps[:index])
             history = ", ".join(s.name for s in self.steps[:index]) or "nothing"
+            ctx.model_key = _teacher_key(ctx.source_hash, self.steps[:index])
             try:
                 pass_.requires(pipe, step.config, ctx)
             except PassError as exc:

@@ -17,7 +17,8 @@ from sdcompiler.archs import get_arch
 from sdcompiler.sampling import Components, TextEncoding
 
 
-def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode) -> Components:
+def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode,
+                    modules: dict | None = None) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
     spec = get_arch(manifest["arch"])
@@ -34,6 +35,7 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
         scaling_factor=model["scaling_factor"],
         default_size=model["default_size"],
         force_zeros_for_empty_prompt=model.get("force_zeros_for_empty_prompt", True),
+        modules=dict(modules or {}),
     )
 
 

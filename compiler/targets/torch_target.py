@@ -71,7 +71,8 @@ class TorchTarget(Target):
             with torch.inference_mode():
                 return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
 
-        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode)
+        modules = {name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")}
+        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode, modules)
 
 
 def scrub_source_path(config_file: Path) -> None:
