@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        _leave_process_group(code)
+        return code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 1
@@ -48,6 +50,21 @@ def main(argv: list[str] | None = None) -> int:
             message = f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def _leave_process_group(code: int) -> None:
+    """Under torchrun / accelerate launch: wait until rank 0 has written the artifact, then leave at once.
+
+    Tearing gloo down can hang when rank 0 (which hosts the rendezvous store) goes first, and skipping the
+    teardown lets the C++ runtime abort at interpreter exit; so every rank meets at a barrier and exits.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

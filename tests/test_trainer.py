@@ -64,3 +64,24 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
     _run(tmp_path / "a.json", "--steps", "4", *ckpt)
     _run(tmp_path / "b.json", "--steps", "4", "--batch-size", "4", *ckpt)
     assert _losses(tmp_path / "b.json")["resumed_from"] == 0
+
+
+def test_torchrun_compile_with_distill_matches_one_process(tiny_checkpoint, tmp_path):
+    """`torchrun -m sdcompiler compile ... distill`: both ranks train, rank 0 writes; same result as 1 process."""
+    ckpt = str(tiny_checkpoint("sd15"))
+    metrics = {}
+    for processes in (1, 2):
+        out = tmp_path / f"art{processes}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", SDCOMPILER_QUIET="1",
+                   SDCOMPILER_CACHE_DIR=str(tmp_path / f"cache{processes}"))  # no shared checkpoints to resume
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}"]
+        proc = subprocess.run([*launcher, "-m", "sdcompiler", "compile", ckpt, "--recipe", "bk-small,distill",
+                               "--target", "torch", "--out", str(out)], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        metrics[processes] = json.loads((out / "manifest.json").read_text())["passes"][1]["metrics"]
+    assert metrics[2]["resumed_from_step"] == 0
+    assert metrics[2]["sqnr_after_db"] == pytest.approx(metrics[1]["sqnr_after_db"], abs=1e-3)
+    assert metrics[2]["loss_last"] == pytest.approx(metrics[1]["loss_last"], rel=1e-3)

@@ -7,6 +7,7 @@ optimizer step K+1, to test resuming from the last checkpoint.
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -53,9 +54,13 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         Path(args.out).write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
                                               "world": trainer.world}))
-    if torch.distributed.is_initialized():  # every rank, after a barrier: else gloo aborts or hangs at exit
+    if torch.distributed.is_initialized():
+        # Leave without tearing gloo down: destroy_process_group can hang when rank 0, which hosts the
+        # rendezvous store, exits first, and skipping it lets the C++ runtime abort at exit. All ranks meet
+        # at the barrier, so every result is written before anyone leaves.
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
