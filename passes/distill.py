@@ -7,10 +7,12 @@ Loss (BK-SDM's three terms; weights configurable, task weight 0 by default, see 
 with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, x_0 the teacher's own
 sampled latents for the prompt (`teacher_data`), target = noise (or the
 velocity for v-prediction models), t uniform over the training timesteps,
-and F^l the outputs of the down and up stages. Student and teacher stages are
-paired by position (down stages from the input side, up stages from the output
-side, so BK-tiny's shifted up stages pair with the teacher's), and a pair is
-used only when the two outputs have the same shape. Teacher and student see
+and F^l either the outputs of the down and up stages (`feature_kd: stages`,
+BK-SDM; paired by position, down stages from the input side, up stages from the
+output side, so BK-tiny's shifted up stages pair with the teacher's) or the
+self-attention outputs (`feature_kd: attn1`, KOALA's finding: each student attn1
+with the teacher attn1 it inherited). A pair is used only when the two outputs
+have the same shape. Teacher and student see
 the same noise and timestep.
 
 The teacher is the model as it was before the first structural pass since the
@@ -55,30 +57,49 @@ class DistillConfig(PassConfig):
     task_weight: float = 0.0
     output_kd_weight: float = 1.0
     feature_kd_weight: float = 1.0
+    # "stages": BK-SDM's down/up stage outputs; "attn1": KOALA's self-attention outputs (student layer <- the
+    # teacher layer it inherited from, by prune_blocks / slim_unet's mapping)
+    feature_kd: Literal["stages", "attn1"] = "stages"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 10
 
 
-class StageFeatures:
-    """Forward hooks collecting the outputs of a U-Net's down and up stages."""
+class FeaturePairs:
+    """Forward hooks on paired student/teacher modules; `pairs()` gives their latest outputs (same shapes only).
 
-    def __init__(self, unet: torch.nn.Module):
-        self.down: list[torch.Tensor | None] = [None] * len(unet.down_blocks)
-        self.up: list[torch.Tensor | None] = [None] * len(unet.up_blocks)
-        self.handles = [block.register_forward_hook(self._hook(self.down, i)) for i, block in enumerate(unet.down_blocks)]
-        self.handles += [block.register_forward_hook(self._hook(self.up, i)) for i, block in enumerate(unet.up_blocks)]
+    `stages`: down stages paired from the input side, up stages from the output side. `attn1`: every student
+    self-attention module with the teacher module its weights were inherited from (the block-pruning key map,
+    stage offset inferred from the number of up stages).
+    """
 
-    @staticmethod
-    def _hook(store, index):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, kind: str = "stages"):
+        if kind == "stages":
+            s_down, t_down = list(student.down_blocks), list(teacher.down_blocks)
+            s_up, t_up = list(student.up_blocks)[::-1], list(teacher.up_blocks)[::-1]
+            modules = list(zip(s_down, t_down)) + list(zip(s_up, t_up))
+        else:
+            from sdcompiler.passes.block_pruning import teacher_key_map
+
+            offset = len(teacher.up_blocks) - len(student.up_blocks)
+            keys = teacher_key_map(teacher, student, offset)
+            modules = []
+            for name, module in student.named_modules():
+                if name.endswith(".attn1") and f"{name}.to_out.0.weight" in keys:
+                    source = keys[f"{name}.to_out.0.weight"].removesuffix(".to_out.0.weight")
+                    modules.append((module, teacher.get_submodule(source)))
+        self.outputs: list[list[torch.Tensor | None]] = [[None, None] for _ in modules]
+        self.handles = []
+        for index, pair in enumerate(modules):
+            for side, module in enumerate(pair):
+                self.handles.append(module.register_forward_hook(self._hook(index, side)))
+
+    def _hook(self, index: int, side: int):
         def hook(module, args, output):
-            store[index] = output[0] if isinstance(output, tuple) else output
+            self.outputs[index][side] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    def pairs(self, teacher: "StageFeatures"):
-        """(student, teacher) outputs: down stages from the start, up stages from the end; same shapes only."""
-        down = zip(self.down, teacher.down)
-        up = zip(reversed(self.up), reversed(teacher.up))
-        return [(s, t) for s, t in (*down, *up) if s is not None and t is not None and s.shape == t.shape]
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(s, t) for s, t in self.outputs if s is not None and t is not None and s.shape == t.shape]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -134,7 +155,7 @@ class Distill(Pass):
                      "t": torch.randint(0, num_timesteps, (len(indices),), generator=generator)}
             return batch
 
-        student_features, teacher_features = StageFeatures(student), StageFeatures(teacher)
+        features = FeaturePairs(student, teacher, config.feature_kd)
 
         def loss_fn(model: torch.nn.Module, batch: dict):
             index, noise, t = batch["index"].cpu(), batch["noise"], batch["t"]
@@ -147,7 +168,7 @@ class Distill(Pass):
             eps_s = model(x_t, t, **kwargs).sample
             task = F.mse_loss(eps_s, target)
             output_kd = F.mse_loss(eps_s, eps_t)
-            pairs = student_features.pairs(teacher_features)
+            pairs = features.pairs()
             feature_kd = sum((F.mse_loss(s, t_.detach()) for s, t_ in pairs), torch.zeros((), device=device))
             loss = (config.task_weight * task + config.output_kd_weight * output_kd
                     + config.feature_kd_weight * feature_kd)
@@ -183,13 +204,12 @@ class Distill(Pass):
             student = pipe.unet
             after = held_out_sqnr()
         finally:
-            student_features.remove()
-            teacher_features.remove()
+            features.remove()
             student.requires_grad_(False)
             student.eval()
         return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
                 "loss_last": result.losses[-1], "train_steps": len(result.losses), "resumed_from_step": result.resumed_from,
-                "feature_pairs": len(student_features.pairs(teacher_features))}
+                "feature_pairs": len(features.pairs())}
 
 
 def _to(kwargs: dict, device) -> dict:

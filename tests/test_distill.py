@@ -64,3 +64,14 @@ def test_prompt_list_and_user_file(tmp_path):
     assert load_prompts(str(user)) == ["a red cube", "a blue sphere"]
     with pytest.raises(PassError, match="does not exist"):
         load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_koala_self_attention_kd_pairs_inherited_layers(tiny_checkpoint, tmp_path):
+    """feature_kd: attn1 pairs every student self-attention with the teacher layer it inherited."""
+    recipe = ["koala-1b", {"pass": "distill", "feature_kd": "attn1", "steps": 6, "num_prompts": 4,
+                           "checkpoint_every": 0}]
+    pipe = compile_pipeline(tiny_checkpoint("sdxl"), recipe, "torch", tmp_path / "out", show_progress=False)
+    metrics = _distill_record(pipe)["metrics"]
+    student_attn1 = sum(1 for name, _ in pipe.unet.named_modules() if name.endswith(".attn1"))
+    assert metrics["feature_pairs"] == student_attn1 > 0
+    assert metrics["loss_last"] < metrics["loss_first"]
