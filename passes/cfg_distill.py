@@ -34,7 +34,7 @@ from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import TeacherSamples, load_prompts, teacher_samples
+from sdcompiler.passes.teacher_data import NoiseSchedule, TeacherSamples, load_prompts, teacher_samples
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
 
 ADAPTER = "cfg_distill"
@@ -95,7 +95,7 @@ class DistillCFG(Pass):
                                guidance=config.guidance_scale, seed=ctx.seed, cache_dir=ctx.cache_dir,
                                teacher_key=ctx.model_key, show_progress=ctx.show_progress)
         uncond = _unconditional(pipe, 1, sdxl, data)
-        alphas = scheduler.alphas_cumprod.float()
+        schedule = NoiseSchedule.from_scheduler(scheduler)
         w = config.guidance_scale
 
         def unet_kwargs(samples: TeacherSamples, index, conditional: bool, n: int) -> dict:
@@ -106,10 +106,6 @@ class DistillCFG(Pass):
                     kwargs["added_cond_kwargs"] = dict(kwargs["added_cond_kwargs"],
                                                        text_embeds=uncond["pooled"].expand(n, -1))
             return kwargs
-
-        def noisy(x0, noise, t):
-            a = alphas.to(x0.device)[t].view(-1, 1, 1, 1)
-            return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
         def guided_target(samples, index, x_t, t):
             n = len(x_t)
@@ -122,27 +118,19 @@ class DistillCFG(Pass):
                     unet.enable_adapters()
             return eps_u + w * (eps_c - eps_u), eps_c
 
-        train = TeacherSamples(**{k: v[:config.num_prompts] for k, v in data.tensors().items()})
-        held = TeacherSamples(**{k: v[config.num_prompts:] for k, v in data.tensors().items()})
-        num_timesteps = len(alphas)
-
-        def draw(indices, generator):
-            return {"index": indices, "noise": torch.randn(train.latents[indices].shape, generator=generator),
-                    "t": torch.randint(0, num_timesteps, (len(indices),), generator=generator)}
+        train, held = data.split(config.num_prompts)
 
         def loss_fn(model, batch):
             index = batch["index"].cpu()
-            x_t = noisy(train.latents[index], batch["noise"].cpu(), batch["t"].cpu())
+            x_t, _ = schedule.noisy(train.latents[index], batch["noise"].cpu(), batch["t"].cpu())
             target, _ = guided_target(train, index, x_t, batch["t"].cpu())
             eps = model(x_t, batch["t"].cpu(), **unet_kwargs(train, index, True, len(index))).sample
             loss = F.mse_loss(eps, target)
             return loss, {"mse": loss}
 
         def held_out(after: bool) -> float:
-            generator = torch.Generator().manual_seed(ctx.seed + 11)
-            noise = torch.randn(held.latents.shape, generator=generator)
-            t = torch.linspace(50, num_timesteps - 50, len(held.latents)).long()
-            x_t = noisy(held.latents, noise, t)
+            noise, t = schedule.held_out(held.latents, ctx.seed + 11)
+            x_t, _ = schedule.noisy(held.latents, noise, t)
             target, eps_c = guided_target(held, slice(None), x_t, t)
             if not after:
                 return sqnr_db(target, eps_c)
@@ -159,7 +147,7 @@ class DistillCFG(Pass):
                                        checkpoint_every=config.checkpoint_every)
             key = hashlib.sha256(json.dumps([ctx.model_key, config.to_dict()]).encode()).hexdigest()[:20]
             lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
-            trainer = Trainer(unet, lora_params, loss_fn, draw, len(train.latents), settings,
+            trainer = Trainer(unet, lora_params, loss_fn, schedule.draw(train.latents), len(train.latents), settings,
                               checkpoint_dir=ctx.cache_dir / "train" / f"cfg-{key}", show_progress=ctx.show_progress,
                               cpu=next(unet.parameters()).device.type == "cpu")
             result = trainer.fit()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import TeacherSamples, load_prompts, teacher_samples
+from sdcompiler.passes.teacher_data import NoiseSchedule, load_prompts, teacher_samples
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
 
 
@@ -137,23 +137,8 @@ class Distill(Pass):
         data = teacher_samples(pipe, teacher, prompts[:wanted], resolution=resolution, steps=config.teacher_steps,
                                guidance=config.teacher_guidance, seed=ctx.seed, cache_dir=ctx.cache_dir,
                                teacher_key=ctx.teacher_key, show_progress=ctx.show_progress)
-        train = TeacherSamples(**{k: v[:config.num_prompts] for k, v in data.tensors().items()})
-        held = TeacherSamples(**{k: v[config.num_prompts:] for k, v in data.tensors().items()})
-        alphas = scheduler.alphas_cumprod.float()
-        v_prediction = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        num_timesteps = len(alphas)
-
-        def noisy(x0, noise, t):
-            a = alphas.to(x0.device)[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
-            return x_t, target
-
-        def draw(indices: torch.Tensor, generator: torch.Generator) -> dict:
-            x0 = train.latents[indices]
-            batch = {"index": indices, "noise": torch.randn(x0.shape, generator=generator),
-                     "t": torch.randint(0, num_timesteps, (len(indices),), generator=generator)}
-            return batch
+        train, held = data.split(config.num_prompts)
+        schedule = NoiseSchedule.from_scheduler(scheduler)
 
         features = FeaturePairs(student, teacher, config.feature_kd)
 
@@ -161,7 +146,7 @@ class Distill(Pass):
             index, noise, t = batch["index"].cpu(), batch["noise"], batch["t"]
             device = noise.device
             x0 = train.latents[index].to(device)
-            x_t, target = noisy(x0, noise, t)
+            x_t, target = schedule.noisy(x0, noise, t)
             kwargs = _to(train.unet_kwargs(index), device)
             with torch.no_grad():
                 eps_t = teacher(x_t, t, **kwargs).sample
@@ -175,10 +160,8 @@ class Distill(Pass):
             return loss, {"task": task, "output_kd": output_kd, "feature_kd": feature_kd}
 
         def held_out_sqnr() -> float:
-            generator = torch.Generator().manual_seed(ctx.seed + 7)
-            noise = torch.randn(held.latents.shape, generator=generator)
-            t = torch.linspace(50, num_timesteps - 50, len(held.latents)).long()
-            x_t, _ = noisy(held.latents, noise, t)
+            noise, t = schedule.held_out(held.latents, ctx.seed + 7)
+            x_t, _ = schedule.noisy(held.latents, noise, t)
             kwargs = held.unet_kwargs(slice(None))
             with torch.no_grad():
                 return sqnr_db(teacher(x_t, t, **kwargs).sample, student(x_t, t, **kwargs).sample)
@@ -196,7 +179,8 @@ class Distill(Pass):
             # (bk-small vs bk-small-condconv) must not resume each other's checkpoints.
             layout = sorted((name, list(p.shape)) for name, p in student.state_dict().items())
             run_key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), len(train.latents), layout]).encode())
-            trainer = Trainer(student, list(student.parameters()), loss_fn, draw, len(train.latents), settings,
+            trainer = Trainer(student, list(student.parameters()), loss_fn, schedule.draw(train.latents),
+                              len(train.latents), settings,
                               checkpoint_dir=ctx.cache_dir / "train" / f"distill-{run_key.hexdigest()[:20]}",
                               show_progress=ctx.show_progress, cpu=device.type == "cpu")
             result = trainer.fit()

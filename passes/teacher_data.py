@@ -47,11 +47,53 @@ class TeacherSamples:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
+    def split(self, n: int) -> tuple["TeacherSamples", "TeacherSamples"]:
+        """The first n prompts (training) and the rest (held out)."""
+        tensors = self.tensors()
+        return (TeacherSamples(**{k: v[:n] for k, v in tensors.items()}),
+                TeacherSamples(**{k: v[n:] for k, v in tensors.items()}))
+
     def unet_kwargs(self, index: torch.Tensor | slice) -> dict:
         kwargs = {"encoder_hidden_states": self.text_embeds[index]}
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled[index], "time_ids": self.time_ids[index]}
         return kwargs
+
+
+@dataclass
+class NoiseSchedule:
+    """Forward diffusion for training: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, and the target the
+    model predicts (the noise, or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 for v-prediction)."""
+
+    alphas_cumprod: torch.Tensor
+    v_prediction: bool = False
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+        return cls(scheduler.alphas_cumprod.float(),
+                   scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if self.v_prediction else noise
+        return x_t, target
+
+    def draw(self, latents: torch.Tensor):
+        """The trainer's draw function: sample indices plus per-sample noise and uniform timesteps."""
+        def draw(indices: torch.Tensor, generator: torch.Generator) -> dict:
+            return {"index": indices, "noise": torch.randn(latents[indices].shape, generator=generator),
+                    "t": torch.randint(0, self.num_timesteps, (len(indices),), generator=generator)}
+        return draw
+
+    def held_out(self, latents: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed noise and evenly spread timesteps for before/after comparisons."""
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        return noise, torch.linspace(50, self.num_timesteps - 50, len(latents)).long()
 
 
 def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
