@@ -93,7 +93,7 @@ class DistillCFG(Pass):
         prompts = load_prompts(config.prompts_file)[:wanted]
         data = teacher_samples(pipe, unet, prompts, resolution=resolution, steps=config.teacher_steps,
                                guidance=config.guidance_scale, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                               teacher_key=ctx.model_key, show_progress=ctx.show_progress)
+                               teacher_key=ctx.model_key)
         uncond = _unconditional(pipe, 1, sdxl, data)
         schedule = NoiseSchedule.from_scheduler(scheduler)
         w = config.guidance_scale

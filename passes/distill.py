@@ -136,7 +136,7 @@ class Distill(Pass):
             raise PassError(f"{wanted} prompts needed, the prompt list has {len(prompts)}")
         data = teacher_samples(pipe, teacher, prompts[:wanted], resolution=resolution, steps=config.teacher_steps,
                                guidance=config.teacher_guidance, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                               teacher_key=ctx.teacher_key, show_progress=ctx.show_progress)
+                               teacher_key=ctx.teacher_key)
         train, held = data.split(config.num_prompts)
         schedule = NoiseSchedule.from_scheduler(scheduler)
 

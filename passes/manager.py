@@ -67,11 +67,11 @@ class PassManager:
             pass_ = step.pass_
             if on_step:
                 on_step(step)
+            ctx.model_key = _model_key(ctx.source_hash, self.steps[:index])
             if pass_.stage == "structural" and ctx.teacher is None and self._teacher_needed_after(index):
                 ctx.teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
-                ctx.teacher_key = _teacher_key(ctx.source_hash, self.steps[:index])
+                ctx.teacher_key = ctx.model_key
             history = ", ".join(s.name for s in self.steps[:index]) or "nothing"
-            ctx.model_key = _teacher_key(ctx.source_hash, self.steps[:index])
             try:
                 pass_.requires(pipe, step.config, ctx)
             except PassError as exc:
@@ -116,7 +116,7 @@ class PassManager:
         return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
 
 
-def _teacher_key(source_hash: str, before: Sequence[PassStep]) -> str:
+def _model_key(source_hash: str, before: Sequence[PassStep]) -> str:
     text = json.dumps([source_hash, [(s.name, s.config.to_dict()) for s in before]], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 

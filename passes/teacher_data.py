@@ -97,7 +97,7 @@ class NoiseSchedule:
 
 
 def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
-                    guidance: float, seed: int, cache_dir: Path, teacher_key: str, show_progress: bool = True,
+                    guidance: float, seed: int, cache_dir: Path, teacher_key: str,
                     batch: int = 4) -> TeacherSamples:
     """Text embeddings and teacher-sampled latents for `prompts`, from the cache when possible."""
     from safetensors.torch import load_file, save_file

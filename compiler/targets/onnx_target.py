@@ -164,7 +164,7 @@ def export_model(export: _Export, folder: Path, opset: int) -> Path:
     return target
 
 
-def verify_model(export: _Export, path: Path, precision: str) -> dict[str, float]:
+def verify_model(export: _Export, path: Path) -> dict[str, float]:
     """Compare the ONNX model with its torch module on the export inputs."""
     session = OrtModel(path, ["CPUExecutionProvider"])
     with torch.no_grad():
@@ -203,7 +203,7 @@ class OnnxTarget(Target):
             with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
                 for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
                     precision = config.vae_precision if export.name == "vae_decoder" else config.precision
-                    result = verify_model(export, paths[export.name], precision)
+                    result = verify_model(export, paths[export.name])
                     stage.results[export.name] = result
                     if result["relative_error"] > TOLERANCE[precision]:
                         raise LoweringError(
