@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="run the whole U-Net every step even if the artifact caches features (deepcache)")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.set_defaults(func=cmd_generate)
 
@@ -176,7 +178,7 @@ def cmd_generate(args) -> int:
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,
                   num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-                  output_type="pil").images
+                  output_type="pil", feature_cache=not args.no_feature_cache).images
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,10 @@ def compile_artifact(
     if not _is_main_process():  # under accelerate launch / torchrun: training ran on all ranks, rank 0 writes
         return output_dir
 
+    defaults = {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale} | ctx.pipeline_defaults
     with staged_artifact(output_dir) as staging:
         stages = lowering.lower(pipe, staging, target_config,
-                                LowerContext(spec, source_unet_config, show_progress=show_progress))
+                                LowerContext(spec, source_unet_config, show_progress, defaults))
         manifest = {
             "sdcompiler_version": __version__,
             "source": loaded.source,
@@ -120,8 +121,7 @@ def compile_artifact(
                 "default_size": default_size,
                 "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
             },
-            "defaults": {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale}
-            | ctx.pipeline_defaults,
+            "defaults": defaults,
             "versions": package_versions(),
         }
         write_manifest(staging, manifest)

@@ -25,7 +25,7 @@ from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
-    "latents", "num_images_per_prompt", "output_type", "timesteps",
+    "latents", "num_images_per_prompt", "output_type", "timesteps", "feature_cache",
 )
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -63,7 +63,7 @@ class CompiledPipeline:
 
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
                  height=None, width=None, generator=None, latents=None, num_images_per_prompt=1,
-                 output_type="pil", timesteps=None, **unsupported) -> CompiledPipelineOutput:
+                 output_type="pil", timesteps=None, feature_cache=True, **unsupported) -> CompiledPipelineOutput:
         if unsupported:
             raise PipelineArgumentError(
                 f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
@@ -88,6 +88,7 @@ class CompiledPipeline:
                 height=height, width=width, generator=generator, latents=latents,
                 num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                 progress=None if knobs.quiet() else _progress_bar, timesteps=timesteps,
+                feature_cache=bool(feature_cache),
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None

@@ -11,6 +11,9 @@ or Triton Inference Server BLS calls plug in unchanged:
 - text encoder: `encode(input_ids: LongTensor) -> TextEncoding`
 - U-Net: `unet(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> eps`
 - VAE decoder: `decode(latents) -> images in [-1, 1]`
+- optionally a feature cache (`sdcompiler.feature_cache.FeatureCache`):
+  `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
+  steps its plan marks (full / shallow) instead of `unet`.
 
 All tensors are torch tensors on the CPU (or the components' device).
 """
@@ -58,6 +61,7 @@ class Components:
     force_zeros_for_empty_prompt: bool = True
     dtype: torch.dtype = torch.float32
     modules: dict = field(default_factory=dict)  # torch modules behind the callables (torch target only)
+    feature_cache: object | None = None  # sdcompiler.feature_cache.FeatureCache, when the artifact has one
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -116,8 +120,13 @@ def generate(
     output_type: str = "pil",
     progress: Callable | None = None,
     timesteps: Sequence[int] | None = None,
+    feature_cache: bool = True,
 ):
-    """Run text-to-image sampling; returns a numpy array (N, H, W, 3), a PIL list, or latents."""
+    """Run text-to-image sampling; returns a numpy array (N, H, W, 3), a PIL list, or latents.
+
+    `feature_cache=False` runs the whole U-Net every step even when the
+    components carry a feature cache.
+    """
     from diffusers.utils.torch_utils import randn_tensor
 
     prompts = _as_list(prompt, "prompt")
@@ -167,10 +176,18 @@ def generate(
         step_kwargs["generator"] = generator
 
     timesteps = scheduler.timesteps
-    for t in (progress(timesteps) if progress else timesteps):
+    cache = c.feature_cache if feature_cache else None
+    plan = cache.plan(len(timesteps)) if cache is not None else None
+    deep = None
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_input = torch.cat([latents] * 2) if guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        eps = c.unet(model_input, t, embeds, pooled, time_ids)
+        if cache is None:
+            eps = c.unet(model_input, t, embeds, pooled, time_ids)
+        elif plan[i] or deep is None:
+            eps, deep = cache.full(model_input, t, embeds, pooled, time_ids)
+        else:
+            eps = cache.shallow(model_input, t, embeds, pooled, time_ids, deep)
         if guidance:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)

@@ -74,15 +74,29 @@ def unet_example_inputs(
     return inputs
 
 
-def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
-    """MACs of one batch-1 U-Net forward at pixel `resolution` (H, W), counted on meta."""
+def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8,
+               forward=None) -> int:
+    """MACs of one batch-1 U-Net forward at pixel `resolution` (H, W), counted on meta.
+
+    `forward(unet, **inputs)` replaces the plain `unet(**inputs)` call (e.g. a
+    partial forward); it receives the U-Net with meta weights.
+    """
     latent_hw = (resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor)
     meta_state = {
-        name: torch.empty_like(t, device="meta")
+        "unet." + name: torch.empty_like(t, device="meta")
         for name, t in list(unet.named_parameters()) + list(unet.named_buffers())
     }
     inputs = unet_example_inputs(unet, 1, latent_hw, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        torch.func.functional_call(unet, meta_state, args=(), kwargs=inputs, strict=False)
+        torch.func.functional_call(_Call(unet, forward), meta_state, args=(), kwargs=inputs, strict=False)
     return counter.get_total_flops() // 2
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, forward=None):
+        super().__init__()
+        self.unet, self._forward = unet, forward
+
+    def forward(self, **inputs):
+        return self._forward(self.unet, **inputs) if self._forward else self.unet(**inputs)

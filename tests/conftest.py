@@ -33,6 +33,10 @@ atexit.register(shutil.rmtree, _SESSION_ROOT, ignore_errors=True)
 import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(int(os.environ["SDCOMPILER_NUM_THREADS"]))
+# Without a GPU, Triton kernels run (on CPU tensors) only in its interpreter; Triton reads this when a
+# kernel is decorated, so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _recipe_key(recipe) -> str:

@@ -27,6 +27,7 @@ class LowerContext:
     arch: ArchSpec
     source_unet_config: dict[str, Any]  # the U-Net config before any pass: rebuild starts from it
     show_progress: bool = True
+    defaults: dict[str, Any] = field(default_factory=dict)  # the pipeline call defaults the manifest records
 
 
 @dataclass

@@ -18,7 +18,7 @@ from sdcompiler.sampling import Components, TextEncoding
 
 
 def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode,
-                    modules: dict | None = None) -> Components:
+                    modules: dict | None = None, feature_cache=None) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
     spec = get_arch(manifest["arch"])
@@ -36,7 +36,16 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
         default_size=model["default_size"],
         force_zeros_for_empty_prompt=model.get("force_zeros_for_empty_prompt", True),
         modules=dict(modules or {}),
+        feature_cache=feature_cache,
     )
+
+
+def cache_settings(manifest: dict[str, Any]):
+    """The artifact's feature-cache settings, or None when it has none."""
+    from sdcompiler.feature_cache import CacheSettings
+
+    recorded = manifest.get("defaults", {}).get("feature_cache")
+    return CacheSettings.from_dict(recorded) if recorded else None
 
 
 # --- torch -----------------------------------------------------------------------------------
@@ -130,6 +139,26 @@ def ort_unet(model: OrtModel):
                      text_embeds=text_embeds, time_ids=time_ids)["out_sample"]
 
     return run
+
+
+def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
+    """FeatureCache over the U-Net graph (second output: deep features) and the shallow-branch graph."""
+    from sdcompiler.feature_cache import FeatureCache
+
+    def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
+        return dict(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
+                    text_embeds=text_embeds, time_ids=time_ids)
+
+    def full(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        out = unet(["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids))
+        return out["out_sample"], out["deep_features"]
+
+    def run_shallow(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, deep=None):
+        inputs = feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        return shallow(["out_sample"], deep_features=deep, **inputs)["out_sample"]
+
+    return FeatureCache(settings, full, run_shallow)
 
 
 def ort_vae_decoder(model: OrtModel):

@@ -33,7 +33,9 @@ from sdcompiler.archs import get_arch
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig, unet_example_inputs
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
-from sdcompiler.targets.components import OrtModel, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
+from sdcompiler.targets.components import (
+    OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB: leave room for the graph itself
@@ -60,6 +62,22 @@ class _UNetForExport(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _CachedUNetForExport(torch.nn.Module):
+    """Feature cache: the full U-Net returning (out_sample, deep_features), or the shallow branch."""
+
+    def __init__(self, unet, branch: int, shallow: bool):
+        super().__init__()
+        from sdcompiler.feature_cache import SplitUNet
+
+        self.split, self.shallow = SplitUNet(unet, branch), shallow
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        if self.shallow:
+            *added, deep = rest
+            return self.split.shallow(sample, timestep, encoder_hidden_states, *added, deep=deep)
+        return self.split.full(sample, timestep, encoder_hidden_states, *rest)
 
 
 class _TextEncoderForExport(torch.nn.Module):
@@ -94,7 +112,7 @@ class _Export:
     dtype: torch.dtype
 
 
-def _exports(pipe, spec, config: OnnxTargetConfig) -> list[_Export]:
+def _exports(pipe, spec, config: OnnxTargetConfig, cache=None) -> list[_Export]:
     dtype, vae_dtype = DTYPES[config.precision], DTYPES[config.vae_precision]
     generator = torch.Generator().manual_seed(0)
     exports = []
@@ -120,7 +138,18 @@ def _exports(pipe, spec, config: OnnxTargetConfig) -> list[_Export]:
         args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
         names += ["text_embeds", "time_ids"]
         axes |= {"text_embeds": batch, "time_ids": batch}
-    exports.append(_Export("unet", _UNetForExport(pipe.unet, spec.is_sdxl), tuple(args), names, ["out_sample"], axes, dtype))
+    if cache is None:
+        exports.append(_Export("unet", _UNetForExport(pipe.unet, spec.is_sdxl), tuple(args), names, ["out_sample"],
+                               axes, dtype))
+    else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
+        deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
+        full = _CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
+        exports.append(_Export("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes,
+                               dtype))
+        with torch.no_grad():
+            deep = full(*args)[1]
+        exports.append(_Export("unet_shallow", _CachedUNetForExport(pipe.unet, cache.branch, shallow=True),
+                               (*args, deep), [*names, "deep_features"], ["out_sample"], axes | deep_axes, dtype))
 
     latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=generator)
     axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
@@ -188,7 +217,7 @@ class OnnxTarget(Target):
         from tqdm.auto import tqdm
 
         records: list[StageRecord] = []
-        exports = _exports(pipe, ctx.arch, config)
+        exports = _exports(pipe, ctx.arch, config, cache_settings({"defaults": ctx.defaults}))
         paths = {}
         with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript",
                                             "precision": config.precision, "vae_precision": config.vae_precision}) as stage:
@@ -221,9 +250,13 @@ class OnnxTarget(Target):
         threads = knobs.num_threads()
         encoders = [ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
                     for n in spec.text_encoders]
-        unet = ort_unet(OrtModel(root / "unet" / "model.onnx", providers, threads))
+        unet_model = OrtModel(root / "unet" / "model.onnx", providers, threads)
         decode = ort_vae_decoder(OrtModel(root / "vae_decoder" / "model.onnx", providers, threads))
-        return make_components(root, manifest, encoders, unet, decode)
+        settings, cache = cache_settings(manifest), None
+        if settings is not None:
+            shallow = OrtModel(root / "unet_shallow" / "model.onnx", providers, threads)
+            cache = ort_feature_cache(unet_model, shallow, settings)
+        return make_components(root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache)
 
 
 def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:

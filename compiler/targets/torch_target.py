@@ -21,7 +21,7 @@ from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError
 from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
-from sdcompiler.targets.components import make_components, torch_text_encoder, torch_unet
+from sdcompiler.targets.components import cache_settings, make_components, torch_text_encoder, torch_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -72,7 +72,13 @@ class TorchTarget(Target):
                 return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
 
         modules = {name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")}
-        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode, modules)
+        settings = cache_settings(manifest)
+        cache = None
+        if settings is not None:
+            from sdcompiler.feature_cache import torch_feature_cache
+
+            cache = torch_feature_cache(pipe.unet, device, settings)
+        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode, modules, cache)
 
 
 def scrub_source_path(config_file: Path) -> None:
