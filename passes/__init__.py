@@ -9,9 +9,11 @@ from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, check_order, rebuild
 
 # Built-in passes register themselves on import.
+from sdcompiler.passes import attention_swap as _attention_swap  # noqa: F401,E402
 from sdcompiler.passes import block_pruning as _block_pruning  # noqa: F401,E402
 from sdcompiler.passes import cfg_distill as _cfg_distill  # noqa: F401,E402
 from sdcompiler.passes import distill as _distill  # noqa: F401,E402
+from sdcompiler.passes import feature_cache as _feature_cache  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
 from sdcompiler.passes import lora as _lora  # noqa: F401,E402
 from sdcompiler.passes import scheduler as _scheduler  # noqa: F401,E402

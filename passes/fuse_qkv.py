@@ -58,7 +58,8 @@ def fuse_attention_projections(unet: torch.nn.Module, self_attention: bool, cros
         else:
             continue
         module.fused_projections = True
-        module.set_processor(FusedAttnProcessor2_0())
+        if not getattr(module.processor, "handles_fused_projections", False):
+            module.set_processor(FusedAttnProcessor2_0())
         fused += 1
     return fused
 
