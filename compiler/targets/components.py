@@ -67,16 +67,24 @@ def torch_text_encoder(model: torch.nn.Module, sdxl: bool):
     return encode
 
 
-def torch_unet(unet: torch.nn.Module, device: str):
+def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False):
     dtype = unet.dtype
 
+    def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+    if cuda_graphs:
+        from sdcompiler.cuda_graphs import GraphedCallable
+
+        forward = GraphedCallable(forward)
+
     def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = None
-        if text_embeds is not None:
-            added = {"text_embeds": text_embeds.to(device, dtype), "time_ids": time_ids.to(device, dtype)}
+        cast = (lambda x: None if x is None else x.to(device, dtype))
+        # the timestep as a device tensor: a CUDA graph replays whatever the buffer holds
+        t = torch.as_tensor(timestep, dtype=torch.float32).to(device) if cuda_graphs else timestep
         with torch.inference_mode():
-            out = unet(sample.to(device, dtype), timestep, encoder_hidden_states.to(device, dtype),
-                       added_cond_kwargs=added, return_dict=False)[0]
+            out = forward(cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids))
         return out.float().cpu()
 
     return run

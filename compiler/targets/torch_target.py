@@ -6,6 +6,16 @@ the weights *after* it. Loading builds the original U-Net without memory
 for weights (meta device), replays each structural pass's `rebuild` from the
 manifest's recipe, then assigns the stored weights (strict: every parameter
 must be present and no extra one). No training or calibration reruns.
+
+Stages: `save_weights`, then `lower_kernels`, which records which modules
+the fused Triton kernels replace (`sdcompiler.kernels.lowering`: ResNet
+GroupNorm+SiLU, GEGLU). `cuda_graphs` (default off) replays the U-Net from
+CUDA graphs captured per input shape (`sdcompiler.cuda_graphs`); it applies
+on CUDA only, and not to the shallow/full calls of a feature cache. The
+module swap happens at load time inside CUDA graphs only (`fused_kernels`,
+default on, needs Triton): on an H200 the fused ops are 1.5-8x faster than
+eager in device time, but one eager call costs more in dispatch and launch
+than the kernels save, so without graphs the modules stay diffusers' own.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError
+from sdcompiler.kernels._common import triton_available
+from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, torch_text_encoder, torch_unet
@@ -30,6 +42,8 @@ UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 @dataclass(frozen=True)
 class TorchTargetConfig(PassConfig):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    fused_kernels: bool = True  # with cuda_graphs and Triton: GroupNorm+SiLU and GEGLU as fused kernels
+    cuda_graphs: bool = False  # on CUDA: replay U-Net calls from captured CUDA graphs
 
 
 @register_target
@@ -58,12 +72,22 @@ class TorchTarget(Target):
             components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
             write_pipeline_files(pipe, out, components)
             stage.results["unet_tensors"] = len(state)
+        settings = {"fused_kernels": config.fused_kernels, "applies_on": "cuda graphs + triton"}
+        with Stage(records, "lower_kernels", settings) as stage:
+            for name in ("unet", "vae"):
+                stage.results[name] = lower_unet(getattr(pipe, name))  # counted here, applied at load
+                unlower_unet(getattr(pipe, name))
         return records
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         spec = get_arch(manifest["arch"])
         dtype = DTYPES[manifest["lowering"]["config"]["precision"]]
+        config = manifest["lowering"]["config"]
         pipe = rebuild_pipeline(root, manifest, device, dtype)
+        graphs = device == "cuda" and config.get("cuda_graphs", False)
+        if graphs and config.get("fused_kernels", True) and triton_available():
+            lower_unet(pipe.unet)
+            lower_unet(pipe.vae)
         encoders = [torch_text_encoder(getattr(pipe, name), spec.is_sdxl) for name in spec.text_encoders]
         vae = pipe.vae
 
@@ -78,7 +102,8 @@ class TorchTarget(Target):
             from sdcompiler.feature_cache import torch_feature_cache
 
             cache = torch_feature_cache(pipe.unet, device, settings)
-        return make_components(root, manifest, encoders, torch_unet(pipe.unet, device), decode, modules, cache)
+        unet = torch_unet(pipe.unet, device, cuda_graphs=graphs)
+        return make_components(root, manifest, encoders, unet, decode, modules, cache)
 
 
 def scrub_source_path(config_file: Path) -> None:
