@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from sdcompiler import __version__, knobs
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
+from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassContext, PassManager
 from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
@@ -78,6 +79,13 @@ def compile_artifact(
     show_progress = (not knobs.quiet()) if show_progress is None else show_progress
     steps = resolve_recipe(recipe)
     lowering = get_target(target)
+    for step in steps:
+        supported = step.pass_.targets
+        if supported is not None and target not in supported:
+            raise LoweringError(
+                f"pass {step.name!r} produces a model only target(s) {', '.join(supported)} can run "
+                f"(target {target!r} has no kernels for it); use target={supported[0]!r}"
+            )
     target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")
     if output_dir is None:
         key = json.dumps([str(checkpoint), recipe_to_manifest(steps), target, target_config.to_dict()], sort_keys=True)

@@ -73,6 +73,7 @@ class Pass:
     stage: ClassVar[str] = "noop"
     changes_structure: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the manager keeps a frozen copy of the pre-structural U-Net for it
+    targets: ClassVar[tuple[str, ...] | None] = None  # lowering targets that can run the result (None: all)
     description: ClassVar[str] = ""
 
     def requires(self, pipe, config: PassConfig, ctx: PassContext) -> None:

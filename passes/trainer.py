@@ -75,12 +75,15 @@ class Trainer:
         cpu = (not torch.cuda.is_available()) if cpu is None else cpu
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=settings.mixed_precision if not cpu else "no",
                                        gradient_accumulation_steps=settings.grad_accum)
-        params = [p for p in params if p.requires_grad]
-        if not params:
+        params = list(params)  # parameters, or optimizer parameter groups (dicts with their own "lr")
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
             raise ValueError("nothing to train: no parameter requires grad")
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.params = params
+        self.params = [p for g in groups for p in g["params"]]
 
     @property
     def world(self) -> int:
