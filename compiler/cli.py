@@ -1,4 +1,4 @@
-"""The `sdcompiler` command line: compile, generate, inspect, demo.
+"""The `sdcompiler` command line: compile, generate, inspect, demo, export-server.
 
 Exit status: 0 on success; 2 for a malformed command line (argparse); 1 for
 every other error, with one plain line on stderr naming the problem and the
@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="where the artifact and image go")
     p.add_argument("--steps", type=int, default=4)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export-server", parents=[common], help="write a Triton Inference Server model repository")
+    p.add_argument("artifact", help="an artifact compiled with --target onnx")
+    p.add_argument("--out", required=True, help="model repository folder to write (atomically)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="of the batching models (text encoders, VAE)")
+    p.add_argument("--instances", type=int, default=1, help="instances per model (per GPU with --kind GPU)")
+    p.add_argument("--kind", choices=["GPU", "CPU"], default="GPU", help="where the component models run")
+    p.add_argument("--python-env", help="EXECUTION_ENV_PATH (packed Python environment) for the pipeline model")
+    p.add_argument("--overwrite", action="store_true", help="replace a repository written earlier by export-server")
+    p.set_defaults(func=cmd_export_server)
     return parser
 
 
@@ -186,6 +196,16 @@ def cmd_generate(args) -> int:
     for image, path in zip(images, paths):
         image.save(path)
     print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
+    return 0
+
+
+def cmd_export_server(args) -> int:
+    from sdcompiler.serving import export_server
+
+    repo = export_server(args.artifact, args.out, max_batch_size=args.max_batch_size, instance_count=args.instances,
+                         kind=args.kind, python_env=args.python_env, overwrite=args.overwrite)
+    models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    print(f"wrote {repo} ({', '.join(models)}); serve it with: tritonserver --model-repository {repo}")
     return 0
 
 
