@@ -34,7 +34,9 @@ from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import NoiseSchedule, TeacherSamples, load_prompts, teacher_samples
+from sdcompiler.passes.teacher_data import (
+    NoiseSchedule, TeacherSamples, load_prompts, teacher_samples, unconditional_inputs,
+)
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
 
 ADAPTER = "cfg_distill"
@@ -55,19 +57,6 @@ class DistillCFGConfig(PassConfig):
     teacher_steps: int = 4
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 10
-
-
-def _unconditional(pipe, count: int, sdxl: bool, like: TeacherSamples) -> dict:
-    """The unconditional inputs the runtime would use: "" for SD, zeros for SDXL (force_zeros_for_empty_prompt)."""
-    if sdxl and pipe.config.get("force_zeros_for_empty_prompt", True):
-        return {"encoder_hidden_states": torch.zeros_like(like.text_embeds[:1]).expand(count, -1, -1),
-                "pooled": torch.zeros_like(like.pooled[:1]).expand(count, -1)}
-    with torch.no_grad():
-        encoded = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-    out = {"encoder_hidden_states": encoded[0].float().expand(count, -1, -1)}
-    if sdxl:
-        out["pooled"] = encoded[2].float().expand(count, -1)
-    return out
 
 
 @register_pass
@@ -94,7 +83,7 @@ class DistillCFG(Pass):
         data = teacher_samples(pipe, unet, prompts, resolution=resolution, steps=config.teacher_steps,
                                guidance=config.guidance_scale, seed=ctx.seed, cache_dir=ctx.cache_dir,
                                teacher_key=ctx.model_key)
-        uncond = _unconditional(pipe, 1, sdxl, data)
+        uncond = unconditional_inputs(pipe, 1, sdxl, data)
         schedule = NoiseSchedule.from_scheduler(scheduler)
         w = config.guidance_scale
 
@@ -138,8 +127,11 @@ class DistillCFG(Pass):
                 return sqnr_db(target, unet(x_t, t, **unet_kwargs(held, slice(None), True, len(x_t))).sample)
 
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=list(config.target_modules),
-                                    init_lora_weights=True), adapter_name=ADAPTER)  # B = 0: starts as the teacher
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it (resumable)
+            torch.manual_seed(ctx.seed)
+            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank,
+                                        target_modules=list(config.target_modules), init_lora_weights=True),
+                             adapter_name=ADAPTER)  # B = 0: starts as the teacher
         try:
             before = held_out(after=False)
             settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,

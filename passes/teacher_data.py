@@ -136,3 +136,16 @@ def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resol
     save_file({k: v.contiguous() for k, v in samples.tensors().items()}, str(partial))
     partial.rename(file)
     return samples
+
+
+def unconditional_inputs(pipe, count: int, sdxl: bool, like: TeacherSamples) -> dict:
+    """The unconditional inputs the runtime would use: "" for SD, zeros for SDXL (force_zeros_for_empty_prompt)."""
+    if sdxl and pipe.config.get("force_zeros_for_empty_prompt", True):
+        return {"encoder_hidden_states": torch.zeros_like(like.text_embeds[:1]).expand(count, -1, -1),
+                "pooled": torch.zeros_like(like.pooled[:1]).expand(count, -1)}
+    with torch.no_grad():
+        encoded = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    out = {"encoder_hidden_states": encoded[0].float().expand(count, -1, -1)}
+    if sdxl:
+        out["pooled"] = encoded[2].float().expand(count, -1)
+    return out
