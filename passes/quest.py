@@ -34,9 +34,12 @@ Metrics (eps SQNR vs the float model on held-out trajectory inputs): `sqnr_rtn_d
 granularity, min-max ranges from the same calibration set, one scale for all timesteps, no
 finetuning), `sqnr_calibrated_db` (MSE search + time-wise scales), `sqnr_finetuned_db`.
 
-The pass is structural (modules change type and gain quantizer buffers); `rebuild` re-creates the
-quantized modules so the `torch` target reloads the calibrated state. ONNX Runtime has no kernels
-for 4-bit activations: the pass supports the `torch` target only.
+Deployment: the `torch` target packs every quantized layer (`pack_quantized`: 4-bit codes two per
+byte, per-channel scale and integer zero point, the activation scales) and drops the float weights;
+the packed layers run `sdcompiler::w4a4_linear` / `w4a4_conv2d` (the Triton kernels on CUDA, the
+integer reference elsewhere), so the artifact computes the same integers as the fake-quant model.
+`rebuild` re-creates that packed structure at load time. ONNX Runtime has no kernels for 4-bit
+activations: the pass supports the `torch` target only.
 """
 
 from __future__ import annotations
@@ -221,9 +224,15 @@ class QuantLinear(torch.nn.Linear):
 
 class QuantConv2d(torch.nn.Conv2d):
     """nn.Conv2d with fake-quantized weight and input; `split` > 0 quantizes channels [:split] and
-    [split:] of the input with separate quantizers (decoder skip concatenations)."""
+    [split:] of the input with separate quantizers (decoder skip concatenations).
+
+    Dynamic per-token scales belong to the im2col rows the kernels multiply (one output pixel's
+    receptive field, per input half), so that case runs as a fake-quant GEMM over unfolded patches.
+    """
 
     def forward(self, x):
+        if self.act.dynamic and self.act.state.enabled and self.kernel_size != (1, 1):
+            return self._dynamic_patches(x)
         if self.split:
             x = torch.cat([self.act(x[:, :self.split]), self.act_skip(x[:, self.split:])], dim=1)
         else:
@@ -232,6 +241,19 @@ class QuantConv2d(torch.nn.Conv2d):
             return self._conv_forward(x, self.weight, self.bias)
         return self._conv_forward(x, fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits),
                                   self.bias)
+
+    def _dynamic_patches(self, x):
+        w = fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits)
+        halves = [(slice(0, self.split), self.act), (slice(self.split, None), self.act_skip)] if self.split \
+            else [(slice(None), self.act)]
+        out = 0
+        for channels, quantizer in halves:
+            patches = F.unfold(x[:, channels], self.kernel_size, padding=self.padding, stride=self.stride)
+            patches = quantizer(patches).transpose(1, 2)  # scales over dim 1 (C_half*kh*kw): one per output pixel
+            out = out + patches @ w[:, channels].flatten(1).t()
+        height = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        out = out + self.bias if self.bias is not None else out
+        return out.transpose(1, 2).reshape(x.shape[0], -1, height, out.shape[1] // height)
 
 
 class QuantAttnProcessor:
@@ -263,6 +285,96 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class PackedQuantLinear(torch.nn.Module):
+    """Deployment form of `QuantLinear`: packed weight codes through `sdcompiler::w4a4_linear`
+    (Triton on CUDA, the integer reference elsewhere): the same integers as the fake-quant model."""
+
+    def forward(self, x):
+        from sdcompiler.kernels.w4a4 import w4a4_linear
+
+        return _per_timestep(self.act, x, lambda x, scale: w4a4_linear(
+            x, self.weight_packed, self.w_scale, self.w_zero, self.bias, scale, self.act.bits, self.w_bits,
+            self.in_features))
+
+
+class PackedQuantConv2d(torch.nn.Module):
+    """Deployment form of `QuantConv2d` through `sdcompiler::w4a4_conv2d`; a split input runs as two
+    convolutions over its channel halves (one activation scale each), summed."""
+
+    def forward(self, x):
+        from sdcompiler.kernels.w4a4 import w4a4_conv2d
+
+        def conv(x, scale, packed, quantizer, bias):
+            return w4a4_conv2d(x, packed, self.w_scale, self.w_zero, bias, scale, a_bits=quantizer.bits,
+                               w_bits=self.w_bits, kernel_size=self.kernel_size, stride=self.stride,
+                               padding=self.padding)
+
+        if not self.split:
+            return _per_timestep(self.act, x, lambda x, s: conv(x, s, self.weight_packed, self.act, self.bias))
+        main = _per_timestep(self.act, x[:, :self.split],
+                             lambda x, s: conv(x, s, self.weight_packed, self.act, self.bias))
+        skip = _per_timestep(self.act_skip, x[:, self.split:],
+                             lambda x, s: conv(x, s, self.weight_packed_skip, self.act_skip, None))
+        return main + skip
+
+
+def _per_timestep(quantizer: "ActQuantizer", x, run):
+    """Call `run(x_part, static scale or None)` per group of samples that share a calibrated timestep."""
+    if quantizer.dynamic:
+        return run(x, None)
+    index = quantizer.state.index
+    if index is None or index.numel() == 1 or bool((index == index[0]).all()):
+        step = 0 if index is None else int(index.reshape(-1)[0])
+        return run(x, quantizer.scale[step].detach().reshape(1).float())
+    per_sample = index.repeat_interleave(x.shape[0] // index.numel())
+    out = None
+    for step in per_sample.unique().tolist():
+        rows = (per_sample == step).nonzero().flatten()
+        part = run(x[rows], quantizer.scale[step].detach().reshape(1).float())
+        out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+        out[rows] = part
+    return out
+
+
+def pack_quantized(unet, from_weights: bool = True) -> int:
+    """Switch fake-quant layers to their packed deployment form, in place; returns how many.
+
+    `from_weights`: quantize and pack the float weights (compile time); False builds empty packed
+    buffers of the right shapes (load time, before the stored state is assigned).
+    """
+    from sdcompiler.kernels.w4a4 import pack_weight_codes, quantize_weight
+
+    count = 0
+    for _, layer in quantized_layers(unet):
+        weight = layer.weight
+        halves = [slice(None)] if not getattr(layer, "split", 0) else [slice(0, layer.split), slice(layer.split, None)]
+        packed = []
+        for channels in halves:
+            part = weight[:, channels] if weight.dim() > 2 else weight
+            k = part[0].numel()
+            if from_weights:
+                codes = quantize_weight(part.detach().float(), layer.w_scale.float(), layer.w_zero, layer.w_bits)
+                packed.append(pack_weight_codes(codes, layer.w_bits))
+            else:
+                width = (k + 1) // 2 if layer.w_bits == 4 else k
+                packed.append(torch.zeros(weight.shape[0], width, dtype=torch.uint8))
+        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        if bias is not None and bias.is_meta:
+            bias = torch.zeros(bias.shape)
+        conv = isinstance(layer, QuantConv2d)
+        del layer.weight
+        layer.__class__ = PackedQuantConv2d if conv else PackedQuantLinear
+        if bias is not None:
+            del layer.bias
+            layer.register_buffer("bias", bias)
+        layer.register_buffer("weight_packed", packed[0])
+        if len(packed) > 1:
+            layer.register_buffer("weight_packed_skip", packed[1])
+        layer.w_zero = layer.w_zero.to(torch.int32)
+        count += 1
+    return count
 
 
 # --- applying the scheme ---------------------------------------------------------------------------
@@ -599,4 +711,6 @@ class QuestW4A4(Pass):
         return metrics
 
     def rebuild(self, pipe, config: QuestConfig) -> None:
+        """The deployment structure the `torch` target stores: packed layers (filled by the stored state)."""
         quantize_modules(pipe.unet, config)
+        pack_quantized(pipe.unet, from_weights=False)

@@ -31,6 +31,7 @@ from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
+from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, torch_text_encoder, torch_unet
@@ -64,7 +65,9 @@ class TorchTarget(Target):
             (out / "unet").mkdir()
             (out / "unet" / "config.json").write_text(json.dumps(
                 {k: v for k, v in ctx.source_unet_config.items() if k != "_name_or_path"}, indent=2, sort_keys=True))
-            state = {k: v.detach().to(dtype).contiguous() for k, v in pipe.unet.state_dict().items()}
+            packed = pack_quantized(pipe.unet)  # QuEST: packed integer weights instead of float ones
+            state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+                     for k, v in pipe.unet.state_dict().items()}
             save_file(state, str(out / UNET_WEIGHTS), metadata={"format": "pt"})
             for config_file in [out / n / "config.json" for n in (*ctx.arch.text_encoders, "vae")]:
                 scrub_source_path(config_file)
@@ -72,6 +75,7 @@ class TorchTarget(Target):
             components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
             write_pipeline_files(pipe, out, components)
             stage.results["unet_tensors"] = len(state)
+            stage.results["packed_quantized_layers"] = packed
         settings = {"fused_kernels": config.fused_kernels, "applies_on": "cuda graphs + triton"}
         with Stage(records, "lower_kernels", settings) as stage:
             for name in ("unet", "vae"):
