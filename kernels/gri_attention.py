@@ -300,6 +300,47 @@ def gri_attention_triton(
     return out
 
 
+def gri_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_global: torch.Tensor,
+    v_global: torch.Tensor,
+    height: int,
+    width: int,
+    window: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The op's non-Triton implementation: the reference's tiling, attention by
+    `F.scaled_dot_product_attention` over each tile's keys plus the global keys (one concatenated key
+    set per tile, so PyTorch's fused CPU / CUDA attention kernels run it), padded keys masked only when a
+    tile is ragged. Eager only (plain int sizes); equals `gri_attention_reference` within float rounding.
+    """
+    _check_args(q, k, v, k_global, v_global, height, width, window)
+    batch, heads, _, head_dim = q.shape
+    tile_h, tile_w = min(window, height), min(window, width)
+    pad_h, pad_w = -height % tile_h, -width % tile_w
+    rows, cols = (height + pad_h) // tile_h, (width + pad_w) // tile_w
+
+    def partition(x: torch.Tensor) -> torch.Tensor:
+        b, h, c = x.shape[0], x.shape[1], x.shape[3]
+        x = F.pad(x.reshape(b, h, height, width, c), (0, 0, 0, pad_w, 0, pad_h))
+        x = x.reshape(b, h, rows, tile_h, cols, tile_w, c).transpose(3, 4)
+        return x.reshape(b, h, rows * cols, tile_h * tile_w, c)
+
+    tiles = rows * cols
+    keys = torch.cat([partition(k), k_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    values = torch.cat([partition(v), v_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    mask = None
+    if pad_h or pad_w:
+        valid = partition(torch.ones_like(q[:1, :1, :, :1])).transpose(-1, -2) > 0  # (1, 1, tiles, 1, keys)
+        mask = torch.cat([valid, valid.new_ones(1, 1, tiles, 1, k_global.shape[2])], dim=-1)
+    out = F.scaled_dot_product_attention(partition(q), keys, values, attn_mask=mask, scale=scale)
+    out = out.reshape(batch, heads, rows, cols, tile_h, tile_w, head_dim).transpose(3, 4)
+    out = out.reshape(batch, heads, rows * tile_h, cols * tile_w, head_dim)[:, :, :height, :width]
+    return out.reshape(batch, heads, height * width, head_dim)
+
+
 @torch.library.custom_op(f"{LIBRARY}::gri_attention", mutates_args=())
 def _gri_attention_op(
     q: torch.Tensor,
@@ -314,7 +355,7 @@ def _gri_attention_op(
 ) -> torch.Tensor:
     if use_triton(q, k, v, k_global, v_global):
         return gri_attention_triton(q, k, v, k_global, v_global, height, width, window, scale)
-    return gri_attention_reference(q, k, v, k_global, v_global, height, width, window, scale).contiguous()
+    return gri_attention_sdpa(q, k, v, k_global, v_global, height, width, window, scale).contiguous()
 
 
 @_gri_attention_op.register_fake
@@ -337,7 +378,8 @@ def gri_attention(
 ) -> torch.Tensor:
     """GRI attention as the op `torch.ops.sdcompiler.gri_attention` (arguments: see `gri_attention_reference`).
 
-    Runs the Triton kernel on CUDA (or under `TRITON_INTERPRET=1` on CPU) and the reference elsewhere.
+    Runs the Triton kernel on CUDA (or under `TRITON_INTERPRET=1` on CPU) and `gri_attention_sdpa`
+    (the reference's math through PyTorch's fused attention) elsewhere.
     Inference only: the op has no autograd formula.
     """
     return torch.ops.sdcompiler.gri_attention(q, k, v, k_global, v_global, height, width, window, scale)

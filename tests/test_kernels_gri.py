@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdcompiler.kernels import gri_attention as gri_module
-from sdcompiler.kernels.gri_attention import gri_attention, gri_attention_reference, gri_macs
+from sdcompiler.kernels.gri_attention import gri_attention, gri_attention_reference, gri_attention_sdpa, gri_macs
 
 
 def make_inputs(batch, heads, height, width, num_global, head_dim, *, seed=0):
@@ -96,6 +96,14 @@ def test_window_covering_the_map_is_full_attention(window):
                                full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}h{}_{}x{}_w{}_G{}_d{}".format(*c))
+def test_sdpa_path_matches_reference(case):
+    batch, heads, height, width, window, num_global, head_dim = case
+    inputs = make_inputs(batch, heads, height, width, num_global, head_dim, seed=5)
+    torch.testing.assert_close(gri_attention_sdpa(*inputs, height, width, window),
+                               gri_attention_reference(*inputs, height, width, window), atol=1e-5, rtol=1e-5)
+
+
 def test_op_dispatch_on_cpu(monkeypatch):
     inputs = make_inputs(1, 1, 4, 4, 2, 16)
     launched = []
@@ -108,7 +116,7 @@ def test_op_dispatch_on_cpu(monkeypatch):
     monkeypatch.setenv("SDCOMPILER_DISABLE_TRITON", "1")
     out = gri_attention(*inputs, 4, 4, 2)
     assert not launched
-    assert torch.equal(out, gri_attention_reference(*inputs, 4, 4, 2))
+    assert torch.equal(out, gri_attention_sdpa(*inputs, 4, 4, 2))
     monkeypatch.delenv("SDCOMPILER_DISABLE_TRITON")
     gri_attention(*inputs, 4, 4, 2)
     # CPU tensors reach the kernel only under the interpreter (this suite sets TRITON_INTERPRET=1 without CUDA).
