@@ -15,6 +15,14 @@ with the teacher attn1 it inherited). A pair is used only when the two outputs
 have the same shape. Teacher and student see
 the same noise and timestep.
 
+Progressive incubation (`incubation_steps` > 0): before the whole-model run,
+each changed unit (down stage i with its mirrored up stage n-1-i, which reads
+exactly the skips that down stage writes; the mid-block on its own) trains
+inside the frozen teacher (a hybrid that shares the student's modules; the
+units trained so far stay in), with output KD against the teacher. Needs the
+teacher's stage count (not bk-tiny). `sqnr_incubated_db` records the student
+after incubation.
+
 The teacher is the model as it was before the first structural pass since the
 previous training pass (the PassManager keeps that copy). The record's metrics
 are the student/teacher eps SQNR (dB) on held-out prompts, fixed noise and
@@ -23,6 +31,7 @@ timesteps, before and after training: `sqnr_before_db`, `sqnr_after_db`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -62,6 +71,9 @@ class DistillConfig(PassConfig):
     feature_kd: Literal["stages", "attn1"] = "stages"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 10
+    # Progressive incubation: before the whole-model run, each changed stage (down stage i with its
+    # mirrored up stage, and the mid-block) trains for this many steps inside the frozen teacher. 0: off.
+    incubation_steps: int = 0
 
 
 class FeaturePairs:
@@ -168,9 +180,14 @@ class Distill(Pass):
 
         device = next(student.parameters()).device
         teacher.to(device)
+        units = incubation_units(student, teacher) if config.incubation_steps else []
         student.requires_grad_(True)
         try:
             before = held_out_sqnr()
+            if units:
+                teacher.requires_grad_(False)
+                self._incubate(units, teacher, train, schedule, config, ctx, device)
+                incubated = held_out_sqnr()
             settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                        lr=config.lr, weight_decay=config.weight_decay, seed=ctx.seed,
                                        mixed_precision=config.mixed_precision,
@@ -191,9 +208,87 @@ class Distill(Pass):
             features.remove()
             student.requires_grad_(False)
             student.eval()
-        return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
-                "loss_last": result.losses[-1], "train_steps": len(result.losses), "resumed_from_step": result.resumed_from,
-                "feature_pairs": len(features.pairs())}
+        metrics = {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
+                   "loss_last": result.losses[-1], "train_steps": len(result.losses),
+                   "resumed_from_step": result.resumed_from, "feature_pairs": len(features.pairs())}
+        if units:
+            metrics |= {"incubation_units": sum(1 for _, _, p in units if p), "sqnr_incubated_db": incubated}
+        return metrics
+
+    def _incubate(self, units, teacher, train, schedule, config: DistillConfig, ctx: PassContext, device) -> None:
+        """Train each unit, in order, inside the frozen teacher (output KD against the teacher)."""
+        replaced: dict = {}
+        for name, replacements, params in units:
+            replaced |= replacements
+            if not params:
+                continue
+            hybrid = hybrid_unet(teacher, replaced)  # earlier units stay in: they were trained for this context
+
+            def loss_fn(model, batch):
+                index, noise, t = batch["index"].cpu(), batch["noise"], batch["t"]
+                x_t, _ = schedule.noisy(train.latents[index].to(noise.device), noise, t)
+                kwargs = _to(train.unet_kwargs(index), noise.device)
+                with torch.no_grad():
+                    eps_t = teacher(x_t, t, **kwargs).sample
+                output_kd = F.mse_loss(model(x_t, t, **kwargs).sample, eps_t)
+                return output_kd, {"output_kd": output_kd}
+
+            settings = TrainerSettings(steps=config.incubation_steps, batch_size=config.batch_size,
+                                       grad_accum=config.grad_accum, lr=config.lr, seed=ctx.seed,
+                                       mixed_precision=config.mixed_precision,
+                                       checkpoint_every=config.checkpoint_every)
+            key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), name,
+                                             sorted(str(k) for k in replaced)]).encode()).hexdigest()[:20]
+            Trainer(hybrid, params, loss_fn, schedule.draw(train.latents), len(train.latents), settings,
+                    checkpoint_dir=ctx.cache_dir / "train" / f"incubate-{key}", show_progress=ctx.show_progress,
+                    cpu=device.type == "cpu").fit()
+
+
+def incubation_units(student, teacher) -> list[tuple[str, dict, list]]:
+    """The student's stages that differ from the teacher's, as (name, replacements, parameters).
+
+    A unit pairs down stage i with its mirror, up stage n-1-i (the down stage produces exactly the
+    skips that up stage reads, so the pair drops into the teacher as a whole); the mid-block is its own
+    unit. Units without parameters (a removed mid-block) are not trained but stay replaced in later
+    hybrids.
+    """
+    n = len(teacher.down_blocks)
+    if len(student.down_blocks) != n or len(student.up_blocks) != len(teacher.up_blocks):
+        raise PassError("progressive incubation needs the teacher's number of stages (bk-tiny drops one); "
+                        "set incubation_steps: 0")
+
+    def same(a, b) -> bool:
+        if (a is None) != (b is None):
+            return False
+        return a is None or [tuple(p.shape) for p in a.state_dict().values()] == \
+            [tuple(p.shape) for p in b.state_dict().values()]
+
+    units = []
+    for i in range(n):
+        j = n - 1 - i
+        if same(student.down_blocks[i], teacher.down_blocks[i]) and same(student.up_blocks[j], teacher.up_blocks[j]):
+            continue
+        params = list(student.down_blocks[i].parameters()) + list(student.up_blocks[j].parameters())
+        units.append((f"stage {i}", {("down_blocks", i): student.down_blocks[i], ("up_blocks", j): student.up_blocks[j]},
+                      params))
+    if not same(student.mid_block, teacher.mid_block):
+        params = [] if student.mid_block is None else list(student.mid_block.parameters())
+        units.append(("mid_block", {("mid_block", None): student.mid_block}, params))
+    return units
+
+
+def hybrid_unet(teacher, replacements: dict):
+    """The teacher with some blocks swapped for the student's (shared modules, teacher left untouched)."""
+    hybrid = copy.copy(teacher)
+    hybrid._modules = dict(teacher._modules)
+    for name in ("down_blocks", "up_blocks"):
+        hybrid._modules[name] = torch.nn.ModuleList(list(teacher._modules[name]))
+    for (name, index), module in replacements.items():
+        if index is None:
+            hybrid._modules[name] = module
+        else:
+            hybrid._modules[name][index] = module
+    return hybrid
 
 
 def _to(kwargs: dict, device) -> dict:

@@ -75,3 +75,37 @@ def test_koala_self_attention_kd_pairs_inherited_layers(tiny_checkpoint, tmp_pat
     student_attn1 = sum(1 for name, _ in pipe.unet.named_modules() if name.endswith(".attn1"))
     assert metrics["feature_pairs"] == student_attn1 > 0
     assert metrics["loss_last"] < metrics["loss_first"]
+
+
+def test_progressive_incubation_trains_each_stage_inside_the_teacher(tiny_checkpoint, tmp_path):
+    import torch
+
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.passes import PassContext, PassManager
+    from sdcompiler.passes.distill import hybrid_unet, incubation_units
+    from sdcompiler.recipe import resolve_recipe
+
+    pipe = load_checkpoint(tiny_checkpoint("sd15")).pipeline
+    teacher_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ctx = PassContext(arch="sd15", macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False)
+    recipe = ["bk-small", {"pass": "distill", "steps": 10, "incubation_steps": 10, "checkpoint_every": 0}]
+    manager = PassManager(resolve_recipe(recipe))
+    records = manager.run(pipe, ctx)
+    metrics = records[-1].metrics
+    # bk-small changes every stage pair (4) and removes the mid-block (nothing to train there)
+    assert metrics["incubation_units"] == 4
+    assert metrics["sqnr_incubated_db"] > metrics["sqnr_before_db"] + 1.0, metrics
+    assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"] + 1.0, metrics
+
+    # a hybrid shares the student's modules and leaves the teacher as it was
+    teacher = load_checkpoint(tiny_checkpoint("sd15")).pipeline.unet
+    units = incubation_units(pipe.unet, teacher)
+    hybrid = hybrid_unet(teacher, units[0][1])
+    assert hybrid.down_blocks[0] is pipe.unet.down_blocks[0] and teacher.down_blocks[0] is not hybrid.down_blocks[0]
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_incubation_needs_the_teachers_stage_count(tiny_checkpoint, tmp_path):
+    recipe = ["bk-tiny", {"pass": "distill", "steps": 1, "incubation_steps": 1, "checkpoint_every": 0}]
+    with pytest.raises(PassError, match="incubation needs the teacher's number of stages"):
+        compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
