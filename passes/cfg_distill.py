@@ -150,6 +150,8 @@ class DistillCFG(Pass):
             unet.requires_grad_(False)
             unet.eval()
         ctx.pipeline_defaults["guidance_scale"] = 1.0
+        steps = int(ctx.pipeline_defaults.get("num_inference_steps", 50))
         return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
                 "loss_last": result.losses[-1], "guidance_scale": w, "nfe_per_step_before": 2.0,
-                "nfe_per_step_after": 1.0, "resumed_from_step": result.resumed_from}
+                "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
+                "resumed_from_step": result.resumed_from}

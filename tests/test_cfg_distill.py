@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from sdcompiler import compile_pipeline
 from sdcompiler.errors import PassError
+from sdcompiler.loading import load_checkpoint
+from sdcompiler.passes import PassContext, PassManager
+from sdcompiler.passes.trainer import Trainer
+from sdcompiler.recipe import resolve_recipe
+
+# A few-second budget for the checks that are about mechanics, not quality.
+SMALL = {"steps": 4, "batch_size": 2, "num_prompts": 2, "held_out_prompts": 1, "teacher_steps": 2,
+         "checkpoint_every": 2}
+
+
+def _run_pass(checkpoint: Path, cache_dir: Path, **overrides) -> tuple[object, dict[str, float]]:
+    """The `cfg-distill` preset on a freshly loaded checkpoint, with its own cache (training checkpoints, data)."""
+    loaded = load_checkpoint(checkpoint)
+    ctx = PassContext(arch=loaded.arch.name, macs_resolution=(128, 128), cache_dir=cache_dir, show_progress=False,
+                      source_hash=loaded.source["sha256"])
+    (record,) = PassManager(resolve_recipe([{"preset": "cfg-distill", **overrides}]), count_cost=False).run(
+        loaded.pipeline, ctx)
+    return loaded.pipeline, record.metrics
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -18,6 +38,7 @@ def test_cfg_distill_halves_unet_calls_and_approaches_the_guided_teacher(arch, t
           f"{metrics['sqnr_after_db']:.2f} dB")
     assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
     assert metrics["nfe_per_step_after"] * 2 <= metrics["nfe_per_step_before"]
+    assert metrics["nfe_per_image_after"] * 2 <= metrics["nfe_per_image_before"]
     assert pipe.manifest["defaults"]["guidance_scale"] == 1.0
     assert record["params_after"] == record["params_before"]  # the LoRA is merged, nothing is added
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
@@ -39,3 +60,34 @@ def test_cfg_distill_needs_guidance_above_one(tiny_checkpoint, tmp_path):
     with pytest.raises(PassError, match="no guidance to distill"):
         compile_pipeline(tiny_checkpoint("sd15"), [{"pass": "distill_cfg", "guidance_scale": 1.0}], "torch",
                          tmp_path / "out", show_progress=False)
+
+
+def test_interrupted_cfg_distillation_resumes_to_the_same_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    """Stopped right after its step-2 checkpoint and run again, it ends where an uninterrupted run ends."""
+    checkpoint = tiny_checkpoint("sd15")
+
+    class Interrupted(Exception):
+        pass
+
+    save = Trainer._save
+
+    def save_then_stop(self, step, losses, terms):
+        save(self, step, losses, terms)
+        raise Interrupted(f"stopped after the checkpoint of step {step}")
+
+    monkeypatch.setattr(Trainer, "_save", save_then_stop)
+    with pytest.raises(Interrupted):
+        _run_pass(checkpoint, tmp_path / "cache", **SMALL)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "cache" / "train").glob("cfg-*/step-*")] == ["step-000002"]
+    resumed, resumed_metrics = _run_pass(checkpoint, tmp_path / "cache", **SMALL)
+    clean, clean_metrics = _run_pass(checkpoint, tmp_path / "fresh-cache", **SMALL)
+    assert resumed_metrics["resumed_from_step"] == 2 and clean_metrics["resumed_from_step"] == 0
+    for metric in ("loss_first", "loss_last", "sqnr_before_db", "sqnr_after_db"):
+        assert resumed_metrics[metric] == pytest.approx(clean_metrics[metric], rel=1e-5), metric
+    clean_weights = clean.unet.state_dict()
+    assert resumed.unet.state_dict().keys() == clean_weights.keys()  # merged: no adapter left in either
+    for name, value in resumed.unet.state_dict().items():
+        torch.testing.assert_close(value, clean_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(value, weight) for value, weight in zip(
+        clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()))  # it trained

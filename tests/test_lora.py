@@ -1,8 +1,18 @@
-"""merge_lora: diffusers/peft and kohya LoRA files fused into the weights, per-LoRA scales, clear errors."""
+"""merge_lora: diffusers/peft and kohya LoRA files fused into the weights, per-LoRA scales, clear errors.
+
+The oracle for the fusion is diffusers' own unfused LoRA path: the same file
+given to `load_lora_weights` (adapter modules left in place, weighted with
+`set_adapters`) must give the same U-Net and text-encoder outputs as the
+model the pass fused, for a LoRA with random A and B in every key layout we
+accept; whole compiled pipelines (onnx, torch) are compared with diffusers'
+LoRA pipeline image for image.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from sdcompiler import compile_pipeline
 from sdcompiler.errors import PassError, RecipeError
 from sdcompiler.loading import load_checkpoint
+from sdcompiler.passes import PassContext, PassManager
+from sdcompiler.recipe import resolve_recipe
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CALL = dict(num_inference_steps=2, output_type="np")
@@ -31,18 +43,107 @@ def _make_lora(checkpoint: Path, out: Path, seed: int, rank: int = 4) -> Path:
     return out / "pytorch_lora_weights.safetensors"
 
 
-def _to_kohya(file: Path, out: Path) -> Path:
-    """The same LoRA in the kohya / A1111 key layout (lora_unet_*.lora_down/lora_up/alpha)."""
-    state = load_file(str(file))
+# What kohya's LoRA / LoCon trainers target: attention, the transformer's projections and feed-forward, the resnets'
+# convolutions and time projection, the resamplers; in the text encoders, attention and MLP. (Only the first two
+# transformer blocks of SDXL's 10-deep stage: every kind of module in every block, at a third of the load time.)
+UNET_MODULES = (r".*(transformer_blocks\.[01]\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+                r"|proj_in|proj_out|conv1|conv2|time_emb_proj|conv_shortcut|(down|up)samplers\.0\.conv)")
+TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+RANK, ALPHA = 4, 8  # alpha != rank: the alpha / rank factor has to be read from the file, not assumed
+
+
+def _make_full_lora(checkpoint: Path, out: Path, seed: int) -> Path:
+    """A random LoRA (A and B non-zero) for the U-Net and every text encoder, saved as diffusers' trainers save it.
+
+    Diffusers keeps `lora_alpha` in the safetensors metadata (`*_lora_adapter_metadata`); the keys are peft's
+    `unet.<module>.lora_A.weight` / `text_encoder.<module>.lora_B.weight`.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_checkpoint(checkpoint).pipeline
+    layers, metadata = {}, {}
+    with torch.random.fork_rng(devices=[]):  # peft draws A and B from the global generator
+        torch.manual_seed(seed)
+        for name in ("unet", *ENCODERS["sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"]):
+            config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False,
+                                target_modules=UNET_MODULES if name == "unet" else TEXT_MODULES)
+            getattr(pipe, name).add_adapter(config)
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(getattr(pipe, name))
+            metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    type(pipe).save_lora_weights(out, **layers, **metadata, safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def _sgm_module(module: str, layers_per_block: int) -> str:
+    """A diffusers U-Net module path as kohya names it for SDXL, which it trains on the sgm (LDM) U-Net:
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in, resnets.0.conv1 -> in_layers.2, ..."""
+    per_block = layers_per_block + 1
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+    def inner(kind: str, rest: str) -> str:
+        if kind == "attentions":
+            return f"1.{rest}"
+        head, _, tail = rest.partition(".")
+        return "0." + resnet.get(head, head) + (f".{tail}" if tail else "")
+
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module):
+        return f"input_blocks.{1 + int(m[1]) * per_block + int(m[3])}." + inner(m[2], m[4])
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"input_blocks.{(int(m[1]) + 1) * per_block}.0.op"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", module):
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[m[1], m[2]]
+        return f"middle_block.{index}." + inner(m[1], m[3]).split(".", 1)[1]
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module):
+        return f"output_blocks.{int(m[1]) * per_block + int(m[3])}." + inner(m[2], m[4])
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module):  # SDXL: only cross-attention
+        return f"output_blocks.{int(m[1]) * per_block + layers_per_block}.2.conv"  # up blocks upsample
+    raise AssertionError(f"no sgm name for {module}")
+
+
+def _to_kohya(file: Path, out: Path, arch: str, layers_per_block: int) -> Path:
+    """The same LoRA in the kohya / A1111 layout: lora_unet_* / lora_te_* (SDXL: lora_te1_*, lora_te2_* and sgm
+    U-Net names) with .lora_down.weight, .lora_up.weight and .alpha."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_" if arch == "sd15" else "lora_te1_",
+                "text_encoder_2": "lora_te2_"}
     kohya = {}
-    for key, value in state.items():
-        module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)
-        name = "lora_unet_" + module.replace(".", "_")
+    for key, value in load_file(str(file)).items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        if component == "unet" and arch == "sdxl":
+            module = _sgm_module(module, layers_per_block)
+        name = prefixes[component] + module.replace(".", "_")
         kohya[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value
-        if kind.startswith("A"):
-            kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+        kohya[f"{name}.alpha"] = torch.tensor(float(ALPHA))
     save_file(kohya, str(out))
     return out
+
+
+def _model_inputs(pipe, arch: str) -> dict:
+    """Fixed random U-Net inputs and token ids for every text encoder."""
+    generator = torch.Generator().manual_seed(0)
+    unet = {"sample": torch.randn(2, 4, 16, 16, generator=generator), "timestep": torch.tensor([999, 10]),
+            "encoder_hidden_states": torch.randn(2, 8, pipe.unet.config.cross_attention_dim, generator=generator)}
+    if arch == "sdxl":
+        unet["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim,
+                                                                generator=generator),
+                                     "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}
+    tokens = {}
+    for name in ENCODERS[arch]:
+        tokenizer = pipe.tokenizer_2 if name == "text_encoder_2" else pipe.tokenizer
+        tokens[name] = tokenizer(["a cat", "a red cube"], padding="max_length", max_length=tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids
+    return {"unet": unet, "tokens": tokens}
+
+
+@torch.no_grad()
+def _model_outputs(modules: dict, inputs: dict) -> dict[str, torch.Tensor]:
+    outputs = {"unet": modules["unet"](**inputs["unet"]).sample}
+    for name, ids in inputs["tokens"].items():
+        outputs[name] = modules[name](ids).last_hidden_state
+    return outputs
 
 
 def _reference(checkpoint: Path, loras: list[tuple[Path, float]]):
@@ -61,7 +162,7 @@ def lora_files(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     first = _make_lora(tiny_checkpoint("sd15"), root / "a", seed=1)
     second = _make_lora(tiny_checkpoint("sd15"), root / "b", seed=2, rank=8)
-    return {"a": first, "b": second, "kohya": _to_kohya(first, root / "a_kohya.safetensors")}
+    return {"a": first, "b": second}
 
 
 @pytest.mark.parametrize("target", ["onnx", "torch"])
@@ -78,14 +179,68 @@ def test_merged_lora_matches_diffusers_lora_pipeline(target, tiny_checkpoint, lo
     assert np.abs(got - base).max() > 1e-2  # the LoRA changed the model
 
 
-def test_kohya_layout_gives_the_same_model(tiny_checkpoint, lora_files, tmp_path):
-    ckpt = tiny_checkpoint("sd15")
-    images = []
-    for name in ("a", "kohya"):
-        pipe = compile_pipeline(ckpt, [{"pass": "merge_lora", "path": str(lora_files[name])}], "torch",
-                                tmp_path / name, show_progress=False)
-        images.append(pipe("a cat", generator=torch.Generator().manual_seed(0), **CALL).images)
-    assert np.abs(images[0] - images[1]).max() < 1e-4
+@pytest.fixture(scope="module")
+def lora_layouts(tiny_checkpoint, tmp_path_factory):
+    """Factory: arch -> one random LoRA in each layout, and diffusers' unfused outputs for it (built once per arch).
+
+    The reference pipeline loads each layout's file as its own adapter with `load_lora_weights` (when first
+    asked for) and keeps the adapters unfused; `reference(layout, scale)` activates one with `set_adapters`.
+    """
+    built = {}
+
+    def get(arch: str):
+        if arch in built:
+            return built[arch]
+        checkpoint = tiny_checkpoint(arch)
+        root = tmp_path_factory.mktemp(f"lora_layouts_{arch}")
+        peft_file = _make_full_lora(checkpoint, root / "diffusers", seed=3)
+        pipe = load_checkpoint(checkpoint).pipeline
+        files = {"diffusers": peft_file,
+                 "kohya": _to_kohya(peft_file, root / "kohya.safetensors", arch, pipe.unet.config.layers_per_block)}
+        inputs = _model_inputs(pipe, arch)
+        modules = {name: getattr(pipe, name) for name in ("unet", *ENCODERS[arch])}
+        outputs = {"base": _model_outputs(modules, inputs)}
+
+        def reference(layout: str, scale: float) -> dict[str, torch.Tensor]:
+            if (layout, scale) not in outputs:
+                if layout not in pipe.get_list_adapters().get("unet", []):
+                    pipe.load_lora_weights(str(files[layout]), adapter_name=layout)
+                pipe.set_adapters([layout], adapter_weights=[scale])
+                outputs[layout, scale] = _model_outputs(modules, inputs)
+            return outputs[layout, scale]
+
+        unet_modules = {key.split(".lora_", 1)[0] for key in load_file(str(peft_file)) if key.startswith("unet.")}
+        built[arch] = SimpleNamespace(checkpoint=checkpoint, files=files, inputs=inputs, base=outputs["base"],
+                                      reference=reference, unet_modules=len(unet_modules))
+        return built[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch,layout,scale", [("sd15", "diffusers", 0.6), ("sd15", "kohya", 1.0),
+                                               ("sdxl", "kohya", 1.3)])
+def test_fused_lora_matches_the_unfused_diffusers_lora(arch, layout, scale, lora_layouts, tmp_path):
+    """Acceptance: the merge_lora pass (fused) == diffusers' unfused `load_lora_weights` path of the same file,
+    max abs error < 1e-4, for the U-Net and every text encoder; a kohya file gives what its peft twin gives.
+
+    The pass runs through the PassManager: the fused weights are what this checks; that the artifacts carry
+    them is test_merged_lora_matches_diffusers_lora_pipeline's job.
+    """
+    case = lora_layouts(arch)
+    loaded = load_checkpoint(case.checkpoint)
+    ctx = PassContext(arch=loaded.arch.name, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False)
+    recipe = resolve_recipe([{"pass": "merge_lora", "path": str(case.files[layout]), "scale": scale}])
+    (record,) = PassManager(recipe, count_cost=False).run(loaded.pipeline, ctx)
+    assert record.metrics["unet_lora_layers"] == case.unet_modules  # every U-Net module of the file was attached
+    assert not any("lora" in name for name, _ in loaded.pipeline.unet.named_parameters())
+    got = _model_outputs({name: getattr(loaded.pipeline, name) for name in case.base}, case.inputs)
+    want, twin = case.reference(layout, scale), case.reference("diffusers", scale)
+    assert set(got) == {"unet", *ENCODERS[arch]}
+    for name in got:
+        error = (got[name] - want[name]).abs().max().item()
+        assert error < 1e-4, f"{arch} {layout} x{scale}: {name} differs from diffusers' unfused LoRA by {error:.2e}"
+        assert (got[name] - twin[name]).abs().max().item() < 1e-4, f"{name}: not the same LoRA as the peft file"
+        assert (got[name] - case.base[name]).abs().max().item() > 1e-2, f"{name}: the LoRA changed nothing"
 
 
 def test_several_loras_with_their_own_scales(tiny_checkpoint, lora_files, tmp_path):
