@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", parents=[common], help="compile a checkpoint into an artifact folder")
     p.add_argument("checkpoint", help="diffusers folder, .safetensors file, or cached Hugging Face id")
     p.add_argument("--recipe", default="none", help="preset name or YAML file; comma-separate presets to chain them")
-    p.add_argument("--target", default="onnx", choices=["onnx", "torch"])
+    p.add_argument("--target", default="onnx", choices=["onnx", "tensorrt", "torch"])
     p.add_argument("--out", required=True, help="artifact folder to write (atomically)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="target precision (default fp32)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common], help="generate images with a compiled artifact")
     p.add_argument("artifact")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    p.add_argument("--negative-prompt", action="append")
+    p.add_argument("--negative-prompt", action="append",
+                   help="ignored at guidance <= 1 (cfg-distill / lcm artifacts: no unconditional pass)")
     p.add_argument("--steps", type=int, help="default: the artifact's")
     p.add_argument("--guidance", type=float, help="default: the artifact's")
     p.add_argument("--seed", type=int, default=0)

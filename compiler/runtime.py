@@ -12,6 +12,7 @@ Runtime sessions or torch modules); the denoising loop is
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,10 @@ class CompiledPipeline:
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
         defaults = self.manifest.get("defaults", {})
+        guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        if negative_prompt is not None and guidance <= 1.0:
+            warnings.warn(f"negative_prompt has no effect at guidance_scale={guidance} (no unconditional pass; "
+                          "CFG- and step-distilled artifacts default to 1.0)", stacklevel=2)
         if timesteps is None and num_inference_steps is None:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         try:
@@ -84,7 +89,7 @@ class CompiledPipeline:
                 negative_prompt=negative_prompt,
                 num_inference_steps=defaults.get("num_inference_steps", 50) if num_inference_steps is None
                 else num_inference_steps,
-                guidance_scale=defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale,
+                guidance_scale=guidance,
                 height=height, width=width, generator=generator, latents=latents,
                 num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                 progress=None if knobs.quiet() else _progress_bar, timesteps=timesteps,

@@ -16,8 +16,10 @@ empty prompt); with the default guidance of 1.0 the runtime never encodes them.
 
 Metrics: eps SQNR (dB) of the guided teacher target vs the single conditional
 forward before training (`sqnr_before_db`: what dropping CFG alone gives) and
-after (`sqnr_after_db`), on held-out prompts; U-Net evaluations per image step
-before and after.
+after (`sqnr_after_db`), on held-out prompts; PSNR (dB) of final images
+(`image_steps` steps, same seeds) of the unguided base model (`psnr_before_db`)
+and of the merged student (`psnr_after_db` = `psnr_db`) against the guided
+teacher's; U-Net evaluations per step and per image before and after.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError
 from sdcompiler.passes.teacher_data import (
-    NoiseSchedule, TeacherSamples, load_prompts, teacher_samples, unconditional_inputs,
+    HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
 )
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
 
@@ -57,6 +59,7 @@ class DistillCFGConfig(PassConfig):
     teacher_steps: int = 4
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 10
+    image_steps: int = 8  # sampling steps of the held-out image comparison (psnr_*_db)
 
 
 @register_pass
@@ -126,6 +129,9 @@ class DistillCFG(Pass):
             with torch.no_grad():
                 return sqnr_db(target, unet(x_t, t, **unet_kwargs(held, slice(None), True, len(x_t))).sample)
 
+        images = HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
+        reference = images.sample(config.image_steps, w)  # the guided teacher
+        psnr_before = psnr_db(reference, images.sample(config.image_steps, 1.0))  # dropping CFG alone
         unet.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it (resumable)
             torch.manual_seed(ctx.seed)
@@ -149,9 +155,11 @@ class DistillCFG(Pass):
             unet.unload_lora()
             unet.requires_grad_(False)
             unet.eval()
+        psnr_after = psnr_db(reference, images.sample(config.image_steps, 1.0))  # the merged student
         ctx.pipeline_defaults["guidance_scale"] = 1.0
         steps = int(ctx.pipeline_defaults.get("num_inference_steps", 50))
         return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
                 "loss_last": result.losses[-1], "guidance_scale": w, "nfe_per_step_before": 2.0,
                 "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
+                "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after,
                 "resumed_from_step": result.resumed_from}

@@ -57,7 +57,6 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from sdcompiler.passes.base import Pass, PassContext, register_pass
@@ -66,7 +65,7 @@ from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import ConfigError, PassError
 from sdcompiler.passes.scheduler import SetScheduler, SetSchedulerConfig, build_scheduler
 from sdcompiler.passes.teacher_data import (
-    NoiseSchedule, TeacherSamples, load_prompts, teacher_samples, unconditional_inputs,
+    HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
 )
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
 
@@ -207,30 +206,6 @@ def _sampler(pipe, scheduler):
         pipe.scheduler = original
 
 
-def _psnr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """PSNR (dB) of images in [0, 1], over all images together."""
-    mse = float(np.mean((reference.astype(np.float64) - estimate.astype(np.float64)) ** 2))
-    return float(10 * np.log10(1.0 / max(mse, 1e-20)))
-
-
-@dataclass
-class _HeldOutImages:
-    """Final images for the held-out prompts, one fixed seed each, so every sampler sees the same noise."""
-
-    pipe: object
-    prompts: list[str]
-    resolution: int
-    seed: int
-
-    def sample(self, steps: int, guidance: float) -> np.ndarray:
-        generators = [torch.Generator().manual_seed(self.seed + 7919 + i) for i in range(len(self.prompts))]
-        self.pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return self.pipe(self.prompts, num_inference_steps=steps, guidance_scale=guidance,
-                             height=self.resolution, width=self.resolution, generator=generators,
-                             output_type="np").images
-
-
 @register_pass
 class DistillSteps(Pass):
     name = "distill_steps"
@@ -322,7 +297,7 @@ class DistillSteps(Pass):
                 prediction, target = prediction_and_target(unet, held, held_batch)
             return sqnr_db(target, prediction)
 
-        images = _HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
+        images = HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
         reference = images.sample(config.reference_steps, config.teacher_guidance)
         lcm = build_scheduler(pipe, config.scheduler_config())
         with _sampler(pipe, lcm):
@@ -357,12 +332,12 @@ class DistillSteps(Pass):
             unet.eval()
 
         SetScheduler().run(pipe, config.scheduler_config(), ctx)  # LCMScheduler + call defaults (4 steps, w = 1)
-        psnr_after = _psnr_db(reference, images.sample(config.num_inference_steps, 1.0))
+        psnr_after = psnr_db(reference, images.sample(config.num_inference_steps, 1.0))
         return {
             "nfe_per_image_before": config.reference_steps * (2 if config.teacher_guidance > 1 else 1),
             "nfe_per_image_after": config.num_inference_steps,
             "sqnr_before_db": sqnr_before, "sqnr_after_db": sqnr_after,
-            "psnr_before_db": _psnr_db(reference, before_images), "psnr_after_db": psnr_after, "psnr_db": psnr_after,
+            "psnr_before_db": psnr_db(reference, before_images), "psnr_after_db": psnr_after, "psnr_db": psnr_after,
             "loss_first": result.losses[0], "loss_last": result.losses[-1], "train_steps": len(result.losses),
             "resumed_from_step": result.resumed_from,
         }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdcompiler.passes.errors import PassError
@@ -149,3 +150,27 @@ def unconditional_inputs(pipe, count: int, sdxl: bool, like: TeacherSamples) -> 
     if sdxl:
         out["pooled"] = encoded[2].float().expand(count, -1)
     return out
+
+
+def psnr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """PSNR (dB) of images in [0, 1], over all images together."""
+    mse = float(np.mean((reference.astype(np.float64) - estimate.astype(np.float64)) ** 2))
+    return float(10 * np.log10(1.0 / max(mse, 1e-20)))
+
+
+@dataclass
+class HeldOutImages:
+    """Final images for the held-out prompts, one fixed seed each, so every sampler sees the same noise."""
+
+    pipe: object
+    prompts: list[str]
+    resolution: int
+    seed: int
+
+    def sample(self, steps: int, guidance: float) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(self.seed + 7919 + i) for i in range(len(self.prompts))]
+        self.pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return self.pipe(self.prompts, num_inference_steps=steps, guidance_scale=guidance,
+                             height=self.resolution, width=self.resolution, generator=generators,
+                             output_type="np").images

@@ -37,6 +37,9 @@ def test_cfg_distill_halves_unet_calls_and_approaches_the_guided_teacher(arch, t
     print(f"{arch} cfg-distill: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
           f"{metrics['sqnr_after_db']:.2f} dB")
     assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
+    print(f"{arch} cfg-distill: image PSNR vs guided teacher {metrics['psnr_before_db']:.2f} -> "
+          f"{metrics['psnr_after_db']:.2f} dB")
+    assert metrics["psnr_db"] == metrics["psnr_after_db"] > metrics["psnr_before_db"]
     assert metrics["nfe_per_step_after"] * 2 <= metrics["nfe_per_step_before"]
     assert metrics["nfe_per_image_after"] * 2 <= metrics["nfe_per_image_before"]
     assert pipe.manifest["defaults"]["guidance_scale"] == 1.0

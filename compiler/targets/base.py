@@ -9,6 +9,7 @@ defined once. Targets register by name; `compile_pipeline(target=NAME)` and
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ def register_target(cls: type[Target]) -> type[Target]:
 
 
 def get_target(name: str) -> Target:
-    from sdcompiler.targets import onnx_target, torch_target  # noqa: F401  (registration)
+    from sdcompiler.targets import onnx_target, tensorrt_target, torch_target  # noqa: F401  (registration)
 
     try:
         return _TARGETS[name]()
@@ -133,4 +134,8 @@ def scheduler_factory(root: Path):
     index = json.loads((root / "model_index.json").read_text())
     scheduler_cls = getattr(diffusers, index["scheduler"][1])
     config = scheduler_cls.load_config(root / "scheduler")
+    # a swapped scheduler's saved config still carries the old class's keys (PNDM's skip_prk_steps, ...):
+    # drop what this class does not take, so loading does not warn about a config that is fine
+    accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
+    config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     return lambda: scheduler_cls.from_config(config)

@@ -1,0 +1,119 @@
+"""Real TensorRT engines for the tensorrt target: build, run, engine cache, rebuild at load time.
+
+Skipped without CUDA (conftest) or without TensorRT, diffusers, onnx-graphsurgeon or ONNX Runtime. No
+machine here has TensorRT, so these tests have not run yet; on one that has it:
+
+    python -m pytest tests/gpu/test_tensorrt_gpu.py --confcutdir=tests/gpu -q
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'sd-compiler[tensorrt]')")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnx_graphsurgeon")
+pytest.importorskip("onnxruntime")
+
+from sdcompiler import compile_pipeline, load_compiled  # noqa: E402
+from sdcompiler.compile import compile_artifact  # noqa: E402
+from sdcompiler.errors import PipelineArgumentError  # noqa: E402
+from sdcompiler.targets import tensorrt_target as tt  # noqa: E402
+from sdcompiler.testing import make_checkpoint  # noqa: E402
+
+CALL = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tensorrt")
+    with pytest.MonkeyPatch.context() as patch:  # engines and timing caches go to a private cache
+        patch.setenv("SDCOMPILER_CACHE_DIR", str(root / "cache"))
+        patch.setenv("SDCOMPILER_QUIET", "1")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir):
+    return make_checkpoint(workdir / "ckpt", "sd15", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def artifact(workdir, checkpoint):
+    """fp32 engines, so the images can be compared with ONNX Runtime's closely."""
+    return compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "fp32",
+                            target_options={"precision": "fp32"})
+
+
+def _images(pipe, prompt="a red cube"):
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **CALL).images
+
+
+def _build_record(root):
+    manifest = json.loads((root / "manifest.json").read_text())
+    return next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]
+
+
+def test_engines_run_and_match_onnx_runtime(artifact, checkpoint, workdir):
+    cc = tt.compute_capability()
+    built = _build_record(artifact)
+    assert built["compute_capability"] == cc
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (artifact / name / tt.plan_filename(cc)).is_file() and (artifact / name / tt.OPTIMIZED).is_file()
+        assert built[name]["cache"] == "miss"
+    reference = compile_pipeline(checkpoint, target="onnx", output_dir=workdir / "onnx", device="cpu")
+    got, expected = _images(load_compiled(artifact, device="cuda")), _images(reference)
+    assert got.shape == expected.shape == (1, 128, 128, 3)
+    assert np.abs(got - expected).max() < 2e-2  # TensorRT may use TF32 for fp32 convolutions and matmuls
+
+
+def test_second_compile_hits_the_engine_cache(artifact, checkpoint, workdir):
+    again = compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "fp32-again",
+                             target_options={"precision": "fp32"})
+    first, second = _build_record(artifact), _build_record(again)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert second[name]["cache"] == "hit" and second[name]["key"] == first[name]["key"]
+        plan = tt.plan_filename(first["compute_capability"])
+        assert (again / name / plan).read_bytes() == (artifact / name / plan).read_bytes()
+
+
+def test_load_rebuilds_for_another_gpu_and_another_tensorrt(artifact, workdir, monkeypatch, caplog):
+    expected = _images(load_compiled(artifact, device="cuda"))
+    real = tt.compute_capability()
+    monkeypatch.setattr(tt, "compute_capability", lambda: "1.0")  # an arch the artifact has no engine for
+    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+        got = _images(load_compiled(artifact, device="cuda"))
+    assert "this GPU has 1.0" in caplog.text and "rebuilding it from unet/model.opt.onnx" in caplog.text
+    assert np.abs(got - expected).max() < 2e-2
+
+    monkeypatch.setattr(tt, "compute_capability", lambda: real)
+    copy = workdir / "other-tensorrt"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]["tensorrt"] = "0.0.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+        got = _images(load_compiled(copy, device="cuda"))
+    assert "with TensorRT 0.0.0" in caplog.text
+    assert np.abs(got - expected).max() < 2e-2
+
+
+def test_static_engines_replay_cuda_graphs(artifact, checkpoint, workdir, monkeypatch):
+    static = compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "static",
+                              target_options={"precision": "fp32", "static": True})
+    replays = []
+    replay = tt.TrtModel._replay
+    monkeypatch.setattr(tt.TrtModel, "_replay", lambda self, feed: replays.append(self.name) or replay(self, feed))
+    pipe = load_compiled(static, device="cuda")
+    got = _images(pipe)
+    assert replays.count("unet") == CALL["num_inference_steps"] and "vae_decoder" in replays
+    assert np.abs(got - _images(load_compiled(artifact, device="cuda"))).max() < 2e-2
+    with pytest.raises(PipelineArgumentError, match="outside the engine's optimization profile"):
+        pipe("a red cube", height=64, width=64, **CALL)

@@ -1,0 +1,399 @@
+"""The tensorrt target on a machine without TensorRT: everything up to the engine builder.
+
+TensorRT cannot be installed on any machine here, not even the lent GPU (environment.md): its PyPI
+packages download from NVIDIA's index, which is unreachable. So these tests cover the optimization
+profiles, the settings, the engine cache key, the optimized ONNX graphs (run in ONNX Runtime), the
+compile's failure without TensorRT, and, through `FakeTensorRT` (a stand-in that only records the calls
+made on it, never a TensorRT), which calls `build_serialized_engine` makes and when the engine cache and
+the load-time rebuild call it at all. tests/gpu/test_tensorrt_gpu.py builds and runs real engines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from sdcompiler import compile_pipeline
+from sdcompiler.cli import main
+from sdcompiler.errors import ConfigError, LoweringError, MissingDependencyError
+from sdcompiler.serving import ModelSpec, TensorSpec, model_config
+from sdcompiler.targets import LowerContext, get_target
+from sdcompiler.targets import tensorrt_target as tt
+from sdcompiler.targets.components import OrtModel
+from sdcompiler.targets.onnx_target import export_model
+
+SD15, SDXL = tt.ModelSizes(8, 512), tt.ModelSizes(8, 1024)
+
+
+def _config(**options) -> tt.TensorRTTargetConfig:
+    return tt.TensorRTTargetConfig.from_dict(options, owner="target tensorrt")
+
+
+# --- profiles --------------------------------------------------------------------------------------
+
+
+def test_default_ranges_for_sd15_and_sdxl():
+    sd15 = tt.dimension_ranges(_config(), SD15)
+    assert sd15 == {
+        "text_encoder": {"batch_size": (1, 1, 4), "sequence_length": (77, 77, 77)},
+        "unet": {"batch_size": (1, 2, 8), "sequence_length": (77, 77, 77), "height": (32, 64, 96), "width": (32, 64, 96)},
+        "vae_decoder": {"batch_size": (1, 1, 4), "latent_height": (32, 64, 96), "latent_width": (32, 64, 96)},
+    }  # pixels 256 / 512 / 768; the U-Net's batch doubled for classifier-free guidance
+    sdxl = tt.dimension_ranges(_config(), SDXL)
+    assert sdxl["unet"]["height"] == sdxl["vae_decoder"]["latent_width"] == (64, 128, 192)  # 512 / 1024 / 1536 px
+
+
+def test_custom_ranges_without_guidance_and_static_mode():
+    config = _config(batch_size=[1, 2, 8], height=[256, 512, 1024], width=[512, 768, 1024])
+    ranges = tt.dimension_ranges(config, tt.ModelSizes(8, 512, guidance=False))
+    assert ranges["unet"] == {"batch_size": (1, 2, 16), "sequence_length": (77, 77, 77),
+                              "height": (32, 64, 128), "width": (64, 96, 128)}
+    assert ranges["text_encoder"]["batch_size"] == (1, 2, 8)
+    static = tt.dimension_ranges(_config(static=True), SD15)
+    assert static["unet"] == {"batch_size": (2, 2, 2), "sequence_length": (77, 77, 77),
+                              "height": (64, 64, 64), "width": (64, 64, 64)}
+    assert all(r[0] == r[1] == r[2] for dims in static.values() for r in dims.values())
+
+
+def test_ranges_must_be_multiples_of_the_vae_factor():
+    with pytest.raises(ConfigError, match="multiples of the VAE factor 8"):
+        tt.dimension_ranges(_config(height=[256, 500, 768]), SD15)
+
+
+def test_profile_shapes_follow_the_named_dimensions():
+    sdxl_unet = {"sample": ["batch_size", 4, "height", "width"], "timestep": [],
+                 "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
+                 "text_embeds": ["batch_size", 1280], "time_ids": ["batch_size", 6]}
+    profile = tt.profile_shapes(sdxl_unet, tt.dimension_ranges(_config(), SDXL)["unet"])
+    assert profile == {
+        "sample": ((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192)),
+        "encoder_hidden_states": ((1, 77, 2048), (2, 77, 2048), (8, 77, 2048)),
+        "text_embeds": ((1, 1280), (2, 1280), (8, 1280)),
+        "time_ids": ((1, 6), (2, 6), (8, 6)),
+    }  # the 0-d timestep has no dynamic dimension, so no profile entry
+    with pytest.raises(LoweringError, match="'deep_height'"):
+        tt.profile_shapes({"deep": ["batch_size", 8, "deep_height", 4]}, {"batch_size": (1, 1, 1)})
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"precision": "int8"}, "Q/DQ U-Net graph, which comes with the ptq pass"),
+    ({"precision": "fp8"}, "Q/DQ U-Net graph, which comes with the ptq pass"),
+    ({"precision": "fp64"}, "must be one of"),
+    ({"batch_size": [2, 1, 4]}, "min <= opt <= max"),
+    ({"height": [256, 512]}, r"\[min, opt, max\]"),
+    ({"width": [0, 512, 768]}, "0 < min"),
+    ({"builder_optimization_level": 6}, "0..5"),
+    ({"workspace_gb": 0}, "workspace_gb must be > 0"),
+    ({"workspace": 4}, "unknown key"),
+])
+def test_invalid_settings_are_one_line_config_errors(options, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        get_target("tensorrt").config_class.from_dict(options, owner="target tensorrt")
+    assert "\n" not in str(info.value)
+
+
+def test_engine_cache_key_changes_with_each_input_and_only_then():
+    build = tt.EngineBuild({"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24))}).to_dict()
+    base = tt.engine_cache_key("a" * 64, build, "9.0", "10.9.0")
+    assert base == tt.engine_cache_key("a" * 64, dict(reversed(build.items())), "9.0", "10.9.0")
+    changed = [
+        tt.engine_cache_key("b" * 64, build, "9.0", "10.9.0"),
+        tt.engine_cache_key("a" * 64, {**build, "builder_optimization_level": 5}, "9.0", "10.9.0"),
+        tt.engine_cache_key("a" * 64, {**build, "workspace_gb": 4.0}, "9.0", "10.9.0"),
+        tt.engine_cache_key("a" * 64, tt.EngineBuild({"sample": ((1, 4, 8, 8),) * 3}).to_dict(), "9.0", "10.9.0"),
+        tt.engine_cache_key("a" * 64, build, "8.9", "10.9.0"),
+        tt.engine_cache_key("a" * 64, build, "9.0", "10.10.0"),
+    ]
+    assert len({base, *changed}) == 1 + len(changed)
+
+
+def test_plan_names_are_the_ones_serving_maps_compute_capabilities_to():
+    assert tt.plan_filename("9.0") == "model_sm90.plan" and tt.plan_filename("12.0") == "model_sm120.plan"
+    spec = ModelSpec("unet", (TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)),),
+                     (TensorSpec("out_sample", "TYPE_FP16", (-1, 4, -1, -1)),), platform="tensorrt_plan",
+                     cc_model_filenames={cc: tt.plan_filename(cc) for cc in ("8.9", "9.0")})
+    text = model_config(spec, max_batch_size=0, kind="GPU", instance_count=1)
+    assert 'cc_model_filenames { key: "9.0" value: "model_sm90.plan" }' in text
+
+
+# --- the builder, against a stand-in that records calls -------------------------------------------
+
+
+class FakeTensorRT:
+    """Stand-in for the `tensorrt` module: it only records the calls the builder code makes on it.
+
+    TensorRT cannot be installed here, so this checks what we ask TensorRT for (network flags, profile
+    shapes, pool limit, optimization level, timing cache), not what TensorRT does with it. It has no
+    `BuilderFlag`: the strongly typed build must not set precision flags (TensorRT 11 removed them).
+    """
+
+    __version__ = "10.0.0-fake"
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    def __init__(self, parses: bool = True, builds: bool = True):
+        self.calls: list[tuple] = []
+        self.parses, self.builds = parses, builds
+
+    def Builder(self, logger):
+        return _Recorder(self, "builder")
+
+    def OnnxParser(self, network, logger):
+        return _Recorder(self, "parser")
+
+
+class _Recorder:
+    """Builder, parser, network, config, profile and timing cache objects of `FakeTensorRT`."""
+
+    def __init__(self, fake: FakeTensorRT, kind: str):
+        object.__setattr__(self, "fake", fake)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "num_errors", 0 if fake.parses else 1)
+
+    def __setattr__(self, name, value):
+        self.fake.calls.append((f"{self.kind}.{name}=", value))
+
+    def __getattr__(self, name):
+        fake, kind = self.fake, self.kind
+
+        def call(*args, **kwargs):
+            recorded = [f"<{a.kind}>" if isinstance(a, _Recorder) else a for a in (*args, *kwargs.values())]
+            fake.calls.append((f"{kind}.{name}", *recorded))
+            results = {"create_network": lambda: _Recorder(fake, "network"),
+                       "create_builder_config": lambda: _Recorder(fake, "config"),
+                       "create_optimization_profile": lambda: _Recorder(fake, "profile"),
+                       "create_timing_cache": lambda: _Recorder(fake, "timing_cache"),
+                       "get_timing_cache": lambda: _Recorder(fake, "timing_cache"),
+                       "serialize": lambda: b"timings",
+                       "parse_from_file": lambda: fake.parses,
+                       "get_error": lambda: "node 7 (Conv): unsupported\ndata type",
+                       "build_serialized_network": lambda: b"engine" if fake.builds else None}
+            return results.get(name, lambda: None)()
+
+        return call
+
+
+def _build(**options) -> tt.EngineBuild:
+    profile = {"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
+               "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32))}
+    return tt.EngineBuild(profile, **options)
+
+
+def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(tmp_path):
+    fake = FakeTensorRT()
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"earlier timings")
+    plan = tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=4,
+                                                                                 builder_optimization_level=5), timing)
+    assert plan == b"engine"
+    assert fake.calls == [
+        ("builder.create_network", 1 << 1),
+        ("parser.parse_from_file", str(tmp_path / "model.opt.onnx")),
+        ("builder.create_builder_config",),
+        ("config.set_memory_pool_limit", "workspace", 4 << 30),
+        ("config.builder_optimization_level=", 5),
+        ("builder.create_optimization_profile",),
+        ("profile.set_shape", "sample", (1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
+        ("profile.set_shape", "encoder_hidden_states", (1, 77, 32), (2, 77, 32), (8, 77, 32)),
+        ("config.add_optimization_profile", "<profile>"),
+        ("config.create_timing_cache", b"earlier timings"),
+        ("config.set_timing_cache", "<timing_cache>", False),
+        ("builder.build_serialized_network", "<network>", "<config>"),
+        ("config.get_timing_cache",),
+        ("timing_cache.serialize",),
+    ]
+    assert timing.read_bytes() == b"timings"  # written back for the next build
+
+    fake = FakeTensorRT()
+    tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(), tmp_path / "new.cache")
+    assert not any(call[0] == "config.set_memory_pool_limit" for call in fake.calls)  # None: TensorRT's default
+    assert ("config.builder_optimization_level=", 3) in fake.calls
+    assert ("config.create_timing_cache", b"") in fake.calls  # no cache file yet: an empty cache
+
+
+@pytest.mark.parametrize("fake, match", [
+    (FakeTensorRT(parses=False), "could not parse .*node 7 \\(Conv\\): unsupported data type"),
+    (FakeTensorRT(builds=False), "could not build an engine"),
+])
+def test_builder_failures_are_one_line_errors_with_a_repro_command(tmp_path, fake, match):
+    with pytest.raises(LoweringError, match=match) as info:
+        tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=2), tmp_path / "t.cache")
+    message = str(info.value)
+    assert "\n" not in message
+    assert (f"trtexec --onnx={tmp_path / 'model.opt.onnx'} --stronglyTyped --minShapes=sample:1x4x8x8,"
+            "encoder_hidden_states:1x77x32 --optShapes=sample:2x4x16x16,") in message
+    assert "--builderOptimizationLevel=3 --memPoolSize=workspace:2048" in message
+
+
+def test_engine_cache_hit_skips_the_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
+    graph = tmp_path / "model.opt.onnx"
+    graph.write_bytes(b"graph")
+    fake = FakeTensorRT()
+
+    def builds() -> int:
+        return sum(call[0] == "builder.build_serialized_network" for call in fake.calls)
+
+    plan, first = tt.cached_engine(fake, graph, _build(), "9.0")
+    assert first["cache"] == "miss" and plan.read_bytes() == b"engine" and builds() == 1
+    assert plan == tmp_path / "cache" / "engines" / first["key"] / "model.plan"
+    assert (tmp_path / "cache" / "engines" / "timing-trt10.0.0-fake-sm90.cache").read_bytes() == b"timings"
+    assert tt.cached_engine(fake, graph, _build(), "9.0")[1] == {"key": first["key"], "cache": "hit"}
+    assert builds() == 1
+    assert tt.cached_engine(fake, graph, _build(), "8.9")[1]["cache"] == "miss"  # another GPU arch
+    graph.write_bytes(b"another graph")
+    assert tt.cached_engine(fake, graph, _build(), "9.0")[1]["cache"] == "miss"
+    assert builds() == 3
+
+
+def test_load_rebuilds_for_another_gpu_or_tensorrt_version(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / tt.OPTIMIZED).write_bytes(b"graph")
+    (tmp_path / "unet" / "model_sm90.plan").write_bytes(b"plan for sm90")
+    fake = FakeTensorRT()
+    built = json.loads(json.dumps({"compute_capability": "9.0", "tensorrt": fake.__version__,
+                                   "unet": {"build": _build().to_dict()}}))  # as the manifest stores it
+
+    monkeypatch.setattr(tt, "compute_capability", lambda: "9.0")
+    assert tt._engine_bytes(fake, tmp_path, "unet", built) == b"plan for sm90"
+    assert fake.calls == [] and not caplog.records
+
+    monkeypatch.setattr(tt, "compute_capability", lambda: "8.9")
+    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+        assert tt._engine_bytes(fake, tmp_path, "unet", built) == b"engine"
+    assert "built for compute capability 9.0 with TensorRT 10.0.0-fake; this GPU has 8.9" in caplog.text
+    assert ("parser.parse_from_file", str(tmp_path / "unet" / tt.OPTIMIZED)) in fake.calls
+    assert ("profile.set_shape", "sample", (1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)) in fake.calls
+
+    monkeypatch.setattr(tt, "compute_capability", lambda: "9.0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+        assert tt._engine_bytes(fake, tmp_path, "unet", {**built, "tensorrt": "9.3.0"}) == b"engine"
+    assert "with TensorRT 9.3.0; this GPU has 9.0 and TensorRT is 10.0.0-fake: rebuilding" in caplog.text
+
+
+# --- optimize_onnx on real exports -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tiny_checkpoint):
+    from sdcompiler.loading import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint("sd15"))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_sd15, tmp_path_factory):
+    """The tiny SD1.5's components exported (fp32) and optimized: [(export, raw, report, optimized path)]."""
+    root = tmp_path_factory.mktemp("trt-onnx")
+    graphs = []
+    for export in tt._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(precision="fp32")):
+        raw = export_model(export, root / export.name, 18)
+        graphs.append((export, raw, tt.optimize_onnx(raw, raw.with_name(tt.OPTIMIZED)), raw.with_name(tt.OPTIMIZED)))
+    return graphs
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, ["fp16", "fp16", "fp32"]),
+    ({"precision": "bf16"}, ["fp32", "bf16", "fp32"]),  # the TorchScript exporter fails on bf16 CLIP graphs
+    ({"precision": "fp32", "vae_precision": "fp16"}, ["fp32", "fp32", "fp16"]),
+])
+def test_precision_sets_each_exported_graphs_type(tiny_sd15, options, expected):
+    exports = tt._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(**options))
+    assert [e.name for e in exports] == ["text_encoder", "unet", "vae_decoder"]
+    assert [tt.PRECISIONS[e.dtype] for e in exports] == expected
+
+
+def test_feature_cache_artifacts_are_refused_before_any_export(tiny_sd15, tmp_path):
+    ctx = LowerContext(tiny_sd15.arch, {}, False, {"guidance_scale": 7.5, "feature_cache": {"interval": 3}})
+    with pytest.raises(LoweringError, match="feature cache's shallow U-Net"):
+        get_target("tensorrt").lower(tiny_sd15.pipeline, tmp_path, _config(), ctx)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_optimized_graphs_run_in_onnx_runtime_and_match_the_exports(exported):
+    for export, raw, report, optimized in exported:
+        assert report["nodes_after"] < report["nodes_before"], export.name
+        assert report["files"] == [tt.OPTIMIZED]
+        onnx.checker.check_model(onnx.load(str(optimized)), full_check=True)
+        inputs = dict(zip(export.input_names, export.args))
+        if export.name == "unet":  # another batch and a latent size unlike the traced one: still dynamic
+            inputs = {"sample": torch.randn(1, 4, 12, 16), "timestep": torch.tensor(500.0),
+                      "encoder_hidden_states": torch.randn(1, 77, inputs["encoder_hidden_states"].shape[-1])}
+        expected = OrtModel(raw, ["CPUExecutionProvider"])(**inputs)
+        got = OrtModel(optimized, ["CPUExecutionProvider"])(**inputs)
+        for name in export.output_names:
+            scale = max(1.0, expected[name].abs().max().item())
+            assert (got[name] - expected[name]).abs().max().item() <= 1e-5 * scale, (export.name, name)
+
+
+def test_profile_from_the_optimized_unet_graph(exported):
+    (optimized,) = [path for export, _, _, path in exported if export.name == "unet"]
+    ranges = tt.dimension_ranges(_config(), tt.ModelSizes(8, 128))  # tiny SD1.5: 16 x 16 latents, 128 px
+    assert tt.profile_shapes(tt.onnx_input_dims(optimized), ranges["unet"]) == {
+        "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
+        "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32)),
+    }
+
+
+def test_graphs_with_external_data_stay_external(exported, tmp_path):
+    (export, raw, _, _) = [item for item in exported if item[0].name == "vae_decoder"][0]
+    big = tmp_path / "model.onnx"
+    onnx.save_model(onnx.load(str(raw)), str(big), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    report = tt.optimize_onnx(big, tmp_path / tt.OPTIMIZED)
+    assert report["files"] == [tt.OPTIMIZED, tt.OPTIMIZED + ".data"]
+    assert not list(tmp_path.glob(".inferred-*"))
+    inputs = dict(zip(export.input_names, export.args))
+    expected = OrtModel(raw, ["CPUExecutionProvider"])(**inputs)["sample"]
+    got = OrtModel(tmp_path / tt.OPTIMIZED, ["CPUExecutionProvider"])(**inputs)["sample"]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+# --- compiling without TensorRT --------------------------------------------------------------------
+
+
+def test_compile_runs_export_and_optimize_then_names_the_extra(tiny_checkpoint, tmp_path, monkeypatch):
+    optimized = []
+    optimize = tt.optimize_onnx
+
+    def spy(source: Path, target: Path):
+        report = optimize(source, target)
+        optimized.append((target.parent.name, target.is_file()))
+        return report
+
+    monkeypatch.setattr(tt, "optimize_onnx", spy)
+    out = tmp_path / "artifact"
+    with pytest.raises(MissingDependencyError) as info:
+        compile_pipeline(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, device="cpu")
+    assert str(info.value) == ("the tensorrt target's build_engine stage needs 'tensorrt', which is not installed: "
+                               "pip install 'sd-compiler[tensorrt]'")
+    assert optimized == [("text_encoder", True), ("unet", True), ("vae_decoder", True)]
+    assert list(tmp_path.iterdir()) == []  # no artifact, no partial staging folder
+
+
+def test_cli_compile_without_tensorrt_exits_1_naming_the_extra(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    assert main(["compile", str(tiny_checkpoint("sd15")), "--target", "tensorrt", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "pip install 'sd-compiler[tensorrt]'" in err
+    assert list(tmp_path.iterdir()) == []
