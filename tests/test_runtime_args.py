@@ -35,10 +35,15 @@ def test_unsupported_argument_is_named(pipe, extra):
     assert "\n" not in message
 
 
-def test_supported_arguments_are_diffusers_common_ones():
+def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
     assert set(SUPPORTED_ARGUMENTS) == {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height",
                                         "width", "generator", "latents", "num_images_per_prompt", "output_type",
-                                        "timesteps"}
+                                        "timesteps", "feature_cache"}
+
+
+def test_negative_prompt_at_guidance_one_warns(pipe):
+    with pytest.warns(UserWarning, match="negative_prompt has no effect at guidance_scale=1.0"):
+        _call(pipe, "a red cube", negative_prompt="blurry", guidance_scale=1.0, num_inference_steps=1)
 
 
 def test_output_type_pil(pipe):
