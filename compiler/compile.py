@@ -80,7 +80,7 @@ def compile_artifact(
     steps = resolve_recipe(recipe)
     lowering = get_target(target)
     for step in steps:
-        supported = step.pass_.targets
+        supported = step.pass_.supported_targets(step.config)
         if supported is not None and target not in supported:
             raise LoweringError(
                 f"pass {step.name!r} produces a model only target(s) {', '.join(supported)} can run "

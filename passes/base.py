@@ -76,6 +76,10 @@ class Pass:
     targets: ClassVar[tuple[str, ...] | None] = None  # lowering targets that can run the result (None: all)
     description: ClassVar[str] = ""
 
+    def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:
+        """The lowering targets that can run what this pass makes with `config` (None: all)."""
+        return self.targets
+
     def requires(self, pipe, config: PassConfig, ctx: PassContext) -> None:
         """Raise PassError when `pipe` is not something this pass can transform."""
 

@@ -2,8 +2,12 @@
 
 Stages: `export_onnx` (U-Net, text encoder(s), VAE decoder with the
 TorchScript exporter at opset 18: faster and leaner than the dynamo exporter
-for these models, environment.md) then `verify` (each ONNX model vs its torch
-module on the export inputs, max abs error recorded). Names, dtypes and
+for these models, environment.md), `quantize_onnx` when the `ptq` pass left an
+int8 U-Net graph (`pipe.unet.onnx_quantization`, see `sdcompiler.passes.ptq`:
+it replaces the float U-Net export after an interface check; its settings go
+to the stage record), then `verify` (each ONNX model vs its torch module on
+the export inputs: max abs error and SQNR recorded; a quantized U-Net must
+keep `MIN_SQNR_DB` instead of the float tolerance). Names, dtypes and
 dynamic axes follow optimum's exporter, so `ORTDiffusionPipeline` loads the
 artifact too: U-Net `sample, timestep (float scalar), encoder_hidden_states
 [, text_embeds, time_ids] -> out_sample`; text encoders `input_ids ->
@@ -20,6 +24,7 @@ runs, not only multiples of 8. Models over 2 GB are saved with one
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import warnings
@@ -42,6 +47,9 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB: leave room for
 TRACE_LATENT = 10  # not a multiple of 4 or 8: forces diffusers' shape-generic upsampling path
 # Relative tolerance of the export check: |onnx - torch|max / max(1, |torch|max).
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+# Floor of the export check for an int8 U-Net (eps SQNR vs torch on the random export inputs): it catches a
+# wrong or mis-wired graph, not quantization error, which the ptq pass measures on real trajectories.
+MIN_SQNR_DB = 10.0
 
 
 @dataclass(frozen=True)
@@ -200,12 +208,42 @@ def verify_model(export: _Export, path: Path) -> dict[str, float]:
         expected = export.module(*export.args)
     expected = expected if isinstance(expected, tuple) else (expected,)
     got = session(export.output_names, **dict(zip(export.input_names, export.args)))
-    error, scale = 0.0, 1.0
+    error, scale, signal, noise = 0.0, 1.0, 0.0, 0.0
     for name, ref in zip(export.output_names, expected):
         error = max(error, (got[name] - ref.float()).abs().max().item())
         scale = max(scale, ref.abs().max().item())
+        signal += ref.float().pow(2).sum().item()
+        noise += (got[name] - ref.float()).pow(2).sum().item()
     del session
-    return {"max_abs_error": error, "relative_error": error / scale}
+    return {"max_abs_error": error, "relative_error": error / scale,
+            "sqnr_db": 10 * math.log10(max(signal, 1e-20) / max(noise, 1e-20))}
+
+
+def install_quantized_unet(source: Path, folder: Path) -> dict[str, Any]:
+    """Put the quantized U-Net graph in `source` in place of the float export in `folder`.
+
+    The two graphs must have the same interface (input and output names, input ranks): the ptq pass
+    exports the same module through the same wrapper, and this check catches any drift between them.
+    """
+    import onnx
+
+    def interface(model):
+        weights = {t.name for t in model.graph.initializer}
+        inputs = [(i.name, len(i.type.tensor_type.shape.dim)) for i in model.graph.input if i.name not in weights]
+        return inputs, [o.name for o in model.graph.output]
+
+    exported = interface(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    quantized = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    if interface(quantized) != exported:
+        raise LoweringError(f"the ptq pass's int8 U-Net has inputs/outputs {interface(quantized)}, the exported "
+                            f"U-Net {exported}; the two exports drifted apart: report this")
+    for file in folder.glob("model.onnx*"):
+        file.unlink()
+    for file in sorted(source.glob("model.onnx*")):
+        shutil.copyfile(file, folder / file.name)
+    ops = [node.op_type for node in quantized.graph.node]
+    return {"files": sorted(p.name for p in folder.iterdir()), "quantize_linear": ops.count("QuantizeLinear"),
+            "dequantize_linear": ops.count("DequantizeLinear")}
 
 
 @register_target
@@ -217,7 +255,12 @@ class OnnxTarget(Target):
         from tqdm.auto import tqdm
 
         records: list[StageRecord] = []
-        exports = _exports(pipe, ctx.arch, config, cache_settings({"defaults": ctx.defaults}))
+        quantized = getattr(pipe.unet, "onnx_quantization", None)  # left by the ptq pass
+        cache = cache_settings({"defaults": ctx.defaults})
+        if quantized is not None and cache is not None:
+            raise LoweringError("the onnx target cannot split a ptq int8 U-Net for feature_cache yet; "
+                                "drop one of the two passes")
+        exports = _exports(pipe, ctx.arch, config, cache)
         paths = {}
         with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript",
                                             "precision": config.precision, "vae_precision": config.vae_precision}) as stage:
@@ -228,13 +271,22 @@ class OnnxTarget(Target):
             write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
                                                  type(getattr(pipe, n)).__name__]
                                              for n in (*ctx.arch.text_encoders, "unet", "vae")})
+        if quantized is not None:
+            with Stage(records, "quantize_onnx", quantized.settings) as stage:
+                stage.results["unet"] = install_quantized_unet(quantized.folder, out / "unet")
         if config.verify:
             with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
                 for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
                     precision = config.vae_precision if export.name == "vae_decoder" else config.precision
                     result = verify_model(export, paths[export.name])
                     stage.results[export.name] = result
-                    if result["relative_error"] > TOLERANCE[precision]:
+                    int8 = export.name == "unet" and quantized is not None
+                    if int8 and result["sqnr_db"] < MIN_SQNR_DB:
+                        raise LoweringError(
+                            f"the int8 ONNX U-Net disagrees with torch (SQNR {result['sqnr_db']:.1f} dB < "
+                            f"{MIN_SQNR_DB:.0f} dB on the export inputs); report the model"
+                        )
+                    if not int8 and result["relative_error"] > TOLERANCE[precision]:
                         raise LoweringError(
                             f"ONNX {export.name} disagrees with torch (relative error {result['relative_error']:.2e} "
                             f"> {TOLERANCE[precision]:.0e} at {precision}); try precision='fp32' or report the model"

@@ -1,0 +1,377 @@
+"""ptq: post-training static quantization of the U-Net (presets `int8`, `fp8`).
+
+INT8 for ONNX Runtime (target "onnx") is static QDQ on the exported float graph, in the form ORT's CPU
+kernels run fast (environment.md): activations uint8, asymmetric, one (scale, zero point) per tensor,
+
+    x_q = clamp(round(x / s) + z, 0, 255),   s = (max - min) / 255,   z = round(-min / s),
+
+with [min, max] calibrated on the teacher's own trajectories; weights int8, symmetric, one scale per
+output channel (`per_channel`), 7-bit when `reduce_range` (AVX2 without VNNI adds pairs of u8 x s8
+products in int16, which full 8-bit weights can saturate). At session creation ORT fuses each
+DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv, QLinearMatMul, ...).
+Signed activations are not offered: S8 x S8 runs slower than float on CPUs without VNNI.
+
+Activation ranges (`calibration`): `minmax` (global min and max over all calibration inputs),
+`percentile` (two-sided: cut (100 - percentile) / 2 % of the values at each end, from 2048-bin
+histograms), `entropy` (ONNX Runtime's KL-divergence threshold search; `quantize_static` fixes its
+histogram at 128 bins, so it clips far less than TensorRT's). `op_types` are the ONNX op types that
+get quantized; `exclude` globs keep nodes in float. They match the module path of each node (the
+TorchScript exporter names nodes by module scope: `/unet/down_blocks.0/resnets.0/conv1/Conv` belongs to
+`down_blocks.0.resnets.0.conv1`), and a pattern that matches a module covers everything inside it. The
+default keeps the time and added embeddings, every ResNet's `time_emb_proj`, `conv_in` and `conv_out` in
+float, as modelopt's diffusers example does: a negligible share of the MACs, a large share of the error.
+
+Steps (the pass makes the deployed graph itself, so the SQNR it records is that graph's):
+1. calibration data: every U-Net input along the teacher's own CFG sampling trajectories
+   (`quest.teacher_trajectories`: `calib_prompts` prompts x `calib_steps` steps, seeded by the compile
+   seed, cached by content hash) and held-out trajectories of `held_out_prompts` other prompts (seed + 1);
+2. export of the float U-Net with the onnx target's interface (TorchScript exporter; inputs `sample`,
+   `timestep`, `encoder_hidden_states` [, `text_embeds`, `time_ids`], output `out_sample`, dynamic
+   batch and latent size) to a work folder;
+3. `onnxruntime.quantization.quantize_static` (QDQ), fed one CFG row of one step at a time;
+4. `sqnr_db`: eps SQNR of the quantized graph (ORT, CPU execution provider) vs the float torch U-Net on
+   the held-out inputs.
+
+The quantized graph is kept in the cache (`<cache>/ptq/<key>/`, key = the model, config, seed, opset and
+tool versions; a rerun reuses it, metrics included) and handed to the target as
+`pipe.unet.onnx_quantization`, an `OnnxQuantization`: the onnx target's `quantize_onnx` stage puts it in
+place of its own float U-Net export and records its settings. The torch U-Net is not changed, so the
+`torch` target, which would run it in float, is refused up front (`targets`).
+
+FP8 (and INT4) Q/DQ export as `trt::` custom ops that only TensorRT loads: `precision: fp8` belongs to
+the TensorRT target: `supported_targets` makes `compile_pipeline` refuse it with any other target before
+loading the checkpoint, and `requires` refuses it on TensorRT too until the modelopt path exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sdcompiler.passes.base import Pass, PassContext, register_pass
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.distill import sqnr_db
+from sdcompiler.passes.errors import PassError
+from sdcompiler.passes.quest import Trajectories, teacher_trajectories
+from sdcompiler.passes.teacher_data import load_prompts
+
+OPSET = 18  # the onnx target's default opset
+TRACE_LATENT = 10  # as the onnx target: not a multiple of 8, so the graph computes every skip shape
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+FORMAT_VERSION = "ptq-ort-v1"  # bump when the pass's output for the same inputs changes
+
+
+@dataclass(frozen=True)
+class PtqConfig(PassConfig):
+    precision: Literal["int8", "fp8"] = "int8"
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    percentile: float = 99.999  # `percentile` calibration: share of the values kept inside the range
+    calib_prompts: int = 4
+    held_out_prompts: int = 1
+    calib_steps: int = 4  # sampling steps per trajectory; every visited U-Net input calibrates
+    guidance_scale: float = 7.5
+    resolution: int | None = 256  # pixels; calibration and SQNR (null: the model's native size)
+    per_channel: bool = True  # one weight scale per output channel
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation on AVX2 without VNNI
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    exclude: tuple[str, ...] = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out")
+
+    def __post_init__(self):
+        if self.calib_prompts < 1 or self.held_out_prompts < 1 or self.calib_steps < 1:
+            raise ValueError("calib_prompts, held_out_prompts and calib_steps must be >= 1")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.guidance_scale <= 1.0:
+            raise ValueError("calibration samples with classifier-free guidance: guidance_scale must be > 1")
+        if not self.op_types:
+            raise ValueError("op_types must name at least one ONNX op type")
+
+
+@dataclass(frozen=True)
+class OnnxQuantization:
+    """What the ptq pass hands the onnx target, as `pipe.unet.onnx_quantization`.
+
+    Attributes:
+        folder: the quantized U-Net graph, `model.onnx` (+ `model.onnx.data`), in the pass's cache.
+        settings: how it was made (types, granularity, calibration, excluded nodes), for the manifest.
+    """
+
+    folder: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+class _UNetGraph(torch.nn.Module):
+    """The U-Net with the onnx target's positional interface (attribute `unet`: the same node names)."""
+
+    def __init__(self, unet, sdxl: bool):
+        super().__init__()
+        self.unet, self.sdxl = unet, sdxl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def export_float_unet(unet, path: Path, sdxl: bool) -> None:
+    """Export the float U-Net to `path` (one external data file when it is over ~2 GB)."""
+    import onnx
+
+    from sdcompiler.passes.accounting import unet_example_inputs
+
+    inputs = unet_example_inputs(unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=torch.Generator().manual_seed(0))
+    args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    if sdxl:
+        args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
+        names += ["text_embeds", "time_ids"]
+        axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
+    large = sum(p.numel() * p.element_size() for p in unet.parameters()) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(_UNetGraph(unet, sdxl).eval(), tuple(args), str(raw), dynamo=False,
+                                  opset_version=OPSET, input_names=names, output_names=["out_sample"],
+                                  dynamic_axes=axes, do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PassError(f"ptq: ONNX export of the U-Net failed: {first}; rerun with --debug for the trace") from exc
+        if large:  # the TorchScript exporter wrote one file per tensor: gather them
+            onnx.save_model(onnx.load(str(raw)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        else:
+            shutil.move(str(raw), path)
+
+
+def simplify_graph(source: Path, target: Path) -> None:
+    """ONNX Runtime's basic (hardware-independent, standard-op) graph optimizations, saved to `target`.
+
+    Constant folding and redundant-node elimination halve the exported U-Net's node count; the
+    quantizer's passes grow with nodes x quantized tensors, so this also halves its time. Surviving
+    nodes keep their names.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    if source.with_name(source.name + ".data").exists():
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         target.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def module_path(node_name: str) -> str:
+    """`/unet/down_blocks.0/resnets.0/conv1/Conv` -> `down_blocks.0.resnets.0.conv1` (exporter scopes)."""
+    scopes = node_name.strip("/").split("/")[:-1]  # the last part names the op
+    if scopes and scopes[0] == "unet":
+        scopes = scopes[1:]
+    return ".".join(scopes)
+
+
+def excluded_nodes(model, patterns: tuple[str, ...]) -> list[str]:
+    """Names of the graph's nodes whose module (or a module containing it) matches one of `patterns`."""
+    excluded = []
+    for node in model.graph.node:
+        parts = module_path(node.name).split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns):
+            excluded.append(node.name)
+    return excluded
+
+
+# --- calibration and quantization -------------------------------------------------------------------
+
+
+def _feed(data: Trajectories, step: int, row: int) -> dict[str, np.ndarray]:
+    """One U-Net input of the trajectories as an ONNX Runtime feed (batch 1)."""
+    feed = {"sample": data.samples[step, row:row + 1].numpy(),
+            "timestep": np.asarray(data.timesteps[step].item(), dtype=np.float32),
+            "encoder_hidden_states": data.context[row:row + 1].numpy()}
+    if data.text_embeds is not None:
+        feed |= {"text_embeds": data.text_embeds[row:row + 1].numpy(), "time_ids": data.time_ids[row:row + 1].numpy()}
+    return feed
+
+
+def _feeds(data: Trajectories) -> list[tuple[int, int]]:
+    return [(step, row) for step in range(len(data.timesteps)) for row in range(data.samples.shape[1])]
+
+
+def _reader(data: Trajectories):
+    """A CalibrationDataReader over every (step, row) input; `set_range` lets ORT calibrate in chunks."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class TrajectoryReader(CalibrationDataReader):
+        def __init__(self):
+            self.items = _feeds(data)
+            self.set_range(0, len(self.items))
+
+        def __len__(self):
+            return len(self.items)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.pending = iter(self.items[start_index:end_index])
+
+        def get_next(self):
+            item = next(self.pending, None)
+            return None if item is None else _feed(data, *item)
+
+    return TrajectoryReader()
+
+
+class _PreprocessHint(logging.Filter):
+    """Drop quantize_static's advice to run ORT's pre-processing (its graph optimizations run at load)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
+def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqConfig) -> dict[str, Any]:
+    """Quantize the float graph `source` into `target` (QDQ); returns the settings for the record."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    graph = onnx.load(str(source), load_external_data=False)
+    excluded = excluded_nodes(graph, config.exclude)
+    large = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    del graph
+    extra = {
+        "CalibTensorRangeSymmetric": False,  # asymmetric ranges for the uint8 activations
+        "CalibPercentile": config.percentile,
+        "CalibStridedMinMax": 1,  # one input per calibration pass: histograms never hold all tensors at once
+    }
+    root = logging.getLogger()
+    hint = _PreprocessHint()
+    root.addFilter(hint)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+            quantize_static(
+                str(source), str(target), _reader(calib), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
+                reduce_range=config.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded, use_external_data_format=large,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
+                extra_options=extra,
+            )
+    finally:
+        root.removeFilter(hint)
+    return {
+        "format": "QDQ", "activation_type": "uint8", "weight_type": "int8", "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range, "calibration": config.calibration,
+        "percentile": config.percentile if config.calibration == "percentile" else None,
+        "op_types": list(config.op_types), "excluded_nodes": len(excluded), "calibration_inputs": len(_feeds(calib)),
+    }
+
+
+def eps_sqnr(unet, graph: Path, data: Trajectories) -> float:
+    """eps SQNR (dB) of the ONNX graph (CPU execution provider) vs the torch U-Net, over every input."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    reference, estimate = [], []
+    with torch.no_grad():
+        for step, row in _feeds(data):
+            feed = _feed(data, step, row)
+            estimate.append(torch.from_numpy(session.run(["out_sample"], feed)[0]))
+            added = None if data.text_embeds is None else {"text_embeds": torch.from_numpy(feed["text_embeds"]),
+                                                           "time_ids": torch.from_numpy(feed["time_ids"])}
+            reference.append(unet(torch.from_numpy(feed["sample"]), data.timesteps[step],
+                                  torch.from_numpy(feed["encoder_hidden_states"]), added_cond_kwargs=added).sample)
+    return sqnr_db(torch.cat(reference), torch.cat(estimate))
+
+
+def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
+    versions = {p: version(p) for p in ("torch", "onnx", "onnxruntime")}
+    text = json.dumps([FORMAT_VERSION, ctx.model_key, config.to_dict(), ctx.seed, resolution, OPSET, versions],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _import_onnxruntime() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise PassError("ptq int8 quantizes with ONNX Runtime, which is not installed: "
+                        "pip install 'sd-compiler[cpu]'") from None
+
+
+@register_pass
+class Ptq(Pass):
+    name = "ptq"
+    config_class = PtqConfig
+    stage = "quantize"
+    targets = ("onnx",)  # the torch U-Net stays float: only the ONNX Runtime graph is quantized
+    description = "post-training static quantization: ONNX Runtime QDQ int8 (U8 activations, S8 per-channel weights)"
+
+    def supported_targets(self, config: PtqConfig) -> tuple[str, ...]:
+        # fp8 Q/DQ export as trt:: ops that only TensorRT loads: compile_pipeline refuses fp8 with another
+        # target before loading anything
+        return ("tensorrt",) if config.precision == "fp8" else self.targets
+
+    def requires(self, pipe, config: PtqConfig, ctx: PassContext) -> None:
+        if config.precision == "fp8":
+            raise PassError("precision 'fp8' is TensorRT-only (trt:: Q/DQ ops), and the tensorrt target's "
+                            "modelopt fp8 path is not built yet; for ONNX Runtime use precision 'int8' (preset int8)")
+        if getattr(pipe.unet, "onnx_quantization", None) is not None:
+            raise PassError("the U-Net is already quantized")
+        _import_onnxruntime()
+
+    def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float]:
+        unet = pipe.unet.eval()
+        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
+        folder = ctx.cache_dir / "ptq" / _cache_key(config, ctx, resolution)
+        if not (folder / "metrics.json").exists():
+            self._quantize(pipe, config, ctx, resolution, folder)
+        record = json.loads((folder / "metrics.json").read_text())
+        unet.onnx_quantization = OnnxQuantization(folder, record["settings"])
+        return record["metrics"]
+
+    def _quantize(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int, folder: Path) -> None:
+        """Calibrate, quantize and measure into `folder`, atomically (a partial sibling renamed into place)."""
+        prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
+        common = dict(steps=config.calib_steps, guidance=config.guidance_scale, resolution=resolution,
+                      cache_dir=ctx.cache_dir, model_key=ctx.model_key)
+        calib = teacher_trajectories(pipe, prompts[: config.calib_prompts], seed=ctx.seed, **common)
+        held = teacher_trajectories(pipe, prompts[config.calib_prompts:], seed=ctx.seed + 1, **common)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{folder.name}.partial-", dir=folder.parent) as tmp:
+            work, result = Path(tmp) / "work", Path(tmp) / "result"
+            work.mkdir()
+            result.mkdir()
+            sdxl = pipe.unet.config.get("addition_embed_type") == "text_time"
+            export_float_unet(pipe.unet, work / "exported.onnx", sdxl)
+            simplify_graph(work / "exported.onnx", work / "model.onnx")
+            settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config)
+            shutil.rmtree(work)  # the float graph: up to 10 GB (SDXL) that the SQNR session does not need
+            metrics = {"sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held),
+                       "calibration_inputs": settings["calibration_inputs"],
+                       "excluded_nodes": settings["excluded_nodes"]}
+            (result / "metrics.json").write_text(json.dumps({"metrics": metrics, "settings": settings}, indent=2))
+            with contextlib.suppress(OSError):  # another compile finished the same key first: keep its folder
+                os.rename(result, folder)

@@ -1,0 +1,204 @@
+"""Post-training quantization (`ptq`, presets `int8` / `fp8`): ONNX Runtime static INT8 on tiny SD1.5.
+
+Oracles: the pass record's eps SQNR (> 15 dB on tiny; 26 dB measured), graph node checks (QDQ pairs,
+uint8 activations, int8 per-channel 7-bit weights, the excluded layers in float), images vs the float
+artifact's (PSNR > 20 dB; 43 dB measured), byte-identical U-Nets from two compiles, one-line
+refusals that write nothing, and each calibration method on a toy graph with the U-Net's interface (an
+outlier that min-max keeps in the range and the percentile method clips).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdcompiler.errors import ConfigError, LoweringError, PassError, RecipeError
+
+# CPU-sized: 2 prompts x 2 steps (8 calibration inputs: both CFG halves) at the tiny model's native 128 px
+SMALL = {"calib_prompts": 2, "calib_steps": 2, "resolution": 128}
+RECIPE = [{"preset": "int8", **SMALL}]
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_checkpoint, tmp_path_factory):
+    from sdcompiler import compile_pipeline
+
+    out = tmp_path_factory.mktemp("ptq") / "int8"
+    return compile_pipeline(tiny_checkpoint("sd15"), recipe=RECIPE, target="onnx", output_dir=out, device="cpu")
+
+
+def _unet_graph(pipe):
+    import onnx
+
+    return onnx.load(str(pipe.root / "unet" / "model.onnx"))
+
+
+def test_record_has_sqnr_and_stages_name_the_settings(int8):
+    manifest = int8.manifest
+    (record,) = manifest["passes"]
+    assert record["name"] == "ptq" and record["config"]["precision"] == "int8"
+    assert record["params_after"] == record["params_before"]  # the torch U-Net is untouched
+    metrics = record["metrics"]
+    print(f"tiny sd15 int8: eps SQNR {metrics['sqnr_db']:.2f} dB on held-out trajectories")
+    assert metrics["sqnr_db"] > 15.0
+    assert metrics["calibration_inputs"] == 2 * SMALL["calib_prompts"] * SMALL["calib_steps"]
+    assert metrics["excluded_nodes"] > 0
+    stages = {s["name"]: s for s in manifest["lowering"]["stages"]}
+    assert list(stages) == ["export_onnx", "quantize_onnx", "verify"]
+    settings = stages["quantize_onnx"]["settings"]
+    assert (settings["format"], settings["activation_type"], settings["weight_type"]) == ("QDQ", "uint8", "int8")
+    assert settings["per_channel"] and settings["reduce_range"] and settings["calibration"] == "minmax"
+    assert stages["verify"]["results"]["unet"]["sqnr_db"] > 10.0
+
+
+def test_unet_graph_is_qdq_with_uint8_activations_and_int8_per_channel_weights(int8):
+    from onnx import TensorProto, numpy_helper
+
+    graph = _unet_graph(int8).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all(weights[n.input[2]].dtype == np.uint8 for n in quantize)  # activation zero points
+    assert {i.type.tensor_type.elem_type for i in graph.input} == {TensorProto.FLOAT}  # float interface
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        source = producer.get(conv.input[1])
+        name = conv.name.split("/")[2]
+        if name in ("conv_in", "conv_out"):  # excluded: float weights, no Q/DQ
+            assert conv.input[1] in weights and weights[conv.input[1]].dtype == np.float32, conv.name
+            continue
+        assert source is not None and source.op_type == "DequantizeLinear", conv.name
+        codes, scales = weights[source.input[0]], weights[source.input[1]]
+        assert codes.dtype == np.int8 and scales.shape == (codes.shape[0],), conv.name  # per output channel
+        assert np.abs(codes).max() <= 64, conv.name  # reduce_range: 7-bit symmetric, [-64, 64]
+        assert producer[conv.input[0]].op_type == "DequantizeLinear", conv.name  # quantized activation
+    assert sum(producer.get(c.input[1]) is not None for c in convs) == len(convs) - 2
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert gemms and all("time_embedding" in n.name or "time_emb_proj" in n.name for n in gemms)
+    assert all(n.input[1] in weights for n in gemms)  # the time embedding path stays float
+
+
+def test_generates_images_close_to_the_float_artifact(int8, compiled):
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    got = int8("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+    ref = compiled("sd15")("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    psnr = 10 * np.log10(1.0 / max(float(((got - ref) ** 2).mean()), 1e-12))
+    print(f"tiny sd15 int8 vs float ONNX artifact: PSNR {psnr:.1f} dB")
+    assert psnr > 20.0
+
+
+def test_two_compiles_give_the_same_unet_bytes(int8, tiny_checkpoint, tmp_path, monkeypatch):
+    from sdcompiler.compile import compile_artifact
+
+    # a fresh cache: trajectories, export, calibration and quantization all run again
+    monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
+    root = compile_artifact(tiny_checkpoint("sd15"), recipe=RECIPE, target="onnx", output_dir=tmp_path / "again",
+                            target_options={"verify": False})
+    files = json.loads((root / "manifest.json").read_text())["files"]
+    assert files["unet/model.onnx"] == int8.manifest["files"]["unet/model.onnx"]
+
+
+def test_fp8_is_refused_for_onnx_before_writing(tiny_checkpoint, tmp_path):
+    from sdcompiler import compile_pipeline
+
+    out = tmp_path / "fp8"
+    # refused from the recipe alone: the path does not even have to be a checkpoint
+    with pytest.raises(LoweringError, match=r"'ptq'.*tensorrt.*target='tensorrt'") as info:
+        compile_pipeline(tmp_path / "not-loaded", recipe="fp8", target="onnx", output_dir=out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+    with pytest.raises(PassError, match="TensorRT-only"):  # and on TensorRT until its modelopt path exists
+        compile_pipeline(tiny_checkpoint("sd15"), recipe="fp8", target="tensorrt", output_dir=out)
+    assert not out.exists()
+
+
+def test_torch_target_is_refused_up_front(tiny_checkpoint, tmp_path):
+    from sdcompiler import compile_pipeline
+
+    out = tmp_path / "torch"
+    with pytest.raises(LoweringError, match=r"'ptq'.*target='onnx'") as info:
+        compile_pipeline(tiny_checkpoint("sd15"), recipe="int8", target="torch", output_dir=out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("item, error", [
+    ({"pass": "ptq", "calib_prompt": 2}, ConfigError),  # unknown key
+    ({"pass": "ptq", "calibration": "kl"}, ConfigError),
+    ({"pass": "ptq", "precision": "int4"}, ConfigError),
+    ({"pass": "ptq", "percentile": 20.0}, ConfigError),
+    ({"pass": "ptq", "guidance_scale": 1.0}, ConfigError),
+    ({"pass": "ptq", "op_types": []}, ConfigError),
+    ({"preset": "int8", "levels": 3}, RecipeError),  # not a key of the preset's pass
+])
+def test_bad_configs_are_rejected(item, error):
+    from sdcompiler.recipe import resolve_recipe
+
+    with pytest.raises(error) as info:
+        resolve_recipe([item])
+    assert "\n" not in str(info.value)
+
+
+def test_exclude_patterns_match_module_scopes():
+    from types import SimpleNamespace
+
+    from sdcompiler.passes.ptq import excluded_nodes, module_path
+
+    assert module_path("/unet/down_blocks.0/resnets.0/conv1/Conv") == "down_blocks.0.resnets.0.conv1"
+    names = ["/unet/conv_in/Conv", "/unet/time_embedding/linear_1/Gemm",
+             "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm", "/unet/down_blocks.0/resnets.0/conv1/Conv",
+             "/unet/conv_norm_out/InstanceNormalization", "Constant_3"]
+    model = SimpleNamespace(graph=SimpleNamespace(node=[SimpleNamespace(name=n) for n in names]))
+    assert excluded_nodes(model, ("conv_in", "time_embedding", "*.time_emb_proj")) == names[:3]
+
+
+class _ToyUNet(torch.nn.Module):
+    """The U-Net's graph interface around two convs and a linear: calibration methods in a second."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.proj = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1), \
+            torch.nn.Linear(32, 16)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        context = self.proj(encoder_hidden_states).mean(1)[:, :, None, None]
+        return self.conv2(torch.relu(self.conv1(sample) + context)) * (timestep / 1000.0)
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
+def test_calibration_methods(calibration, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from sdcompiler.passes.distill import sqnr_db
+    from sdcompiler.passes.ptq import PtqConfig, quantize_unet
+    from sdcompiler.passes.quest import Trajectories
+
+    generator = torch.Generator().manual_seed(0)
+    data = Trajectories(samples=torch.randn(2, 3, 4, 16, 16, generator=generator),
+                        timesteps=torch.tensor([900.0, 300.0]), context=torch.randn(3, 77, 32, generator=generator))
+    data.samples[0, 0, 0, 0, 0] = 40.0  # one outlier in 6144 values: min-max keeps it, the 99.9th percentile not
+    model = _ToyUNet().eval()
+    args = (data.samples[1, :1], data.timesteps[1], data.context[:1])
+    torch.onnx.export(model, args, str(tmp_path / "float.onnx"), dynamo=False, opset_version=18,
+                      input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"])
+    config = PtqConfig(calibration=calibration, percentile=99.9, exclude=())
+    settings = quantize_unet(tmp_path / "float.onnx", tmp_path / "int8.onnx", data, config)
+    assert settings["calibration"] == calibration and settings["calibration_inputs"] == 6
+
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    sample_q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "sample")
+    sample_scale = float(weights[sample_q.input[1]])
+    if calibration != "entropy":  # ORT's entropy search has 128 bins over the whole range: it may keep the outlier
+        assert (sample_scale > 40.0 / 255) == (calibration == "minmax")
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"])
+    inputs = {"sample": args[0].numpy(), "timestep": args[1].numpy(), "encoder_hidden_states": args[2].numpy()}
+    with torch.no_grad():
+        assert sqnr_db(model(*args), torch.from_numpy(session.run(None, inputs)[0])) > 15.0
