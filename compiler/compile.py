@@ -63,7 +63,8 @@ def compile_artifact(
         checkpoint: a diffusers folder, a single-file `.safetensors` checkpoint, or a
             Hugging Face id already in the local cache.
         recipe: a preset name, a YAML path, or a list of recipe items (see `sdcompiler.recipe`).
-        target: "onnx" (ONNX Runtime) or "torch".
+        target: "onnx" (ONNX Runtime), "torch" (PyTorch + Triton kernels) or "tensorrt" (engines; needs the
+            [tensorrt] extra). A pass may restrict the targets (`Pass.supported_targets`): checked first.
         output_dir: artifact folder; default: a folder in the cache named by the inputs' hash.
         target_options: options of the target, e.g. `{"precision": "fp16"}` for onnx.
         allow_pickle: allow pickle checkpoints (`.ckpt`, `.bin`, `.pt`), which can run code.
