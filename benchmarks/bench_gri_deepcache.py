@@ -12,7 +12,7 @@ batch 2 (classifier-free guidance), 77 tokens:
    U-Net built on the meta device whose parameters are *assigned* the baseline's tensors
    (`load_state_dict(..., assign=True)`), so both share one copy of the weights (checked). The resolved blocks,
    window and global pool (`resolve_geometry`) are recorded. `TRITON_INTERPRET` is removed from the environment
-   first, so on CPU the op runs its pure-torch reference (`gri_attention_reference`), as the compiled `torch`
+   first, so on CPU the op runs `gri_attention_sdpa` (the reference tiling through PyTorch SDPA), as the compiled `torch`
    target would on a CPU.
 2. **deepcache**: `SplitUNet(unet, 0)` (branch 0, the pass's default) on the baseline U-Net: one full step
    (`.full`, which also returns the deep features) and one shallow step (`.shallow(..., deep=...)`, the deep
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     results = new_results(NAME, PACKAGES, torch_threads=torch.get_num_threads())
-    impl = "Triton kernel" if use_triton(torch.empty(1)) else "pure-torch reference (`gri_attention_reference`)"
+    impl = "Triton kernel" if use_triton(torch.empty(1)) else "`gri_attention_sdpa` (tiles through F.scaled_dot_product_attention)"
     results.update({
         "settings": {"arch": ARCH, "batch": BATCH, "latents": list(args.latents), "repeats": args.repeats,
                      "warmup": args.warmup, "intervals": list(args.intervals), "steps": args.steps,
