@@ -25,7 +25,8 @@ Calibration data are the teacher's own sampling trajectories: `calib_prompts` pr
 and the conditional half) is kept, cached by content hash. Held-out prompts give the eps SQNR.
 
 Selective finetuning (teacher = the same network with quantization switched off, so there is no
-second model in memory), on the shared trainer: stage 1 trains the `time_emb_proj` weights and their
+second model in memory; the layers being trained keep a frozen copy of their original weight for the
+teacher's path), on the shared trainer: stage 1 trains the `time_emb_proj` weights and their
 activation scales, stage 2 the transformer FFN weights and every activation scale, over all
 timesteps; loss = MSE of the trained layers' outputs + eps MSE (straight-through rounding; scales
 learn as in LSQ).
@@ -84,7 +85,7 @@ class QuestConfig(PassConfig):
     stage1_steps: int = 20
     stage2_steps: int = 40
     batch_size: int = 4
-    lr: float = 2e-4  # weights
+    lr: float = 5e-4  # weights
     scale_lr: float = 1e-3  # activation scales
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 0
@@ -218,8 +219,14 @@ class QuantLinear(torch.nn.Linear):
     def forward(self, x):
         x = self.act(x)  # identity while quantization is off (calibration hooks still see x)
         if not self.act.state.enabled:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, _float_weight(self), self.bias)
         return F.linear(x, fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits), self.bias)
+
+
+def _float_weight(layer) -> torch.Tensor:
+    """The weight of the float (teacher) path: the original one while finetuning trains `weight`."""
+    frozen = getattr(layer, "teacher_weight", None)
+    return layer.weight if frozen is None else frozen
 
 
 class QuantConv2d(torch.nn.Conv2d):
@@ -238,7 +245,7 @@ class QuantConv2d(torch.nn.Conv2d):
         else:
             x = self.act(x)  # identity while quantization is off (calibration hooks still see x)
         if not self.act.state.enabled:
-            return self._conv_forward(x, self.weight, self.bias)
+            return self._conv_forward(x, _float_weight(self), self.bias)
         return self._conv_forward(x, fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits),
                                   self.bias)
 
@@ -582,19 +589,25 @@ def set_act_scales(unet, stats: dict, *, timewise: bool, search: bool, grid: int
                                       else max(absmax, 1e-8) / top)
 
 
-def eps_sqnr(unet, data: Trajectories) -> float:
-    """eps SQNR (dB) of the quantized U-Net vs the same U-Net with quantization off, over all steps."""
+def trajectory_eps(unet, data: Trajectories, quantized: bool) -> torch.Tensor:
+    """The U-Net's eps on every trajectory input, with quantization on or off."""
     state = unet.quant_state
     rows = torch.arange(data.samples.shape[1])
-    reference, estimate = [], []
-    with torch.no_grad():
-        for step in range(len(data.timesteps)):
-            inputs = data.inputs(torch.tensor(step), rows)
-            state.enabled = False
-            reference.append(unet(**inputs).sample)
-            state.enabled = True
-            estimate.append(unet(**inputs).sample)
-    return sqnr_db(torch.cat(reference), torch.cat(estimate))
+    out = []
+    state.enabled = quantized
+    try:
+        with torch.no_grad():
+            for step in range(len(data.timesteps)):
+                out.append(unet(**data.inputs(torch.tensor(step), rows)).sample)
+    finally:
+        state.enabled = True
+    return torch.cat(out)
+
+
+def eps_sqnr(unet, data: Trajectories, reference: torch.Tensor) -> float:
+    """eps SQNR (dB) of the quantized U-Net vs `reference`, the float model's eps (computed once, before
+    finetuning changes any weight)."""
+    return sqnr_db(reference, trajectory_eps(unet, data, quantized=True))
 
 
 def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config: QuestConfig, steps: int,
@@ -608,6 +621,9 @@ def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config
     for p in params:
         p.requires_grad_(True)
     layers = [module for name, module in unet.named_modules() if any(name + ".weight" == w for w, _ in weights)]
+    for layer in layers:  # the teacher (quantization off) keeps the original weights while `weight` trains
+        if getattr(layer, "teacher_weight", None) is None:
+            layer.teacher_weight = layer.weight.detach().clone()
     outputs: dict[str, list] = {"float": [], "quant": []}
     phase = {"name": "float"}
     handles = [m.register_forward_hook(lambda m, a, out: outputs[phase["name"]].append(out)) for m in layers]
@@ -647,6 +663,8 @@ def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config
             handle.remove()
         unet.requires_grad_(False)
         state.enabled = True
+        for layer in layers:
+            del layer.teacher_weight
         with torch.no_grad():
             for _, scale in scales:
                 scale.clamp_(min=1e-8)
@@ -684,11 +702,12 @@ class QuestW4A4(Pass):
 
         set_weight_ranges(unet, search=False, grid=grid)  # the RTN baseline
         set_act_scales(unet, stats, timewise=False, search=False, grid=grid)
-        sqnr_rtn = eps_sqnr(unet, held)
+        reference = trajectory_eps(unet, held, quantized=False)  # the float model, before any finetuning
+        sqnr_rtn = eps_sqnr(unet, held, reference)
 
         set_weight_ranges(unet, search=True, grid=grid)
         set_act_scales(unet, stats, timewise=not config.dynamic_tokens, search=True, grid=grid)
-        sqnr_calibrated = eps_sqnr(unet, held)
+        sqnr_calibrated = eps_sqnr(unet, held, reference)
         metrics = {"sqnr_rtn_db": sqnr_rtn, "sqnr_calibrated_db": sqnr_calibrated,
                    "quantized_layers": len(quantized_layers(unet)),
                    "calibrated_timesteps": len(calib.timesteps)}
@@ -702,7 +721,7 @@ class QuestW4A4(Pass):
                    and isinstance(unet.get_submodule(n[:-7]), QuantLinear)]
             losses1 = finetune_stage(unet, calib, temb, temb_scales, config, config.stage1_steps, ctx, "stage1")
             losses2 = finetune_stage(unet, calib, ffn, scales, config, config.stage2_steps, ctx, "stage2")
-            sqnr_finetuned = eps_sqnr(unet, held)
+            sqnr_finetuned = eps_sqnr(unet, held, reference)
             metrics |= {"sqnr_finetuned_db": sqnr_finetuned, "stage1_loss_last": losses1[-1] if losses1 else 0.0,
                         "stage2_loss_last": losses2[-1] if losses2 else 0.0}
         unet.eval()
