@@ -79,6 +79,41 @@ def _tile_extent(window: int, size):
     return min(window, size)
 
 
+def _tiling(height, width, window: int) -> tuple:
+    """(tile_h, tile_w, pad_h, pad_w, rows, cols) of the map's tiling; sizes may be ints or traced tensors.
+
+    `(t - n % t) % t` rounds n up to a multiple of t in integer arithmetic that traces as graph ops
+    (Python's math.ceil / int() on a traced size would freeze the example's value into the graph).
+    """
+    tile_h, tile_w = _tile_extent(window, height), _tile_extent(window, width)
+    pad_h = (tile_h - height % tile_h) % tile_h
+    pad_w = (tile_w - width % tile_w) % tile_w
+    return tile_h, tile_w, pad_h, pad_w, (height + pad_h) // tile_h, (width + pad_w) // tile_w
+
+
+def _partition(x: torch.Tensor, height, width, tiling: tuple) -> torch.Tensor:
+    """(b, h, height * width, c) -> (b, h, rows * cols, tile_h * tile_w, c), zero-padded to whole tiles."""
+    tile_h, tile_w, pad_h, pad_w, rows, cols = tiling
+    b, h, c = x.shape[0], x.shape[1], x.shape[3]
+    x = F.pad(x.reshape(b, h, height, width, c), (0, 0, 0, pad_w, 0, pad_h))
+    x = x.reshape(b, h, rows, tile_h, cols, tile_w, c).transpose(3, 4)
+    return x.reshape(b, h, rows * cols, tile_h * tile_w, c)
+
+
+def _unpartition(x: torch.Tensor, height, width, tiling: tuple) -> torch.Tensor:
+    """The inverse of `_partition`, cropped back to (b, h, height * width, c)."""
+    tile_h, tile_w, _, _, rows, cols = tiling
+    b, h, c = x.shape[0], x.shape[1], x.shape[-1]
+    x = x.reshape(b, h, rows, cols, tile_h, tile_w, c).transpose(3, 4)
+    x = x.reshape(b, h, rows * tile_h, cols * tile_w, c)[:, :, :height, :width]
+    return x.reshape(b, h, height * width, c)
+
+
+def _valid_keys(q: torch.Tensor, height, width, tiling: tuple) -> torch.Tensor:
+    """Which tile slots hold real tokens, (1, 1, tiles, 1, keys): a ones column partitioned like the keys."""
+    return _partition(torch.ones_like(q[:1, :1, :, :1]), height, width, tiling).transpose(-1, -2) > 0
+
+
 def gri_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,26 +146,11 @@ def gri_attention_reference(
         `(B, heads, height * width, d)` in q's dtype.
     """
     _check_args(q, k, v, k_global, v_global, height, width, window)
-    batch, heads, _, head_dim = q.shape
     if scale is None:
-        scale = head_dim ** -0.5
-    tile_h, tile_w = _tile_extent(window, height), _tile_extent(window, width)
-    # `(t - n % t) % t` rounds n up to a multiple of t in integer arithmetic that traces as graph ops
-    # (Python's math.ceil / int() on a traced size would freeze the example's value into the graph).
-    pad_h = (tile_h - height % tile_h) % tile_h
-    pad_w = (tile_w - width % tile_w) % tile_w
-    rows, cols = (height + pad_h) // tile_h, (width + pad_w) // tile_w
-
-    def partition(x: torch.Tensor) -> torch.Tensor:
-        """(b, h, height * width, c) -> (b, h, rows * cols, tile_h * tile_w, c), zero-padded to whole tiles."""
-        b, h, c = x.shape[0], x.shape[1], x.shape[3]
-        x = F.pad(x.reshape(b, h, height, width, c), (0, 0, 0, pad_w, 0, pad_h))
-        x = x.reshape(b, h, rows, tile_h, cols, tile_w, c).transpose(3, 4)
-        return x.reshape(b, h, rows * cols, tile_h * tile_w, c)
-
-    q_tiles, k_tiles, v_tiles = partition(q), partition(k), partition(v)
-    # Which tile slots hold real tokens: partition a ones column the same way (padding reads 0).
-    key_valid = partition(torch.ones_like(q[:1, :1, :, :1])).transpose(-1, -2) > 0  # (1, 1, tiles, 1, keys)
+        scale = q.shape[-1] ** -0.5
+    tiling = _tiling(height, width, window)
+    q_tiles, k_tiles, v_tiles = (_partition(x, height, width, tiling) for x in (q, k, v))
+    key_valid = _valid_keys(q, height, width, tiling)  # (1, 1, tiles, 1, keys)
 
     local = (q_tiles @ k_tiles.transpose(-1, -2)).float() * scale
     local = local.masked_fill(~key_valid, float("-inf"))  # every tile has a real key: no all -inf row
@@ -139,10 +159,7 @@ def gri_attention_reference(
     num_local = local.shape[-1]
     out = (probs[..., :num_local].to(v.dtype) @ v_tiles
            + probs[..., num_local:].to(v.dtype) @ v_global.unsqueeze(2))
-
-    out = out.reshape(batch, heads, rows, cols, tile_h, tile_w, head_dim).transpose(3, 4)
-    out = out.reshape(batch, heads, rows * tile_h, cols * tile_w, head_dim)[:, :, :height, :width]
-    return out.reshape(batch, heads, height * width, head_dim).to(q.dtype)
+    return _unpartition(out, height, width, tiling).to(q.dtype)
 
 
 @functools.cache
@@ -317,28 +334,20 @@ def gri_attention_sdpa(
     tile is ragged. Eager only (plain int sizes); equals `gri_attention_reference` within float rounding.
     """
     _check_args(q, k, v, k_global, v_global, height, width, window)
-    batch, heads, _, head_dim = q.shape
-    tile_h, tile_w = min(window, height), min(window, width)
-    pad_h, pad_w = -height % tile_h, -width % tile_w
-    rows, cols = (height + pad_h) // tile_h, (width + pad_w) // tile_w
-
-    def partition(x: torch.Tensor) -> torch.Tensor:
-        b, h, c = x.shape[0], x.shape[1], x.shape[3]
-        x = F.pad(x.reshape(b, h, height, width, c), (0, 0, 0, pad_w, 0, pad_h))
-        x = x.reshape(b, h, rows, tile_h, cols, tile_w, c).transpose(3, 4)
-        return x.reshape(b, h, rows * cols, tile_h * tile_w, c)
-
+    tiling = _tiling(height, width, window)
+    _, _, pad_h, pad_w, rows, cols = tiling
     tiles = rows * cols
-    keys = torch.cat([partition(k), k_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
-    values = torch.cat([partition(v), v_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    keys = torch.cat([_partition(k, height, width, tiling),
+                      k_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    values = torch.cat([_partition(v, height, width, tiling),
+                        v_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
     mask = None
-    if pad_h or pad_w:
-        valid = partition(torch.ones_like(q[:1, :1, :, :1])).transpose(-1, -2) > 0  # (1, 1, tiles, 1, keys)
+    if pad_h or pad_w:  # padded key slots exist only in ragged tiles
+        valid = _valid_keys(q, height, width, tiling)
         mask = torch.cat([valid, valid.new_ones(1, 1, tiles, 1, k_global.shape[2])], dim=-1)
-    out = F.scaled_dot_product_attention(partition(q), keys, values, attn_mask=mask, scale=scale)
-    out = out.reshape(batch, heads, rows, cols, tile_h, tile_w, head_dim).transpose(3, 4)
-    out = out.reshape(batch, heads, rows * tile_h, cols * tile_w, head_dim)[:, :, :height, :width]
-    return out.reshape(batch, heads, height * width, head_dim)
+    out = F.scaled_dot_product_attention(_partition(q, height, width, tiling), keys, values, attn_mask=mask,
+                                         scale=scale)
+    return _unpartition(out, height, width, tiling)
 
 
 @torch.library.custom_op(f"{LIBRARY}::gri_attention", mutates_args=())
