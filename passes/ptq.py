@@ -54,7 +54,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -71,10 +70,8 @@ from sdcompiler.passes.quest import Trajectories, teacher_trajectories
 from sdcompiler.passes.teacher_data import load_prompts
 
 OPSET = 18  # the onnx target's default opset
-TRACE_LATENT = 10  # as the onnx target: not a multiple of 8, so the graph computes every skip shape
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-FORMAT_VERSION = "ptq-ort-v1"  # bump when the pass's output for the same inputs changes
+FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes
 
 
 @dataclass(frozen=True)
@@ -119,51 +116,14 @@ class OnnxQuantization:
 # --- export -------------------------------------------------------------------------------------------
 
 
-class _UNetGraph(torch.nn.Module):
-    """The U-Net with the onnx target's positional interface (attribute `unet`: the same node names)."""
+def export_float_unet(pipe, arch: str, folder: Path) -> Path:
+    """The float U-Net exported exactly as the onnx target exports it (its wrapper, input/output names,
+    dynamic axes, trace size and opset), to `folder/model.onnx` (+ `model.onnx.data` when large)."""
+    from sdcompiler.archs import get_arch
+    from sdcompiler.targets.onnx_target import OnnxTargetConfig, _exports, export_model
 
-    def __init__(self, unet, sdxl: bool):
-        super().__init__()
-        self.unet, self.sdxl = unet, sdxl
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-
-
-def export_float_unet(unet, path: Path, sdxl: bool) -> None:
-    """Export the float U-Net to `path` (one external data file when it is over ~2 GB)."""
-    import onnx
-
-    from sdcompiler.passes.accounting import unet_example_inputs
-
-    inputs = unet_example_inputs(unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=torch.Generator().manual_seed(0))
-    args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
-    names = ["sample", "timestep", "encoder_hidden_states"]
-    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
-            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
-    if sdxl:
-        args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
-        names += ["text_embeds", "time_ids"]
-        axes |= {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}}
-    large = sum(p.numel() * p.element_size() for p in unet.parameters()) > EXTERNAL_DATA_BYTES
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = Path(tmp) / "model.onnx"
-        try:
-            with torch.no_grad():
-                torch.onnx.export(_UNetGraph(unet, sdxl).eval(), tuple(args), str(raw), dynamo=False,
-                                  opset_version=OPSET, input_names=names, output_names=["out_sample"],
-                                  dynamic_axes=axes, do_constant_folding=True)
-        except Exception as exc:  # the exporter raises many types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PassError(f"ptq: ONNX export of the U-Net failed: {first}; rerun with --debug for the trace") from exc
-        if large:  # the TorchScript exporter wrote one file per tensor: gather them
-            onnx.save_model(onnx.load(str(raw)), str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
-        else:
-            shutil.move(str(raw), path)
+    (unet,) = [e for e in _exports(pipe, get_arch(arch), OnnxTargetConfig(opset=OPSET)) if e.name == "unet"]
+    return export_model(unet, folder, OPSET)
 
 
 def simplify_graph(source: Path, target: Path) -> None:
@@ -364,9 +324,8 @@ class Ptq(Pass):
             work, result = Path(tmp) / "work", Path(tmp) / "result"
             work.mkdir()
             result.mkdir()
-            sdxl = pipe.unet.config.get("addition_embed_type") == "text_time"
-            export_float_unet(pipe.unet, work / "exported.onnx", sdxl)
-            simplify_graph(work / "exported.onnx", work / "model.onnx")
+            exported = export_float_unet(pipe, ctx.arch, work / "exported")
+            simplify_graph(exported, work / "model.onnx")
             settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config)
             shutil.rmtree(work)  # the float graph: up to 10 GB (SDXL) that the SQNR session does not need
             metrics = {"sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held),
