@@ -17,7 +17,7 @@ batch 2 (classifier-free guidance), 77 tokens:
 2. **deepcache**: `SplitUNet(unet, 0)` (branch 0, the pass's default) on the baseline U-Net: one full step
    (`.full`, which also returns the deep features) and one shallow step (`.shallow(..., deep=...)`, the deep
    features computed once beforehand from the same inputs). MACs of the full path and of the shallow path are
-   counted as the `feature_cache` pass counts them (its `_full_only` / `_shallow_only` forwards; shallow =
+   counted as the `feature_cache` pass counts them (full = the U-Net's; shallow =
    full+shallow minus full). Per image: the default PNDM scheduler (shipped config) at `--steps` inference
    steps gives the U-Net call count (51 at 50 steps), `full_steps(calls, CacheSettings(interval=I))` the plan;
    MACs per image = (MACs per batch-1 forward) x calls x 2 (CFG), and the projected U-Net latency per image =
@@ -118,12 +118,11 @@ def unet_calls(steps: int) -> int:
 def count_all_macs(unet, gri_unet, resolution: tuple[int, int]) -> dict[str, int]:
     """MACs of one batch-1 forward of each variant at `resolution` (the shallow step as the pass derives it)."""
     from sdcompiler.passes import count_macs
-    from sdcompiler.passes.feature_cache import _full_only, _shallow_only
+    from sdcompiler.passes.feature_cache import _shallow_only
 
-    full = count_macs(unet, resolution, forward=_full_only(BRANCH))
+    full = count_macs(unet, resolution)  # the full step runs the same ops as the U-Net
     with_shallow = count_macs(unet, resolution, forward=_shallow_only(BRANCH))
-    return {BASELINE: count_macs(unet, resolution), GRI: count_macs(gri_unet, resolution),
-            FULL: full, SHALLOW: with_shallow - full}
+    return {BASELINE: full, GRI: count_macs(gri_unet, resolution), FULL: full, SHALLOW: with_shallow - full}
 
 
 def _rename(mapping: dict) -> dict:

@@ -58,15 +58,6 @@ def _shallow_only(branch: int):
     return forward
 
 
-def _full_only(branch: int):
-    def forward(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        added = added_cond_kwargs or {}
-        return SplitUNet(unet, branch).full(sample, timestep, encoder_hidden_states,
-                                            added.get("text_embeds"), added.get("time_ids"))
-
-    return forward
-
-
 def _timestep_count(scheduler, defaults: dict) -> int:
     """U-Net calls per image at the recorded defaults (PNDM, e.g., adds a warm-up step)."""
     if defaults.get("timesteps"):
@@ -98,10 +89,8 @@ class FeatureCache(Pass):
         guidance = float(ctx.pipeline_defaults.get("guidance_scale", get_arch(ctx.arch).default_guidance_scale))
         cfg = 2 if guidance > 1.0 else 1
         unet = pipe.unet
-        full = count_macs(unet, ctx.macs_resolution)
-        with_shallow = count_macs(unet, ctx.macs_resolution, forward=_shallow_only(config.branch))
-        plain_full = count_macs(unet, ctx.macs_resolution, forward=_full_only(config.branch))
-        shallow = with_shallow - plain_full
+        full = count_macs(unet, ctx.macs_resolution)  # SplitUNet.full runs the same ops as unet()
+        shallow = count_macs(unet, ctx.macs_resolution, forward=_shallow_only(config.branch)) - full
         plan = full_steps(steps, config.settings())
         n_full = sum(plan)
         return {
