@@ -45,10 +45,9 @@ def check_destination(output_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
-    """Yield a staging folder; on success it atomically becomes `output_dir`."""
-    output_dir = Path(output_dir).resolve()
-    check_destination(output_dir)
+def staged_folder(output_dir: Path) -> Iterator[Path]:
+    """Yield a staging folder next to `output_dir`; on success it atomically becomes `output_dir`
+    (replacing what was there), on failure it is removed and `output_dir` is left as it was."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     umask = os.umask(0)
@@ -56,8 +55,6 @@ def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
     try:
         yield staging
-        if not (staging / MANIFEST).exists():
-            raise ArtifactError(f"internal error: no {MANIFEST} written for {output_dir}")
         old = None
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
@@ -67,6 +64,17 @@ def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
+    """Yield a staging folder; on success (a manifest written) it atomically becomes `output_dir`."""
+    output_dir = Path(output_dir).resolve()
+    check_destination(output_dir)
+    with staged_folder(output_dir) as staging:
+        yield staging
+        if not (staging / MANIFEST).exists():
+            raise ArtifactError(f"internal error: no {MANIFEST} written for {output_dir}")
 
 
 def hash_files(root: Path) -> dict[str, str]:

@@ -39,18 +39,16 @@ produced from a `ModelSpec` by the same `model_config`; exporting a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from sdcompiler.artifact import MANIFEST, read_manifest, verify_files
+from sdcompiler.artifact import MANIFEST, read_manifest, staged_folder, verify_files
 from sdcompiler.errors import ArtifactError, ConfigError
 
 PIPELINE = "pipeline"
@@ -300,9 +298,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-@contextlib.contextmanager
-def _staged_repository(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a staging folder that becomes `out` on success (as `artifact.staged_artifact` does for artifacts)."""
+def _staged_repository(out: Path, overwrite: bool):
+    """A staging folder that becomes `out` on success (`artifact.staged_folder`), after checking that `out`
+    is new, empty, or (with `overwrite`) a repository export-server wrote."""
     out = out.resolve()
     if out.exists():
         if not out.is_dir():
@@ -314,22 +312,7 @@ def _staged_repository(out: Path, overwrite: bool) -> Iterator[Path]:
             if not (out / PIPELINE / VERSION / MANIFEST).is_file():
                 raise ArtifactError(f"output folder {out} is not a model repository written by export-server; "
                                     "refusing to replace it: pass a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: the server's user must read it
-    try:
-        yield staging
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
-        staging.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return staged_folder(out)
 
 
 # --- the pipeline model's side (runs inside Triton's Python backend) --------------------------
