@@ -8,7 +8,18 @@ pipeline (~14 GB in fp32) does not fit this test's budget.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+
+
+def _require_free_disk(path, gigabytes: float) -> None:
+    """Skip (with the numbers) when the disk cannot hold the checkpoint and the artifact: a full disk is
+    the machine's state, not a defect of the compiler, and must not turn the whole suite red."""
+    free = shutil.disk_usage(path).free / 1e9
+    if free < gigabytes:
+        pytest.skip(f"needs ~{gigabytes:.0f} GB free disk for the full-size checkpoint and artifact, "
+                    f"{free:.1f} GB free at {path}")
 
 
 @pytest.mark.slow
@@ -16,6 +27,7 @@ def test_bk_small_full_sd15_compiles_with_published_parameter_count(tmp_path):
     from sdcompiler import compile_pipeline
     from sdcompiler.testing import make_checkpoint
 
+    _require_free_disk(tmp_path, 8)
     checkpoint = make_checkpoint(tmp_path / "sd15-full", "sd15", "full", seed=0)
     pipe = compile_pipeline(checkpoint, recipe="bk-small", target="torch", output_dir=tmp_path / "out",
                             show_progress=False)
@@ -32,6 +44,7 @@ def test_koala_700m_full_sdxl_compiles_with_published_parameter_count(tmp_path):
     from sdcompiler import compile_pipeline
     from sdcompiler.testing import make_checkpoint
 
+    _require_free_disk(tmp_path, 22)
     checkpoint = make_checkpoint(tmp_path / "sdxl-full", "sdxl", "full", seed=0)
     pipe = compile_pipeline(checkpoint, recipe="koala-700m", target="torch", output_dir=tmp_path / "out",
                             show_progress=False)
