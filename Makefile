@@ -14,7 +14,7 @@ else
 ORT_EXTRA := cpu
 TORCH_SPEC := torch==2.13.0+cpu
 endif
-EXTRAS := $(ORT_EXTRA),optimum,triton,dev
+EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,dev
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
 CHECKPOINT ?=

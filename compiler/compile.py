@@ -101,7 +101,7 @@ def compile_artifact(
     source_unet_config = dict(pipe.unet.config)
 
     ctx = PassContext(arch=spec.name, macs_resolution=macs_resolution, cache_dir=knobs.cache_dir(), seed=seed,
-                      show_progress=show_progress, source_hash=loaded.source.get("sha256", ""))
+                      show_progress=show_progress, source_hash=loaded.source.get("sha256", ""), target=target)
     start = time.perf_counter()
     records = PassManager(steps).run(pipe, ctx)
     passes_seconds = time.perf_counter() - start

@@ -11,6 +11,8 @@ formula (the kernels package does).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -88,7 +90,10 @@ def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_fac
     }
     inputs = unet_example_inputs(unet, 1, latent_hw, device="meta")
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # a pass whose modules cannot run on meta tensors (modelopt's quantizers) leaves a context that makes
+    # them pass through for the count
+    context = getattr(unet, "cost_counting_context", None)
+    with context(unet) if context else contextlib.nullcontext(), counter, torch.no_grad():
         torch.func.functional_call(_Call(unet, forward), meta_state, args=(), kwargs=inputs, strict=False)
     return counter.get_total_flops() // 2
 

@@ -38,6 +38,7 @@ class PassContext:
     show_progress: bool = True
     device: str = "cpu"
     source_hash: str = ""  # content hash of the loaded checkpoint: keys data caches
+    target: str = ""  # the target the compile lowers to ("" outside compile_pipeline)
     # Set by the PassManager for passes with needs_teacher: the U-Net as it was before the first
     # structural pass since the previous training pass, and a key naming it (source + passes before).
     teacher: Any = None

@@ -1,4 +1,4 @@
-"""ptq: post-training static quantization of the U-Net (presets `int8`, `fp8`).
+"""ptq: post-training static quantization of the U-Net (presets `int8`, `fp8`) for ONNX Runtime and TensorRT.
 
 INT8 for ONNX Runtime (target "onnx") is static QDQ on the exported float graph, in the form ORT's CPU
 kernels run fast (environment.md): activations uint8, asymmetric, one (scale, zero point) per tensor,
@@ -38,15 +38,18 @@ tool versions; a rerun reuses it, metrics included) and handed to the target as
 place of its own float U-Net export and records its settings. The torch U-Net is not changed, so the
 `torch` target, which would run it in float, is refused up front (`targets`).
 
-FP8 (and INT4) Q/DQ export as `trt::` custom ops that only TensorRT loads: `precision: fp8` belongs to
-the TensorRT target: `supported_targets` makes `compile_pipeline` refuse it with any other target before
-loading the checkpoint, and `requires` refuses it on TensorRT too until the modelopt path exists.
+For target "tensorrt" (and for fp8) the pass runs its modelopt backend instead (`ptq_modelopt`):
+`mtq.quantize` fake-quantizes `pipe.unet` in place (INT8 with SmoothQuant, or FP8 E4M3; TensorRT demo's
+quantization levels 1 / 2 / 2.5 / 3 / 4), calibrated on the same trajectories, and the tensorrt target
+exports it as a Q/DQ graph for a strongly typed engine. TensorRT's INT8 is symmetric and ONNX Runtime's
+fast CPU path is U8 asymmetric, so neither backend's graph serves the other target: `supported_targets`
+makes `compile_pipeline` refuse a mismatch (fp8 with target onnx included: FP8 Q/DQ export as `trt::`
+ops that only TensorRT loads) before loading the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import io
 import json
@@ -66,17 +69,23 @@ from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError
+from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
+from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
 from sdcompiler.passes.quest import Trajectories, teacher_trajectories
 from sdcompiler.passes.teacher_data import load_prompts
 
 OPSET = 18  # the onnx target's default opset
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes
+ORT_EXCLUDE = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out")
 
 
 @dataclass(frozen=True)
 class PtqConfig(PassConfig):
     precision: Literal["int8", "fp8"] = "int8"
+    # onnxruntime: QDQ graph for ONNX Runtime (target onnx); modelopt: fake-quantized U-Net that the tensorrt
+    # target exports as Q/DQ (TensorRT); auto: modelopt for target tensorrt and for fp8, else onnxruntime
+    backend: Literal["auto", "onnxruntime", "modelopt"] = "auto"
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = 99.999  # `percentile` calibration: share of the values kept inside the range
     calib_prompts: int = 4
@@ -84,10 +93,14 @@ class PtqConfig(PassConfig):
     calib_steps: int = 4  # sampling steps per trajectory; every visited U-Net input calibrates
     guidance_scale: float = 7.5
     resolution: int | None = 256  # pixels; calibration and SQNR (null: the model's native size)
-    per_channel: bool = True  # one weight scale per output channel
-    reduce_range: bool = True  # 7-bit weights: no int16 saturation on AVX2 without VNNI
-    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
-    exclude: tuple[str, ...] = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out")
+    per_channel: bool = True  # onnxruntime: one weight scale per output channel (modelopt int8: always)
+    reduce_range: bool = True  # onnxruntime: 7-bit weights, no int16 saturation on AVX2 without VNNI
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # onnxruntime: the ONNX op types quantized
+    # modules kept in float; null: the backend's default (both: embeddings, time_emb_proj, conv_in/out;
+    # modelopt also the ResNet shortcut convs, as modelopt's diffusers example)
+    exclude: tuple[str, ...] | None = None
+    level: float = 3.0  # modelopt: TensorRT demo's quantization level 1 / 2 / 2.5 / 3 / 4 (ptq_modelopt)
+    smoothquant_alpha: float | None = 0.8  # modelopt int8: SmoothQuant migration strength; null: off
 
     def __post_init__(self):
         if self.calib_prompts < 1 or self.held_out_prompts < 1 or self.calib_steps < 1:
@@ -98,6 +111,27 @@ class PtqConfig(PassConfig):
             raise ValueError("calibration samples with classifier-free guidance: guidance_scale must be > 1")
         if not self.op_types:
             raise ValueError("op_types must name at least one ONNX op type")
+        if self.level not in MODELOPT_LEVELS:
+            raise ValueError(f"level must be one of {', '.join(f'{v:g}' for v in MODELOPT_LEVELS)}, got {self.level:g}")
+        if self.level >= 4 and self.precision != "fp8":
+            raise ValueError("level 4 quantizes attention (fused FP8 MHA), which TensorRT runs in fp8 only: "
+                             "use precision 'fp8', or level 3")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] (or null), got {self.smoothquant_alpha}")
+        if self.precision == "fp8" and self.backend == "onnxruntime":
+            raise ValueError("precision 'fp8' exports trt:: Q/DQ ops that ONNX Runtime cannot load: use backend "
+                             "'modelopt' with target tensorrt, or precision 'int8'")
+
+    def backend_for(self, target: str) -> str:
+        """The backend this config runs with when compiling for `target`."""
+        if self.backend != "auto":
+            return self.backend
+        return "modelopt" if target == "tensorrt" or self.precision == "fp8" else "onnxruntime"
+
+    def excluded(self, backend: str) -> tuple[str, ...]:
+        if self.exclude is not None:
+            return self.exclude
+        return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
 
 
 @dataclass(frozen=True)
@@ -155,13 +189,7 @@ def module_path(node_name: str) -> str:
 
 def excluded_nodes(model, patterns: tuple[str, ...]) -> list[str]:
     """Names of the graph's nodes whose module (or a module containing it) matches one of `patterns`."""
-    excluded = []
-    for node in model.graph.node:
-        parts = module_path(node.name).split(".")
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns):
-            excluded.append(node.name)
-    return excluded
+    return [node.name for node in model.graph.node if module_excluded(module_path(node.name), patterns)]
 
 
 # --- calibration and quantization -------------------------------------------------------------------
@@ -216,7 +244,7 @@ def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqCo
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     graph = onnx.load(str(source), load_external_data=False)
-    excluded = excluded_nodes(graph, config.exclude)
+    excluded = excluded_nodes(graph, config.excluded("onnxruntime"))
     large = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
     del graph
     extra = {
@@ -281,30 +309,51 @@ def _import_onnxruntime() -> None:
                         "pip install 'sd-compiler[cpu]'") from None
 
 
+def _import_modelopt() -> None:
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except ImportError:
+        raise PassError("ptq for target tensorrt (and fp8) quantizes with nvidia-modelopt, which is not installed: "
+                        "pip install 'sd-compiler[modelopt]'") from None
+
+
 @register_pass
 class Ptq(Pass):
     name = "ptq"
     config_class = PtqConfig
     stage = "quantize"
-    targets = ("onnx",)  # the torch U-Net stays float: only the ONNX Runtime graph is quantized
-    description = "post-training static quantization: ONNX Runtime QDQ int8 (U8 activations, S8 per-channel weights)"
+    targets = ("onnx", "tensorrt")
+    description = ("post-training static quantization: INT8 QDQ for ONNX Runtime (U8 activations, S8 per-channel "
+                   "weights); INT8 / FP8 Q/DQ through nvidia-modelopt for TensorRT")
 
     def supported_targets(self, config: PtqConfig) -> tuple[str, ...]:
-        # fp8 Q/DQ export as trt:: ops that only TensorRT loads: compile_pipeline refuses fp8 with another
-        # target before loading anything
-        return ("tensorrt",) if config.precision == "fp8" else self.targets
+        # each backend's graph runs on one target only: ONNX Runtime's U8 QDQ is not TensorRT's symmetric
+        # INT8, and fp8 exports as trt:: ops. compile_pipeline refuses a mismatch before loading anything
+        if config.backend == "onnxruntime":
+            return ("onnx",)
+        if config.backend == "modelopt" or config.precision == "fp8":
+            return ("tensorrt",)
+        return self.targets
 
     def requires(self, pipe, config: PtqConfig, ctx: PassContext) -> None:
-        if config.precision == "fp8":
-            raise PassError("precision 'fp8' is TensorRT-only (trt:: Q/DQ ops), and the tensorrt target's "
-                            "modelopt fp8 path is not built yet; for ONNX Runtime use precision 'int8' (preset int8)")
-        if getattr(pipe.unet, "onnx_quantization", None) is not None:
+        from sdcompiler.passes.ptq_modelopt import is_modelopt_quantized
+
+        if getattr(pipe.unet, "onnx_quantization", None) is not None or is_modelopt_quantized(pipe.unet):
             raise PassError("the U-Net is already quantized")
-        _import_onnxruntime()
+        backend = config.backend_for(ctx.target)
+        if backend == "modelopt":
+            if config.calibration == "entropy":
+                raise PassError("calibration 'entropy' is ONNX Runtime's; the modelopt backend (target tensorrt) "
+                                "offers 'minmax' and 'percentile'")
+            _import_modelopt()
+        else:
+            _import_onnxruntime()
 
     def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float]:
         unet = pipe.unet.eval()
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
+        if config.backend_for(ctx.target) == "modelopt":
+            return self._quantize_modelopt(pipe, config, ctx, resolution)
         folder = ctx.cache_dir / "ptq" / _cache_key(config, ctx, resolution)
         if not (folder / "metrics.json").exists():
             self._quantize(pipe, config, ctx, resolution, folder)
@@ -312,13 +361,18 @@ class Ptq(Pass):
         unet.onnx_quantization = OnnxQuantization(folder, record["settings"])
         return record["metrics"]
 
-    def _quantize(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int, folder: Path) -> None:
-        """Calibrate, quantize and measure into `folder`, atomically (a partial sibling renamed into place)."""
+    def _trajectories(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int) -> tuple[Trajectories, Trajectories]:
+        """Calibration trajectories (seed) and held-out ones (seed + 1, other prompts), cached."""
         prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
         common = dict(steps=config.calib_steps, guidance=config.guidance_scale, resolution=resolution,
                       cache_dir=ctx.cache_dir, model_key=ctx.model_key)
         calib = teacher_trajectories(pipe, prompts[: config.calib_prompts], seed=ctx.seed, **common)
         held = teacher_trajectories(pipe, prompts[config.calib_prompts:], seed=ctx.seed + 1, **common)
+        return calib, held
+
+    def _quantize(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int, folder: Path) -> None:
+        """Calibrate, quantize and measure into `folder`, atomically (a partial sibling renamed into place)."""
+        calib, held = self._trajectories(pipe, config, ctx, resolution)
         folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{folder.name}.partial-", dir=folder.parent) as tmp:
             work, result = Path(tmp) / "work", Path(tmp) / "result"
@@ -334,3 +388,31 @@ class Ptq(Pass):
             (result / "metrics.json").write_text(json.dumps({"metrics": metrics, "settings": settings}, indent=2))
             with contextlib.suppress(OSError):  # another compile finished the same key first: keep its folder
                 os.rename(result, folder)
+
+    def _quantize_modelopt(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int) -> dict[str, Any]:
+        """Insert and calibrate modelopt quantizers in `pipe.unet` (in place); eps SQNR vs the float U-Net."""
+        from sdcompiler.passes import ptq_modelopt as mo
+
+        calib, held = self._trajectories(pipe, config, ctx, resolution)
+        unet = pipe.unet
+        exclude = config.excluded("modelopt")
+        quant = mo.quant_config(unet, config.precision, config.level, exclude, smoothquant_alpha=config.smoothquant_alpha,
+                                calibration=config.calibration, percentile=config.percentile)
+        with torch.no_grad():
+            reference = mo.eps_outputs(unet, held)
+            mo.quantize(unet, quant, lambda model: mo.eps_outputs(model, calib))
+            estimate = mo.eps_outputs(unet, held)
+        layers = mo.selected_layers(unet, config.level, exclude)
+        settings = {
+            "backend": "modelopt", "modelopt": version("nvidia-modelopt"), "precision": config.precision,
+            "level": config.level, "weights": "per-channel" if config.precision == "int8" else "per-tensor",
+            "activations": "per-tensor", "algorithm": quant["algorithm"] if isinstance(quant["algorithm"], str)
+            else dict(quant["algorithm"]), "calibration": config.calibration,
+            "percentile": config.percentile if config.calibration == "percentile" else None,
+            "quantized_layers": len(layers), "quantized_attention": config.level >= 4, "exclude": list(exclude),
+            "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",
+        }
+        unet.modelopt_quantization = settings
+        return {"sqnr_db": sqnr_db(reference, estimate),
+                "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],
+                "quantized_layers": len(layers), "quantizers": len(mo.quantizers(unet))}

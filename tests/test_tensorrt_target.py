@@ -84,8 +84,8 @@ def test_profile_shapes_follow_the_named_dimensions():
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"precision": "int8"}, "Q/DQ U-Net graph, which comes with the ptq pass"),
-    ({"precision": "fp8"}, "Q/DQ U-Net graph, which comes with the ptq pass"),
+    ({"precision": "int8"}, "add preset .int8. to the recipe and keep precision .fp16."),
+    ({"precision": "fp8"}, "Q/DQ U-Net graph that the ptq pass makes: add preset .fp8."),
     ({"precision": "fp64"}, "must be one of"),
     ({"batch_size": [2, 1, 4]}, "min <= opt <= max"),
     ({"height": [256, 512]}, r"\[min, opt, max\]"),

@@ -7,13 +7,18 @@ Stages, each writing files into the artifact:
    typed network (TensorRT 10 deprecates the weakly typed FP16/BF16/INT8/FP8 builder flags and 11
    removes them): `fp16` / `bf16` / `fp32` export the U-Net in that type, the text encoders too except
    under `bf16` (the TorchScript exporter fails on bf16 CLIP graphs, so they stay fp32), the VAE decoder
-   in `vae_precision`. `int8` / `fp8` build strongly typed engines from Q/DQ U-Net graphs, which come
-   with the ptq pass; until it makes them for this target the config refuses them.
+   in `vae_precision`. INT8 / FP8 engines come from the ptq pass (presets `int8`, `fp8`): its modelopt
+   backend leaves a fake-quantized U-Net that exports as Q/DQ pairs around each quantized op (standard
+   QuantizeLinear / DequantizeLinear for INT8, `trt::TRT_FP8*` for FP8) with scales in the graph's own
+   float type (a strongly typed network needs them there) at opset >= 19 (the first whose Q/DQ take
+   fp16 / bf16); the strongly typed builder picks INT8 / FP8 kernels from them.
 2. `optimize_onnx`: onnx-graphsurgeon cleanup + toposort, constant folding (ONNX Runtime evaluates the
-   constant subgraphs), ONNX shape inference before and after -> `<component>/model.opt.onnx`
+   constant subgraphs, never a Q/DQ node: folding a weight's Q -> DQ would leave a rounded float weight
+   and a float kernel), ONNX shape inference before and after -> `<component>/model.opt.onnx`
    (+ `model.opt.onnx.data` over 2 GB); the raw export is dropped. With `verify`, each optimized graph
    is compared with its torch module on the export inputs in ONNX Runtime (as the onnx target does;
-   bf16 graphs are skipped: ONNX Runtime's CPU provider has no bf16 kernels).
+   an INT8 Q/DQ U-Net against its fake-quantized module with the onnx target's SQNR floor; bf16 graphs
+   and FP8 Q/DQ are skipped: ONNX Runtime has no bf16 CPU kernels and cannot load `trt::` ops).
 3. `build_engine`: one engine per component, `<component>/model_sm<major><minor>.plan` (the names Triton's
    `cc_model_filenames` maps compute capabilities to), built with the `tensorrt` Python API: ONNX parser,
    one optimization profile (min / opt / max shapes), workspace limit, builder optimization level and a
@@ -67,7 +72,7 @@ from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
 from sdcompiler.targets.onnx_target import (
-    TOLERANCE, OnnxTargetConfig, _exports, export_model, verify_model, write_component_configs,
+    MIN_SQNR_DB, TOLERANCE, OnnxTargetConfig, _exports, export_model, verify_model, write_component_configs,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = {dtype: name for name, dtype in DTYPES.items()}
 OPTIMIZED = "model.opt.onnx"
+QDQ_OPSET = 19  # the first opset whose QuantizeLinear / DequantizeLinear take fp16 and bf16 (the graph's type)
 ENGINE_FORMAT = 1  # bump when the same inputs would build a different engine (part of the cache key)
 Range = tuple[int, int, int]  # min, opt, max
 Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max shapes of one input
@@ -95,8 +101,9 @@ class TensorRTTargetConfig(PassConfig):
 
     def __post_init__(self):
         if self.precision in ("int8", "fp8"):
-            raise ValueError(f"precision {self.precision!r} builds a strongly typed engine from a Q/DQ U-Net graph, "
-                             "which comes with the ptq pass and is not made for target tensorrt yet; use 'fp16' or 'bf16'")
+            raise ValueError(f"{self.precision} engines come from a Q/DQ U-Net graph that the ptq pass makes: add preset "
+                             f"{self.precision!r} to the recipe and keep precision 'fp16' (or 'bf16'), the float type "
+                             "around the Q/DQ ops")
         for name in ("batch_size", "height", "width"):
             value = getattr(self, name)
             if value is not None and (len(value) != 3 or not 0 < value[0] <= value[1] <= value[2]):
@@ -201,7 +208,7 @@ def optimize_onnx(source: Path, target: Path) -> dict[str, Any]:
         graph = gs.import_onnx(model)
         del model
         graph.cleanup().toposort()
-        graph.fold_constants()
+        graph.fold_constants(should_exclude_node=_is_qdq)  # folding a weight's Q -> DQ would drop its INT8 / FP8 form
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
@@ -212,6 +219,16 @@ def optimize_onnx(source: Path, target: Path) -> dict[str, Any]:
     optimized = len(onnx.load(str(target), load_external_data=False).graph.node)
     return {"nodes_before": nodes, "nodes_after": optimized,
             "files": sorted(p.name for p in target.parent.glob(target.name + "*"))}
+
+
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear",
+           "TRT_INT4QuantizeLinear", "TRT_INT4DequantizeLinear"}
+
+
+def _is_qdq(node) -> bool:
+    """Q/DQ nodes stay in the graph: TensorRT picks its INT8 / FP8 kernels from them (a weight's constant
+    Q -> DQ pair too, which folding would replace by the rounded float weight)."""
+    return node.op in QDQ_OPS
 
 
 @contextlib.contextmanager
@@ -376,9 +393,16 @@ class TensorRTTarget(Target):
                            ctx.defaults.get("guidance_scale", ctx.arch.default_guidance_scale) > 1.0)
         ranges = dimension_ranges(config, sizes)
         dtypes = {e.name: PRECISIONS[e.dtype] for e in exports}
-        with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript", "dtypes": dtypes}) as stage:
+        quantization = getattr(pipe.unet, "modelopt_quantization", None)
+        if quantization is not None:  # the ptq pass's Q/DQ: scales in the graph's own float type (strongly typed)
+            from sdcompiler.passes.ptq_modelopt import set_export_dtype
+
+            set_export_dtype(pipe.unet, DTYPES[dtypes["unet"]])
+        params = {"opset": config.opset, "exporter": "torchscript", "dtypes": dtypes, "unet_quantization": quantization}
+        with Stage(records, "export_onnx", params) as stage:
             for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
-                export_model(export, out / export.name, config.opset)
+                opset = max(config.opset, QDQ_OPSET) if quantization and export.name == "unet" else config.opset
+                export_model(export, out / export.name, opset)
                 stage.results[export.name] = sorted(p.name for p in (out / export.name).iterdir())
             write_component_configs(pipe, out, ctx)
             write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
@@ -391,7 +415,8 @@ class TensorRTTarget(Target):
                 for raw in folder.glob("model.onnx*"):
                     raw.unlink()
                 if config.verify:
-                    stage.results[export.name]["verify"] = _verify(export, folder / OPTIMIZED)
+                    quantized = quantization if export.name == "unet" else None
+                    stage.results[export.name]["verify"] = _verify(export, folder / OPTIMIZED, quantized)
         settings = {"precision": config.precision, "vae_precision": config.vae_precision, "static": config.static,
                     "workspace_gb": config.workspace_gb, "builder_optimization_level": config.builder_optimization_level}
         with Stage(records, "build_engine", settings) as stage:
@@ -424,12 +449,22 @@ class TensorRTTarget(Target):
         return make_components(root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]))
 
 
-def _verify(export, path: Path) -> dict[str, Any]:
+def _verify(export, path: Path, quantization: Mapping[str, Any] | None = None) -> dict[str, Any]:
     precision = PRECISIONS[export.dtype]
     if precision == "bf16":
         return {"skipped": "ONNX Runtime's CPU provider has no bf16 kernels"}
+    if quantization is not None and quantization["precision"] != "int8":
+        return {"skipped": f"{quantization['precision']} Q/DQ are trt:: ops, which ONNX Runtime cannot load"}
     result = verify_model(export, path)
-    if result["relative_error"] > TOLERANCE[precision]:
+    if quantization is not None:
+        # INT8 Q/DQ in ONNX Runtime vs modelopt's simulation of it: a value on a rounding boundary lands one
+        # step apart and the difference compounds through the layers (on the tiny test U-Net a 1e-6 input
+        # change moves the simulation itself by ~30 dB SQNR), so this is the onnx target's floor for a
+        # wrong or mis-wired graph; the ptq pass measures quantization error on real trajectories
+        if result["sqnr_db"] < MIN_SQNR_DB:
+            raise LoweringError(f"the int8 Q/DQ U-Net disagrees with its modelopt simulation (SQNR "
+                                f"{result['sqnr_db']:.1f} dB < {MIN_SQNR_DB:.0f} dB on the export inputs); report the model")
+    elif result["relative_error"] > TOLERANCE[precision]:
         raise LoweringError(f"optimized ONNX {export.name} disagrees with torch (relative error "
                             f"{result['relative_error']:.2e} > {TOLERANCE[precision]:.0e} at {precision}); "
                             "try precision='fp32' or report the model")
