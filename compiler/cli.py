@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export-server", parents=[common], help="write a Triton Inference Server model repository")
-    p.add_argument("artifact", help="an artifact compiled with --target onnx")
+    p.add_argument("artifact", help="an artifact compiled with --target onnx or --target tensorrt")
     p.add_argument("--out", required=True, help="model repository folder to write (atomically)")
     p.add_argument("--max-batch-size", type=int, default=8, help="of the batching models (text encoders, VAE)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (per GPU with --kind GPU)")

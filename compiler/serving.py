@@ -31,14 +31,19 @@ an environment and pass its path as `python_env` (the Python backend's
 `model_index.json`, `manifest.json`, `models.json`: the component models'
 inputs and outputs) is copied into `pipeline/1/`.
 
-`tensorrt_plan` configs (one engine per GPU compute capability via
-`cc_model_filenames`, optimization profiles via `instance_group.profile`) are
-produced from a `ModelSpec` by the same `model_config`; exporting a
-`tensorrt` artifact lands with that target.
+A `tensorrt` artifact gives `tensorrt_plan` models instead: the engines
+(`model_sm<cc>.plan`, hard-linked) mapped by GPU compute capability in
+`cc_model_filenames`, the engine's optimization profile "0" in
+`instance_group.profile`, I/O types from the optimized graph (fp16 where the
+engine takes fp16), and `max_batch_size` capped by the profile's batch range
+(0 for static engines). Instances run on GPUs only. An engine for another GPU
+kind comes from compiling on that kind; the repository serves what the
+artifact holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -88,6 +93,7 @@ class ModelSpec:
     profiles: tuple[str, ...] = ()
     parameters: Mapping[str, str] = field(default_factory=dict)
     unbatched_reason: str = ""
+    batch_limit: int | None = None  # the most items a batching model takes (a TensorRT profile's max batch)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
@@ -129,6 +135,8 @@ def model_config(spec: ModelSpec, *, max_batch_size: int, kind: str, instance_co
     """
     if spec.platform == "tensorrt_plan" and kind != "GPU":
         raise ConfigError(f"model {spec.name}: TensorRT plans run only on GPU instances, got kind={kind!r}")
+    if spec.batch_limit is not None:
+        max_batch_size = min(max_batch_size, spec.batch_limit)
     blocker = _batch_blocker(spec) if max_batch_size else None
     batch = max_batch_size if blocker is None else 0
     lines = ["# Written by sd-compiler export-server; re-export instead of editing.", f"name: {_quote(spec.name)}"]
@@ -193,7 +201,7 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# --- the component models of an onnx artifact ------------------------------------------------
+# --- the component models of an onnx or tensorrt artifact ------------------------------------
 
 
 def onnx_model_spec(name: str, path: Path) -> ModelSpec:
@@ -218,6 +226,34 @@ def onnx_model_spec(name: str, path: Path) -> ModelSpec:
                      outputs=tuple(tensor(v) for v in graph.output), platform="onnxruntime_onnx")
 
 
+def tensorrt_model_spec(name: str, folder: Path, build: Mapping) -> ModelSpec:
+    """A `tensorrt` artifact's engine as Triton sees it.
+
+    I/O names and types are the optimized ONNX graph's (a strongly typed engine keeps them); every plan
+    in the folder (`model_sm<major><minor>.plan`) goes into `cc_model_filenames`; the engine's one
+    optimization profile is profile "0", and its batch range caps `max_batch_size`: a profile whose
+    batch cannot go down to 1 or up past 1 (static engines) makes the model non-batching.
+    """
+    from sdcompiler.targets.tensorrt_target import OPTIMIZED
+
+    spec = onnx_model_spec(name, folder / OPTIMIZED)
+    plans = {}
+    for plan in sorted(folder.glob("model_sm*.plan")):
+        digits = plan.stem.removeprefix("model_sm")
+        if digits.isdigit() and len(digits) >= 2:
+            plans[f"{digits[:-1]}.{digits[-1]}"] = plan.name
+    if not plans:
+        raise ArtifactError(f"{folder} has no TensorRT engine (model_sm<cc>.plan); recompile the artifact")
+    batches = [(shapes[0][0], shapes[2][0]) for shapes in build["profile"].values() if shapes[0]]
+    low = max((lo for lo, _ in batches), default=1)
+    high = min((hi for _, hi in batches), default=1)
+    limit, reason = high, ""
+    if low > 1 or high <= 1:
+        limit, reason = 0, f"the engine's optimization profile fixes the batch range to [{low}, {high}]"
+    return dataclasses.replace(spec, platform="tensorrt_plan", cc_model_filenames=plans, profiles=("0",),
+                               batch_limit=limit, unbatched_reason=reason)
+
+
 def _onnx_components(manifest: dict) -> list[str]:
     from sdcompiler.archs import get_arch
     from sdcompiler.targets.components import cache_settings
@@ -231,13 +267,13 @@ def _onnx_components(manifest: dict) -> list[str]:
 
 def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int = 8, instance_count: int = 1,
                   kind: str = "GPU", python_env: str | None = None, overwrite: bool = False) -> Path:
-    """Write a Triton Inference Server model repository for a compiled `onnx` artifact.
+    """Write a Triton Inference Server model repository for a compiled `onnx` or `tensorrt` artifact.
 
     The repository appears atomically: it is built in a temporary sibling folder and renamed into
     place, so a failed export leaves nothing at `out` (and an overwritten repository intact).
 
     Args:
-        artifact: the artifact folder (holds manifest.json), compiled with target "onnx".
+        artifact: the artifact folder (holds manifest.json), compiled with target "onnx" or "tensorrt".
         out: the model repository folder to write; must be new or empty unless `overwrite`.
         max_batch_size: max_batch_size of the models that can batch (text encoders, VAE decoder);
             0 makes every model non-batching.
@@ -253,27 +289,27 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
     """
     root = Path(artifact).resolve()
     manifest = read_manifest(root)
-    if manifest["target"] != "onnx":
-        raise ArtifactError(f"export-server needs an onnx (or, once that target lands, tensorrt) artifact; {root} was "
-                            f"compiled for target {manifest['target']!r}: recompile it with --target onnx")
+    if manifest["target"] not in ("onnx", "tensorrt"):
+        raise ArtifactError(f"export-server needs an onnx or tensorrt artifact; {root} was compiled for target "
+                            f"{manifest['target']!r}: recompile it with --target onnx (or tensorrt)")
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     verify_files(root, manifest)
-    specs = [onnx_model_spec(name, root / name / "model.onnx") for name in _onnx_components(manifest)]
+    models = _component_models(root, manifest)
+    specs = [spec for spec, _ in models]
     pipeline = ModelSpec(PIPELINE, PIPELINE_INPUTS, PIPELINE_OUTPUTS, backend="python",
                          parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
                          unbatched_reason="one request runs one sampling loop (its prompts are the batch)")
 
     with _staged_repository(Path(out), overwrite) as repo:
-        for spec in specs:
+        for spec, files in models:
             version = repo / spec.name / VERSION
             version.mkdir(parents=True)
-            for file in ("model.onnx", "model.onnx.data"):  # the onnx target's layout: one external-data file
-                if (root / spec.name / file).is_file():
-                    _link_or_copy(root / spec.name / file, version / file)
+            for file in files:
+                _link_or_copy(root / spec.name / file, version / file)
             (repo / spec.name / "config.pbtxt").write_text(
                 model_config(spec, max_batch_size=max_batch_size, kind=kind, instance_count=instance_count))
         version = repo / PIPELINE / VERSION
@@ -288,6 +324,20 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
         (repo / PIPELINE / "config.pbtxt").write_text(
             model_config(pipeline, max_batch_size=0, kind="CPU", instance_count=instance_count))
     return Path(out).resolve()
+
+
+def _component_models(root: Path, manifest: dict) -> list[tuple[ModelSpec, list[str]]]:
+    """Each component model's spec and the artifact files its version folder holds."""
+    names = _onnx_components(manifest)
+    if manifest["target"] == "onnx":  # the onnx target's layout: model.onnx [+ one external-data file]
+        return [(onnx_model_spec(name, root / name / "model.onnx"),
+                 [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()]) for name in names]
+    built = next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]
+    models = []
+    for name in names:
+        spec = tensorrt_model_spec(name, root / name, built[name]["build"])
+        models.append((spec, sorted(spec.cc_model_filenames.values())))
+    return models
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -34,7 +34,8 @@ CASES = {  # (arch, recipe) -> the component models its repository serves
     ("sdxl", "none"): ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
     ("sd15", "deepcache"): ["text_encoder", "unet", "unet_shallow", "vae_decoder"],
 }
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+                  onnx.TensorProto.INT64: "TYPE_INT64"}
 TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64}
 KIND_GPU, KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_GPU, model_config_pb2.ModelInstanceGroup.KIND_CPU
 PIPELINE_INPUTS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "height", "width"]
@@ -57,7 +58,11 @@ def repos(compiled, tmp_path_factory):
 
 
 def parse_config(path: Path):
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return parse_text(path.read_text())
+
+
+def parse_text(text: str):
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def onnx_io(path: Path):
@@ -348,3 +353,62 @@ def test_cli_export_server(compiled, tmp_path, capsys):
     assert main(["export-server", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+
+
+# --- tensorrt artifacts ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
+    """A tiny SD1.5 `tensorrt` artifact whose engines come from `FakeTensorRT` (b"engine": TensorRT cannot be
+    installed here); everything else (exports, optimized graphs, manifest, plan layout) is the real target's."""
+    from fake_tensorrt import FakeTensorRT
+
+    from sdcompiler.compile import compile_artifact
+    from sdcompiler.errors import require
+    from sdcompiler.targets import tensorrt_target as tt
+
+    patch = pytest.MonkeyPatch()
+    fake = FakeTensorRT()
+    patch.setattr(tt, "require", lambda module, *args: fake if module == "tensorrt" else require(module, *args))
+    patch.setattr(tt.torch.cuda, "is_available", lambda: True)
+    patch.setattr(tt, "compute_capability", lambda: "9.0")
+    try:
+        out = tmp_path_factory.mktemp("trt") / "artifact"
+        compile_artifact(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, show_progress=False,
+                         target_options={"verify": False, "batch_size": [1, 2, 4]})
+    finally:
+        patch.undo()
+    return out
+
+
+def test_tensorrt_artifact_serves_its_engines(tensorrt_artifact, tmp_path):
+    repo = export_server(tensorrt_artifact, tmp_path / "repo", max_batch_size=8)
+    names = ["text_encoder", "unet", "vae_decoder"]
+    assert sorted(p.name for p in repo.iterdir()) == sorted([*names, "pipeline"])
+    for name in names:
+        config = parse_config(repo / name / "config.pbtxt")
+        assert config.platform == "tensorrt_plan"
+        assert dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan"}
+        assert [list(g.profile) for g in config.instance_group] == [["0"]]
+        assert [g.kind for g in config.instance_group] == [KIND_GPU]
+        plan = repo / name / "1" / "model_sm90.plan"
+        assert plan.read_bytes() == b"engine" and os.path.samefile(plan, tensorrt_artifact / name / "model_sm90.plan")
+        inputs, _ = onnx_io(tensorrt_artifact / name / "model.opt.onnx")
+        assert {i.name: type_name(i.data_type) for i in config.input} == {n: t for n, t, _ in inputs}
+    # batch: min(8, the profile's max images per call); the U-Net cannot batch (a scalar timestep)
+    assert parse_config(repo / "text_encoder" / "config.pbtxt").max_batch_size == 4
+    assert parse_config(repo / "vae_decoder" / "config.pbtxt").max_batch_size == 4
+    unet = parse_config(repo / "unet" / "config.pbtxt")
+    assert unet.max_batch_size == 0 and {i.name: i.data_type for i in unet.input}["sample"] == model_config_pb2.TYPE_FP16
+
+
+def test_tensorrt_static_engines_do_not_batch_and_need_gpu_instances(tensorrt_artifact, tmp_path):
+    static = {"profile": {"latent_sample": [[2, 4, 16, 16]] * 3}}
+    spec = serving.tensorrt_model_spec("vae_decoder", tensorrt_artifact / "vae_decoder", static)
+    text = model_config(spec, max_batch_size=8, kind="GPU", instance_count=1)
+    assert parse_text(text).max_batch_size == 0
+    assert "the engine's optimization profile fixes the batch range to [2, 2]" in text
+    with pytest.raises(ConfigError, match="TensorRT plans run only on GPU instances") as info:
+        export_server(tensorrt_artifact, tmp_path / "repo", kind="CPU")
+    assert "\n" not in str(info.value) and not (tmp_path / "repo").exists()
