@@ -25,16 +25,16 @@ from sdcompiler.passes import ptq_modelopt as mo  # noqa: E402
 SMALL = {"calib_prompts": 1, "calib_steps": 2, "resolution": 128}  # 4 calibration inputs (both CFG halves)
 
 
-def _pipeline(tiny_checkpoint):
+def _pipeline(tiny_checkpoint, arch="sd15"):
     from sdcompiler.loading import load_checkpoint
 
-    return load_checkpoint(tiny_checkpoint("sd15")).pipeline
+    return load_checkpoint(tiny_checkpoint(arch)).pipeline
 
 
-def _run(pipe, tmp_path, **options):
+def _run(pipe, tmp_path, arch="sd15", **options):
     ptq = get_pass("ptq")
     config = ptq.config_class.from_dict({**SMALL, **options}, owner="ptq")
-    ctx = PassContext(arch="sd15", macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
+    ctx = PassContext(arch=arch, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
                       target="tensorrt")
     ptq.requires(pipe, config, ctx)
     return ptq.run(pipe, config, ctx)
@@ -85,6 +85,15 @@ def test_int8_calibrates_every_quantizer_with_smoothquant(tiny_checkpoint, tmp_p
     _run(again, tmp_path)
     for name, quantizer in mo.quantizers(again.unet).items():
         assert torch.equal(quantizer.amax, quantizers[name].amax), name
+
+
+def test_sdxl_int8_calibrates_with_the_added_conditioning(tiny_checkpoint, tmp_path):
+    pipe = _pipeline(tiny_checkpoint, "sdxl")
+    metrics = _run(pipe, tmp_path, arch="sdxl")
+    print(f"tiny sdxl modelopt int8 level 3: eps SQNR {metrics['sqnr_db']:.2f} dB")
+    assert metrics["sqnr_db"] > 15.0
+    assert metrics["quantizers"] == 2 * len(mo.selected_layers(pipe.unet, 3.0, mo.DEFAULT_EXCLUDE))
+    assert not any(n.startswith("add_embedding") for n in mo.quantizers(pipe.unet))
 
 
 def test_macs_are_counted_through_the_quantizers(tiny_checkpoint, tmp_path):

@@ -117,3 +117,23 @@ def test_static_engines_replay_cuda_graphs(artifact, checkpoint, workdir, monkey
     assert np.abs(got - _images(load_compiled(artifact, device="cuda"))).max() < 2e-2
     with pytest.raises(PipelineArgumentError, match="outside the engine's optimization profile"):
         pipe("a red cube", height=64, width=64, **CALL)
+
+
+@pytest.mark.parametrize("preset", ["int8", "fp8"])
+def test_quantized_engines_from_the_ptq_pass(preset, checkpoint, workdir, artifact):
+    """modelopt Q/DQ U-Net -> strongly typed INT8 / FP8 engine (FP8 needs compute capability 8.9 or newer)."""
+    pytest.importorskip("modelopt.torch.quantization")
+    if preset == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 engines need compute capability >= 8.9")
+    recipe = [{"preset": preset, "calib_prompts": 1, "calib_steps": 2, "resolution": 128}]
+    root = compile_artifact(checkpoint, recipe=recipe, target="tensorrt", output_dir=workdir / preset,
+                            target_options={"precision": "fp16"})
+    manifest = json.loads((root / "manifest.json").read_text())
+    (record,) = manifest["passes"]
+    assert record["metrics"]["sqnr_db"] > 15.0
+    got = _images(load_compiled(root, device="cuda"))
+    expected = _images(load_compiled(artifact, device="cuda"))
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    psnr = 10 * np.log10(1.0 / max(np.mean((got - expected) ** 2), 1e-12))
+    print(f"{preset} engine vs fp32 engine images: PSNR {psnr:.1f} dB")
+    assert psnr > 15.0
