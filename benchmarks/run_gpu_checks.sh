@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and kernel benchmarks, for a machine that has only torch + Triton (e.g. the lent H100/H200):
 #
-#   OUT=/some/dir bash benchmarks/run_gpu_checks.sh [WHEELS_DIR]
+#   OUT=/some/dir [TESTS=tests/gpu/test_x.py] [BENCHES="bench_a bench_b"] bash benchmarks/run_gpu_checks.sh [WHEELS_DIR]
 #
 # WHEELS_DIR (optional) holds pure-Python wheels of pytest and its dependencies, installed offline when
 # pytest is missing. Results (test log, benchmark JSON/Markdown, GPU and versions) go to $OUT.
@@ -19,9 +19,14 @@ cat "$OUT/gpu.txt"
 if ! python -c "import pytest" 2>/dev/null && [ -n "$WHEELS" ]; then
   python -m pip install -q --no-index --find-links "$WHEELS" pytest
 fi
-python -m pytest tests/gpu --confcutdir=tests/gpu -q -p no:cacheprovider -rs > "$OUT/gpu_tests.txt" 2>&1
+# diffusers (pure Python; its dependencies come with transformers there) for the U-Net parts of the tests
+if ! python -c "import diffusers" 2>/dev/null && [ -n "$WHEELS" ]; then
+  python -m pip install -q --no-index --no-deps --find-links "$WHEELS" diffusers
+fi
+python -m pytest ${TESTS:-tests/gpu} --confcutdir=tests/gpu -q -p no:cacheprovider -rs > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $?"; tail -25 "$OUT/gpu_tests.txt"
-for bench in bench_w4a4_kernel bench_gri_kernel bench_fused_kernels; do
+# BENCHES (optional): which benchmarks to run, default all
+for bench in ${BENCHES:-bench_torch_target_gpu bench_w4a4_kernel bench_gri_kernel bench_fused_kernels}; do
   echo "== $bench"
   timeout 240 python "benchmarks/$bench.py" --out "$OUT" 2>&1 | tail -40
 done
