@@ -48,6 +48,7 @@ def test_record_has_sqnr_and_stages_name_the_settings(int8):
     assert metrics["excluded_nodes"] > 0
     stages = {s["name"]: s for s in manifest["lowering"]["stages"]}
     assert list(stages) == ["export_onnx", "quantize_onnx", "verify"]
+    assert stages["export_onnx"]["results"]["unet"].startswith("replaced by")  # the float U-Net is not exported twice
     settings = stages["quantize_onnx"]["settings"]
     assert (settings["format"], settings["activation_type"], settings["weight_type"]) == ("QDQ", "uint8", "int8")
     assert settings["per_channel"] and settings["reduce_range"] and settings["calibration"] == "minmax"

@@ -219,24 +219,25 @@ def verify_model(export: _Export, path: Path) -> dict[str, float]:
             "sqnr_db": 10 * math.log10(max(signal, 1e-20) / max(noise, 1e-20))}
 
 
-def install_quantized_unet(source: Path, folder: Path) -> dict[str, Any]:
-    """Put the quantized U-Net graph in `source` in place of the float export in `folder`.
+def install_quantized_unet(source: Path, folder: Path, export: _Export) -> dict[str, Any]:
+    """Put the quantized U-Net graph in `source` into `folder`, in place of the float export it replaces.
 
-    The two graphs must have the same interface (input and output names, input ranks): the ptq pass
-    exports the same module through the same wrapper, and this check catches any drift between them.
+    The graph must have the interface the float export would have (input and output names, input
+    ranks): the ptq pass exports the same module through the same wrapper, and this check catches any
+    drift between them without exporting the float U-Net a second time.
     """
     import onnx
 
-    def interface(model):
-        weights = {t.name for t in model.graph.initializer}
-        inputs = [(i.name, len(i.type.tensor_type.shape.dim)) for i in model.graph.input if i.name not in weights]
-        return inputs, [o.name for o in model.graph.output]
-
-    exported = interface(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+    args = [a for a in export.args if a is not None]
+    expected = ([(name, a.dim()) for name, a in zip(export.input_names, args)], list(export.output_names))
     quantized = onnx.load(str(source / "model.onnx"), load_external_data=False)
-    if interface(quantized) != exported:
-        raise LoweringError(f"the ptq pass's int8 U-Net has inputs/outputs {interface(quantized)}, the exported "
-                            f"U-Net {exported}; the two exports drifted apart: report this")
+    weights = {t.name for t in quantized.graph.initializer}
+    got = ([(i.name, len(i.type.tensor_type.shape.dim)) for i in quantized.graph.input if i.name not in weights],
+           [o.name for o in quantized.graph.output])
+    if got != expected:
+        raise LoweringError(f"the ptq pass's int8 U-Net has inputs/outputs {got}, the exported U-Net would have "
+                            f"{expected}; the two exports drifted apart: report this")
+    folder.mkdir(parents=True, exist_ok=True)
     for file in folder.glob("model.onnx*"):
         file.unlink()
     for file in sorted(source.glob("model.onnx*")):
@@ -265,6 +266,11 @@ class OnnxTarget(Target):
         with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript",
                                             "precision": config.precision, "vae_precision": config.vae_precision}) as stage:
             for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
+                if export.name == "unet" and quantized is not None:  # quantize_onnx puts the pass's graph here
+                    (out / "unet").mkdir(parents=True, exist_ok=True)
+                    paths["unet"] = out / "unet" / "model.onnx"
+                    stage.results["unet"] = "replaced by the ptq pass's graph (quantize_onnx)"
+                    continue
                 paths[export.name] = export_model(export, out / export.name, config.opset)
                 stage.results[export.name] = sorted(p.name for p in (out / export.name).iterdir())
             write_component_configs(pipe, out, ctx)
@@ -273,7 +279,8 @@ class OnnxTarget(Target):
                                              for n in (*ctx.arch.text_encoders, "unet", "vae")})
         if quantized is not None:
             with Stage(records, "quantize_onnx", quantized.settings) as stage:
-                stage.results["unet"] = install_quantized_unet(quantized.folder, out / "unet")
+                unet_export = next(e for e in exports if e.name == "unet")
+                stage.results["unet"] = install_quantized_unet(quantized.folder, out / "unet", unet_export)
         if config.verify:
             with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
                 for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
