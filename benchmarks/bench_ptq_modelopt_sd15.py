@@ -78,7 +78,6 @@ def main() -> None:
     finish_results(results)
     table = ["| setting | quantized layers | eps SQNR vs float (dB) | seconds |", "|---|---|---|---|"]
     table += [f"| {r['setting']} | {r['quantized_layers']} | {r['sqnr_db']:.2f} | {r['seconds']:.0f} |" for r in rows]
-    print("\n".join(table))
     write_results(results, "\n".join(table), args.results_dir, "ptq_modelopt_sd15")
 
 
