@@ -398,10 +398,11 @@ class Ptq(Pass):
         exclude = config.excluded("modelopt")
         quant = mo.quant_config(unet, config.precision, config.level, exclude, smoothquant_alpha=config.smoothquant_alpha,
                                 calibration=config.calibration, percentile=config.percentile)
+        label = (lambda text: f"ptq {config.precision} {text}") if ctx.show_progress else (lambda text: None)
         with torch.no_grad():
-            reference = mo.eps_outputs(unet, held)
-            mo.quantize(unet, quant, lambda model: mo.eps_outputs(model, calib))
-            estimate = mo.eps_outputs(unet, held)
+            reference = mo.eps_outputs(unet, held, label("reference"))
+            mo.quantize(unet, quant, lambda model: mo.eps_outputs(model, calib, label("calibrate")))
+            estimate = mo.eps_outputs(unet, held, label("measure"))
         layers = mo.selected_layers(unet, config.level, exclude)
         settings = {
             "backend": "modelopt", "modelopt": version("nvidia-modelopt"), "precision": config.precision,
