@@ -9,6 +9,8 @@ Shapes: tokens x in -> out of SD1.5 at 512x512 per image: attention projections 
 Rows per shape:
 - `fp16`, `bf16`: `F.linear(x, W)` (cuBLAS);
 - `int8 cuBLAS`: `torch._int_mm` on int8 codes (dense W8A8 tensor-core GEMM, no scales: the int8 roofline);
+- `fp8 cuBLASLt`: `torch._scaled_mm` on E4M3 copies with per-tensor scales, fp16 out (compute capability >= 8.9
+  and shapes cuBLASLt takes; skipped elsewhere);
 - `w4a4 codes`: the W4A4 kernel on int8 activation codes with per-token scales (the GEMM alone);
 - `w4a4 fused static`: fp16 activations with one static scale, quantised in registers in the GEMM;
 - `w4a4 static 2-pass`: the same static-scale linear as quantisation kernel + code GEMM;
@@ -141,6 +143,9 @@ def bench_shape(w4a4, timer: Timer, layer: str, m: int, k: int, n: int, sweep: b
                                                                fused=False), w4_bytes),
         "w4a4 dynamic": (lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, None, 4, 4, k), w4_bytes),
     }
+    fp8 = _fp8_gemm(x, w16)  # the FP8 point of the issue's FP16 / INT8 / FP8 comparison, where the GPU has FP8
+    if fp8 is not None:
+        variants["fp8 cuBLASLt"] = (fp8, n * k)
     rows = []
     for name, (fn, wbytes) in variants.items():
         ms = timer.median_ms(fn)
@@ -152,6 +157,26 @@ def bench_shape(w4a4, timer: Timer, layer: str, m: int, k: int, n: int, sweep: b
                 row["sweep"] = sweep_blocks(w4a4, timer, name, x, q, s_tok, packed, scale, zero, bias, static, k)
         rows.append(row)
     return rows
+
+
+def _fp8_gemm(x: torch.Tensor, w: torch.Tensor):
+    """`torch._scaled_mm` on E4M3 copies of x (M, K) and w (N, K) with per-tensor scales, fp16 out; None where
+    the GPU (compute capability < 8.9), torch or the shape (cuBLASLt wants multiples of 16) has no FP8 GEMM."""
+    if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9):
+        return None
+    x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn).t()  # w8: (K, N), column-major
+    one = torch.ones((), device=x.device, dtype=torch.float32)
+
+    def fn():
+        return torch._scaled_mm(x8, w8, scale_a=one, scale_b=one, out_dtype=torch.float16)
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except (RuntimeError, TypeError) as exc:
+        print(f"fp8 GEMM skipped at {tuple(x.shape)} x {tuple(w.shape)}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
+    return fn
 
 
 def sweep_blocks(w4a4, timer, name, x, q, s_tok, packed, scale, zero, bias, static, k) -> list[dict]:
