@@ -129,6 +129,9 @@ def compile_artifact(
                 "scaling_factor": pipe.vae.config.scaling_factor,
                 "default_size": default_size,
                 "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+                # a U-Net with a guidance embedding (LCM checkpoints, cfg-distill over a range of w) takes w as
+                # `timestep_cond` and runs without the unconditional pass
+                "guidance_embedding_dim": getattr(pipe.unet.config, "time_cond_proj_dim", None),
             },
             "defaults": defaults,
             "versions": package_versions(),

@@ -78,7 +78,10 @@ class CompiledPipeline:
             raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
-        if negative_prompt is not None and guidance <= 1.0:
+        if negative_prompt is not None and self.components.guidance_embedding_dim is not None:
+            warnings.warn("negative_prompt has no effect: this U-Net takes the guidance scale as an embedding and runs "
+                          "no unconditional pass", stacklevel=2)
+        elif negative_prompt is not None and guidance <= 1.0:
             warnings.warn(f"negative_prompt has no effect at guidance_scale={guidance} (no unconditional pass; "
                           "CFG- and step-distilled artifacts default to 1.0)", stacklevel=2)
         if timesteps is None and num_inference_steps is None:

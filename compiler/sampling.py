@@ -41,7 +41,8 @@ class TextEncoder(Protocol):
 
 class UNet(Protocol):
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -62,6 +63,17 @@ class Components:
     dtype: torch.dtype = torch.float32
     modules: dict = field(default_factory=dict)  # torch modules behind the callables (torch target only)
     feature_cache: object | None = None  # sdcompiler.feature_cache.FeatureCache, when the artifact has one
+    # the U-Net takes the guidance scale as an embedding (`timestep_cond`, this wide) instead of a CFG pass
+    guidance_embedding_dim: int | None = None
+
+
+def guidance_embedding(guidance_scale: float, batch: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """`timestep_cond` for a U-Net with a guidance embedding: diffusers' sinusoidal embedding of w - 1 (the
+    convention of its SD / SDXL / LCM pipelines, so a model behaves the same there and here)."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.full((batch,), guidance_scale - 1.0)
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim, dtype=dtype)
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -146,8 +158,12 @@ def generate(
         num_inference_steps = len(timesteps)
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive integer")
-    guidance = guidance_scale > 1.0
+    embedded = c.guidance_embedding_dim is not None
+    guidance = guidance_scale > 1.0 and not embedded  # an embedded w needs no unconditional pass
     batch = len(prompts) * num_images_per_prompt
+    if embedded and c.feature_cache is not None and feature_cache:
+        raise ValueError("the feature cache does not pass a guidance embedding; call with feature_cache=False")
+    timestep_cond = guidance_embedding(guidance_scale, batch, c.guidance_embedding_dim, c.dtype) if embedded else None
 
     embeds, pooled = encode_prompts(c, prompts, negative, guidance, num_images_per_prompt)
     time_ids = None
@@ -182,7 +198,9 @@ def generate(
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
         model_input = torch.cat([latents] * 2) if guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        if cache is None:
+        if embedded:
+            eps = c.unet(model_input, t, embeds, pooled, time_ids, timestep_cond)
+        elif cache is None:
             eps = c.unet(model_input, t, embeds, pooled, time_ids)
         elif plan[i] or deep is None:
             eps, deep = cache.full(model_input, t, embeds, pooled, time_ids)

@@ -14,6 +14,16 @@ U-Net call per step per prompt instead of two. Negative prompts are not
 supported by the distilled model (its unconditional branch is baked in as the
 empty prompt); with the default guidance of 1.0 the runtime never encodes them.
 
+With `guidance_range: [w_min, w_max]` the student learns every w in the range:
+the U-Net gets diffusers' guidance-embedding input (`time_embedding.cond_proj`,
+zero-initialised, `time_cond_proj_dim` in its config: the mechanism of LCM
+checkpoints), each training example draws w uniformly from the range and feeds
+its sinusoidal embedding (of w - 1, diffusers' convention) as `timestep_cond`;
+the embedding is trained with the LoRA and kept after the merge. The compiled
+pipeline keeps `guidance_scale` as a call argument (default: this config's
+`guidance_scale`) and still runs one conditional call per step. Only the torch
+target passes `timestep_cond` so far; `supported_targets` refuses the others.
+
 Metrics: eps SQNR (dB) of the guided teacher target vs the single conditional
 forward before training (`sqnr_before_db`: what dropping CFG alone gives) and
 after (`sqnr_after_db`), on held-out prompts; PSNR (dB) of final images
@@ -46,7 +56,11 @@ ADAPTER = "cfg_distill"
 
 @dataclass(frozen=True)
 class DistillCFGConfig(PassConfig):
-    guidance_scale: float = 5.0  # the w baked into the weights
+    guidance_scale: float = 5.0  # the w baked into the weights (with guidance_range: the default w of the artifact)
+    # [w_min, w_max]: learn every w in the range through a guidance embedding (the U-Net's `time_cond_proj_dim`,
+    # LCM's mechanism) instead of one fixed w; the compiled pipeline then takes guidance_scale as usual
+    guidance_range: tuple[float, ...] | None = None
+    embedding_dim: int = 256  # width of the guidance embedding (LCM checkpoints use 256)
     rank: int = 8
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     steps: int = 40
@@ -61,13 +75,33 @@ class DistillCFGConfig(PassConfig):
     checkpoint_every: int = 10
     image_steps: int = 8  # sampling steps of the held-out image comparison (psnr_*_db)
 
+    def __post_init__(self):
+        if self.guidance_range is not None:
+            if len(self.guidance_range) != 2 or not 1.0 <= self.guidance_range[0] < self.guidance_range[1]:
+                raise ValueError(f"guidance_range must be [w_min, w_max] with 1 <= w_min < w_max, got "
+                                 f"{list(self.guidance_range)}")
+            if not self.guidance_range[0] <= self.guidance_scale <= self.guidance_range[1]:
+                raise ValueError(f"guidance_scale={self.guidance_scale} (the artifact's default w) must lie in "
+                                 f"guidance_range {list(self.guidance_range)}")
+        if self.embedding_dim < 2:
+            raise ValueError(f"embedding_dim must be >= 2, got {self.embedding_dim}")
+
 
 @register_pass
 class DistillCFG(Pass):
     name = "distill_cfg"
     config_class = DistillCFGConfig
     stage = "distill_merge"
+    changes_structure = True  # with guidance_range it adds the guidance embedding, which rebuild() re-adds
     description = "train a LoRA so one conditional U-Net call gives the guided eps, then merge it (guidance 1)"
+
+    def rebuild(self, pipe, config: DistillCFGConfig) -> None:
+        if config.guidance_range is not None and getattr(pipe.unet.time_embedding, "cond_proj", None) is None:
+            add_guidance_embedding(pipe.unet, config.embedding_dim)
+
+    def supported_targets(self, config: DistillCFGConfig) -> tuple[str, ...] | None:
+        # the guidance embedding is a U-Net input (`timestep_cond`) that only the torch target passes so far
+        return ("torch",) if config.guidance_range is not None else self.targets
 
     def requires(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> None:
         if config.guidance_scale <= 1.0:
@@ -89,6 +123,12 @@ class DistillCFG(Pass):
         uncond = unconditional_inputs(pipe, 1, sdxl, data)
         schedule = NoiseSchedule.from_scheduler(scheduler)
         w = config.guidance_scale
+        embedded = config.guidance_range is not None
+        low, high = config.guidance_range or (w, w)
+
+        def guidance(ws: torch.Tensor) -> dict:
+            """The student's extra input for per-example guidance scales `ws` (none at a fixed w)."""
+            return {"timestep_cond": guidance_embedding(ws, config.embedding_dim)} if embedded else {}
 
         def unet_kwargs(samples: TeacherSamples, index, conditional: bool, n: int) -> dict:
             kwargs = samples.unet_kwargs(index)
@@ -99,35 +139,44 @@ class DistillCFG(Pass):
                                                        text_embeds=uncond["pooled"].expand(n, -1))
             return kwargs
 
-        def guided_target(samples, index, x_t, t):
+        def guided_target(samples, index, x_t, t, ws):
             n = len(x_t)
-            with torch.no_grad():
+            with torch.no_grad():  # the teacher: LoRA off and no guidance embedding, i.e. the base weights
                 unet.disable_adapters()
                 try:
                     eps_c = unet(x_t, t, **unet_kwargs(samples, index, True, n)).sample
                     eps_u = unet(x_t, t, **unet_kwargs(samples, index, False, n)).sample
                 finally:
                     unet.enable_adapters()
-            return eps_u + w * (eps_c - eps_u), eps_c
+            return eps_u + ws.view(-1, 1, 1, 1) * (eps_c - eps_u), eps_c
 
         train, held = data.split(config.num_prompts)
 
+        draw = schedule.draw(train.latents)
+
+        def draw_with_w(indices: torch.Tensor, generator: torch.Generator) -> dict:
+            batch = draw(indices, generator)
+            batch["w"] = low + (high - low) * torch.rand(len(indices), generator=generator)  # w per example
+            return batch
+
         def loss_fn(model, batch):
-            index = batch["index"].cpu()
+            index, ws = batch["index"].cpu(), batch["w"].cpu()
             x_t, _ = schedule.noisy(train.latents[index], batch["noise"].cpu(), batch["t"].cpu())
-            target, _ = guided_target(train, index, x_t, batch["t"].cpu())
-            eps = model(x_t, batch["t"].cpu(), **unet_kwargs(train, index, True, len(index))).sample
+            target, _ = guided_target(train, index, x_t, batch["t"].cpu(), ws)
+            eps = model(x_t, batch["t"].cpu(), **unet_kwargs(train, index, True, len(index)), **guidance(ws)).sample
             loss = F.mse_loss(eps, target)
             return loss, {"mse": loss}
 
         def held_out(after: bool) -> float:
             noise, t = schedule.held_out(held.latents, ctx.seed + 11)
             x_t, _ = schedule.noisy(held.latents, noise, t)
-            target, eps_c = guided_target(held, slice(None), x_t, t)
+            ws = torch.linspace(low, high, len(x_t))  # the range's ends and between, one per held-out example
+            target, eps_c = guided_target(held, slice(None), x_t, t, ws)
             if not after:
                 return sqnr_db(target, eps_c)
             with torch.no_grad():
-                return sqnr_db(target, unet(x_t, t, **unet_kwargs(held, slice(None), True, len(x_t))).sample)
+                kwargs = unet_kwargs(held, slice(None), True, len(x_t))
+                return sqnr_db(target, unet(x_t, t, **kwargs, **guidance(ws)).sample)
 
         images = HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
         reference = images.sample(config.image_steps, w)  # the guided teacher
@@ -138,28 +187,61 @@ class DistillCFG(Pass):
             unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank,
                                         target_modules=list(config.target_modules), init_lora_weights=True),
                              adapter_name=ADAPTER)  # B = 0: starts as the teacher
+        if embedded:
+            add_guidance_embedding(unet, config.embedding_dim)  # zero-initialised: starts as the teacher too
+        done = False
         try:
             before = held_out(after=False)
             settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
                                        mixed_precision=config.mixed_precision,
                                        checkpoint_every=config.checkpoint_every)
             key = hashlib.sha256(json.dumps([ctx.model_key, config.to_dict()]).encode()).hexdigest()[:20]
-            lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
-            trainer = Trainer(unet, lora_params, loss_fn, schedule.draw(train.latents), len(train.latents), settings,
+            trained = [p for n, p in unet.named_parameters() if "lora_" in n]
+            if embedded:
+                trained.append(unet.time_embedding.cond_proj.weight.requires_grad_(True))
+            trainer = Trainer(unet, trained, loss_fn, draw_with_w, len(train.latents), settings,
                               checkpoint_dir=ctx.cache_dir / "train" / f"cfg-{key}", show_progress=ctx.show_progress,
                               cpu=next(unet.parameters()).device.type == "cpu")
             result = trainer.fit()
             after = held_out(after=True)
             unet.fuse_lora(lora_scale=1.0)
+            done = True
         finally:
             unet.unload_lora()
             unet.requires_grad_(False)
             unet.eval()
-        psnr_after = psnr_db(reference, images.sample(config.image_steps, 1.0))  # the merged student
-        ctx.pipeline_defaults["guidance_scale"] = 1.0
+            if embedded and not done:
+                remove_guidance_embedding(unet)
+        # the merged student: one conditional call per step (diffusers' pipeline feeds an embedded w itself)
+        psnr_after = psnr_db(reference, images.sample(config.image_steps, w if embedded else 1.0))
+        ctx.pipeline_defaults["guidance_scale"] = w if embedded else 1.0  # embedded: w is an input, no CFG pass
         steps = int(ctx.pipeline_defaults.get("num_inference_steps", 50))
-        return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
+        extra = {"guidance_min": low, "guidance_max": high} if embedded else {}
+        return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0], **extra,
                 "loss_last": result.losses[-1], "guidance_scale": w, "nfe_per_step_before": 2.0,
                 "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
                 "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after,
                 "resumed_from_step": result.resumed_from}
+
+
+def guidance_embedding(ws: torch.Tensor, dim: int) -> torch.Tensor:
+    """`timestep_cond` for per-example guidance scales `ws`: diffusers' embedding of w - 1 (its pipelines'
+    convention, which `sampling.guidance_embedding` follows at inference)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, ws.float() - 1.0, embedding_dim=dim)
+
+
+def add_guidance_embedding(unet, dim: int) -> None:
+    """Give `unet` diffusers' guidance-embedding input: `time_embedding.cond_proj` (zero, so the output is
+    unchanged until trained) and `time_cond_proj_dim` in its config, as LCM checkpoints have them."""
+    embedding = unet.time_embedding
+    param = next(embedding.parameters())
+    embedding.cond_proj = torch.nn.Linear(dim, embedding.linear_1.in_features, bias=False).to(param.device, param.dtype)
+    torch.nn.init.zeros_(embedding.cond_proj.weight)
+    unet.register_to_config(time_cond_proj_dim=dim)
+
+
+def remove_guidance_embedding(unet) -> None:
+    unet.time_embedding.cond_proj = None
+    unet.register_to_config(time_cond_proj_dim=None)

@@ -94,3 +94,62 @@ def test_interrupted_cfg_distillation_resumes_to_the_same_weights(tiny_checkpoin
         torch.testing.assert_close(value, clean_weights[name], rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(value, weight) for value, weight in zip(
         clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()))  # it trained
+
+
+def test_cfg_distill_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoint, tmp_path):
+    recipe = [{"preset": "cfg-distill", "guidance_range": [2.0, 8.0], "guidance_scale": 5.0}]
+    pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
+    (record,) = pipe.manifest["passes"]
+    metrics = record["metrics"]
+    print(f"sd15 cfg-distill w in [2, 8]: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
+          f"{metrics['sqnr_after_db']:.2f} dB, image PSNR at w=5 {metrics['psnr_before_db']:.2f} -> "
+          f"{metrics['psnr_after_db']:.2f} dB")
+    assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
+    assert (metrics["guidance_min"], metrics["guidance_max"]) == (2.0, 8.0)
+    assert metrics["nfe_per_image_after"] * 2 <= metrics["nfe_per_image_before"]
+    embedding = pipe.unet.time_embedding.cond_proj
+    assert pipe.unet.config.time_cond_proj_dim == 256 == pipe.manifest["model"]["guidance_embedding_dim"]
+    assert record["params_after"] == record["params_before"] + embedding.weight.numel()  # only the embedding added
+    assert embedding.weight.abs().sum() > 0  # trained from zero
+    assert pipe.manifest["defaults"]["guidance_scale"] == 5.0  # w is an input now, with the range's default
+
+    calls = []
+    handle = pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args[0].shape[0], kwargs.get("timestep_cond"))),
+        with_kwargs=True)
+    try:
+        low = pipe("a red cube", num_inference_steps=3, guidance_scale=3.0, output_type="np").images
+        steps = len(calls)
+        high = pipe("a red cube", num_inference_steps=3, guidance_scale=7.0, output_type="np").images
+    finally:
+        handle.remove()
+    scheduler = pipe.components.scheduler_factory()
+    scheduler.set_timesteps(3)
+    assert steps == len(scheduler.timesteps) and len(calls) == 2 * steps  # one call per step
+    assert all(batch == 1 and cond is not None and cond.shape == (1, 256) for batch, cond in calls)  # no uncond pass
+    assert not torch.equal(calls[0][1], calls[-1][1])  # w = 3 and w = 7 embed differently
+    assert abs(low - high).max() > 1e-3  # and the trained embedding makes them different images
+
+    # diffusers' own pipeline feeds the embedding the same way (w - 1, no CFG): the same images
+    from sdcompiler.targets.torch_target import rebuild_pipeline
+
+    reference = rebuild_pipeline(pipe.root, pipe.manifest)
+    reference.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = pipe("a red cube", num_inference_steps=3, guidance_scale=7.0, latents=latents.clone(), output_type="np")
+    theirs = reference("a red cube", num_inference_steps=3, guidance_scale=7.0, latents=latents.clone(),
+                       output_type="np")
+    assert abs(ours.images - theirs.images).max() < 1e-5
+
+
+def test_guidance_embedding_models_are_refused_where_they_cannot_run(tiny_checkpoint, tmp_path):
+    from sdcompiler.errors import ConfigError, LoweringError
+
+    recipe = [{"preset": "cfg-distill", "guidance_range": [2.0, 8.0]}]
+    with pytest.raises(LoweringError, match=r"'distill_cfg'.*target='torch'") as info:
+        compile_pipeline(tmp_path / "not-loaded", recipe, "onnx", tmp_path / "out")  # before loading anything
+    assert "\n" not in str(info.value)
+    for options, match in (({"guidance_range": [8.0, 2.0]}, "1 <= w_min < w_max"),
+                           ({"guidance_range": [2.0, 4.0], "guidance_scale": 5.0}, "must lie in guidance_range")):
+        with pytest.raises((ConfigError, ValueError), match=match):
+            resolve_recipe([{"preset": "cfg-distill", **options}])

@@ -139,3 +139,19 @@ def scheduler_factory(root: Path):
     accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
     config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     return lambda: scheduler_cls.from_config(config)
+
+
+def refuse_guidance_embedding(pipe, target: str, ctx: "LowerContext") -> None:
+    """A U-Net with a guidance embedding (`time_cond_proj_dim`) takes w as `timestep_cond`: the onnx and tensorrt
+    exports have no such input yet, and the feature cache's split U-Net does not pass it."""
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
+        return
+    from sdcompiler.errors import LoweringError
+
+    if target != "torch":
+        raise LoweringError(f"this U-Net takes the guidance scale as an embedding (time_cond_proj_dim="
+                            f"{pipe.unet.config.time_cond_proj_dim}), which target {target} does not export yet; "
+                            "use target torch")
+    if ctx.defaults.get("feature_cache"):
+        raise LoweringError("the feature cache does not pass a guidance embedding (time_cond_proj_dim) to the U-Net; "
+                            "drop deepcache for this model")

@@ -35,6 +35,7 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
         scaling_factor=model["scaling_factor"],
         default_size=model["default_size"],
         force_zeros_for_empty_prompt=model.get("force_zeros_for_empty_prompt", True),
+        guidance_embedding_dim=model.get("guidance_embedding_dim"),
         modules=dict(modules or {}),
         feature_cache=feature_cache,
     )
@@ -70,21 +71,23 @@ def torch_text_encoder(model: torch.nn.Module, sdxl: bool):
 def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False):
     dtype = unet.dtype
 
-    def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, timestep_cond=timestep_cond,
+                    return_dict=False)[0]
 
     if cuda_graphs:
         from sdcompiler.cuda_graphs import GraphedCallable
 
         forward = GraphedCallable(forward)
 
-    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         cast = (lambda x: None if x is None else x.to(device, dtype))
         # the timestep as a device tensor: a CUDA graph replays whatever the buffer holds
         t = torch.as_tensor(timestep, dtype=torch.float32).to(device) if cuda_graphs else timestep
         with torch.inference_mode():
-            out = forward(cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids))
+            out = forward(cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids),
+                          cast(timestep_cond))
         return out.float().cpu()
 
     return run
