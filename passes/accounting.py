@@ -47,7 +47,8 @@ def unet_example_inputs(
     """Keyword inputs for `UNet2DConditionModel.forward` (random, or empty on meta).
 
     SDXL U-Nets (`addition_embed_type == "text_time"`) also get
-    `added_cond_kwargs = {text_embeds, time_ids}`.
+    `added_cond_kwargs = {text_embeds, time_ids}`; U-Nets with a guidance
+    embedding (`time_cond_proj_dim`) get `timestep_cond`.
     """
     config = unet.config
     h, w = latent_hw or (config.sample_size, config.sample_size)
@@ -73,6 +74,8 @@ def unet_example_inputs(
             "time_ids": time_ids.to(device=device, dtype=dtype) if torch.device(device).type != "meta"
             else torch.empty(batch, 6, device=device, dtype=dtype),
         }
+    if config.get("time_cond_proj_dim") is not None:  # a guidance embedding (LCM, cfg-distill over a range of w)
+        inputs["timestep_cond"] = make(batch, config.time_cond_proj_dim)
     return inputs
 
 

@@ -21,8 +21,8 @@ checkpoints), each training example draws w uniformly from the range and feeds
 its sinusoidal embedding (of w - 1, diffusers' convention) as `timestep_cond`;
 the embedding is trained with the LoRA and kept after the merge. The compiled
 pipeline keeps `guidance_scale` as a call argument (default: this config's
-`guidance_scale`) and still runs one conditional call per step. Only the torch
-target passes `timestep_cond` so far; `supported_targets` refuses the others.
+`guidance_scale`) and still runs one conditional call per step; every target
+passes `timestep_cond` (the onnx and tensorrt U-Net graphs take it as an input).
 
 Metrics: eps SQNR (dB) of the guided teacher target vs the single conditional
 forward before training (`sqnr_before_db`: what dropping CFG alone gives) and
@@ -98,10 +98,6 @@ class DistillCFG(Pass):
     def rebuild(self, pipe, config: DistillCFGConfig) -> None:
         if config.guidance_range is not None and getattr(pipe.unet.time_embedding, "cond_proj", None) is None:
             add_guidance_embedding(pipe.unet, config.embedding_dim)
-
-    def supported_targets(self, config: DistillCFGConfig) -> tuple[str, ...] | None:
-        # the guidance embedding is a U-Net input (`timestep_cond`) that only the torch target passes so far
-        return ("torch",) if config.guidance_range is not None else self.targets
 
     def requires(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> None:
         if config.guidance_scale <= 1.0:

@@ -80,6 +80,9 @@ class FeatureCache(Pass):
             raise PassError(f"feature_cache: branch {config.branch} is too deep for this U-Net; use 0..{deepest}")
         if len(pipe.unet.up_blocks) != len(pipe.unet.down_blocks):
             raise PassError("feature_cache needs a U-Net with as many up as down blocks")
+        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+            raise PassError("feature_cache: the split U-Net does not pass a guidance embedding (timestep_cond), "
+                            "which this U-Net takes (time_cond_proj_dim); drop deepcache for this model")
 
     def run(self, pipe, config: FeatureCacheConfig, ctx: PassContext) -> dict[str, float]:
         from sdcompiler.archs import get_arch

@@ -340,6 +340,9 @@ class Ptq(Pass):
 
         if getattr(pipe.unet, "onnx_quantization", None) is not None or is_modelopt_quantized(pipe.unet):
             raise PassError("the U-Net is already quantized")
+        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+            raise PassError("ptq calibrates on inputs without a guidance embedding (timestep_cond), which this U-Net "
+                            "takes (time_cond_proj_dim); quantize a model without one")
         backend = config.backend_for(ctx.target)
         if backend == "modelopt":
             if config.calibration == "entropy":

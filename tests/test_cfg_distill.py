@@ -142,14 +142,39 @@ def test_cfg_distill_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoi
     assert abs(ours.images - theirs.images).max() < 1e-5
 
 
-def test_guidance_embedding_models_are_refused_where_they_cannot_run(tiny_checkpoint, tmp_path):
-    from sdcompiler.errors import ConfigError, LoweringError
+def test_guidance_range_compiles_to_onnx_with_a_timestep_cond_input(tiny_checkpoint, tmp_path):
+    import onnx
 
-    recipe = [{"preset": "cfg-distill", "guidance_range": [2.0, 8.0]}]
-    with pytest.raises(LoweringError, match=r"'distill_cfg'.*target='torch'") as info:
-        compile_pipeline(tmp_path / "not-loaded", recipe, "onnx", tmp_path / "out")  # before loading anything
-    assert "\n" not in str(info.value)
+    recipe = [{"preset": "cfg-distill", "guidance_range": [2.0, 8.0], "guidance_scale": 5.0}]
+    torch_pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "torch", show_progress=False)
+    onnx_pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "onnx", tmp_path / "onnx", show_progress=False)
+    graph = onnx.load(str(onnx_pipe.root / "unet" / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert inputs["timestep_cond"] == ["batch_size", 256]
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    images = {}
+    for name, pipe in (("torch", torch_pipe), ("onnx", onnx_pipe)):
+        for w in (3.0, 7.0):
+            images[name, w] = pipe("a red cube", num_inference_steps=3, guidance_scale=w, latents=latents.clone(),
+                                   output_type="np").images
+    for w in (3.0, 7.0):  # the same model in ONNX Runtime: w reaches the graph
+        assert abs(images["onnx", w] - images["torch", w]).max() < 1e-3
+    assert abs(images["onnx", 3.0] - images["onnx", 7.0]).max() > 1e-3
+
+
+def test_guidance_range_settings_and_combinations_are_one_line_errors(tiny_checkpoint, tmp_path):
+    from sdcompiler.errors import ConfigError
+
     for options, match in (({"guidance_range": [8.0, 2.0]}, "1 <= w_min < w_max"),
                            ({"guidance_range": [2.0, 4.0], "guidance_scale": 5.0}, "must lie in guidance_range")):
         with pytest.raises((ConfigError, ValueError), match=match):
             resolve_recipe([{"preset": "cfg-distill", **options}])
+    small = {"preset": "cfg-distill", "guidance_range": [2.0, 8.0], **SMALL}
+    out = tmp_path / "out"
+    with pytest.raises(PassError, match="does not pass a guidance embedding") as info:
+        compile_pipeline(tiny_checkpoint("sd15"), [small, "deepcache"], "torch", out, show_progress=False)
+    assert "\n" not in str(info.value) and not out.exists()
+    with pytest.raises(PassError, match="ptq calibrates on inputs without a guidance embedding"):
+        compile_pipeline(tiny_checkpoint("sd15"), [small, {"preset": "int8", "calib_prompts": 1, "calib_steps": 1}],
+                         "onnx", out, show_progress=False)
+    assert not out.exists()

@@ -142,16 +142,11 @@ def scheduler_factory(root: Path):
 
 
 def refuse_guidance_embedding(pipe, target: str, ctx: "LowerContext") -> None:
-    """A U-Net with a guidance embedding (`time_cond_proj_dim`) takes w as `timestep_cond`: the onnx and tensorrt
-    exports have no such input yet, and the feature cache's split U-Net does not pass it."""
-    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
+    """A U-Net with a guidance embedding (`time_cond_proj_dim`) takes w as `timestep_cond`, which every target
+    passes, but the feature cache's split U-Net does not: refuse the combination before anything is written."""
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None or not ctx.defaults.get("feature_cache"):
         return
     from sdcompiler.errors import LoweringError
 
-    if target != "torch":
-        raise LoweringError(f"this U-Net takes the guidance scale as an embedding (time_cond_proj_dim="
-                            f"{pipe.unet.config.time_cond_proj_dim}), which target {target} does not export yet; "
-                            "use target torch")
-    if ctx.defaults.get("feature_cache"):
-        raise LoweringError("the feature cache does not pass a guidance embedding (time_cond_proj_dim) to the U-Net; "
-                            "drop deepcache for this model")
+    raise LoweringError(f"target {target}: the feature cache does not pass a guidance embedding (time_cond_proj_dim) "
+                        "to the U-Net; drop deepcache for this model")

@@ -144,10 +144,10 @@ def ort_text_encoder(model: OrtModel, sdxl: bool):
 
 
 def ort_unet(model: OrtModel):
-    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
         return model(["out_sample"], sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                     text_embeds=text_embeds, time_ids=time_ids)["out_sample"]
+                     text_embeds=text_embeds, time_ids=time_ids, timestep_cond=timestep_cond)["out_sample"]
 
     return run
 

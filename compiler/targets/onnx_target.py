@@ -65,13 +65,18 @@ class OnnxTargetConfig(PassConfig):
 
 
 class _UNetForExport(torch.nn.Module):
-    def __init__(self, unet, sdxl: bool):
-        super().__init__()
-        self.unet, self.sdxl = unet, sdxl
+    """The U-Net with positional inputs: sample, timestep, encoder_hidden_states, then `extra` by name
+    (SDXL: text_embeds, time_ids; a guidance embedding: timestep_cond)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+    def __init__(self, unet, extra: list[str]):
+        super().__init__()
+        self.unet, self.extra = unet, list(extra)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        named = dict(zip(self.extra, rest))
+        added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         timestep_cond=named.get("timestep_cond"), return_dict=False)[0]
 
 
 class _CachedUNetForExport(torch.nn.Module):
@@ -148,8 +153,12 @@ def _exports(pipe, spec, config: OnnxTargetConfig, cache=None) -> list[_Export]:
         args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
         names += ["text_embeds", "time_ids"]
         axes |= {"text_embeds": batch, "time_ids": batch}
+    if "timestep_cond" in inputs:  # optimum's name for the guidance embedding input
+        args.append(inputs["timestep_cond"])
+        names.append("timestep_cond")
+        axes |= {"timestep_cond": batch}
     if cache is None:
-        exports.append(_Export("unet", _UNetForExport(pipe.unet, spec.is_sdxl), tuple(args), names, ["out_sample"],
+        exports.append(_Export("unet", _UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"],
                                axes, dtype))
     else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
         deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}

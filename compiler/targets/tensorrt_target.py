@@ -393,7 +393,8 @@ class TensorRTTarget(Target):
         exports = _component_exports(pipe, ctx.arch, config)
         sizes = ModelSizes(pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor,
                            pipe.tokenizer.model_max_length,
-                           ctx.defaults.get("guidance_scale", ctx.arch.default_guidance_scale) > 1.0)
+                           ctx.defaults.get("guidance_scale", ctx.arch.default_guidance_scale) > 1.0
+                           and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None)  # embedded w: no CFG
         ranges = dimension_ranges(config, sizes)
         dtypes = {e.name: PRECISIONS[e.dtype] for e in exports}
         quantization = getattr(pipe.unet, "modelopt_quantization", None)
