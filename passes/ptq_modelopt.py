@@ -39,7 +39,7 @@ import torch
 
 MODELOPT_LEVELS = (1.0, 2.0, 2.5, 3.0, 4.0)
 DEFAULT_EXCLUDE = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out", "*.conv_shortcut")
-QKV = ("to_q", "to_k", "to_v")
+QKV = ("to_q", "to_k", "to_v", "to_qkv", "to_kv")  # the last two: after the fuse_qkv pass
 
 
 def module_excluded(name: str, patterns: Iterable[str]) -> bool:

@@ -58,6 +58,13 @@ def test_levels_follow_the_tensorrt_demo(tiny_checkpoint):
     assert set(levels[3.0]) == (convs | linears) - excluded  # every other linear: attention outputs, ...
     assert any(n.endswith("to_out.0") for n in levels[3.0])
 
+    from sdcompiler.passes.fuse_qkv import fuse_attention_projections
+
+    fuse_attention_projections(unet, self_attention=True, cross_attention=True)  # the fuse_qkv pass's layout
+    fused = {n for n, k in mo.selected_layers(unet, 2.5, mo.DEFAULT_EXCLUDE).items() if k == "linear"}
+    assert {n.rsplit(".", 1)[0] + ".to_qkv" for n in qkv if ".attn1." in n} <= fused
+    assert {n.rsplit(".", 1)[0] + ".to_kv" for n in qkv if ".attn2." in n} <= fused
+
 
 def test_int8_calibrates_every_quantizer_with_smoothquant(tiny_checkpoint, tmp_path):
     pipe = _pipeline(tiny_checkpoint)
