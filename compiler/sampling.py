@@ -67,12 +67,13 @@ class Components:
     guidance_embedding_dim: int | None = None
 
 
-def guidance_embedding(guidance_scale: float, batch: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """`timestep_cond` for a U-Net with a guidance embedding: diffusers' sinusoidal embedding of w - 1 (the
-    convention of its SD / SDXL / LCM pipelines, so a model behaves the same there and here)."""
+def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`timestep_cond` for a U-Net with a guidance embedding, one row per guidance scale: diffusers' sinusoidal
+    embedding of w - 1 (the convention of its SD / SDXL / LCM pipelines, so a model behaves the same there and
+    here; the cfg-distill pass trains with it)."""
     from diffusers import StableDiffusionPipeline
 
-    w = torch.full((batch,), guidance_scale - 1.0)
+    w = guidance_scales.float() - 1.0
     return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim, dtype=dtype)
 
 
@@ -161,9 +162,10 @@ def generate(
     embedded = c.guidance_embedding_dim is not None
     guidance = guidance_scale > 1.0 and not embedded  # an embedded w needs no unconditional pass
     batch = len(prompts) * num_images_per_prompt
-    if embedded and c.feature_cache is not None and feature_cache:
-        raise ValueError("the feature cache does not pass a guidance embedding; call with feature_cache=False")
-    timestep_cond = guidance_embedding(guidance_scale, batch, c.guidance_embedding_dim, c.dtype) if embedded else None
+    timestep_cond = None
+    if embedded:  # (compile refuses a feature cache for such U-Nets)
+        scales = torch.full((batch,), float(guidance_scale))
+        timestep_cond = guidance_embedding(scales, c.guidance_embedding_dim, c.dtype)
 
     embeds, pooled = encode_prompts(c, prompts, negative, guidance, num_images_per_prompt)
     time_ids = None

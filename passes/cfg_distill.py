@@ -50,6 +50,7 @@ from sdcompiler.passes.teacher_data import (
     HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
 )
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
+from sdcompiler.sampling import guidance_embedding
 
 ADAPTER = "cfg_distill"
 
@@ -104,6 +105,10 @@ class DistillCFG(Pass):
             raise PassError(f"guidance_scale={config.guidance_scale}: there is no guidance to distill at w <= 1")
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise PassError("this U-Net already takes a guidance embedding (time_cond_proj_dim)")
+        if config.guidance_range is not None and ctx.pipeline_defaults.get("feature_cache"):
+            # the other order is refused by feature_cache itself; both before any training or export
+            raise PassError("guidance_range adds a guidance embedding (timestep_cond), which the feature cache's "
+                            "split U-Net does not pass; drop deepcache or the range")
 
     def run(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> dict[str, float]:
         from peft import LoraConfig
@@ -218,14 +223,6 @@ class DistillCFG(Pass):
                 "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
                 "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after,
                 "resumed_from_step": result.resumed_from}
-
-
-def guidance_embedding(ws: torch.Tensor, dim: int) -> torch.Tensor:
-    """`timestep_cond` for per-example guidance scales `ws`: diffusers' embedding of w - 1 (its pipelines'
-    convention, which `sampling.guidance_embedding` follows at inference)."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, ws.float() - 1.0, embedding_dim=dim)
 
 
 def add_guidance_embedding(unet, dim: int) -> None:

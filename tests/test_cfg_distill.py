@@ -174,6 +174,9 @@ def test_guidance_range_settings_and_combinations_are_one_line_errors(tiny_check
     with pytest.raises(PassError, match="does not pass a guidance embedding") as info:
         compile_pipeline(tiny_checkpoint("sd15"), [small, "deepcache"], "torch", out, show_progress=False)
     assert "\n" not in str(info.value) and not out.exists()
+    with pytest.raises(PassError, match="guidance_range adds a guidance embedding .* drop deepcache") as info:
+        compile_pipeline(tiny_checkpoint("sd15"), ["deepcache", small], "torch", out, show_progress=False)
+    assert "\n" not in str(info.value) and not out.exists()
     with pytest.raises(PassError, match="ptq calibrates on inputs without a guidance embedding"):
         compile_pipeline(tiny_checkpoint("sd15"), [small, {"preset": "int8", "calib_prompts": 1, "calib_steps": 1}],
                          "onnx", out, show_progress=False)

@@ -139,14 +139,3 @@ def scheduler_factory(root: Path):
     accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
     config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     return lambda: scheduler_cls.from_config(config)
-
-
-def refuse_guidance_embedding(pipe, target: str, ctx: "LowerContext") -> None:
-    """A U-Net with a guidance embedding (`time_cond_proj_dim`) takes w as `timestep_cond`, which every target
-    passes, but the feature cache's split U-Net does not: refuse the combination before anything is written."""
-    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None or not ctx.defaults.get("feature_cache"):
-        return
-    from sdcompiler.errors import LoweringError
-
-    raise LoweringError(f"target {target}: the feature cache does not pass a guidance embedding (time_cond_proj_dim) "
-                        "to the U-Net; drop deepcache for this model")

@@ -37,9 +37,7 @@ import torch
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig, unet_example_inputs
-from sdcompiler.targets.base import (
-    LowerContext, Stage, StageRecord, Target, refuse_guidance_embedding, register_target, write_pipeline_files,
-)
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import (
     OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
 )
@@ -267,7 +265,6 @@ class OnnxTarget(Target):
         from tqdm.auto import tqdm
 
         records: list[StageRecord] = []
-        refuse_guidance_embedding(pipe, "onnx", ctx)
         quantized = getattr(pipe.unet, "onnx_quantization", None)  # left by the ptq pass
         cache = cache_settings({"defaults": ctx.defaults})
         if quantized is not None and cache is not None:

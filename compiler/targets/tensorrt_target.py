@@ -69,9 +69,7 @@ from sdcompiler.archs import get_arch
 from sdcompiler.artifact import sha256_file
 from sdcompiler.errors import ArtifactError, ConfigError, LoweringError, PipelineArgumentError, require
 from sdcompiler.passes import PassConfig
-from sdcompiler.targets.base import (
-    LowerContext, Stage, StageRecord, Target, refuse_guidance_embedding, register_target, write_pipeline_files,
-)
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
 from sdcompiler.targets.onnx_target import (
     MIN_SQNR_DB, TOLERANCE, OnnxTargetConfig, _exports, export_model, verify_model, write_component_configs,
@@ -389,7 +387,6 @@ class TensorRTTarget(Target):
             raise LoweringError("the tensorrt target does not build the feature cache's shallow U-Net yet; "
                                 "use target onnx or torch, or drop deepcache")
         records: list[StageRecord] = []
-        refuse_guidance_embedding(pipe, "tensorrt", ctx)
         exports = _component_exports(pipe, ctx.arch, config)
         sizes = ModelSizes(pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor,
                            pipe.tokenizer.model_max_length,

@@ -33,9 +33,7 @@ from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
-from sdcompiler.targets.base import (
-    LowerContext, Stage, StageRecord, Target, refuse_guidance_embedding, register_target, write_pipeline_files,
-)
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, torch_text_encoder, torch_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,7 +56,6 @@ class TorchTarget(Target):
         from safetensors.torch import save_file
 
         records: list[StageRecord] = []
-        refuse_guidance_embedding(pipe, "torch", ctx)
         dtype = DTYPES[config.precision]
         with Stage(records, "save_weights", {"precision": config.precision}) as stage:
             for name in ctx.arch.text_encoders:
