@@ -406,12 +406,11 @@ class Ptq(Pass):
             reference = mo.eps_outputs(unet, held, label("reference"))
             mo.quantize(unet, quant, lambda model: mo.eps_outputs(model, calib, label("calibrate")))
             estimate = mo.eps_outputs(unet, held, label("measure"))
-        layers = mo.selected_layers(unet, config.level, exclude)
+        layers = quant["layers"]
         settings = {
             "backend": "modelopt", "modelopt": version("nvidia-modelopt"), "precision": config.precision,
             "level": config.level, "weights": "per-channel" if config.precision == "int8" else "per-tensor",
-            "activations": "per-tensor", "algorithm": quant["algorithm"] if isinstance(quant["algorithm"], str)
-            else dict(quant["algorithm"]), "calibration": config.calibration,
+            "activations": "per-tensor", "algorithm": quant["algorithm"], "calibration": config.calibration,
             "percentile": config.percentile if config.calibration == "percentile" else None,
             "quantized_layers": len(layers), "quantized_attention": config.level >= 4, "exclude": list(exclude),
             "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",

@@ -125,7 +125,7 @@ class QuantizerNames:
 def quant_config(unet: torch.nn.Module, precision: str, level: float, exclude: Iterable[str], *,
                  smoothquant_alpha: float | None, calibration: str, percentile: float) -> dict[str, Any]:
     """What `quantize` applies: `groups` [(quantizer names, quantizer attributes)] and the calibration
-    `algorithm` (modelopt's "max", or {"method": "smoothquant", "alpha": ...})."""
+    `algorithm` (modelopt's "max", or {"method": "smoothquant", "alpha": ...}); `layers`: `selected_layers`."""
     bits = 8 if precision == "int8" else (4, 3)
     weights = {"num_bits": bits, "axis": 0 if precision == "int8" else None}
     inputs = {"num_bits": bits, "axis": None}
@@ -144,7 +144,7 @@ def quant_config(unet: torch.nn.Module, precision: str, level: float, exclude: I
     algorithm: Any = "max"
     if precision == "int8" and smoothquant_alpha is not None:
         algorithm = {"method": "smoothquant", "alpha": smoothquant_alpha}
-    return {"groups": groups, "algorithm": algorithm}
+    return {"groups": groups, "algorithm": algorithm, "layers": layers}
 
 
 def quantizers(unet: torch.nn.Module) -> dict[str, Any]:
