@@ -402,10 +402,9 @@ class Ptq(Pass):
         quant = mo.quant_config(unet, config.precision, config.level, exclude, smoothquant_alpha=config.smoothquant_alpha,
                                 calibration=config.calibration, percentile=config.percentile)
         label = (lambda text: f"ptq {config.precision} {text}") if ctx.show_progress else (lambda text: None)
-        with torch.no_grad():
-            reference = mo.eps_outputs(unet, held, label("reference"))
-            mo.quantize(unet, quant, lambda model: mo.eps_outputs(model, calib, label("calibrate")))
-            estimate = mo.eps_outputs(unet, held, label("measure"))
+        reference = held.eps(unet, label("reference"))
+        mo.quantize(unet, quant, lambda model: calib.eps(model, label("calibrate")))
+        estimate = held.eps(unet, label("measure"))
         layers = quant["layers"]
         settings = {
             "backend": "modelopt", "modelopt": version("nvidia-modelopt"), "precision": config.precision,

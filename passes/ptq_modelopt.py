@@ -154,24 +154,6 @@ def quantizers(unet: torch.nn.Module) -> dict[str, Any]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
 
 
-def eps_outputs(unet: torch.nn.Module, data, desc: str | None = None) -> torch.Tensor:
-    """The U-Net's eps on every step of `data` (a `quest.Trajectories`; one batch of all rows per step), on CPU.
-
-    Also the calibration forward loop: every visited input passes through the quantizers. `desc`: show a
-    progress bar with this label."""
-    from tqdm.auto import tqdm
-
-    device = next(unet.parameters()).device
-    rows = torch.arange(data.samples.shape[1])
-    outputs = []
-    for step in tqdm(range(len(data.timesteps)), desc=desc, disable=desc is None, leave=False):
-        inputs = data.inputs(torch.tensor(step), rows)
-        inputs = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-                  for k, v in inputs.items()}
-        outputs.append(unet(**inputs).sample.float().cpu())
-    return torch.cat(outputs)
-
-
 def quantize(unet: torch.nn.Module, config: dict[str, Any], forward_loop: Callable[[torch.nn.Module], None]) -> None:
     """Quantize `unet` in place with modelopt (`quant_config`'s groups and algorithm), quietly."""
     import io

@@ -472,6 +472,24 @@ class Trajectories:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds[rows], "time_ids": self.time_ids[rows]}
         return kwargs
 
+    def eps(self, unet, desc: str | None = None) -> torch.Tensor:
+        """The U-Net's eps on every input (one batch of all rows per step, on the U-Net's device), float32 on
+        the CPU; also a calibration forward loop. `desc`: show a progress bar with this label."""
+        from tqdm.auto import tqdm
+
+        device = next(unet.parameters()).device
+        rows = torch.arange(self.samples.shape[1])
+        out = []
+        with torch.no_grad():
+            for step in tqdm(range(len(self.timesteps)), desc=desc, disable=desc is None, leave=False):
+                inputs = self.inputs(torch.tensor(step), rows)
+                added = inputs.pop("added_cond_kwargs", None)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                if added is not None:
+                    inputs["added_cond_kwargs"] = {k: v.to(device) for k, v in added.items()}
+                out.append(unet(**inputs).sample.float().cpu())
+        return torch.cat(out)
+
 
 def teacher_trajectories(pipe, prompts: list[str], *, steps: int, guidance: float, resolution: int, seed: int,
                          cache_dir: Path, model_key: str) -> Trajectories:
@@ -592,16 +610,11 @@ def set_act_scales(unet, stats: dict, *, timewise: bool, search: bool, grid: int
 def trajectory_eps(unet, data: Trajectories, quantized: bool) -> torch.Tensor:
     """The U-Net's eps on every trajectory input, with quantization on or off."""
     state = unet.quant_state
-    rows = torch.arange(data.samples.shape[1])
-    out = []
     state.enabled = quantized
     try:
-        with torch.no_grad():
-            for step in range(len(data.timesteps)):
-                out.append(unet(**data.inputs(torch.tensor(step), rows)).sample)
+        return data.eps(unet)
     finally:
         state.enabled = True
-    return torch.cat(out)
 
 
 def eps_sqnr(unet, data: Trajectories, reference: torch.Tensor) -> float:
