@@ -1,7 +1,7 @@
 """Benchmark: the torch target's runtime options end to end on one U-Net call (GPU): fused kernels, CUDA graphs, GRI.
 
     python benchmarks/bench_torch_target_gpu.py [--latent 64] [--batch 2] [--warmup 5] [--repeats 30] [--out DIR]
-                                                [--tiny] [--device cuda]
+                                                [--compile] [--tiny] [--device cuda]
 
 The SD1.5 U-Net architecture (compiler/configs/sd15/unet, random weights, seed 0), fp16, channels-first,
 batch `--batch` (2: one classifier-free-guidance step), latent `--latent` (64: 512x512 images), 77 tokens,
@@ -13,7 +13,10 @@ sets it up, and timed in turn, rounds interleaved:
 - `eager+graphs`, `fused+graphs`: the same called through `cuda_graphs.GraphedCallable` (the target's
   `cuda_graphs: true`: one capture per input signature, then replays);
 - `gri+fused+graphs`: the `gri` preset's attention swap (default window and pooling; the GRI Triton kernel on
-  CUDA) on top.
+  CUDA) on top;
+- with `--compile`: `compile` and `compile+reduce-overhead`, the target's `compile: true` with
+  `compile_mode` default / reduce-overhead (inductor's own CUDA graphs) on the diffusers U-Net; the compile
+  time of each is logged and recorded (it happens in the warm-up calls).
 
 Per variant: median milliseconds per U-Net call over `--repeats` rounds after `--warmup` (CUDA events around
 the call, inputs already on the GPU), the ratio to `eager` in the same rounds, and the output's SQNR vs
@@ -80,7 +83,7 @@ def build_unet(tiny: bool, device: str, dtype: torch.dtype):
     return diffusers.UNet2DConditionModel.from_config(config).to(device, dtype).eval()
 
 
-def variants(unet, device: str) -> dict:
+def variants(unet, device: str, compile_modes: tuple[str, ...] = ()) -> dict:
     """name -> callable(sample, timestep, context) -> eps, each on its own copy of `unet`."""
     from sdcompiler.kernels.lowering import lower_unet
 
@@ -112,6 +115,10 @@ def variants(unet, device: str) -> dict:
             log(f"gri variant skipped: {type(exc).__name__}: {exc}")
     else:
         result["gri+fused"] = plain(gri())
+    for mode in compile_modes:
+        from sdcompiler.targets.components import compiled
+
+        result["compile" if mode == "default" else f"compile+{mode}"] = compiled(plain(copy.deepcopy(unet)), mode)
     return result
 
 
@@ -143,6 +150,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile variants (minutes of compiling)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark measures the GPU path (--tiny --device cpu checks the script)")
@@ -154,13 +162,17 @@ def main() -> None:
     inputs = (torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device, dtype),
               torch.tensor(500.0, device=args.device),
               torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator).to(args.device, dtype))
-    calls = variants(unet, args.device)
+    modes = (("default", "reduce-overhead") if args.device == "cuda" else ("default",)) if args.compile else ()
+    calls = variants(unet, args.device, modes)
     times = {name: [] for name in calls}
-    outputs = {}
+    outputs, setup_s = {}, {}
     with torch.inference_mode():
         for name, fn in calls.items():
+            begin = time.perf_counter()
             for _ in range(args.warmup):
                 timed_ms(fn, inputs, args.device)
+            setup_s[name] = round(time.perf_counter() - begin, 1)
+            log(f"{name}: warm-up {setup_s[name]} s")
             outputs[name] = fn(*inputs).float().cpu()
         for _ in range(args.repeats):  # rounds: every variant once, so drift hits them alike
             for name, fn in calls.items():
@@ -168,16 +180,18 @@ def main() -> None:
     eager = statistics.median(times["eager"])
     rows = [{"variant": name, "median_ms": round(statistics.median(t), 3),
              "speedup_vs_eager": round(eager / statistics.median(t), 3),
-             "sqnr_vs_eager_db": round(sqnr_db(outputs["eager"], outputs[name]), 1)} for name, t in times.items()]
+             "sqnr_vs_eager_db": round(sqnr_db(outputs["eager"], outputs[name]), 1),
+             "warmup_s": setup_s[name]} for name, t in times.items()]
     name = "torch_target_gpu" if args.device == "cuda" else "torch_target_cpu_check"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     results = new_results(name, ("torch", "triton", "diffusers"), device=device,
                           shape={"batch": args.batch, "latent": latent, "tokens": 77, "dtype": str(dtype),
                                  "unet": "tiny" if args.tiny else "SD1.5"}, rows=rows)
     finish_results(results)
-    table = ["| variant | median ms / U-Net call | speedup vs eager | SQNR vs eager (dB) |", "|---|---|---|---|"]
-    table += [f"| {r['variant']} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}x | {r['sqnr_vs_eager_db']} |"
-              for r in rows]
+    table = ["| variant | median ms / U-Net call | speedup vs eager | SQNR vs eager (dB) | warm-up s (incl. compile) |",
+             "|---|---|---|---|---|"]
+    table += [f"| {r['variant']} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}x | {r['sqnr_vs_eager_db']} | "
+              f"{r['warmup_s']} |" for r in rows]
     print(f"{device}: batch {args.batch}, latent {latent}, {dtype}")
     write_results(results, "\n".join(table), args.out, name)
 

@@ -26,7 +26,9 @@ fi
 python -m pytest ${TESTS:-tests/gpu} --confcutdir=tests/gpu -q -p no:cacheprovider -rs > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: exit $?"; tail -25 "$OUT/gpu_tests.txt"
 # BENCHES (optional): which benchmarks to run, default all
+# BENCH_ARGS_<name> (optional): extra arguments, e.g. BENCH_ARGS_bench_torch_target_gpu=--compile
 for bench in ${BENCHES:-bench_torch_target_gpu bench_w4a4_kernel bench_gri_kernel bench_fused_kernels}; do
   echo "== $bench"
-  timeout 240 python "benchmarks/$bench.py" --out "$OUT" 2>&1 | tail -40
+  extra_var="BENCH_ARGS_$bench"
+  timeout 240 python "benchmarks/$bench.py" --out "$OUT" ${!extra_var:-} 2>&1 | tail -40
 done

@@ -11,7 +11,7 @@ does not initialise CUDA.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compile_pipeline", "load_compiled"]
+__all__ = ["__version__", "benchmark", "compile_pipeline", "load_compiled"]
 
 
 def __getattr__(name):  # lazy: keep `import sdcompiler` cheap
@@ -23,4 +23,8 @@ def __getattr__(name):  # lazy: keep `import sdcompiler` cheap
         from sdcompiler.runtime import load_compiled
 
         return load_compiled
+    if name == "benchmark":
+        from sdcompiler.bench import benchmark
+
+        return benchmark
     raise AttributeError(f"module 'sdcompiler' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `sdcompiler` command line: compile, generate, inspect, demo, export-server.
+"""The `sdcompiler` command line: compile, generate, bench, inspect, demo, export-server.
 
 Exit status: 0 on success; 2 for a malformed command line (argparse); 1 for
 every other error, with one plain line on stderr naming the problem and the
@@ -102,8 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the whole U-Net every step even if the artifact caches features (deepcache)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="load-time target option (repeatable), e.g. --option compile=true (torch target)")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", parents=[common], help="time an artifact per image and stage, against a baseline")
+    p.add_argument("artifact")
+    p.add_argument("--baseline", help="another artifact, or a checkpoint (diffusers folder, .safetensors, HF id)")
+    p.add_argument("--prompt", action="append", help="repeat for several prompts (one batch per call)")
+    p.add_argument("--steps", type=int, help="default: each subject's own (artifact defaults; 50 for a checkpoint)")
+    p.add_argument("--guidance", type=float, help="default: each subject's own")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per subject")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per subject (alternating)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--no-feature-cache", action="store_true", help="run the whole U-Net every step")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="load-time target option for the candidate (repeatable), e.g. --option compile=true")
+    p.add_argument("--clip-model", help="local transformers CLIP folder: adds CLIP scores")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights for the baseline / CLIP")
+    p.add_argument("--images", help="folder to write each subject's first timed images to (PNG)")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--markdown", help="also write the report as Markdown to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", parents=[common], help="describe an artifact or a checkpoint")
     p.add_argument("path")
@@ -143,18 +168,24 @@ def _recipe(text: str):
 
 
 def _target_options(args) -> dict:
+    options = _options(args.option)
+    if args.precision:
+        options["precision"] = args.precision
+    return options
+
+
+def _options(items: list[str]) -> dict:
+    """`--option KEY=VALUE` items as a dict, values typed as YAML."""
     import yaml
 
     options = {}
-    for item in args.option:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             from sdcompiler.errors import ConfigError
 
             raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
         options[key] = yaml.safe_load(value)
-    if args.precision:
-        options["precision"] = args.precision
     return options
 
 
@@ -184,7 +215,7 @@ def cmd_generate(args) -> int:
 
     from sdcompiler import load_compiled
 
-    pipe = load_compiled(args.artifact, device=args.device)
+    pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option))
     start = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -197,6 +228,32 @@ def cmd_generate(args) -> int:
     for image, path in zip(images, paths):
         image.save(path)
     print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from sdcompiler.bench import benchmark
+
+    report = benchmark(args.artifact, args.baseline, prompts=args.prompt, num_inference_steps=args.steps,
+                       guidance_scale=args.guidance, height=args.height, width=args.width,
+                       num_images_per_prompt=args.num_images, warmup=args.warmup, repeats=args.repeats,
+                       seed=args.seed, device=args.device, feature_cache=not args.no_feature_cache,
+                       clip_model=args.clip_model, allow_pickle=args.allow_pickle,
+                       options=_options(args.option))
+    text = report.markdown()
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.images:
+        from PIL import Image
+
+        folder = Path(args.images)
+        folder.mkdir(parents=True, exist_ok=True)
+        for subject in report.subjects:
+            for i, image in enumerate(subject.images):
+                Image.fromarray((image * 255).round().astype("uint8")).save(folder / f"{subject.name}-{i}.png")
     return 0
 
 

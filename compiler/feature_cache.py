@@ -176,10 +176,16 @@ class FeatureCache:
         return full_steps(num_steps, self.settings)
 
 
-def torch_feature_cache(unet, device: str, settings: CacheSettings) -> FeatureCache:
-    """FeatureCache over a torch U-Net (inputs and outputs as the sampling loop passes them)."""
+def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode: str | None = None) -> FeatureCache:
+    """FeatureCache over a torch U-Net (inputs and outputs as the sampling loop passes them); `compile_mode`:
+    torch.compile the full and shallow calls."""
     split = SplitUNet(unet, settings.branch)
     dtype = unet.dtype
+    run_full, run_shallow = split.full, split.shallow
+    if compile_mode is not None:
+        from sdcompiler.targets.components import compiled
+
+        run_full, run_shallow = compiled(run_full, compile_mode), compiled(run_shallow, compile_mode)
 
     def prepare(sample, text_embeds, time_ids, embeds):
         cast = (lambda x: None if x is None else x.to(device, dtype))
@@ -188,13 +194,13 @@ def torch_feature_cache(unet, device: str, settings: CacheSettings) -> FeatureCa
     def full(sample, timestep, embeds, text_embeds=None, time_ids=None):
         sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
         with torch.inference_mode():
-            eps, deep = split.full(sample, timestep, embeds, text_embeds, time_ids)
+            eps, deep = run_full(sample, timestep, embeds, text_embeds, time_ids)
         return eps.float().cpu(), deep
 
     def shallow(sample, timestep, embeds, text_embeds=None, time_ids=None, deep=None):
         sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
         with torch.inference_mode():
-            eps = split.shallow(sample, timestep, embeds, text_embeds, time_ids, deep)
+            eps = run_shallow(sample, timestep, embeds, text_embeds, time_ids, deep)
         return eps.float().cpu()
 
     return FeatureCache(settings, full, shallow)

@@ -39,11 +39,14 @@ class CompiledPipelineOutput:
 class CompiledPipeline:
     """A compiled text-to-image pipeline; `__call__` accepts diffusers' common arguments."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], components: Components, device: str):
+    def __init__(self, root: Path, manifest: dict[str, Any], components: Components, device: str,
+                 target_config: dict[str, Any] | None = None):
         self.root = root
         self.manifest = manifest
         self.components = components
         self.device = device
+        # the target config in effect: the recorded one with load-time options applied
+        self.target_config = manifest["lowering"]["config"] if target_config is None else target_config
 
     @property
     def arch(self) -> str:
@@ -109,13 +112,16 @@ def _progress_bar(iterable):
     return tqdm(iterable, desc="denoise", leave=False)
 
 
-def load_compiled(path: str | Path, device: str | None = None, providers: list[str] | None = None) -> CompiledPipeline:
+def load_compiled(path: str | Path, device: str | None = None, providers: list[str] | None = None,
+                  options: dict[str, Any] | None = None) -> CompiledPipeline:
     """Load an artifact folder written by `compile_pipeline` / `sdcompiler compile`.
 
     Args:
         path: the artifact folder (holds manifest.json).
         device: "cpu" or "cuda"; default: CUDA when torch sees a GPU.
         providers: ONNX Runtime execution providers (onnx target), overriding `device`.
+        options: target options that only change how the artifact runs, overriding the recorded ones
+            (torch target: `compile`, `compile_mode`, `cuda_graphs`, `fused_kernels`); others are refused.
     """
     from sdcompiler.targets import get_target
 
@@ -125,5 +131,7 @@ def load_compiled(path: str | Path, device: str | None = None, providers: list[s
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = get_target(manifest["target"])
-    components = target.load(root, manifest, device, providers)
-    return CompiledPipeline(root, manifest, components, device)
+    config = target.load_config(manifest, options)
+    effective = manifest if not options else {**manifest, "lowering": {**manifest["lowering"], "config": config}}
+    components = target.load(root, effective, device, providers)
+    return CompiledPipeline(root, manifest, components, device, config)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sdcompiler.archs import ArchSpec
-from sdcompiler.errors import LoweringError
+from sdcompiler.errors import ConfigError, LoweringError
 from sdcompiler.passes import PassConfig
 
 
@@ -58,6 +58,23 @@ class Stage:
 class Target:
     name: ClassVar[str]
     config_class: ClassVar[type[PassConfig]] = PassConfig
+    # config keys that only change how an artifact runs, so `load_compiled(dir, options=...)` may override them
+    load_options: ClassVar[tuple[str, ...]] = ()
+
+    def load_config(self, manifest: dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any]:
+        """The artifact's recorded target config with load-time `options` applied and validated."""
+        recorded = dict(manifest["lowering"]["config"])
+        if not options:
+            return recorded
+        fixed = sorted(set(options) - set(self.load_options))
+        if fixed and not self.load_options:
+            raise ConfigError(f"target {self.name!r} takes no load-time options (got {', '.join(fixed)}); its "
+                              "settings are fixed when the artifact is compiled")
+        if fixed:
+            allowed = ", ".join(self.load_options) or "none"
+            raise ConfigError(f"option(s) {', '.join(fixed)} of target {self.name!r} are fixed when the artifact is "
+                              f"compiled (load-time options: {allowed}); recompile with --option to change them")
+        return self.config_class.from_dict(recorded | dict(options), owner=f"target {self.name}").to_dict()
 
     def lower(self, pipe, out: Path, config: PassConfig, ctx: LowerContext) -> list[StageRecord]:
         raise NotImplementedError

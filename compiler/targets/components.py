@@ -41,6 +41,39 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
     )
 
 
+def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
+    """Components over an in-memory diffusers pipeline (a checkpoint as loaded): the reference the compiled
+    artifacts are measured against. Moves the pipeline's modules to `device`."""
+    text_encoders = []
+    for name in spec.text_encoders:
+        getattr(pipe, name).to(device)
+        text_encoders.append(torch_text_encoder(getattr(pipe, name), spec.is_sdxl))
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(spec.text_encoders) > 1 else [])
+    vae = pipe.vae.to(device)
+    pipe.unet.to(device)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
+
+    scheduler_cls, scheduler_config = type(pipe.scheduler), dict(pipe.scheduler.config)
+    return Components(
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        unet=torch_unet(pipe.unet, device),
+        decode=decode,
+        scheduler_factory=lambda: scheduler_cls.from_config(scheduler_config),
+        is_sdxl=spec.is_sdxl,
+        latent_channels=vae.config.latent_channels,
+        vae_scale_factor=pipe.vae_scale_factor,
+        scaling_factor=vae.config.scaling_factor,
+        default_size=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        guidance_embedding_dim=getattr(pipe.unet.config, "time_cond_proj_dim", None),
+        modules={name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")},
+    )
+
+
 def cache_settings(manifest: dict[str, Any]):
     """The artifact's feature-cache settings, or None when it has none."""
     from sdcompiler.feature_cache import CacheSettings
@@ -68,7 +101,9 @@ def torch_text_encoder(model: torch.nn.Module, sdxl: bool):
     return encode
 
 
-def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False):
+def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, compile_mode: str | None = None):
+    """The sampling loop's U-Net callable over a torch module: optionally replayed from CUDA graphs, or
+    `torch.compile`d with `compile_mode` (the two exclude each other)."""
     dtype = unet.dtype
 
     def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
@@ -80,6 +115,8 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False):
         from sdcompiler.cuda_graphs import GraphedCallable
 
         forward = GraphedCallable(forward)
+    elif compile_mode is not None:
+        forward = compiled(forward, compile_mode)
 
     def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         cast = (lambda x: None if x is None else x.to(device, dtype))
@@ -91,6 +128,11 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False):
         return out.float().cpu()
 
     return run
+
+
+def compiled(fn, mode: str):
+    """`torch.compile(fn, mode=mode)`; "default" is torch's own default mode."""
+    return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------

@@ -1,0 +1,367 @@
+"""Measure a compiled pipeline end to end: time per image by stage, against a baseline, and image quality.
+
+    from sdcompiler import benchmark, load_compiled
+    report = benchmark(load_compiled("out/"), baseline="ckpt/", prompts=["a red cube"], repeats=5)
+    print(report.markdown())      # or report.to_dict(); the CLI: `sdcompiler bench out/ --baseline ckpt/`
+
+Each subject (the candidate artifact, and the optional baseline: another
+artifact or the source checkpoint run through the same sampling loop) is
+called with the same prompts and the same seed; calls alternate between the
+subjects after the warm-up calls, so load on a shared machine hits both alike.
+The components are wrapped with timers (every component returns host tensors,
+so a GPU call has finished when its wrapper stops the clock), which splits
+each call into text encoding, U-Net calls, VAE decoding and the rest
+(tokenization, scheduler steps, image conversion). Speed-ups are ratios of
+medians. Quality is measured on the first timed call's images: PSNR and SSIM
+against the baseline's images, and CLIP score per subject with a local CLIP
+model (`clip_model=`, a transformers folder such as openai/clip-vit-large-patch14;
+no machine here has one, so the tests use a tiny random CLIP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sdcompiler.errors import ConfigError
+from sdcompiler.sampling import Components, generate
+
+STAGES = ("text_encoder", "unet", "vae_decoder", "other")
+DEFAULT_PROMPTS = ("a red cube on a wooden table, studio light",)
+
+
+@dataclass
+class Subject:
+    """One pipeline under measurement."""
+
+    name: str  # "candidate" / "baseline"
+    label: str  # what it is, for the report
+    components: Components
+    num_inference_steps: int
+    guidance_scale: float
+    timesteps: list[int] | None = None
+    disk_bytes: int | None = None
+    unet_params: int | None = None
+    macs_per_unet_call: int | None = None  # a full batch-1 U-Net call at macs_resolution (pixels)
+    macs_resolution: tuple[int, int] | None = None
+    calls: list[dict[str, float]] = field(default_factory=list)  # per timed call: stage -> seconds, counts
+    images: np.ndarray | None = None  # the first timed call's images
+
+    def summary(self, images_per_call: int) -> dict[str, Any]:
+        totals = [c["total"] for c in self.calls]
+        out = {
+            "label": self.label,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "seconds_per_call": _stats(totals),
+            "seconds_per_image": statistics.median(totals) / images_per_call,
+            "images_per_second": images_per_call / statistics.median(totals),
+            "stages_seconds": {s: statistics.median(c[s] for c in self.calls) for s in STAGES},
+            "unet_calls": self.calls[0]["unet_calls"],
+            "shallow_unet_calls": self.calls[0]["shallow_calls"],
+            "seconds_per_unet_call": statistics.median(c["unet"] / c["unet_calls"] for c in self.calls),
+        }
+        for key in ("disk_bytes", "unet_params", "macs_per_unet_call", "macs_resolution"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+@dataclass
+class BenchReport:
+    settings: dict[str, Any]
+    subjects: list[Subject]
+    quality: dict[str, float]  # candidate vs baseline (psnr_db, ssim); clip scores per subject
+
+    def to_dict(self) -> dict[str, Any]:
+        per_call = self.settings["images_per_call"]
+        out = {"settings": self.settings, "quality": self.quality,
+               "subjects": {s.name: s.summary(per_call) for s in self.subjects}}
+        if len(self.subjects) == 2:
+            cand, base = (out["subjects"][s.name] for s in self.subjects)
+            out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
+            out["unet_call_speedup"] = base["seconds_per_unet_call"] / cand["seconds_per_unet_call"]
+        return out
+
+    def markdown(self) -> str:
+        data = self.to_dict()
+        subjects = [data["subjects"][s.name] for s in self.subjects]
+        names = [s.name for s in self.subjects]
+        rows: list[tuple[str, list[str]]] = [
+            ("what", [s["label"] for s in subjects]),
+            ("steps / guidance", [f"{s['num_inference_steps']} / {s['guidance_scale']:g}" for s in subjects]),
+            ("s per call (median, min-max)", [_fmt_stats(s["seconds_per_call"]) for s in subjects]),
+            ("s per image", [f"{s['seconds_per_image']:.4g}" for s in subjects]),
+            ("images per s", [f"{s['images_per_second']:.4g}" for s in subjects]),
+        ]
+        rows += [(f"  {stage} s", [f"{s['stages_seconds'][stage]:.4g}" for s in subjects]) for stage in STAGES]
+        rows.append(("U-Net calls per call (shallow)",
+                     [f"{s['unet_calls']} ({s['shallow_unet_calls']})" for s in subjects]))
+        rows.append(("s per U-Net call", [f"{s['seconds_per_unet_call']:.4g}" for s in subjects]))
+        for key, title, scale, unit in (("unet_params", "U-Net params", 1e6, "M"),
+                                         ("macs_per_unet_call", "U-Net MACs per full call, batch 1", 1e9, "G"),
+                                         ("disk_bytes", "on disk", 2**30, " GiB")):
+            if any(key in s for s in subjects):
+                cells = [f"{s[key] / scale:.4g}{unit}" if key in s else "-" for s in subjects]
+                if key == "macs_per_unet_call":
+                    cells = [c + (" @ {}x{} px".format(*s["macs_resolution"]) if key in s else "")
+                             for c, s in zip(cells, subjects)]
+                rows.append((title, cells))
+        lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
+        settings = self.settings
+        text = [f"sdcompiler bench: {settings['images_per_call']} image(s) per call at "
+                f"{settings['height']}x{settings['width']}, device {settings['device']}, {settings['warmup']} "
+                f"warm-up + {settings['repeats']} timed calls per subject (alternating), seed {settings['seed']}",
+                "", *lines]
+        if "speedup" in data:
+            text += ["", f"speed-up (baseline / candidate, medians): {data['speedup']:.3f}x per call, "
+                         f"{data['unet_call_speedup']:.3f}x per U-Net call"]
+        if self.quality:
+            text += ["", "quality: " + ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items())]
+        return "\n".join(text) + "\n"
+
+
+def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None, num_inference_steps: int | None = None,
+          guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+          num_images_per_prompt: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
+          device: str | None = None, feature_cache: bool = True, clip_model: str | Path | None = None,
+          allow_pickle: bool = False, options: dict[str, Any] | None = None) -> BenchReport:
+    """Time `candidate` (a CompiledPipeline or an artifact folder) and optionally `baseline` (a
+    CompiledPipeline, an artifact folder, or a checkpoint: diffusers folder, .safetensors file, cached HF id).
+
+    Steps and guidance default to each subject's own (an artifact's recorded defaults; 50 steps and the
+    arch's guidance for a checkpoint), so a 4-step LCM artifact is compared with its 50-step teacher.
+    `options`: load-time target options for the candidate artifact (`load_compiled(..., options=)`), e.g.
+    `{"compile": True}` against the same artifact without them as the baseline.
+    """
+    if not _is_int(repeats) or repeats < 1:
+        raise ConfigError(f"repeats={repeats!r}: at least one timed call per subject is needed")
+    if not _is_int(warmup) or warmup < 0:
+        raise ConfigError(f"warmup={warmup!r} must be a non-negative integer")
+    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise ConfigError("num_images_per_prompt must be a positive integer")
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = _ClipScorer(clip_model, allow_pickle) if clip_model is not None else None  # fail before timing
+    subjects = [_subject("candidate", candidate, device, allow_pickle, num_inference_steps, guidance_scale,
+                         options=options)]
+    if baseline is not None:
+        subjects.append(_subject("baseline", baseline, device, allow_pickle, num_inference_steps, guidance_scale,
+                                 macs_resolution=subjects[0].macs_resolution))
+        if subjects[0].components.is_sdxl != subjects[1].components.is_sdxl:
+            raise ConfigError("the candidate and the baseline are different model families (SDXL vs SD 1.x/2.x); "
+                              "compare an artifact with its own source checkpoint")
+    size = subjects[0].components.default_size
+    height = size if height is None else height
+    width = size if width is None else width
+    settings = {"prompts": prompts, "images_per_call": len(prompts) * num_images_per_prompt, "height": height,
+                "width": width, "warmup": warmup, "repeats": repeats, "seed": seed, "device": device,
+                "feature_cache": feature_cache}
+
+    def call(subject: Subject, record: bool) -> None:
+        timed, timer = _timed(subject.components)
+        start = time.perf_counter()
+        images = generate(timed, prompts, num_inference_steps=subject.num_inference_steps,
+                          guidance_scale=subject.guidance_scale, height=height, width=width,
+                          generator=torch.Generator().manual_seed(seed), num_images_per_prompt=num_images_per_prompt,
+                          output_type="np", timesteps=subject.timesteps, feature_cache=feature_cache)
+        total = time.perf_counter() - start
+        if record:
+            timer["total"] = total
+            timer["other"] = total - timer["text_encoder"] - timer["unet"] - timer["vae_decoder"]
+            subject.calls.append(timer)
+            if subject.images is None:
+                subject.images = images
+
+    try:
+        for _ in range(warmup):
+            for subject in subjects:
+                call(subject, record=False)
+        for _ in range(repeats):
+            for subject in subjects:
+                call(subject, record=True)
+    except (ValueError, TypeError) as exc:  # the sampling loop's argument checks (as the runtime maps them)
+        raise ConfigError((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+
+    quality: dict[str, float] = {}
+    if len(subjects) == 2:
+        reference, estimate = subjects[1].images, subjects[0].images
+        from sdcompiler.passes.teacher_data import psnr_db
+
+        quality["psnr_db"] = psnr_db(reference, estimate)
+        quality["ssim"] = ssim(reference, estimate)
+    if scorer is not None:
+        for subject in subjects:
+            quality[f"clip_score_{subject.name}"] = scorer.score(subject.images, prompts, num_images_per_prompt)
+    return BenchReport(settings, subjects, quality)
+
+
+def _subject(name: str, what, device: str, allow_pickle: bool, steps: int | None, guidance: float | None,
+             macs_resolution: tuple[int, int] | None = None, options: dict[str, Any] | None = None) -> Subject:
+    from sdcompiler.runtime import CompiledPipeline, load_compiled
+
+    is_artifact = isinstance(what, CompiledPipeline) or (Path(str(what)) / "manifest.json").is_file()
+    if options and not is_artifact:
+        raise ConfigError(f"options apply to compiled artifacts, and {what} is a checkpoint; drop the options")
+    if options and isinstance(what, CompiledPipeline):
+        raise ConfigError("options apply when the candidate is loaded here: pass the artifact folder, or load it "
+                          "with load_compiled(dir, options=...) yourself")
+    if not isinstance(what, CompiledPipeline) and is_artifact:
+        what = load_compiled(what, device=device, options=options)
+    if isinstance(what, CompiledPipeline):
+        manifest = what.manifest
+        defaults = manifest.get("defaults", {})
+        passes = manifest["passes"]
+        label = f"{manifest['arch']} {'+'.join(p['name'] for p in passes) or 'no passes'} -> {manifest['target']}"
+        changed = {k: v for k, v in what.target_config.items() if manifest["lowering"]["config"].get(k) != v}
+        if changed:
+            label += " (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")"
+        last = passes[-1] if passes else None
+        unet_params = last["params_after"] if last else None
+        macs = last["macs_after"] if last else None
+        unet = what.components.modules.get("unet")
+        if last is None and unet is not None:  # no pass recorded the counts: count the torch module as loaded
+            from sdcompiler.passes import count_macs
+
+            unet_params = sum(p.numel() for p in unet.parameters())
+            macs = count_macs(unet, tuple(manifest["macs_resolution"]), what.components.vae_scale_factor)
+        use_recorded = steps is None
+        return Subject(
+            name, label, what.components,
+            num_inference_steps=defaults.get("num_inference_steps", 50) if steps is None else steps,
+            guidance_scale=defaults.get("guidance_scale", 7.5) if guidance is None else guidance,
+            timesteps=defaults.get("timesteps") if use_recorded else None,
+            disk_bytes=sum(p.stat().st_size for p in what.root.rglob("*") if p.is_file()),
+            unet_params=unet_params,
+            macs_per_unet_call=macs,
+            macs_resolution=tuple(manifest["macs_resolution"]) if macs is not None else None,
+        )
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.targets.components import pipeline_components
+
+    from sdcompiler.passes import count_macs
+
+    loaded = load_checkpoint(what, allow_pickle=allow_pickle)
+    pipe = loaded.pipeline
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    macs_resolution = tuple(macs_resolution or (size, size))
+    source = Path(loaded.source["path"])
+    disk = None
+    if source.exists():
+        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+        disk = sum(p.stat().st_size for p in files)
+    return Subject(
+        name, f"{loaded.arch.name} checkpoint (diffusers, torch eager fp32)",
+        pipeline_components(pipe, loaded.arch, device),
+        num_inference_steps=50 if steps is None else steps,
+        guidance_scale=loaded.arch.default_guidance_scale if guidance is None else guidance,
+        disk_bytes=disk,
+        unet_params=sum(p.numel() for p in pipe.unet.parameters()),
+        macs_per_unet_call=count_macs(pipe.unet, macs_resolution, pipe.vae_scale_factor),
+        macs_resolution=macs_resolution,
+    )
+
+
+def _timed(c: Components) -> tuple[Components, dict[str, float]]:
+    """A copy of `c` whose callables add their wall time (and call counts) into the returned dict."""
+    timer = {"text_encoder": 0.0, "unet": 0.0, "vae_decoder": 0.0, "unet_calls": 0, "shallow_calls": 0}
+
+    def wrap(fn, stage: str, *counts: str):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timer[stage] += time.perf_counter() - start
+            for count in counts:
+                timer[count] += 1
+            return out
+        return run
+
+    cache = c.feature_cache
+    if cache is not None:
+        cache = dataclasses.replace(cache, full=wrap(cache.full, "unet", "unet_calls"),
+                                    shallow=wrap(cache.shallow, "unet", "unet_calls", "shallow_calls"))
+    timed = dataclasses.replace(
+        c, text_encoders=[wrap(e, "text_encoder") for e in c.text_encoders],
+        unet=wrap(c.unet, "unet", "unet_calls"), decode=wrap(c.decode, "vae_decoder"), feature_cache=cache,
+    )
+    return timed, timer
+
+
+def ssim(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Mean SSIM of (N, H, W, 3) images in [0, 1]: Gaussian window 11 (sigma 1.5; smaller for tiny images),
+    per channel, valid positions only (Wang et al. 2004 constants)."""
+    reference, estimate = np.asarray(reference, dtype=np.float64), np.asarray(estimate, dtype=np.float64)
+    if reference.shape != estimate.shape or reference.ndim != 4:
+        raise ConfigError(f"images to compare have shapes {reference.shape} and {estimate.shape}; pass two "
+                          "(N, H, W, C) arrays of one shape")
+    x = torch.from_numpy(reference).permute(0, 3, 1, 2)
+    y = torch.from_numpy(estimate).permute(0, 3, 1, 2)
+    size = min(11, x.shape[-1], x.shape[-2])
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords**2 / (2 * 1.5**2))
+    g = g / g.sum()
+    channels = x.shape[1]
+    window = (g[:, None] * g[None, :]).expand(channels, 1, size, size)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(value.mean())
+
+
+class _ClipScorer:
+    """CLIP score (100 x max(cosine(image, text), 0), averaged) with a local transformers CLIP folder."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool):
+        from transformers import CLIPModel, CLIPProcessor
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ConfigError(f"CLIP model folder {folder} does not exist; pass a local transformers CLIP folder "
+                              "(model weights + tokenizer + preprocessor config)")
+        if not any(folder.glob("*.safetensors")) and not allow_pickle:
+            raise ConfigError(f"{folder} holds no .safetensors weights; convert them or pass allow_pickle "
+                              "(--allow-pickle) to load pickle weights (unpickling can run code)")
+        try:
+            # use_safetensors=None: safetensors when present, else (allowed) pickle weights
+            self.model = CLIPModel.from_pretrained(folder, use_safetensors=None if allow_pickle else True).eval()
+            self.processor = CLIPProcessor.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ConfigError(f"cannot load the CLIP model in {folder}: {first}") from None
+
+    def score(self, images: np.ndarray, prompts: list[str], per_prompt: int) -> float:
+        texts = [p for p in prompts for _ in range(per_prompt)]
+        pixels = [(im * 255).round().astype(np.uint8) for im in images]
+        inputs = self.processor(text=texts, images=pixels, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs["attention_mask"])
+        cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
+        return float(100 * cosine.clamp(min=0).mean())
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _fmt_stats(s: dict[str, float]) -> str:
+    return f"{s['median']:.4g} ({s['min']:.4g}-{s['max']:.4g})"
