@@ -54,15 +54,15 @@ class Subject:
     calls: list[dict[str, float]] = field(default_factory=list)  # per timed call: stage -> seconds, counts
     images: np.ndarray | None = None  # the first timed call's images
 
-    def summary(self, images_per_call: int) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         totals = [c["total"] for c in self.calls]
         out = {
             "label": self.label,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "seconds_per_call": _stats(totals),
-            "seconds_per_image": statistics.median(totals) / images_per_call,
-            "images_per_second": images_per_call / statistics.median(totals),
+            "seconds_per_image": statistics.median(c["total"] / c["images"] for c in self.calls),
+            "images_per_second": 1 / statistics.median(c["total"] / c["images"] for c in self.calls),
             "stages_seconds": {s: statistics.median(c[s] for c in self.calls) for s in STAGES},
             "unet_calls": self.calls[0]["unet_calls"],
             "shallow_unet_calls": self.calls[0]["shallow_calls"],
@@ -81,9 +81,8 @@ class BenchReport:
     quality: dict[str, float]  # candidate vs baseline (psnr_db, ssim); clip scores per subject
 
     def to_dict(self) -> dict[str, Any]:
-        per_call = self.settings["images_per_call"]
         out = {"settings": self.settings, "quality": self.quality,
-               "subjects": {s.name: s.summary(per_call) for s in self.subjects}}
+               "subjects": {s.name: s.summary() for s in self.subjects}}
         if len(self.subjects) == 2:
             cand, base = (out["subjects"][s.name] for s in self.subjects)
             out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
@@ -117,10 +116,12 @@ class BenchReport:
         lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
         settings = self.settings
+        calls = settings["calls_per_repeat"]
+        per_repeat = f" x {calls} calls" if calls > 1 else ""
         text = [f"sdcompiler bench: {settings['images_per_call']} image(s) per call at "
                 f"{settings['height']}x{settings['width']}, device {settings['device']}, {settings['warmup']} "
-                f"warm-up + {settings['repeats']} timed calls per subject (alternating), seed {settings['seed']}",
-                "", *lines]
+                f"warm-up + {settings['repeats']}{per_repeat} timed calls per subject (alternating), seed "
+                f"{settings['seed']}", "", *lines]
         if "speedup" in data:
             text += ["", f"speed-up (baseline / candidate, medians): {data['speedup']:.3f}x per call, "
                          f"{data['unet_call_speedup']:.3f}x per U-Net call"]
@@ -133,7 +134,8 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
           guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
           num_images_per_prompt: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
           device: str | None = None, feature_cache: bool = True, clip_model: str | Path | None = None,
-          allow_pickle: bool = False, options: dict[str, Any] | None = None) -> BenchReport:
+          allow_pickle: bool = False, options: dict[str, Any] | None = None,
+          batch_size: int | None = None) -> BenchReport:
     """Time `candidate` (a CompiledPipeline or an artifact folder) and optionally `baseline` (a
     CompiledPipeline, an artifact folder, or a checkpoint: diffusers folder, .safetensors file, cached HF id).
 
@@ -141,6 +143,8 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
     arch's guidance for a checkpoint), so a 4-step LCM artifact is compared with its 50-step teacher.
     `options`: load-time target options for the candidate artifact (`load_compiled(..., options=)`), e.g.
     `{"compile": True}` against the same artifact without them as the baseline.
+    `batch_size`: prompts per call (default: all in one call); a repeat then calls each chunk of prompts in
+    turn (seed + chunk index), which is how a quality run over a long prompt list fits in memory.
     """
     if not _is_int(repeats) or repeats < 1:
         raise ConfigError(f"repeats={repeats!r}: at least one timed call per subject is needed")
@@ -149,6 +153,10 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ConfigError("num_images_per_prompt must be a positive integer")
     prompts = list(prompts or DEFAULT_PROMPTS)
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (prompts per call)")
+    step = batch_size or len(prompts)
+    chunks = [prompts[i:i + step] for i in range(0, len(prompts), step)]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = _ClipScorer(clip_model, allow_pickle) if clip_model is not None else None  # fail before timing
@@ -163,32 +171,37 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
     size = subjects[0].components.default_size
     height = size if height is None else height
     width = size if width is None else width
-    settings = {"prompts": prompts, "images_per_call": len(prompts) * num_images_per_prompt, "height": height,
-                "width": width, "warmup": warmup, "repeats": repeats, "seed": seed, "device": device,
-                "feature_cache": feature_cache}
+    settings = {"prompts": prompts, "images_per_call": len(chunks[0]) * num_images_per_prompt,
+                "calls_per_repeat": len(chunks), "height": height, "width": width, "warmup": warmup,
+                "repeats": repeats, "seed": seed, "device": device, "feature_cache": feature_cache}
 
-    def call(subject: Subject, record: bool) -> None:
+    def call(subject: Subject, index: int, record: bool) -> np.ndarray:
         timed, timer = _timed(subject.components)
         start = time.perf_counter()
-        images = generate(timed, prompts, num_inference_steps=subject.num_inference_steps,
+        images = generate(timed, chunks[index], num_inference_steps=subject.num_inference_steps,
                           guidance_scale=subject.guidance_scale, height=height, width=width,
-                          generator=torch.Generator().manual_seed(seed), num_images_per_prompt=num_images_per_prompt,
-                          output_type="np", timesteps=subject.timesteps, feature_cache=feature_cache)
+                          generator=torch.Generator().manual_seed(seed + index),
+                          num_images_per_prompt=num_images_per_prompt, output_type="np", timesteps=subject.timesteps,
+                          feature_cache=feature_cache)
         total = time.perf_counter() - start
         if record:
             timer["total"] = total
             timer["other"] = total - timer["text_encoder"] - timer["unet"] - timer["vae_decoder"]
+            timer["images"] = len(images)
             subject.calls.append(timer)
-            if subject.images is None:
-                subject.images = images
+        return images
 
     try:
         for _ in range(warmup):
-            for subject in subjects:
-                call(subject, record=False)
-        for _ in range(repeats):
-            for subject in subjects:
-                call(subject, record=True)
+            for index in range(len(chunks)):
+                for subject in subjects:
+                    call(subject, index, record=False)
+        for repeat in range(repeats):
+            for index in range(len(chunks)):  # rounds: every subject once per chunk, so drift hits them alike
+                for subject in subjects:
+                    images = call(subject, index, record=True)
+                    if repeat == 0:
+                        subject.images = images if index == 0 else np.concatenate([subject.images, images])
     except (ValueError, TypeError) as exc:  # the sampling loop's argument checks (as the runtime maps them)
         raise ConfigError((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
 

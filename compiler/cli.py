@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--baseline", help="another artifact, or a checkpoint (diffusers folder, .safetensors, HF id)")
     p.add_argument("--prompt", action="append", help="repeat for several prompts (one batch per call)")
+    p.add_argument("--prompts-file", help="one prompt per line (# comments); with --batch-size for long lists")
+    p.add_argument("--batch-size", type=int, help="prompts per call (default: all in one call)")
     p.add_argument("--steps", type=int, help="default: each subject's own (artifact defaults; 50 for a checkpoint)")
     p.add_argument("--guidance", type=float, help="default: each subject's own")
     p.add_argument("--height", type=int)
@@ -234,12 +236,17 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from sdcompiler.bench import benchmark
 
-    report = benchmark(args.artifact, args.baseline, prompts=args.prompt, num_inference_steps=args.steps,
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from sdcompiler.passes.teacher_data import load_prompts
+
+        prompts += load_prompts(args.prompts_file)
+    report = benchmark(args.artifact, args.baseline, prompts=prompts, num_inference_steps=args.steps,
                        guidance_scale=args.guidance, height=args.height, width=args.width,
                        num_images_per_prompt=args.num_images, warmup=args.warmup, repeats=args.repeats,
                        seed=args.seed, device=args.device, feature_cache=not args.no_feature_cache,
                        clip_model=args.clip_model, allow_pickle=args.allow_pickle,
-                       options=_options(args.option))
+                       options=_options(args.option), batch_size=args.batch_size)
     text = report.markdown()
     print(text, end="")
     if args.markdown:

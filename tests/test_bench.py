@@ -552,3 +552,45 @@ def test_cli_bench_bad_call_is_one_line_error(artifacts, ckpt, tmp_path, capsys,
 def test_cli_bench_missing_artifact(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope"), "--repeats", "1", "--warmup", "0", "--quiet"]) == 1
     _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- 9. prompt lists in chunks
+
+
+def test_batch_size_runs_the_prompts_in_chunks(artifacts, ckpt):
+    prompts = PROMPTS + ["a green bottle"]
+    kwargs = dict(num_inference_steps=1, height=64, width=64, warmup=0, seed=3)
+    report = benchmark(artifacts("none"), ckpt, prompts=prompts, repeats=2, batch_size=2, **kwargs)
+    settings = report.to_dict()["settings"]
+    assert settings["calls_per_repeat"] == 2 and settings["images_per_call"] == 2
+    for subject in report.subjects:
+        assert [c["images"] for c in subject.calls] == [2, 1, 2, 1]  # chunk by chunk, repeat by repeat
+        assert subject.images.shape == (3, 64, 64, 3)
+    np.testing.assert_array_equal(report.subjects[0].images, report.subjects[1].images)
+    # chunk i runs with seed + i: the first chunk is the same call as a plain run over its prompts
+    first = benchmark(artifacts("none"), prompts=prompts[:2], repeats=1, **kwargs)
+    np.testing.assert_array_equal(first.subjects[0].images, report.subjects[0].images[:2])
+    last = benchmark(artifacts("none"), prompts=prompts[2:], repeats=1, **(kwargs | {"seed": 4}))
+    np.testing.assert_array_equal(last.subjects[0].images, report.subjects[0].images[2:])
+    assert "2 x 2 calls" in report.markdown()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_bad_batch_size_is_refused(artifacts, batch_size):
+    with pytest.raises(ConfigError, match="batch_size"):
+        benchmark(artifacts("none"), batch_size=batch_size, repeats=1, warmup=0)
+
+
+def test_cli_bench_prompts_file(artifacts, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red cube\n\na blue sphere\na green bottle\n")
+    report = tmp_path / "r.json"
+    code = main(["bench", str(artifacts("none")), "--prompts-file", str(prompts), "--batch-size", "2", "--steps",
+                 "1", "--height", "64", "--width", "64", "--repeats", "1", "--warmup", "0", "--quiet",
+                 "--json", str(report)])
+    assert code == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["prompts"] == ["a red cube", "a blue sphere", "a green bottle"]
+    assert settings["calls_per_repeat"] == 2
+    assert main(["bench", str(artifacts("none")), "--prompts-file", str(tmp_path / "none.txt"), "--quiet"]) == 1
+    assert "prompts file" in _one_line_error(capsys)
