@@ -57,3 +57,26 @@ def test_lowered_and_graphed_unet_matches_eager():
     graphed = GraphedCallable(lambda s, tt, c: unet(s, tt, c, return_dict=False)[0])
     got = graphed(x, t, context).float()
     assert (got - expected).abs().max().item() < 2e-2 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_unet_matches_eager(mode):
+    """The torch target's `compile: true` (`targets.components.compiled`) on CUDA, both modes."""
+    diffusers = pytest.importorskip("diffusers")
+    from sdcompiler.targets.components import compiled
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
+        norm_num_groups=32, sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).cuda().half().eval()
+    forward = compiled(lambda s, tt, c: unet(s, tt, c, return_dict=False)[0], mode)
+    context = torch.randn(2, 77, 64, device="cuda", dtype=torch.half)
+    with torch.inference_mode():
+        for step in range(3):  # reduce-overhead records its CUDA graph after warm-up calls
+            x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.half)
+            t = torch.tensor(900.0 - 100 * step, device="cuda")
+            expected = unet(x, t, context, return_dict=False)[0].float()
+            got = forward(x, t, context).float().clone()
+            assert (got - expected).abs().max().item() < 2e-2 * max(1.0, expected.abs().max().item())
