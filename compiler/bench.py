@@ -21,6 +21,8 @@ no machine here has one, so the tests use a tiny random CLIP).
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,33 @@ from sdcompiler.errors import ConfigError
 from sdcompiler.sampling import Components, generate
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "other")
+# what a requirement may name: the quality keys need a baseline (PSNR, SSIM) or a CLIP model, the speed-ups a baseline
+GATE_METRICS = ("psnr_db", "ssim", "clip_score_candidate", "clip_score_baseline", "speedup", "unet_call_speedup",
+                "seconds_per_image", "images_per_second")
+_COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_REQUIREMENT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A gate on one measured value, such as `psnr_db>=25` or `speedup>1.3` (for CI export scripts)."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Requirement":
+        match = _REQUIREMENT.match(text)
+        if not match:
+            raise ConfigError(f"requirement {text!r} must look like METRIC>=NUMBER (or >, <=, <), e.g. psnr_db>=25")
+        metric, op, value = match.groups()
+        if metric not in GATE_METRICS:
+            raise ConfigError(f"requirement {text!r} names unknown metric {metric!r}; known: {', '.join(GATE_METRICS)}")
+        return cls(metric, op, float(value))
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
 DEFAULT_PROMPTS = ("a red cube on a wooden table, studio light",)
 
 
@@ -88,6 +117,26 @@ class BenchReport:
             out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
             out["unet_call_speedup"] = base["seconds_per_unet_call"] / cand["seconds_per_unet_call"]
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """The values requirements can gate: quality, speed-ups vs the baseline, and the candidate's speed."""
+        data = self.to_dict()
+        candidate = data["subjects"]["candidate"]
+        out = dict(self.quality)
+        out.update({k: data[k] for k in ("speedup", "unet_call_speedup") if k in data})
+        out.update(seconds_per_image=candidate["seconds_per_image"], images_per_second=candidate["images_per_second"])
+        return out
+
+    def check(self, requirements: Sequence[Requirement | str]) -> list[str]:
+        """The requirements the measured values miss, one line each (empty: all met)."""
+        metrics, failures = self.metrics(), []
+        for requirement in requirements:
+            r = requirement if isinstance(requirement, Requirement) else Requirement.parse(requirement)
+            if r.metric not in metrics:
+                failures.append(f"{r}: {r.metric} was not measured ({_needs(r.metric)})")
+            elif not _COMPARE[r.op](metrics[r.metric], r.value):
+                failures.append(f"{r}: measured {metrics[r.metric]:.4g}")
+        return failures
 
     def markdown(self) -> str:
         data = self.to_dict()
@@ -366,6 +415,20 @@ class _ClipScorer:
                                                        attention_mask=inputs["attention_mask"])
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
         return float(100 * cosine.clamp(min=0).mean())
+
+
+def _needs(metric: str) -> str:
+    if metric.startswith("clip_score"):
+        return "pass a CLIP model" + (" and a baseline" if metric.endswith("baseline") else "")
+    return "pass a baseline"
+
+
+def check_requirements_measurable(requirements: Sequence[Requirement], baseline: bool, clip: bool) -> None:
+    """Refuse, before any timing, a requirement the run cannot measure."""
+    for r in requirements:
+        needs_baseline = r.metric in ("psnr_db", "ssim", "speedup", "unet_call_speedup", "clip_score_baseline")
+        if (needs_baseline and not baseline) or (r.metric.startswith("clip_score") and not clip):
+            raise ConfigError(f"requirement {r} cannot be checked: {_needs(r.metric)}")
 
 
 def _is_int(value) -> bool:

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder to write each subject's first timed images to (PNG)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--markdown", help="also write the report as Markdown to this file")
+    p.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
+                   help="fail (exit 1) after the report when a measured value misses it, e.g. psnr_db>=25, "
+                        "speedup>=1.2, ssim>0.8 (repeatable)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", parents=[common], help="describe an artifact or a checkpoint")
@@ -234,8 +237,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sdcompiler.bench import benchmark
+    from sdcompiler.bench import Requirement, benchmark, check_requirements_measurable
+    from sdcompiler.errors import GateError
 
+    requirements = [Requirement.parse(text) for text in args.require]
+    check_requirements_measurable(requirements, args.baseline is not None, args.clip_model is not None)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         from sdcompiler.passes.teacher_data import load_prompts
@@ -261,6 +267,9 @@ def cmd_bench(args) -> int:
         for subject in report.subjects:
             for i, image in enumerate(subject.images):
                 Image.fromarray((image * 255).round().astype("uint8")).save(folder / f"{subject.name}-{i}.png")
+    failures = report.check(requirements)
+    if failures:
+        raise GateError(f"{len(failures)} of {len(requirements)} requirement(s) missed: {'; '.join(failures)}")
     return 0
 
 

@@ -10,6 +10,7 @@ __all__ = [
     "ArtifactError",
     "CheckpointError",
     "ConfigError",
+    "GateError",
     "LoweringError",
     "MissingDependencyError",
     "PassError",
@@ -33,6 +34,10 @@ class LoweringError(SDCompilerError):
 
 class PipelineArgumentError(SDCompilerError, TypeError):
     """A compiled pipeline was called with an argument it does not support."""
+
+
+class GateError(SDCompilerError):
+    """A benchmark's measured value misses a requirement (`sdcompiler bench --require`)."""
 
 
 class MissingDependencyError(SDCompilerError, ImportError):

@@ -594,3 +594,49 @@ def test_cli_bench_prompts_file(artifacts, tmp_path, capsys):
     assert settings["calls_per_repeat"] == 2
     assert main(["bench", str(artifacts("none")), "--prompts-file", str(tmp_path / "none.txt"), "--quiet"]) == 1
     assert "prompts file" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- 10. requirements (CI gates)
+
+
+def test_requirements_parse_and_refuse_bad_text():
+    from sdcompiler.bench import Requirement
+
+    assert Requirement.parse("psnr_db>=25") == Requirement("psnr_db", ">=", 25.0)
+    assert Requirement.parse(" speedup > 1.5e0 ") == Requirement("speedup", ">", 1.5)
+    assert Requirement.parse("seconds_per_image<.5") == Requirement("seconds_per_image", "<", 0.5)
+    for bad in ("psnr_db=25", "psnr_db>=", "psnr>=25", ">=25", "ssim>=0.8x"):
+        with pytest.raises(ConfigError):
+            Requirement.parse(bad)
+
+
+def test_report_check_compares_measured_values(same_model_report):
+    report = same_model_report
+    metrics = report.metrics()
+    assert metrics["psnr_db"] == report.quality["psnr_db"] and metrics["speedup"] == report.to_dict()["speedup"]
+    assert report.check(["psnr_db>=150", "ssim>0.999", "speedup>0"]) == []
+    failures = report.check(["psnr_db<100", "speedup>=1e9", "clip_score_candidate>=20"])
+    assert len(failures) == 3
+    assert failures[0].startswith("psnr_db<100: measured 200")
+    assert failures[1].startswith("speedup>=1e+09: measured")
+    assert "was not measured" in failures[2] and "CLIP" in failures[2]
+
+
+def test_cli_bench_require_gates_the_exit_status(artifacts, ckpt, tmp_path, capsys):
+    j = tmp_path / "report.json"
+    base = ["bench", str(artifacts("none")), "--baseline", str(ckpt), "--steps", "1", "--height", "64", "--width",
+            "64", "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(j)]
+    assert main(base + ["--require", "psnr_db>=150", "--require", "ssim>0.99"]) == 0
+    capsys.readouterr()
+    j.unlink()
+    assert main(base + ["--require", "ssim<0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "| | candidate | baseline |" in captured.out  # the report still prints and saves
+    assert j.is_file()
+    err = captured.err.strip()
+    assert err.startswith("error: 1 of 1 requirement(s) missed: ssim<0.5: measured 1") and "\n" not in err
+    # a requirement the run cannot measure is refused before anything runs
+    j.unlink()
+    assert main(base[:2] + base[4:] + ["--require", "psnr_db>=20"]) == 1
+    assert "pass a baseline" in _one_line_error(capsys)
+    assert not j.exists()
