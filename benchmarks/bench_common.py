@@ -7,6 +7,7 @@ also inserts it itself, so `from bench_common import ...` works from any working
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -164,3 +165,28 @@ def write_results(results: dict, table: str, results_dir: Path, name: str) -> Pa
     (results_dir / f"{name}.md").write_text(table)
     print(table)
     return results_dir / f"{name}.json"
+
+
+def import_checkout(with_passes: bool = False) -> None:
+    """Make `sdcompiler` (with `.kernels`, and `.passes` if asked) importable from this checkout when it is not
+    installed (the lent GPU machine has no registry access). The kernel modules need only torch and Triton;
+    the passes need diffusers too (run_gpu_checks.sh installs the carried wheel)."""
+    try:
+        import sdcompiler.kernels  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[1]
+    packages = [("sdcompiler", "compiler"), ("sdcompiler.kernels", "kernels")]
+    packages += [("sdcompiler.passes", "passes")] if with_passes else []
+    modules = {}
+    for name, folder in packages:  # register all before running any: they import each other
+        spec = importlib.util.spec_from_file_location(name, root / folder / "__init__.py",
+                                                      submodule_search_locations=[str(root / folder)])
+        modules[name] = (importlib.util.module_from_spec(spec), spec)
+        sys.modules[name] = modules[name][0]
+    for name, (module, spec) in modules.items():
+        spec.loader.exec_module(module)
+        if "." in name:
+            setattr(sys.modules["sdcompiler"], name.split(".", 1)[1], module)

@@ -29,7 +29,6 @@ the GPU name.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import finish_results, log, new_results, write_results  # noqa: E402
+from bench_common import finish_results, import_checkout, log, new_results, write_results  # noqa: E402
 
 # (channels, latent side) of the GroupNorm+SiLU inputs in SD1.5's U-Net at 512x512.
 GROUP_NORM_SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (960, 32), (1280, 32), (1920, 32),
@@ -50,23 +49,6 @@ GROUP_NORM_SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (960, 32), (128
 GEGLU_SHAPES = [(4096, 1280), (1024, 2560), (256, 5120), (64, 5120)]
 BATCH, GROUPS, DTYPE = 2, 32, torch.float16
 GRAPH_CALLS = 20
-
-
-def import_kernels():
-    """`sdcompiler.kernels.{groupnorm_silu, geglu}`, from the checkout when sd-compiler is not installed."""
-    try:
-        import sdcompiler.kernels  # noqa: F401
-    except ImportError:
-        for name, folder in (("sdcompiler", ROOT / "compiler"), ("sdcompiler.kernels", ROOT / "kernels")):
-            spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                          submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        sys.modules["sdcompiler"].kernels = sys.modules["sdcompiler.kernels"]
-    from sdcompiler.kernels import geglu, groupnorm_silu
-
-    return groupnorm_silu, geglu
 
 
 def median_ms(fn, warmup: int, repeats: int) -> float:
@@ -174,7 +156,9 @@ def main(argv=None) -> int:
         print("bench_fused_kernels.py needs a CUDA GPU (the kernels are Triton; on CPU they only run in the "
               "interpreter, which times nothing useful).", file=sys.stderr)
         return 1
-    groupnorm_silu, geglu = import_kernels()
+    import_checkout()
+    from sdcompiler.kernels import geglu, groupnorm_silu
+
     import triton
 
     gpu = torch.cuda.get_device_name()

@@ -19,7 +19,6 @@ imported from this checkout (as `tests/gpu/conftest.py` does).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -30,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import import_checkout  # noqa: E402
 
 # (name, batch, heads, height, width, head_dim); window and global tokens below.
 SHAPES = [
@@ -40,28 +42,6 @@ SHAPES = [
 ]
 WINDOW = 16
 NUM_GLOBAL = 16
-
-
-def import_kernel_module():
-    """`sdcompiler.kernels.gri_attention`, from the installed package or else from this checkout."""
-    try:
-        import sdcompiler.kernels.gri_attention as module
-
-        return module
-    except ImportError:
-        pass
-    for name, folder in (("sdcompiler", ROOT / "compiler"), ("sdcompiler.kernels", ROOT / "kernels")):
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        if "." in name:
-            setattr(sys.modules["sdcompiler"], "kernels", module)
-    import sdcompiler.kernels.gri_attention as module
-
-    return module
 
 
 def median_ms(fn, warmup: int, repeats: int) -> float:
@@ -183,7 +163,9 @@ def main(argv=None) -> int:
         return 1
     import triton
 
-    gri = import_kernel_module()
+    import_checkout()
+    import sdcompiler.kernels.gri_attention as gri
+
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

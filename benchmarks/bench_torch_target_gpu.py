@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import sys
@@ -45,33 +44,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import finish_results, log, new_results, write_results  # noqa: E402
+from bench_common import finish_results, import_checkout, log, new_results, write_results  # noqa: E402
 
 TINY = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, cross_attention_dim=32,
             attention_head_dim=8, norm_num_groups=8, sample_size=16)
-
-
-def import_checkout() -> None:
-    """`sdcompiler` (with `.kernels` and `.passes`) from this checkout when it is not installed."""
-    try:
-        import sdcompiler.passes  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    folders = {"sdcompiler": ROOT / "compiler", "sdcompiler.kernels": ROOT / "kernels",
-               "sdcompiler.passes": ROOT / "passes"}
-    modules = {}
-    for name, folder in folders.items():  # register all three before running any: they import each other
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        modules[name] = (importlib.util.module_from_spec(spec), spec)
-        sys.modules[name] = modules[name][0]
-    for name, (module, spec) in modules.items():
-        spec.loader.exec_module(module)
-        if "." in name:
-            setattr(sys.modules["sdcompiler"], name.split(".", 1)[1], module)
 
 
 def build_unet(tiny: bool, device: str, dtype: torch.dtype):
@@ -116,7 +93,7 @@ def variants(unet, device: str, compile_modes: tuple[str, ...] = ()) -> dict:
     else:
         result["gri+fused"] = plain(gri())
     for mode in compile_modes:
-        from sdcompiler.targets.components import compiled
+        from sdcompiler.cuda_graphs import compiled
 
         result["compile" if mode == "default" else f"compile+{mode}"] = compiled(plain(copy.deepcopy(unet)), mode)
     return result
@@ -154,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark measures the GPU path (--tiny --device cpu checks the script)")
-    import_checkout()
+    import_checkout(with_passes=True)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     unet = build_unet(args.tiny, args.device, dtype)
     latent = TINY["sample_size"] if args.tiny else args.latent

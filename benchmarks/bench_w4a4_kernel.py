@@ -30,7 +30,6 @@ Writes `w4a4_kernel.json` and `w4a4_kernel.md` to `--out` (default benchmarks/re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -41,27 +40,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _import_kernels():
-    """`sdcompiler.kernels.w4a4`, from the checkout when sd-compiler is not installed (as tests/gpu/conftest.py)."""
-    try:
-        from sdcompiler.kernels import w4a4
-
-        return w4a4
-    except ImportError:
-        pass
-    for name, folder in (("sdcompiler", ROOT / "compiler"), ("sdcompiler.kernels", ROOT / "kernels")):
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        if "." in name:
-            setattr(sys.modules["sdcompiler"], "kernels", module)
-    from sdcompiler.kernels import w4a4
-
-    return w4a4
+from bench_common import import_checkout  # noqa: E402
 
 
 def sd15_shapes(batch: int) -> list[tuple[str, int, int, int]]:
@@ -224,7 +205,9 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_w4a4_kernel.py needs a CUDA GPU (the W4A4 kernels are Triton GPU kernels); none found")
-    w4a4 = _import_kernels()
+    import_checkout()
+    from sdcompiler.kernels import w4a4
+
     import triton
 
     gpu = torch.cuda.get_device_name()

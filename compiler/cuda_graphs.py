@@ -1,4 +1,5 @@
-"""CUDA-graph capture for static-shape calls (the `torch` target's `cuda_graphs` option).
+"""CUDA-graph capture for static-shape calls (the `torch` target's `cuda_graphs` option), and the
+`torch.compile` wrapper of its `compile` option: the torch target's runtime accelerators.
 
 A denoising loop calls the U-Net tens of times with the same shapes; on a
 GPU each call launches hundreds of small kernels, and at small batch the
@@ -66,3 +67,9 @@ class GraphedCallable:
             static_out = self.fn(*static_in)
         self.captures += 1
         return graph, static_in, static_out
+
+
+def compiled(fn: Callable, mode: str = "default") -> Callable:
+    """`torch.compile(fn)` with `mode` ("default" is torch's own default): the first call per input shape
+    compiles, later calls run the compiled code."""
+    return torch.compile(fn, mode=None if mode == "default" else mode)

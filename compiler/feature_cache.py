@@ -183,7 +183,7 @@ def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode
     dtype = unet.dtype
     run_full, run_shallow = split.full, split.shallow
     if compile_mode is not None:
-        from sdcompiler.targets.components import compiled
+        from sdcompiler.cuda_graphs import compiled
 
         run_full, run_shallow = compiled(run_full, compile_mode), compiled(run_shallow, compile_mode)
 

@@ -116,6 +116,8 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
 
         forward = GraphedCallable(forward)
     elif compile_mode is not None:
+        from sdcompiler.cuda_graphs import compiled
+
         forward = compiled(forward, compile_mode)
 
     def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
@@ -128,11 +130,6 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         return out.float().cpu()
 
     return run
-
-
-def compiled(fn, mode: str):
-    """`torch.compile(fn, mode=mode)`; "default" is torch's own default mode."""
-    return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------

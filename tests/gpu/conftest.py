@@ -12,7 +12,6 @@ checkout: its kernel modules need only torch and Triton.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,25 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _import_from_checkout() -> None:
-    try:
-        import sdcompiler.kernels  # noqa: F401
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import import_checkout  # noqa: E402  (stdlib only; the GPU benchmarks share it)
 
-        return
-    except ImportError:
-        pass
-    for name, folder in (("sdcompiler", ROOT / "compiler"), ("sdcompiler.kernels", ROOT / "kernels")):
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        if "." in name:
-            setattr(sys.modules["sdcompiler"], "kernels", module)
-
-
-_import_from_checkout()
+import_checkout()
 
 
 def pytest_collection_modifyitems(config, items):

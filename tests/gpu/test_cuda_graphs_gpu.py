@@ -61,9 +61,9 @@ def test_lowered_and_graphed_unet_matches_eager():
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_unet_matches_eager(mode):
-    """The torch target's `compile: true` (`targets.components.compiled`) on CUDA, both modes."""
+    """The torch target's `compile: true` (`cuda_graphs.compiled`) on CUDA, both modes."""
     diffusers = pytest.importorskip("diffusers")
-    from sdcompiler.targets.components import compiled
+    from sdcompiler.cuda_graphs import compiled
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
