@@ -1,10 +1,18 @@
 """Errors of the compiler layer (loading, lowering, artifacts, runtime).
 
-The base class lives in `sdcompiler.passes.errors` because imports flow
-compiler -> passes; it is re-exported here.
+The base class (and `require` / `MissingDependencyError`, which passes use
+too) lives in `sdcompiler.passes.errors` because imports flow compiler ->
+passes; they are re-exported here.
 """
 
-from sdcompiler.passes.errors import ConfigError, PassError, RecipeError, SDCompilerError
+from sdcompiler.passes.errors import (
+    ConfigError,
+    MissingDependencyError,
+    PassError,
+    RecipeError,
+    SDCompilerError,
+    require,
+)
 
 __all__ = [
     "ArtifactError",
@@ -17,6 +25,7 @@ __all__ = [
     "PipelineArgumentError",
     "RecipeError",
     "SDCompilerError",
+    "require",
 ]
 
 
@@ -38,19 +47,3 @@ class PipelineArgumentError(SDCompilerError, TypeError):
 
 class GateError(SDCompilerError):
     """A benchmark's measured value misses a requirement (`sdcompiler bench --require`)."""
-
-
-class MissingDependencyError(SDCompilerError, ImportError):
-    """An optional integration is not installed; the message names the extra."""
-
-
-def require(module: str, extra: str, purpose: str):
-    """Import an optional module, or raise naming the pip extra that provides it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"{purpose} needs '{module}', which is not installed: pip install 'sd-compiler[{extra}]'"
-        ) from exc

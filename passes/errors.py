@@ -19,3 +19,19 @@ class RecipeError(SDCompilerError):
 
 class PassError(SDCompilerError):
     """A pass's requirements are not met, or it failed its own guarantees."""
+
+
+class MissingDependencyError(SDCompilerError, ImportError):
+    """An optional integration is not installed; the message names the extra."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional module, or raise naming the pip extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs '{module}', which is not installed: pip install 'sd-compiler[{extra}]'"
+        ) from exc

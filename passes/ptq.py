@@ -68,7 +68,7 @@ import torch
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
-from sdcompiler.passes.errors import PassError
+from sdcompiler.passes.errors import PassError, require
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
 from sdcompiler.passes.quest import Trajectories, teacher_trajectories
@@ -301,22 +301,6 @@ def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _import_onnxruntime() -> None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise PassError("ptq int8 quantizes with ONNX Runtime, which is not installed: "
-                        "pip install 'sd-compiler[cpu]'") from None
-
-
-def _import_modelopt() -> None:
-    try:
-        import modelopt.torch.quantization  # noqa: F401
-    except ImportError:
-        raise PassError("ptq for target tensorrt (and fp8) quantizes with nvidia-modelopt, which is not installed: "
-                        "pip install 'sd-compiler[modelopt]'") from None
-
-
 @register_pass
 class Ptq(Pass):
     name = "ptq"
@@ -348,9 +332,9 @@ class Ptq(Pass):
             if config.calibration == "entropy":
                 raise PassError("calibration 'entropy' is ONNX Runtime's; the modelopt backend (target tensorrt) "
                                 "offers 'minmax' and 'percentile'")
-            _import_modelopt()
+            require("modelopt.torch.quantization", "modelopt", "ptq for target tensorrt (and fp8)")
         else:
-            _import_onnxruntime()
+            require("onnxruntime", "cpu", "ptq int8 for target onnx")  # or [gpu]: onnxruntime-gpu
 
     def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float]:
         unet = pipe.unet.eval()
