@@ -47,6 +47,8 @@ class CompiledPipeline:
         self.device = device
         # the target config in effect: the recorded one with load-time options applied
         self.target_config = manifest["lowering"]["config"] if target_config is None else target_config
+        self.loras: list[tuple[str, float]] = []  # fused at run time by set_loras
+        self._lora_params: dict[str, list[str]] = {}
 
     @property
     def arch(self) -> str:
@@ -60,6 +62,33 @@ class CompiledPipeline:
     def unet(self):
         """The U-Net torch module (target "torch"); None where the U-Net is an ONNX Runtime session."""
         return self.components.modules.get("unet")
+
+    def set_loras(self, loras) -> None:
+        """Fuse these LoRAs (replacing the ones set before; `[]` restores the artifact's weights), in place.
+
+        `loras`: a list of paths, `(path, scale)` pairs or `{"path": ..., "scale": ...}` dicts (.safetensors in
+        the diffusers / peft or kohya layouts, as `merge_lora` reads them). Torch artifacts whose U-Net keeps the
+        source's layout only; weights change in place, so CUDA graphs and torch.compile'd code keep running
+        without recapture or recompile. A LoRA that does not fit raises and leaves the artifact's own weights.
+        """
+        from sdcompiler.targets import get_target
+
+        items = []
+        for entry in loras:
+            if isinstance(entry, (str, Path)):
+                items.append((str(entry), 1.0))
+            elif isinstance(entry, dict) and set(entry) <= {"path", "scale"} and "path" in entry:
+                items.append((str(entry["path"]), float(entry.get("scale", 1.0))))
+            elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+                items.append((str(entry[0]), float(entry[1])))
+            else:
+                raise PipelineArgumentError(f"each LoRA must be a path, (path, scale) or {{'path', 'scale'}}; "
+                                            f"got {entry!r}")
+        target = get_target(self.target)
+        target.check_loras(self.manifest, items)  # refusals change nothing
+        previous, self._lora_params, self.loras = self._lora_params, {}, []  # on an error: the artifact's weights
+        self._lora_params = target.switch_loras(self.components, self.root, self.manifest, items, previous)
+        self.loras = items
 
     def __repr__(self) -> str:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"

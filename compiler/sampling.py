@@ -65,6 +65,7 @@ class Components:
     feature_cache: object | None = None  # sdcompiler.feature_cache.FeatureCache, when the artifact has one
     # the U-Net takes the guidance scale as an embedding (`timestep_cond`, this wide) instead of a CFG pass
     guidance_embedding_dim: int | None = None
+    pipeline: object | None = None  # the diffusers pipeline behind torch components (run-time LoRA switching)
 
 
 def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -72,35 +72,62 @@ class MergeLoRA(Pass):
     description = "fuse LoRA files (diffusers/peft or kohya layouts) into the U-Net and text encoders"
 
     def requires(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> None:
-        for path, _ in config.items():
-            file = Path(path)
-            if not file.is_file():
-                raise PassError(f"LoRA file {file} does not exist")
-            if file.suffix != ".safetensors":
-                raise PassError(f"LoRA file {file} is not .safetensors; pickle files can run code: convert it first")
+        check_lora_files(config.items())
 
     def run(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> dict[str, float]:
-        names, scales, layers = [], [], 0
-        try:
-            for index, (path, scale) in enumerate(config.items()):
-                name = f"merge_{index}"
-                try:
-                    with _diffusers_errors_only():
-                        pipe.load_lora_weights(path, adapter_name=name)
-                except (ValueError, RuntimeError, KeyError) as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                    raise PassError(f"LoRA {path} does not fit this {ctx.arch} model ({first}); "
-                                    "check it was made for this architecture") from None
-                attached = _adapter_layers(pipe.unet, name)
-                if attached == 0:
-                    raise PassError(f"LoRA {path} attaches to no module of this {ctx.arch} U-Net "
-                                    "(made for another architecture?)")
-                layers += attached
-                names.append(name)
-                scales.append(scale)
-            pipe.set_adapters(names, adapter_weights=scales)
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-        finally:
-            if names or hasattr(pipe.unet, "peft_config"):
-                pipe.unload_lora_weights()
-        return {"loras": len(names), "unet_lora_layers": layers}
+        layers, _ = fuse_loras(pipe, config.items(), ctx.arch)
+        return {"loras": len(config.items()), "unet_lora_layers": layers}
+
+
+def check_lora_files(items: list[tuple[str, float]]) -> None:
+    for path, _ in items:
+        file = Path(path)
+        if not file.is_file():
+            raise PassError(f"LoRA file {file} does not exist")
+        if file.suffix != ".safetensors":
+            raise PassError(f"LoRA file {file} is not .safetensors; pickle files can run code: convert it first")
+
+
+def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, dict[str, list[str]]]:
+    """Fuse LoRA files with their scales into `pipe`'s U-Net and text encoders, in place (weights keep their
+    storage, so CUDA graphs and compiled code stay valid), leaving no adapter modules.
+
+    Returns the number of U-Net layers the LoRAs attached to, and per component ("unet", "text_encoder", ...)
+    the names of the parameters the fusion changed. On an error no adapter stays attached, but weights the
+    fusion had changed already stay changed (the runtime restores them from the artifact).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names, scales, layers = [], [], 0
+    touched: dict[str, list[str]] = {}
+    try:
+        for index, (path, scale) in enumerate(items):
+            name = f"merge_{index}"
+            try:
+                with _diffusers_errors_only():
+                    pipe.load_lora_weights(path, adapter_name=name)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise PassError(f"LoRA {path} does not fit this {arch} model ({first}); "
+                                "check it was made for this architecture") from None
+            attached = _adapter_layers(pipe.unet, name)
+            if attached == 0:
+                raise PassError(f"LoRA {path} attaches to no module of this {arch} U-Net "
+                                "(made for another architecture?)")
+            layers += attached
+            names.append(name)
+            scales.append(scale)
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, component, None)
+            if module is None:
+                continue
+            wrapped = [n for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+            params = dict(module.named_parameters())
+            touched[component] = [f"{n}.{kind}" for n in wrapped for kind in ("weight", "bias")
+                                  if f"{n}.base_layer.{kind}" in params]
+        pipe.set_adapters(names, adapter_weights=scales)
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0, safe_fusing=False)  # in place
+    finally:
+        if names or hasattr(pipe.unet, "peft_config"):
+            pipe.unload_lora_weights()
+    return layers, touched

@@ -83,6 +83,17 @@ class Target:
         """Return `sampling.Components` for the artifact at `root`."""
         raise NotImplementedError
 
+    def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
+        """Refuse LoRAs this artifact cannot switch at run time (`CompiledPipeline.set_loras`); changes nothing."""
+        raise ConfigError(f"LoRAs switch at run time on torch artifacts only, and this one targets {self.name!r}; "
+                          "merge them at compile time instead (pass merge_lora, before any structural pass)")
+
+    def switch_loras(self, components, root: Path, manifest: dict[str, Any], loras: list[tuple[str, float]],
+                     touched: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Replace the LoRAs fused at run time (the parameters in `touched`) with `loras`; returns the parameters
+        changed. On an error the artifact's own weights are back."""
+        raise NotImplementedError
+
 
 _TARGETS: dict[str, type[Target]] = {}
 

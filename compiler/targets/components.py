@@ -18,7 +18,7 @@ from sdcompiler.sampling import Components, TextEncoding
 
 
 def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode,
-                    modules: dict | None = None, feature_cache=None) -> Components:
+                    modules: dict | None = None, feature_cache=None, pipeline=None) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
     spec = get_arch(manifest["arch"])
@@ -38,6 +38,7 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
         guidance_embedding_dim=model.get("guidance_embedding_dim"),
         modules=dict(modules or {}),
         feature_cache=feature_cache,
+        pipeline=pipeline,
     )
 
 

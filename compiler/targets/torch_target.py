@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from sdcompiler.archs import get_arch
-from sdcompiler.errors import ArtifactError
+from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes.quest import pack_quantized
@@ -102,6 +102,8 @@ class TorchTarget(Target):
         dtype = DTYPES[manifest["lowering"]["config"]["precision"]]
         config = manifest["lowering"]["config"]
         pipe = rebuild_pipeline(root, manifest, device, dtype)
+        for name in (*spec.text_encoders, "unet", "vae"):  # inference only; and a LoRA switch (peft freezes the
+            getattr(pipe, name).requires_grad_(False)      # layers it wraps) must not change what dynamo guards
         graphs = device == "cuda" and config.get("cuda_graphs", False)
         if graphs and config.get("fused_kernels", True) and triton_available():
             lower_unet(pipe.unet)
@@ -122,7 +124,64 @@ class TorchTarget(Target):
 
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
-        return make_components(root, manifest, encoders, unet, decode, modules, cache)
+        return make_components(root, manifest, encoders, unet, decode, modules, cache, pipeline=pipe)
+
+    def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
+        from sdcompiler.passes.lora import check_lora_files
+
+        blocked = sorted({p["name"] for p in manifest["passes"]} - RUNTIME_LORA_PASSES)
+        if loras and blocked:
+            raise ConfigError(f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
+                              "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
+                              "compile time (merge_lora before those passes)")
+        check_lora_files(loras)
+
+    def switch_loras(self, components, root: Path, manifest: dict[str, Any], loras: list[tuple[str, float]],
+                     touched: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Restore the parameters the previous LoRAs changed from the artifact's files, then fuse `loras`, all in
+        place: CUDA graphs and torch.compile'd code keep running (no recapture, no recompile)."""
+        from sdcompiler.passes.lora import fuse_loras
+
+        pipe = components.pipeline
+        restore_weights(pipe, root, touched)
+        if not loras:
+            return {}
+        try:
+            _, changed = fuse_loras(pipe, loras, manifest["arch"])
+        except Exception:
+            # a LoRA that did not fit may have left earlier ones fused: back to the artifact's weights
+            restore_weights(pipe, root, {name: [n for n, _ in getattr(pipe, name).named_parameters()]
+                                         for name in ("unet", *get_arch(manifest["arch"]).text_encoders)})
+            raise
+        return changed
+
+
+# passes after which the U-Net keeps the source's module names and float weights, so a LoRA made for the source
+# checkpoint fits the artifact (everything else: pruning, slimming, fused QKV, quantization)
+RUNTIME_LORA_PASSES = frozenset({"merge_lora", "set_scheduler", "distill_cfg", "distill_steps", "feature_cache",
+                                 "swap_attention", "distill"})
+
+
+def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:
+    """Copy the named parameters of `pipe`'s components back from the artifact's safetensors files, in place."""
+    from safetensors import safe_open
+
+    for component, params in names.items():
+        if not params:
+            continue
+        module = getattr(pipe, component)
+        if component == "unet":
+            files = {name: root / UNET_WEIGHTS for name in params}
+        else:
+            index = root / component / "model.safetensors.index.json"
+            weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+            files = {name: root / component / weight_map.get(name, "model.safetensors") for name in params}
+        current = dict(module.named_parameters())
+        with torch.no_grad():
+            for file in sorted(set(files.values())):
+                with safe_open(str(file), framework="pt") as stored:
+                    for name in (n for n, f in files.items() if f == file):
+                        current[name].copy_(stored.get_tensor(name))
 
 
 def scrub_source_path(config_file: Path) -> None:
