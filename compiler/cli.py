@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the whole U-Net every step even if the artifact caches features (deepcache)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="load-time target option (repeatable), e.g. --option compile=true (torch target)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.set_defaults(func=cmd_generate)
 
@@ -179,6 +181,17 @@ def _target_options(args) -> dict:
     return options
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (the part after the last colon is the scale when it reads as a number)."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _options(items: list[str]) -> dict:
     """`--option KEY=VALUE` items as a dict, values typed as YAML."""
     import yaml
@@ -221,6 +234,8 @@ def cmd_generate(args) -> int:
     from sdcompiler import load_compiled
 
     pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option))
+    if args.lora:
+        pipe.set_loras([_lora(text) for text in args.lora])
     start = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,

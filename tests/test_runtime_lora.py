@@ -150,3 +150,28 @@ def test_runtime_loras_reach_compiled_code_without_recompiling(compiled, loras, 
     np.testing.assert_allclose(got, _images(eager, **single), atol=1e-4)
     assert np.abs(got - base).max() > 1e-2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile for new weights
+
+
+def test_generate_cli_fuses_loras(compiled, loras, tmp_path, capsys):
+    from PIL import Image
+
+    from sdcompiler.cli import main
+
+    root = str(compiled("sd15", "torch", "none").root)
+    common = ["generate", root, "--prompt", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--device",
+              "cpu", "--seed", "0"]
+    assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(common + ["--lora", f"{loras['a']}:0.7", "--out", str(tmp_path / "lora.png")]) == 0
+    assert main(common + ["--lora", str(loras["a"]), "--out", str(tmp_path / "lora1.png")]) == 0
+    pipe = load_compiled(root, device="cpu")
+    pipe.set_loras([(loras["a"], 0.7)])
+    want = pipe("a cat", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0),
+                output_type="pil").images[0]
+    images = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "lora", "lora1")}
+    np.testing.assert_array_equal(images["lora"], np.asarray(want))
+    assert np.abs(images["lora"].astype(int) - images["plain"]).max() > 0
+    assert np.abs(images["lora1"].astype(int) - images["lora"]).max() > 0  # scale 1 differs from 0.7
+    capsys.readouterr()
+    assert main(common + ["--lora", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: LoRA file") and "\n" not in err and not (tmp_path / "x.png").exists()
