@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the whole U-Net every step even if the artifact caches features (deepcache)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="load-time target option (repeatable), e.g. --option compile=true (torch target)")
+    p.add_argument("--image", help="image-to-image: the start image (PNG / JPEG; resized by --height / --width)")
+    p.add_argument("--strength", type=float, help="image-to-image: how much of the schedule runs (default 0.8, "
+                                                  "SDXL 0.3)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
@@ -181,6 +184,18 @@ def _target_options(args) -> dict:
     return options
 
 
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from sdcompiler.errors import PipelineArgumentError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise PipelineArgumentError(f"cannot read image {path}: {type(exc).__name__}; pass a PNG or JPEG file") from None
+
+
 def _lora(text: str) -> tuple[str, float]:
     """FILE or FILE:SCALE (the part after the last colon is the scale when it reads as a number)."""
     path, sep, scale = text.rpartition(":")
@@ -236,11 +251,13 @@ def cmd_generate(args) -> int:
     pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option))
     if args.lora:
         pipe.set_loras([_lora(text) for text in args.lora])
+    image = _read_image(args.image) if args.image else None
     start = time.perf_counter()
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width,
                   num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-                  output_type="pil", feature_cache=not args.no_feature_cache).images
+                  output_type="pil", feature_cache=not args.no_feature_cache, image=image,
+                  strength=args.strength).images
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
     "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
-    "latents", "num_images_per_prompt", "output_type", "timesteps", "feature_cache",
+    "latents", "num_images_per_prompt", "output_type", "timesteps", "feature_cache", "image", "strength",
 )
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -96,7 +96,12 @@ class CompiledPipeline:
 
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
                  height=None, width=None, generator=None, latents=None, num_images_per_prompt=1,
-                 output_type="pil", timesteps=None, feature_cache=True, **unsupported) -> CompiledPipelineOutput:
+                 output_type="pil", timesteps=None, feature_cache=True, image=None, strength=None,
+                 **unsupported) -> CompiledPipelineOutput:
+        """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
+        (N, 3, H, W) tensor in [-1, 1]) image-to-image as diffusers' img2img pipelines, `strength` (default 0.8;
+        SDXL 0.3) of the schedule; height / width then resize the image (default: its own size, rounded down to
+        a multiple of 8)."""
         if unsupported:
             raise PipelineArgumentError(
                 f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
@@ -118,7 +123,16 @@ class CompiledPipeline:
                           "CFG- and step-distilled artifacts default to 1.0)", stacklevel=2)
         if timesteps is None and num_inference_steps is None:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
+        if strength is None:
+            strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
+        elif image is None:
+            raise PipelineArgumentError("strength applies to image-to-image only; pass image too")
         try:
+            if image is not None:
+                from diffusers.image_processor import VaeImageProcessor
+
+                image = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).preprocess(
+                    image, height=height, width=width)
             images = generate(
                 self.components, prompt,
                 negative_prompt=negative_prompt,
@@ -128,7 +142,7 @@ class CompiledPipeline:
                 height=height, width=width, generator=generator, latents=latents,
                 num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                 progress=None if knobs.quiet() else _progress_bar, timesteps=timesteps,
-                feature_cache=bool(feature_cache),
+                feature_cache=bool(feature_cache), image=image, strength=strength,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None

@@ -11,6 +11,9 @@ or Triton Inference Server BLS calls plug in unchanged:
 - text encoder: `encode(input_ids: LongTensor) -> TextEncoding`
 - U-Net: `unet(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> eps`
 - VAE decoder: `decode(latents) -> images in [-1, 1]`
+- optionally a VAE encoder for image-to-image: `encode_image(images in [-1, 1]) -> latent distribution
+  parameters` (mean and log-variance stacked on the channel axis, as diffusers' `DiagonalGaussianDistribution`
+  holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do
 - optionally a feature cache (`sdcompiler.feature_cache.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
   steps its plan marks (full / shallow) instead of `unet`.
@@ -66,6 +69,7 @@ class Components:
     # the U-Net takes the guidance scale as an embedding (`timestep_cond`, this wide) instead of a CFG pass
     guidance_embedding_dim: int | None = None
     pipeline: object | None = None  # the diffusers pipeline behind torch components (run-time LoRA switching)
+    encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE encoder (image-to-image)
 
 
 def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,6 +123,44 @@ def encode_prompts(c: Components, prompts: list[str], negative: list[str] | None
     return embeds, pooled
 
 
+def _strength_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule an image-to-image call runs (diffusers' `get_timesteps`)."""
+    start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    if num_inference_steps - start < 1:
+        raise ValueError(f"strength={strength} leaves no denoising step of {num_inference_steps}; raise strength "
+                         "or num_inference_steps")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler.timesteps[start * scheduler.order:]
+
+
+def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torch.Tensor, batch: int, generator):
+    """Noised latents of `image` at `timestep`, drawing from `generator` as diffusers' `prepare_latents` does:
+    the VAE posterior sample first, then the noise."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.utils.torch_utils import randn_tensor
+
+    image = image.to(c.dtype)
+    if isinstance(generator, list):  # one generator per image: encode each image on its own
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}; pass one per image")
+        if image.shape[0] < batch:
+            if batch % image.shape[0]:
+                raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
+            image = torch.cat([image] * (batch // image.shape[0]))
+        init = torch.cat([DiagonalGaussianDistribution(c.encode_image(image[i:i + 1])).sample(generator[i])
+                          for i in range(batch)])
+    else:
+        init = DiagonalGaussianDistribution(c.encode_image(image)).sample(generator)
+    init = c.scaling_factor * init.to(c.dtype)
+    if batch > init.shape[0]:
+        if batch % init.shape[0]:
+            raise ValueError(f"cannot spread {init.shape[0]} images over a batch of {batch}; pass 1 or {batch}")
+        init = torch.cat([init] * (batch // init.shape[0]))
+    noise = randn_tensor(init.shape, generator=generator, dtype=c.dtype)
+    return scheduler.add_noise(init, noise, timestep)
+
+
 def generate(
     c: Components,
     prompt: str | list[str],
@@ -135,11 +177,16 @@ def generate(
     progress: Callable | None = None,
     timesteps: Sequence[int] | None = None,
     feature_cache: bool = True,
+    image: torch.Tensor | None = None,
+    strength: float = 0.8,
 ):
-    """Run text-to-image sampling; returns a numpy array (N, H, W, 3), a PIL list, or latents.
+    """Run text-to-image (or, with `image`, image-to-image) sampling; returns a numpy array (N, H, W, 3), a PIL
+    list, or latents.
 
     `feature_cache=False` runs the whole U-Net every step even when the
-    components carry a feature cache.
+    components carry a feature cache. `image`: (B, 3, H, W) in [-1, 1] (as diffusers' `VaeImageProcessor`
+    preprocesses it; B is 1 or the batch); sampling then starts from its noised latents at the step `strength`
+    of the way into the schedule, as diffusers' SD / SDXL img2img pipelines do.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -149,6 +196,15 @@ def generate(
         negative = negative * len(prompts)
     if negative is not None and len(negative) != len(prompts):
         raise ValueError(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts; give one each")
+    if image is not None:
+        if c.encode_image is None:
+            raise ValueError("this artifact has no VAE encoder for image-to-image; recompile it with this "
+                             "sd-compiler (the onnx target exports vae_encoder unless vae_encoder=false)")
+        if latents is not None:
+            raise ValueError("pass image (image-to-image) or latents, not both")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must be in [0, 1]")
+        height, width = image.shape[-2:]
     height = c.default_size if height is None else height
     width = c.default_size if width is None else width
     for name, value in (("height", height), ("width", width)):
@@ -181,11 +237,16 @@ def generate(
     else:
         scheduler.set_timesteps(num_inference_steps)
     shape = (batch, c.latent_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, dtype=c.dtype)
+    timesteps = scheduler.timesteps
+    if image is not None:
+        timesteps = _strength_timesteps(scheduler, num_inference_steps, strength)
+        latents = _image_latents(c, scheduler, image, timesteps[:1].repeat(batch), batch, generator)
+    elif latents is None:
+        latents = randn_tensor(shape, generator=generator, dtype=c.dtype) * scheduler.init_noise_sigma
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-    latents = latents.to(c.dtype) * scheduler.init_noise_sigma
+    else:
+        latents = latents.to(c.dtype) * scheduler.init_noise_sigma
 
     step_params = set(inspect.signature(scheduler.step).parameters)
     step_kwargs = {}
@@ -194,7 +255,6 @@ def generate(
     if "generator" in step_params:
         step_kwargs["generator"] = generator
 
-    timesteps = scheduler.timesteps
     cache = c.feature_cache if feature_cache else None
     plan = cache.plan(len(timesteps)) if cache is not None else None
     deep = None

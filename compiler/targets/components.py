@@ -18,7 +18,7 @@ from sdcompiler.sampling import Components, TextEncoding
 
 
 def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode,
-                    modules: dict | None = None, feature_cache=None, pipeline=None) -> Components:
+                    modules: dict | None = None, feature_cache=None, pipeline=None, encode_image=None) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
     spec = get_arch(manifest["arch"])
@@ -39,6 +39,7 @@ def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, d
         modules=dict(modules or {}),
         feature_cache=feature_cache,
         pipeline=pipeline,
+        encode_image=encode_image,
     )
 
 
@@ -59,6 +60,7 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
 
     scheduler_cls, scheduler_config = type(pipe.scheduler), dict(pipe.scheduler.config)
     return Components(
+        encode_image=torch_vae_encoder(vae, device),
         tokenizers=tokenizers,
         text_encoders=text_encoders,
         unet=torch_unet(pipe.unet, device),
@@ -73,6 +75,15 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
         guidance_embedding_dim=getattr(pipe.unet.config, "time_cond_proj_dim", None),
         modules={name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")},
     )
+
+
+def torch_vae_encoder(vae: torch.nn.Module, device: str):
+    """Image-to-image's encoder: images in [-1, 1] -> the VAE posterior's parameters (mean, log-variance)."""
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return vae.encode(images.to(device, vae.dtype)).latent_dist.parameters.float().cpu()
+
+    return encode
 
 
 def cache_settings(manifest: dict[str, Any]):
@@ -214,3 +225,7 @@ def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
 
 def ort_vae_decoder(model: OrtModel):
     return lambda latents: model(["sample"], latent_sample=latents)["sample"]
+
+
+def ort_vae_encoder(model: OrtModel):
+    return lambda images: model(["latent_parameters"], sample=images)["latent_parameters"]

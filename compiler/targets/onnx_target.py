@@ -40,6 +40,7 @@ from sdcompiler.passes import PassConfig, unet_example_inputs
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import (
     OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
+    ort_vae_encoder,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -60,6 +61,7 @@ class OnnxTargetConfig(PassConfig):
     vae_precision: Literal["fp32", "fp16"] = "fp32"  # fp16 VAE decoders can give black images
     opset: int = 18
     verify: bool = True
+    vae_encoder: bool = True  # export the VAE encoder too (image-to-image; optimum's vae_encoder folder)
 
 
 class _UNetForExport(torch.nn.Module):
@@ -103,6 +105,17 @@ class _TextEncoderForExport(torch.nn.Module):
         first = [out.text_embeds, out.last_hidden_state] if hasattr(out, "text_embeds") else [
             out.last_hidden_state, out.pooler_output]
         return tuple(first) + (tuple(out.hidden_states) if self.hidden_states else ())
+
+
+class _VaeEncoderForExport(torch.nn.Module):
+    """Images in [-1, 1] -> the posterior's parameters (mean and log-variance on the channel axis)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.parameters
 
 
 class _VaeDecoderForExport(torch.nn.Module):
@@ -172,6 +185,12 @@ def _exports(pipe, spec, config: OnnxTargetConfig, cache=None) -> list[_Export]:
     axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
             "sample": {0: "batch_size", 2: "height", 3: "width"}}
     exports.append(_Export("vae_decoder", _VaeDecoderForExport(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
+    if config.vae_encoder:
+        pixels = torch.rand(1, 3, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, generator=generator) * 2 - 1
+        axes = {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+                "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
+        exports.append(_Export("vae_encoder", _VaeEncoderForExport(pipe.vae), (pixels,), ["sample"],
+                               ["latent_parameters"], axes, vae_dtype))
     return exports
 
 
@@ -310,7 +329,7 @@ class OnnxTarget(Target):
         if config.verify:
             with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
                 for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
-                    precision = config.vae_precision if export.name == "vae_decoder" else config.precision
+                    precision = config.vae_precision if export.name.startswith("vae_") else config.precision
                     result = verify_model(export, paths[export.name])
                     stage.results[export.name] = result
                     int8 = export.name == "unet" and quantized is not None
@@ -328,11 +347,14 @@ class OnnxTarget(Target):
                     for n in spec.text_encoders]
         unet_model = OrtModel(root / "unet" / "model.onnx", providers, threads)
         decode = ort_vae_decoder(OrtModel(root / "vae_decoder" / "model.onnx", providers, threads))
+        encoder_file = root / "vae_encoder" / "model.onnx"  # absent in artifacts compiled with vae_encoder=false
+        encode = ort_vae_encoder(OrtModel(encoder_file, providers, threads)) if encoder_file.is_file() else None
         settings, cache = cache_settings(manifest), None
         if settings is not None:
             shallow = OrtModel(root / "unet_shallow" / "model.onnx", providers, threads)
             cache = ort_feature_cache(unet_model, shallow, settings)
-        return make_components(root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache)
+        return make_components(root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache,
+                               encode_image=encode)
 
 
 def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
@@ -342,6 +364,8 @@ def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
         _write_config(out / name / "config.json", config)
     _write_config(out / "unet" / "config.json", dict(pipe.unet.config))
     _write_config(out / "vae_decoder" / "config.json", dict(pipe.vae.config))
+    if (out / "vae_encoder").is_dir():
+        _write_config(out / "vae_encoder" / "config.json", dict(pipe.vae.config))
 
 
 def _write_config(path: Path, config: dict) -> None:

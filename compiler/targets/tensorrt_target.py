@@ -369,7 +369,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
     """The onnx target's exports, each in the dtype this target's precision gives its component."""
-    exports = _exports(pipe, spec, OnnxTargetConfig(opset=config.opset))
+    exports = _exports(pipe, spec, OnnxTargetConfig(opset=config.opset, vae_encoder=False))  # text-to-image engines
     text = "fp32" if config.precision == "bf16" else config.precision  # bf16 CLIP graphs fail to export
     precision = {"unet": config.precision, "vae_decoder": config.vae_precision}
     return [dataclasses.replace(e, dtype=DTYPES[precision.get(e.name, text)]) for e in exports]

@@ -40,7 +40,9 @@ from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
-from sdcompiler.targets.components import cache_settings, make_components, torch_text_encoder, torch_unet
+from sdcompiler.targets.components import (
+    cache_settings, make_components, torch_text_encoder, torch_unet, torch_vae_encoder,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -124,7 +126,8 @@ class TorchTarget(Target):
 
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
-        return make_components(root, manifest, encoders, unet, decode, modules, cache, pipeline=pipe)
+        return make_components(root, manifest, encoders, unet, decode, modules, cache, pipeline=pipe,
+                               encode_image=torch_vae_encoder(vae, device))
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         from sdcompiler.passes.lora import check_lora_files
