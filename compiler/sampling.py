@@ -140,6 +140,11 @@ def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torc
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.utils.torch_utils import randn_tensor
 
+    def draw(encoded: torch.Tensor, gen) -> torch.Tensor:
+        if encoded.shape[1] == c.latent_channels:  # a VAE without a posterior (tiny VAE): its latents, no draw
+            return encoded
+        return DiagonalGaussianDistribution(encoded).sample(gen)
+
     image = image.to(c.dtype)
     if isinstance(generator, list):  # one generator per image: encode each image on its own
         if len(generator) != batch:
@@ -148,10 +153,9 @@ def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torc
             if batch % image.shape[0]:
                 raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
             image = torch.cat([image] * (batch // image.shape[0]))
-        init = torch.cat([DiagonalGaussianDistribution(c.encode_image(image[i:i + 1])).sample(generator[i])
-                          for i in range(batch)])
+        init = torch.cat([draw(c.encode_image(image[i:i + 1]), generator[i]) for i in range(batch)])
     else:
-        init = DiagonalGaussianDistribution(c.encode_image(image)).sample(generator)
+        init = draw(c.encode_image(image), generator)
     init = c.scaling_factor * init.to(c.dtype)
     if batch > init.shape[0]:
         if batch % init.shape[0]:

@@ -81,7 +81,7 @@ def test_manifest(compiled, tiny_checkpoint, arch, target):
 def test_onnx_verify_stage(compiled, arch):
     stages = {s["name"]: s for s in compiled(arch, "onnx").manifest["lowering"]["stages"]}
     assert list(stages) == ["export_onnx", "verify"]
-    components = ["text_encoder", "unet", "vae_decoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    components = ["text_encoder", "unet", "vae_decoder", "vae_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
     results = stages["verify"]["results"]
     assert set(results) == set(components)
     for name in components:

@@ -78,12 +78,18 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
 
 
 def torch_vae_encoder(vae: torch.nn.Module, device: str):
-    """Image-to-image's encoder: images in [-1, 1] -> the VAE posterior's parameters (mean, log-variance)."""
+    """Image-to-image's encoder: images in [-1, 1] -> the VAE posterior's parameters (mean, log-variance), or
+    the latents themselves for a VAE without a posterior (AutoencoderTiny)."""
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return vae.encode(images.to(device, vae.dtype)).latent_dist.parameters.float().cpu()
+            return vae_encoding(vae.encode(images.to(device, vae.dtype))).float().cpu()
 
     return encode
+
+
+def vae_encoding(output) -> torch.Tensor:
+    """What `sampling` takes from a VAE encoder: posterior parameters (AutoencoderKL) or latents (tiny VAEs)."""
+    return output.latent_dist.parameters if hasattr(output, "latent_dist") else output.latents
 
 
 def cache_settings(manifest: dict[str, Any]):
@@ -228,4 +234,6 @@ def ort_vae_decoder(model: OrtModel):
 
 
 def ort_vae_encoder(model: OrtModel):
-    return lambda images: model(["latent_parameters"], sample=images)["latent_parameters"]
+    """`latent_parameters` (AutoencoderKL's posterior) or `latent_sample` (a tiny VAE's latents)."""
+    name = model.outputs[0]
+    return lambda images: model([name], sample=images)[name]

@@ -115,7 +115,9 @@ class _VaeEncoderForExport(torch.nn.Module):
         self.vae = vae
 
     def forward(self, sample):
-        return self.vae.encode(sample).latent_dist.parameters
+        from sdcompiler.targets.components import vae_encoding
+
+        return vae_encoding(self.vae.encode(sample))
 
 
 class _VaeDecoderForExport(torch.nn.Module):
@@ -187,10 +189,11 @@ def _exports(pipe, spec, config: OnnxTargetConfig, cache=None) -> list[_Export]:
     exports.append(_Export("vae_decoder", _VaeDecoderForExport(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
     if config.vae_encoder:
         pixels = torch.rand(1, 3, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, generator=generator) * 2 - 1
+        output = "latent_parameters" if type(pipe.vae).__name__ == "AutoencoderKL" else "latent_sample"  # tiny VAE
         axes = {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
-                "latent_parameters": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
-        exports.append(_Export("vae_encoder", _VaeEncoderForExport(pipe.vae), (pixels,), ["sample"],
-                               ["latent_parameters"], axes, vae_dtype))
+                output: {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
+        exports.append(_Export("vae_encoder", _VaeEncoderForExport(pipe.vae), (pixels,), ["sample"], [output], axes,
+                               vae_dtype))
     return exports
 
 

@@ -88,7 +88,8 @@ class TorchTarget(Target):
             for config_file in [out / n / "config.json" for n in (*ctx.arch.text_encoders, "vae")]:
                 scrub_source_path(config_file)
             components = {name: ["transformers", type(getattr(pipe, name)).__name__] for name in ctx.arch.text_encoders}
-            components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+            # the VAE's own class: AutoencoderKL, or AutoencoderTiny after swap_vae
+            components |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", type(pipe.vae).__name__]}
             write_pipeline_files(pipe, out, components)
             stage.results["unet_tensors"] = len(state)
             stage.results["packed_quantized_layers"] = packed
@@ -162,7 +163,7 @@ class TorchTarget(Target):
 # passes after which the U-Net keeps the source's module names and float weights, so a LoRA made for the source
 # checkpoint fits the artifact (everything else: pruning, slimming, fused QKV, quantization)
 RUNTIME_LORA_PASSES = frozenset({"merge_lora", "set_scheduler", "distill_cfg", "distill_steps", "feature_cache",
-                                 "swap_attention", "distill"})
+                                 "swap_attention", "distill", "swap_vae"})
 
 
 def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:
@@ -213,7 +214,7 @@ def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", 
         encoder_cls = getattr(transformers, index[name][1])
         components[name] = encoder_cls.from_pretrained(root / name, dtype=dtype).eval()
         components["tokenizer" if i == 0 else f"tokenizer_{i + 1}"] = tokenizer
-    components["vae"] = diffusers.AutoencoderKL.from_pretrained(root / "vae").eval()
+    components["vae"] = getattr(diffusers, index["vae"][1]).from_pretrained(root / "vae").eval()
     components["scheduler"] = scheduler_factory(root)()
     with init_empty_weights():
         components["unet"] = diffusers.UNet2DConditionModel.from_config(

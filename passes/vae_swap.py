@@ -1,0 +1,101 @@
+"""swap_vae: replace the pipeline's VAE with a tiny one (TAESD / TAESDXL, diffusers' `AutoencoderTiny`).
+
+The full SD VAE decoder is a large share of a few-step pipeline (on the 2-core CPU here, decoding one
+256x256 SD1.5 image costs as much as two U-Net calls); TAESD decodes the same latents with ~1/20 of the
+parameters, at some loss of fine detail. The tiny VAE comes from a diffusers folder (`config.json` with
+`_class_name: AutoencoderTiny` and safetensors weights), as `madebyollin/taesd` (SD 1.x/2.x) and
+`madebyollin/taesdxl` (SDXL) are published; the pass checks the class and the latent channels, not which
+family the weights were trained for (taesd on SDXL latents decodes wrongly: use taesdxl there).
+
+The U-Net is untouched. The VAE's `scaling_factor` (1.0 for TAESD, which scales internally) goes to the
+artifact, so the runtime divides latents as diffusers' pipelines do with this VAE; its encoder returns
+latents directly (no posterior to sample), which image-to-image uses as diffusers' `retrieve_latents` does.
+Metrics: VAE parameters and decoder MACs per image at the MACs resolution, before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdcompiler.passes.base import Pass, PassContext, register_pass
+from sdcompiler.passes.config import PassConfig
+from sdcompiler.passes.errors import PassError
+
+
+@dataclass(frozen=True)
+class SwapVAEConfig(PassConfig):
+    path: str = ""  # a diffusers AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors)
+
+
+def _check_folder(path: str) -> dict:
+    if not path:
+        raise PassError("swap_vae needs 'path': a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd); "
+                        "with the preset: {preset: taesd, path: FOLDER}")
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise PassError(f"VAE folder {folder} has no config.json; pass a diffusers AutoencoderTiny folder")
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise PassError(f"VAE folder {folder} holds a {config.get('_class_name')!r}, not an AutoencoderTiny "
+                        "(TAESD); the full VAE is the checkpoint's own")
+    if not any(folder.glob("*.safetensors")):
+        raise PassError(f"VAE folder {folder} has no .safetensors weights; pickle files can run code: convert them")
+    return config
+
+
+def vae_decoder_macs(vae: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int) -> int:
+    """MACs of decoding one latent for an image of `resolution` (H, W) pixels, counted on meta."""
+    channels = vae.config.latent_channels
+    latent = torch.empty(1, channels, resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor,
+                         device="meta")
+    state = {name: torch.empty_like(t, device="meta") for name, t in vae.state_dict().items()}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch.func.functional_call(_Decode(vae), {"vae." + k: v for k, v in state.items()}, (latent,),
+                                   strict=False)
+    return counter.get_total_flops() // 2
+
+
+class _Decode(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+@register_pass
+class SwapVAE(Pass):
+    name = "swap_vae"
+    config_class = SwapVAEConfig
+    stage = "noop"
+    description = "replace the VAE with a tiny one (TAESD / TAESDXL, diffusers AutoencoderTiny)"
+
+    def requires(self, pipe, config: SwapVAEConfig, ctx: PassContext) -> None:
+        tiny = _check_folder(config.path)
+        channels = pipe.vae.config.latent_channels
+        if tiny.get("latent_channels", 4) != channels:
+            raise PassError(f"the tiny VAE in {config.path} has {tiny.get('latent_channels', 4)} latent channels and "
+                            f"this {ctx.arch} model {channels}; use the tiny VAE made for this model family")
+
+    def run(self, pipe, config: SwapVAEConfig, ctx: PassContext) -> dict[str, float]:
+        from diffusers import AutoencoderTiny
+
+        factor = pipe.vae_scale_factor
+        before = (sum(p.numel() for p in pipe.vae.parameters()), vae_decoder_macs(pipe.vae, ctx.macs_resolution, factor))
+        try:
+            vae = AutoencoderTiny.from_pretrained(config.path, use_safetensors=True).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise PassError(f"cannot load the tiny VAE in {config.path}: {first}") from None
+        pipe.vae = vae.to(dtype=pipe.vae.dtype)
+        after = (sum(p.numel() for p in vae.parameters()), vae_decoder_macs(vae, ctx.macs_resolution, factor))
+        return {"vae_params_before": float(before[0]), "vae_params_after": float(after[0]),
+                "vae_decoder_macs_before": float(before[1]), "vae_decoder_macs_after": float(after[1])}
