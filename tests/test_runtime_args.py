@@ -36,9 +36,10 @@ def test_unsupported_argument_is_named(pipe, extra):
 
 
 def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
+    # diffusers' text-to-image arguments, its image-to-image ones (image, strength), and the feature-cache switch
     assert set(SUPPORTED_ARGUMENTS) == {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height",
                                         "width", "generator", "latents", "num_images_per_prompt", "output_type",
-                                        "timesteps", "feature_cache"}
+                                        "timesteps", "feature_cache", "image", "strength"}
 
 
 def test_negative_prompt_at_guidance_one_warns(pipe):
