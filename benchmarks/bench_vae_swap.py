@@ -38,7 +38,7 @@ def main() -> None:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from sdcompiler.archs import shipped_config_dir
-    from sdcompiler.passes.vae_swap import vae_decoder_macs
+    from sdcompiler.passes.accounting import vae_decoder_macs
 
     torch.manual_seed(0)
     config = AutoencoderKL.load_config(shipped_config_dir(args.arch) / "vae")

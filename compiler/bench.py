@@ -292,42 +292,36 @@ def _subject(name: str, what, device: str, allow_pickle: bool, steps: int | None
         macs = last["macs_after"] if last else None
         unet = what.components.modules.get("unet")
         if last is None and unet is not None:  # no pass recorded the counts: count the torch module as loaded
-            from sdcompiler.passes import count_macs
+            from sdcompiler.passes import count_macs, count_params
 
-            unet_params = sum(p.numel() for p in unet.parameters())
+            unet_params = count_params(unet)
             macs = count_macs(unet, tuple(manifest["macs_resolution"]), what.components.vae_scale_factor)
-        use_recorded = steps is None
         return Subject(
             name, label, what.components,
             num_inference_steps=defaults.get("num_inference_steps", 50) if steps is None else steps,
             guidance_scale=defaults.get("guidance_scale", 7.5) if guidance is None else guidance,
-            timesteps=defaults.get("timesteps") if use_recorded else None,
-            disk_bytes=sum(p.stat().st_size for p in what.root.rglob("*") if p.is_file()),
+            timesteps=defaults.get("timesteps") if steps is None else None,
+            disk_bytes=_disk_bytes(what.root),
             unet_params=unet_params,
             macs_per_unet_call=macs,
             macs_resolution=tuple(manifest["macs_resolution"]) if macs is not None else None,
         )
     from sdcompiler.loading import load_checkpoint
+    from sdcompiler.passes import count_macs, count_params
     from sdcompiler.targets.components import pipeline_components
-
-    from sdcompiler.passes import count_macs
 
     loaded = load_checkpoint(what, allow_pickle=allow_pickle)
     pipe = loaded.pipeline
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     macs_resolution = tuple(macs_resolution or (size, size))
-    source = Path(loaded.source["path"])
-    disk = None
-    if source.exists():
-        files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-        disk = sum(p.stat().st_size for p in files)
+    source = Path(loaded.source["path"])  # a Hugging Face id is not a path here: no size
     return Subject(
         name, f"{loaded.arch.name} checkpoint (diffusers, torch eager fp32)",
         pipeline_components(pipe, loaded.arch, device),
         num_inference_steps=50 if steps is None else steps,
         guidance_scale=loaded.arch.default_guidance_scale if guidance is None else guidance,
-        disk_bytes=disk,
-        unet_params=sum(p.numel() for p in pipe.unet.parameters()),
+        disk_bytes=_disk_bytes(source) if source.exists() else None,
+        unet_params=count_params(pipe.unet),
         macs_per_unet_call=count_macs(pipe.unet, macs_resolution, pipe.vae_scale_factor),
         macs_resolution=macs_resolution,
     )
@@ -415,6 +409,12 @@ class _ClipScorer:
                                                        attention_mask=inputs["attention_mask"])
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
         return float(100 * cosine.clamp(min=0).mean())
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
 
 
 def _needs(metric: str) -> str:

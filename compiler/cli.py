@@ -185,14 +185,14 @@ def _target_options(args) -> dict:
 
 
 def _read_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from sdcompiler.errors import PipelineArgumentError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except OSError as exc:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
         raise PipelineArgumentError(f"cannot read image {path}: {type(exc).__name__}; pass a PNG or JPEG file") from None
 
 

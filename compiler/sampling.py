@@ -13,7 +13,8 @@ or Triton Inference Server BLS calls plug in unchanged:
 - VAE decoder: `decode(latents) -> images in [-1, 1]`
 - optionally a VAE encoder for image-to-image: `encode_image(images in [-1, 1]) -> latent distribution
   parameters` (mean and log-variance stacked on the channel axis, as diffusers' `DiagonalGaussianDistribution`
-  holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do
+  holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do; or, for
+  a VAE without a posterior (a tiny VAE), the latents themselves (`latent_channels` wide), taken as they are
 - optionally a feature cache (`sdcompiler.feature_cache.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
   steps its plan marks (full / shallow) instead of `unet`.

@@ -1,4 +1,4 @@
-"""Parameter and MAC accounting for U-Nets.
+"""Parameter and MAC accounting for U-Nets (and VAE decoders).
 
 MACs = FLOPs / 2 as counted by `torch.utils.flop_counter.FlopCounterMode`
 (matmuls, convolutions, attention) for one U-Net forward at batch 1 and a
@@ -87,18 +87,41 @@ def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_fac
     partial forward); it receives the U-Net with meta weights.
     """
     latent_hw = (resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor)
-    meta_state = {
-        "unet." + name: torch.empty_like(t, device="meta")
-        for name, t in list(unet.named_parameters()) + list(unet.named_buffers())
-    }
     inputs = unet_example_inputs(unet, 1, latent_hw, device="meta")
-    counter = FlopCounterMode(display=False)
     # a pass whose modules cannot run on meta tensors (modelopt's quantizers) leaves a context that makes
     # them pass through for the count
     context = getattr(unet, "cost_counting_context", None)
-    with context(unet) if context else contextlib.nullcontext(), counter, torch.no_grad():
-        torch.func.functional_call(_Call(unet, forward), meta_state, args=(), kwargs=inputs, strict=False)
+    with context(unet) if context else contextlib.nullcontext():
+        return _macs_on_meta(_Call(unet, forward), kwargs=inputs)
+
+
+def vae_decoder_macs(vae: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
+    """MACs of decoding one latent for an image of pixel `resolution` (H, W), counted on meta."""
+    latent = torch.empty(1, vae.config.latent_channels, resolution[0] // vae_scale_factor,
+                         resolution[1] // vae_scale_factor, device="meta")
+    return _macs_on_meta(VaeDecode(vae), args=(latent,))
+
+
+def _macs_on_meta(call: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> int:
+    """MACs of `call(*args, **kwargs)` with meta stand-ins for every parameter and buffer of `call`."""
+    meta_state = {name: torch.empty_like(t, device="meta")
+                  for name, t in list(call.named_parameters()) + list(call.named_buffers())}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch.func.functional_call(call, meta_state, args=args, kwargs=kwargs or {}, strict=False)
     return counter.get_total_flops() // 2
+
+
+class VaeDecode(torch.nn.Module):
+    """`vae.decode(latent)` as a module's forward (images in [-1, 1]): for MAC counts and the onnx target's
+    `vae_decoder` export."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
 class _Call(torch.nn.Module):

@@ -19,9 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
+from sdcompiler.passes.accounting import count_params, vae_decoder_macs
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError
@@ -49,28 +47,6 @@ def _check_folder(path: str) -> dict:
     return config
 
 
-def vae_decoder_macs(vae: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int) -> int:
-    """MACs of decoding one latent for an image of `resolution` (H, W) pixels, counted on meta."""
-    channels = vae.config.latent_channels
-    latent = torch.empty(1, channels, resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor,
-                         device="meta")
-    state = {name: torch.empty_like(t, device="meta") for name, t in vae.state_dict().items()}
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        torch.func.functional_call(_Decode(vae), {"vae." + k: v for k, v in state.items()}, (latent,),
-                                   strict=False)
-    return counter.get_total_flops() // 2
-
-
-class _Decode(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
 @register_pass
 class SwapVAE(Pass):
     name = "swap_vae"
@@ -89,13 +65,13 @@ class SwapVAE(Pass):
         from diffusers import AutoencoderTiny
 
         factor = pipe.vae_scale_factor
-        before = (sum(p.numel() for p in pipe.vae.parameters()), vae_decoder_macs(pipe.vae, ctx.macs_resolution, factor))
+        before = count_params(pipe.vae), vae_decoder_macs(pipe.vae, ctx.macs_resolution, factor)
         try:
             vae = AutoencoderTiny.from_pretrained(config.path, use_safetensors=True).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise PassError(f"cannot load the tiny VAE in {config.path}: {first}") from None
         pipe.vae = vae.to(dtype=pipe.vae.dtype)
-        after = (sum(p.numel() for p in vae.parameters()), vae_decoder_macs(vae, ctx.macs_resolution, factor))
+        after = count_params(vae), vae_decoder_macs(vae, ctx.macs_resolution, factor)
         return {"vae_params_before": float(before[0]), "vae_params_after": float(after[0]),
                 "vae_decoder_macs_before": float(before[1]), "vae_decoder_macs_after": float(after[1])}

@@ -13,7 +13,7 @@ from PIL import Image
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
-from sdcompiler.passes.vae_swap import vae_decoder_macs
+from sdcompiler.passes.accounting import vae_decoder_macs
 
 CALL = dict(num_inference_steps=3, output_type="np")
 

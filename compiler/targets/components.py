@@ -53,18 +53,13 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(spec.text_encoders) > 1 else [])
     vae = pipe.vae.to(device)
     pipe.unet.to(device)
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
-
     scheduler_cls, scheduler_config = type(pipe.scheduler), dict(pipe.scheduler.config)
     return Components(
         encode_image=torch_vae_encoder(vae, device),
         tokenizers=tokenizers,
         text_encoders=text_encoders,
         unet=torch_unet(pipe.unet, device),
-        decode=decode,
+        decode=torch_vae_decoder(vae, device),
         scheduler_factory=lambda: scheduler_cls.from_config(scheduler_config),
         is_sdxl=spec.is_sdxl,
         latent_channels=vae.config.latent_channels,
@@ -75,6 +70,15 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
         guidance_embedding_dim=getattr(pipe.unet.config, "time_cond_proj_dim", None),
         modules={name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")},
     )
+
+
+def torch_vae_decoder(vae: torch.nn.Module, device: str):
+    """The sampling loop's decoder: latents (already divided by the scaling factor) -> images in [-1, 1]."""
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
+
+    return decode
 
 
 def torch_vae_encoder(vae: torch.nn.Module, device: str):

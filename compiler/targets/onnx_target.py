@@ -37,10 +37,11 @@ import torch
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig, unet_example_inputs
+from sdcompiler.passes.accounting import VaeDecode
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import (
     OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
-    ort_vae_encoder,
+    ort_vae_encoder, vae_encoding,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -108,25 +109,15 @@ class _TextEncoderForExport(torch.nn.Module):
 
 
 class _VaeEncoderForExport(torch.nn.Module):
-    """Images in [-1, 1] -> the posterior's parameters (mean and log-variance on the channel axis)."""
+    """Images in [-1, 1] -> the posterior's parameters (mean and log-variance on the channel axis), or a tiny
+    VAE's latents."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
     def forward(self, sample):
-        from sdcompiler.targets.components import vae_encoding
-
         return vae_encoding(self.vae.encode(sample))
-
-
-class _VaeDecoderForExport(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
 @dataclass
@@ -186,7 +177,7 @@ def _exports(pipe, spec, config: OnnxTargetConfig, cache=None) -> list[_Export]:
     latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=generator)
     axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
             "sample": {0: "batch_size", 2: "height", 3: "width"}}
-    exports.append(_Export("vae_decoder", _VaeDecoderForExport(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
+    exports.append(_Export("vae_decoder", VaeDecode(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
     if config.vae_encoder:
         pixels = torch.rand(1, 3, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, generator=generator) * 2 - 1
         output = "latent_parameters" if type(pipe.vae).__name__ == "AutoencoderKL" else "latent_sample"  # tiny VAE

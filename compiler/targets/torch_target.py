@@ -41,7 +41,7 @@ from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
 from sdcompiler.targets.components import (
-    cache_settings, make_components, torch_text_encoder, torch_unet, torch_vae_encoder,
+    cache_settings, make_components, torch_text_encoder, torch_unet, torch_vae_decoder, torch_vae_encoder,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -112,12 +112,6 @@ class TorchTarget(Target):
             lower_unet(pipe.unet)
             lower_unet(pipe.vae)
         encoders = [torch_text_encoder(getattr(pipe, name), spec.is_sdxl) for name in spec.text_encoders]
-        vae = pipe.vae
-
-        def decode(latents: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
-
         modules = {name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")}
         compile_mode = config.get("compile_mode", "default") if config.get("compile", False) else None
         settings = cache_settings(manifest)
@@ -127,8 +121,8 @@ class TorchTarget(Target):
 
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
-        return make_components(root, manifest, encoders, unet, decode, modules, cache, pipeline=pipe,
-                               encode_image=torch_vae_encoder(vae, device))
+        return make_components(root, manifest, encoders, unet, torch_vae_decoder(pipe.vae, device), modules, cache,
+                               pipeline=pipe, encode_image=torch_vae_encoder(pipe.vae, device))
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         from sdcompiler.passes.lora import check_lora_files

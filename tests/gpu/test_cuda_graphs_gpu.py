@@ -37,16 +37,21 @@ def test_replay_equals_eager_and_recaptures_per_signature():
     assert graphed.captures == 3
 
 
-def test_lowered_and_graphed_unet_matches_eager():
-    diffusers = pytest.importorskip("diffusers")
-    from sdcompiler.kernels.lowering import lower_unet
-
+def _small_unet(diffusers):
+    """A two-stage fp16 U-Net on the GPU (seed 0): every block kind the lowering and compiling touch."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
         norm_num_groups=32, sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).cuda().half().eval()
+
+
+def test_lowered_and_graphed_unet_matches_eager():
+    diffusers = pytest.importorskip("diffusers")
+    from sdcompiler.kernels.lowering import lower_unet
+
+    unet = _small_unet(diffusers)
     x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.half)
     context = torch.randn(2, 77, 64, device="cuda", dtype=torch.half)
     t = torch.tensor(500.0, device="cuda")
@@ -65,12 +70,7 @@ def test_compiled_unet_matches_eager(mode):
     diffusers = pytest.importorskip("diffusers")
     from sdcompiler.cuda_graphs import compiled
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
-        norm_num_groups=32, sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).cuda().half().eval()
+    unet = _small_unet(diffusers)
     forward = compiled(lambda s, tt, c: unet(s, tt, c, return_dict=False)[0], mode)
     context = torch.randn(2, 77, 64, device="cuda", dtype=torch.half)
     with torch.inference_mode():
