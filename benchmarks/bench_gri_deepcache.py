@@ -141,7 +141,7 @@ def relabel(timing: dict) -> dict:
 def time_latent(unet, gri_unet, latent: int, repeats: int, warmup: int, args, waiter: QuietWaiter) -> dict:
     import torch
 
-    from sdcompiler.feature_cache import SplitUNet
+    from sdcompiler.passes.feature_cache import SplitUNet
     from sdcompiler.passes import unet_example_inputs
 
     split = SplitUNet(unet, BRANCH)
@@ -165,7 +165,7 @@ def time_latent(unet, gri_unet, latent: int, repeats: int, warmup: int, args, wa
 
 def per_image(results: dict) -> list[dict]:
     """MACs per image (at 512x512) and projected U-Net latency per image (per timed latent), for each variant."""
-    from sdcompiler.feature_cache import CacheSettings, full_steps
+    from sdcompiler.passes.feature_cache import CacheSettings, full_steps
 
     calls, cfg = results["unet_calls_per_image"], 2
     macs = results["macs"]["512x512"]

@@ -9,7 +9,7 @@ Importing this package imports neither triton, tensorrt nor modelopt, and
 does not initialise CUDA.
 """
 
-__version__ = "0.1.0"
+from sdcompiler.version import __version__
 
 __all__ = ["__version__", "benchmark", "compile_pipeline", "load_compiled"]
 

@@ -1,7 +1,8 @@
 """Supported architectures: SD 1.x (`sd15`), SD 2.x (`sd21`) and SDXL (`sdxl`).
 
-Each architecture is described once here: which diffusers pipeline class runs
-it, which text encoders it has, and the diffusers configs of its real
+Each architecture is described once: its `ArchSpec` (which diffusers pipeline
+class runs it, which text encoders it has) in `sdcompiler.passes.architectures`,
+where passes read it too, and here the diffusers configs of its real
 checkpoint (shipped in `configs/<arch>/`, so single-file checkpoints load
 offline). The CLIP BPE vocabulary that single-file checkpoints lack is
 derived from `data/clip_bpe_simple_vocab_16e6.txt.gz` (the list of merges
@@ -17,37 +18,13 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from sdcompiler.errors import CheckpointError
 from sdcompiler import knobs
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What the compiler needs to know about one architecture family."""
-
-    name: str
-    pipeline_class: str
-    text_encoders: tuple[str, ...]
-    default_guidance_scale: float
-    description: str
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.name == "sdxl"
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "sd15": ArchSpec("sd15", "StableDiffusionPipeline", ("text_encoder",), 7.5, "Stable Diffusion 1.x"),
-    "sd21": ArchSpec("sd21", "StableDiffusionPipeline", ("text_encoder",), 7.5, "Stable Diffusion 2.x"),
-    "sdxl": ArchSpec(
-        "sdxl", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"), 5.0, "Stable Diffusion XL"
-    ),
-}
+from sdcompiler.errors import CheckpointError
+from sdcompiler.passes.architectures import ARCHS, ArchSpec
 
 
 def get_arch(name: str) -> ArchSpec:

@@ -15,7 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from sdcompiler import __version__, knobs
+from sdcompiler import knobs
+from sdcompiler.version import __version__
 
 # The demo's recipe per arch: the richest combination of passes available. Extend it as passes land.
 DEMO_RECIPES = {"sd15": ["bk-small", "fuse-qkv"], "sd21": ["bk-small", "fuse-qkv"], "sdxl": ["koala-700m", "fuse-qkv"]}

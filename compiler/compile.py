@@ -18,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping
 
-from sdcompiler import __version__, knobs
+from sdcompiler import knobs
+from sdcompiler.version import __version__
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassContext, PassManager

@@ -1,12 +1,13 @@
 """Errors of the compiler layer (loading, lowering, artifacts, runtime).
 
-The base class (and `require` / `MissingDependencyError`, which passes use
-too) lives in `sdcompiler.passes.errors` because imports flow compiler ->
+The base class (and `require` / `MissingDependencyError` / `LoweringError`,
+which passes use too) lives in `sdcompiler.passes.errors` because imports flow compiler ->
 passes; they are re-exported here.
 """
 
 from sdcompiler.passes.errors import (
     ConfigError,
+    LoweringError,
     MissingDependencyError,
     PassError,
     RecipeError,
@@ -35,10 +36,6 @@ class CheckpointError(SDCompilerError):
 
 class ArtifactError(SDCompilerError):
     """An artifact folder is missing, incomplete, or would overwrite something else."""
-
-
-class LoweringError(SDCompilerError):
-    """Export to a target failed or produced outputs that disagree with torch."""
 
 
 class PipelineArgumentError(SDCompilerError, TypeError):

@@ -15,7 +15,7 @@ or Triton Inference Server BLS calls plug in unchanged:
   parameters` (mean and log-variance stacked on the channel axis, as diffusers' `DiagonalGaussianDistribution`
   holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do; or, for
   a VAE without a posterior (a tiny VAE), the latents themselves (`latent_channels` wide), taken as they are
-- optionally a feature cache (`sdcompiler.feature_cache.FeatureCache`):
+- optionally a feature cache (`sdcompiler.targets.components.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
   steps its plan marks (full / shallow) instead of `unet`.
 
@@ -66,21 +66,11 @@ class Components:
     force_zeros_for_empty_prompt: bool = True
     dtype: torch.dtype = torch.float32
     modules: dict = field(default_factory=dict)  # torch modules behind the callables (torch target only)
-    feature_cache: object | None = None  # sdcompiler.feature_cache.FeatureCache, when the artifact has one
+    feature_cache: object | None = None  # sdcompiler.targets.components.FeatureCache, when the artifact has one
     # the U-Net takes the guidance scale as an embedding (`timestep_cond`, this wide) instead of a CFG pass
     guidance_embedding_dim: int | None = None
     pipeline: object | None = None  # the diffusers pipeline behind torch components (run-time LoRA switching)
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE encoder (image-to-image)
-
-
-def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`timestep_cond` for a U-Net with a guidance embedding, one row per guidance scale: diffusers' sinusoidal
-    embedding of w - 1 (the convention of its SD / SDXL / LCM pipelines, so a model behaves the same there and
-    here; the cfg-distill pass trains with it)."""
-    from diffusers import StableDiffusionPipeline
-
-    w = guidance_scales.float() - 1.0
-    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim, dtype=dtype)
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -226,6 +216,8 @@ def generate(
     batch = len(prompts) * num_images_per_prompt
     timestep_cond = None
     if embedded:  # (compile refuses a feature cache for such U-Nets)
+        from sdcompiler.passes.cfg_distill import guidance_embedding
+
         scales = torch.full((batch,), float(guidance_scale))
         timestep_cond = guidance_embedding(scales, c.guidance_embedding_dim, c.dtype)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sdcompiler.passes.architectures import ARCHS, ArchSpec
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError, RecipeError
 
@@ -31,7 +32,7 @@ STAGES = ("merge", "structural", "training", "distill_merge", "quantize", "sched
 class PassContext:
     """What a pass may know about the run besides the pipeline itself."""
 
-    arch: str
+    arch: str  # "sd15" | "sd21" | "sdxl"; `spec` is its ArchSpec
     macs_resolution: tuple[int, int]
     cache_dir: Path
     seed: int = 0
@@ -47,6 +48,15 @@ class PassContext:
     # Call defaults the compiled pipeline should use (num_inference_steps, guidance_scale), set by passes
     # such as set_scheduler; compile_pipeline records them in the manifest's "defaults".
     pipeline_defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise PassError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The architecture family of the model the passes transform."""
+        return ARCHS[self.arch]
 
 
 @dataclass

@@ -50,7 +50,6 @@ from sdcompiler.passes.teacher_data import (
     HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
 )
 from sdcompiler.passes.trainer import Trainer, TrainerSettings
-from sdcompiler.sampling import guidance_embedding
 
 ADAPTER = "cfg_distill"
 
@@ -223,6 +222,16 @@ class DistillCFG(Pass):
                 "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
                 "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after,
                 "resumed_from_step": result.resumed_from}
+
+
+def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`timestep_cond` for a U-Net with a guidance embedding, one row per guidance scale: diffusers' sinusoidal
+    embedding of w - 1 (the convention of its SD / SDXL / LCM pipelines, so a model behaves the same there and
+    in a compiled pipeline; the pass trains with it and the runtime feeds it)."""
+    from diffusers import StableDiffusionPipeline
+
+    w = guidance_scales.float() - 1.0
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim, dtype=dtype)
 
 
 def add_guidance_embedding(unet, dim: int) -> None:

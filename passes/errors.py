@@ -21,6 +21,10 @@ class PassError(SDCompilerError):
     """A pass's requirements are not met, or it failed its own guarantees."""
 
 
+class LoweringError(SDCompilerError):
+    """Export to a target failed or produced outputs that disagree with torch."""
+
+
 class MissingDependencyError(SDCompilerError, ImportError):
     """An optional integration is not installed; the message names the extra."""
 

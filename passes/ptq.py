@@ -65,16 +65,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError, require
+from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
 from sdcompiler.passes.quest import Trajectories, teacher_trajectories
 from sdcompiler.passes.teacher_data import load_prompts
 
-OPSET = 18  # the onnx target's default opset
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes
 ORT_EXCLUDE = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out")
@@ -150,13 +151,10 @@ class OnnxQuantization:
 # --- export -------------------------------------------------------------------------------------------
 
 
-def export_float_unet(pipe, arch: str, folder: Path) -> Path:
+def export_float_unet(pipe, spec: ArchSpec, folder: Path) -> Path:
     """The float U-Net exported exactly as the onnx target exports it (its wrapper, input/output names,
     dynamic axes, trace size and opset), to `folder/model.onnx` (+ `model.onnx.data` when large)."""
-    from sdcompiler.archs import get_arch
-    from sdcompiler.targets.onnx_target import OnnxTargetConfig, _exports, export_model
-
-    (unet,) = [e for e in _exports(pipe, get_arch(arch), OnnxTargetConfig(opset=OPSET)) if e.name == "unet"]
+    (unet,) = [e for e in component_exports(pipe, spec) if e.name == "unet"]
     return export_model(unet, folder, OPSET)
 
 
@@ -365,7 +363,7 @@ class Ptq(Pass):
             work, result = Path(tmp) / "work", Path(tmp) / "result"
             work.mkdir()
             result.mkdir()
-            exported = export_float_unet(pipe, ctx.arch, work / "exported")
+            exported = export_float_unet(pipe, ctx.spec, work / "exported")
             simplify_graph(exported, work / "model.onnx")
             settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config)
             shutil.rmtree(work)  # the float graph: up to 10 GB (SDXL) that the SQNR session does not need

@@ -22,7 +22,7 @@ import sdcompiler
 from sdcompiler.bench import benchmark, ssim
 from sdcompiler.cli import main
 from sdcompiler.errors import ConfigError
-from sdcompiler.feature_cache import CacheSettings, full_steps
+from sdcompiler.passes.feature_cache import CacheSettings, full_steps
 
 STEPS = 2
 PROMPTS = ["a red cube on a wooden table", "a photo of a cat"]

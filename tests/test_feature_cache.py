@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdcompiler.errors import ConfigError, PassError
-from sdcompiler.feature_cache import CacheSettings, SplitUNet, full_steps
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
 from sdcompiler.passes import unet_example_inputs
 
 

@@ -25,7 +25,7 @@ from sdcompiler.serving import ModelSpec, TensorSpec, model_config
 from sdcompiler.targets import LowerContext, get_target
 from sdcompiler.targets import tensorrt_target as tt
 from sdcompiler.targets.components import OrtModel
-from sdcompiler.targets.onnx_target import export_model
+from sdcompiler.passes.onnx_export import export_model
 from fake_tensorrt import FakeTensorRT
 
 SD15, SDXL = tt.ModelSizes(8, 512), tt.ModelSizes(8, 1024)

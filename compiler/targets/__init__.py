@@ -1,5 +1,19 @@
-"""Lowering targets (`torch`, `onnx`; `tensorrt` builds on `onnx`)."""
+"""Lowering targets, by name: `onnx` (ONNX Runtime), `tensorrt` (engines built from the onnx graphs), `torch`
+(PyTorch modules with Triton kernels)."""
 
-from sdcompiler.targets.base import LowerContext, StageRecord, Target, get_target, register_target
+from sdcompiler.errors import LoweringError
+from sdcompiler.targets.base import LowerContext, StageRecord, Target
+from sdcompiler.targets.onnx_target import OnnxTarget
+from sdcompiler.targets.tensorrt_target import TensorRTTarget
+from sdcompiler.targets.torch_target import TorchTarget
 
-__all__ = ["LowerContext", "StageRecord", "Target", "get_target", "register_target"]
+TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (OnnxTarget, TensorRTTarget, TorchTarget)}
+
+__all__ = ["TARGETS", "LowerContext", "StageRecord", "Target", "get_target"]
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]()
+    except KeyError:
+        raise LoweringError(f"unknown target {name!r}; available targets: {', '.join(sorted(TARGETS))}") from None

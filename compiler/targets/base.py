@@ -1,10 +1,11 @@
 """Lowering targets: named stages that turn a transformed pipeline into artifact files.
 
-A target lowers (`lower(pipe, out_dir, ctx) -> [StageRecord]`) at compile
-time and loads (`load(root, manifest, device, providers) -> Components`) at
-run time; both directions live in the same class so the file layout is
-defined once. Targets register by name; `compile_pipeline(target=NAME)` and
-`load_compiled` dispatch through the registry.
+A target lowers (`lower(pipe, out_dir, config, ctx) -> [StageRecord]`) at
+compile time and loads (`load(root, manifest, device, providers) ->
+Components`) at run time; both directions live in the same class so the file
+layout is defined once. Targets are listed by name in
+`sdcompiler.targets.TARGETS`; `compile_pipeline(target=NAME)` and
+`load_compiled` look them up there (`get_target`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sdcompiler.archs import ArchSpec
-from sdcompiler.errors import ConfigError, LoweringError
+from sdcompiler.errors import ConfigError
 from sdcompiler.passes import PassConfig
 
 
@@ -93,23 +94,6 @@ class Target:
         """Replace the LoRAs fused at run time (the parameters in `touched`) with `loras`; returns the parameters
         changed. On an error the artifact's own weights are back."""
         raise NotImplementedError
-
-
-_TARGETS: dict[str, type[Target]] = {}
-
-
-def register_target(cls: type[Target]) -> type[Target]:
-    _TARGETS[cls.name] = cls
-    return cls
-
-
-def get_target(name: str) -> Target:
-    from sdcompiler.targets import onnx_target, tensorrt_target, torch_target  # noqa: F401  (registration)
-
-    try:
-        return _TARGETS[name]()
-    except KeyError:
-        raise LoweringError(f"unknown target {name!r}; available targets: {', '.join(sorted(_TARGETS))}") from None
 
 
 def write_pipeline_files(pipe, out: Path, components: dict[str, list]) -> None:

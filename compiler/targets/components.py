@@ -7,13 +7,16 @@ bf16 artifacts) and return float32 torch tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from sdcompiler.archs import get_arch
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
+from sdcompiler.passes.onnx_export import vae_encoding
 from sdcompiler.sampling import Components, TextEncoding
 
 
@@ -91,17 +94,55 @@ def torch_vae_encoder(vae: torch.nn.Module, device: str):
     return encode
 
 
-def vae_encoding(output) -> torch.Tensor:
-    """What `sampling` takes from a VAE encoder: posterior parameters (AutoencoderKL) or latents (tiny VAEs)."""
-    return output.latent_dist.parameters if hasattr(output, "latent_dist") else output.latents
-
-
 def cache_settings(manifest: dict[str, Any]):
     """The artifact's feature-cache settings, or None when it has none."""
-    from sdcompiler.feature_cache import CacheSettings
-
     recorded = manifest.get("defaults", {}).get("feature_cache")
     return CacheSettings.from_dict(recorded) if recorded else None
+
+
+# --- feature cache (the feature_cache pass's runtime half) ----------------------------------------
+
+
+@dataclass
+class FeatureCache:
+    """The sampling loop's view: two U-Net callables and the step plan."""
+
+    settings: CacheSettings
+    full: Callable  # (sample, t, embeds, text_embeds, time_ids) -> (eps, deep)
+    shallow: Callable  # (sample, t, embeds, text_embeds, time_ids, deep) -> eps
+
+    def plan(self, num_steps: int) -> list[bool]:
+        return full_steps(num_steps, self.settings)
+
+
+def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode: str | None = None) -> FeatureCache:
+    """FeatureCache over a torch U-Net (inputs and outputs as the sampling loop passes them); `compile_mode`:
+    torch.compile the full and shallow calls."""
+    split = SplitUNet(unet, settings.branch)
+    dtype = unet.dtype
+    run_full, run_shallow = split.full, split.shallow
+    if compile_mode is not None:
+        from sdcompiler.cuda_graphs import compiled
+
+        run_full, run_shallow = compiled(run_full, compile_mode), compiled(run_shallow, compile_mode)
+
+    def prepare(sample, text_embeds, time_ids, embeds):
+        cast = (lambda x: None if x is None else x.to(device, dtype))
+        return cast(sample), cast(embeds), cast(text_embeds), cast(time_ids)
+
+    def full(sample, timestep, embeds, text_embeds=None, time_ids=None):
+        sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
+        with torch.inference_mode():
+            eps, deep = run_full(sample, timestep, embeds, text_embeds, time_ids)
+        return eps.float().cpu(), deep
+
+    def shallow(sample, timestep, embeds, text_embeds=None, time_ids=None, deep=None):
+        sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
+        with torch.inference_mode():
+            eps = run_shallow(sample, timestep, embeds, text_embeds, time_ids, deep)
+        return eps.float().cpu()
+
+    return FeatureCache(settings, full, shallow)
 
 
 # --- torch -----------------------------------------------------------------------------------
@@ -215,8 +256,6 @@ def ort_unet(model: OrtModel):
 
 def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
     """FeatureCache over the U-Net graph (second output: deep features) and the shallow-branch graph."""
-    from sdcompiler.feature_cache import FeatureCache
-
     def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
         return dict(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,

@@ -2,7 +2,7 @@
 
 Stages, each writing files into the artifact:
 
-1. `export_onnx`: the onnx target's export (`_exports`, `export_model`): optimum's names and dynamic axes,
+1. `export_onnx`: the onnx target's export (`sdcompiler.passes.onnx_export`): optimum's names and dynamic axes,
    TorchScript exporter. Precision lives in the graph, because every engine is built from a strongly
    typed network (TensorRT 10 deprecates the weakly typed FP16/BF16/INT8/FP8 builder flags and 11
    removes them): `fp16` / `bf16` / `fp32` export the U-Net in that type, the text encoders too except
@@ -69,11 +69,10 @@ from sdcompiler.archs import get_arch
 from sdcompiler.artifact import sha256_file
 from sdcompiler.errors import ArtifactError, ConfigError, LoweringError, PipelineArgumentError, require
 from sdcompiler.passes import PassConfig
-from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
+from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
-from sdcompiler.targets.onnx_target import (
-    OnnxTargetConfig, _exports, check_verified, export_model, verify_model, write_component_configs,
-)
+from sdcompiler.targets.onnx_target import check_verified, verify_model, write_component_configs
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class TensorRTTargetConfig(PassConfig):
     static: bool = False  # min = opt = max (the opt values): one shape per engine, replayed from CUDA graphs
     workspace_gb: float | None = None  # builder workspace limit; None: TensorRT's default (the GPU's memory)
     builder_optimization_level: int = 3  # 0 (fast build) .. 5 (slow build, best kernels); TensorRT's default 3
-    opset: int = 18
+    opset: int = OPSET
     verify: bool = True  # each optimized graph vs torch in ONNX Runtime (CPU)
 
     def __post_init__(self):
@@ -369,13 +368,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
     """The onnx target's exports, each in the dtype this target's precision gives its component."""
-    exports = _exports(pipe, spec, OnnxTargetConfig(opset=config.opset, vae_encoder=False))  # text-to-image engines
+    exports = component_exports(pipe, spec, vae_encoder=False)  # text-to-image engines
     text = "fp32" if config.precision == "bf16" else config.precision  # bf16 CLIP graphs fail to export
     precision = {"unet": config.precision, "vae_decoder": config.vae_precision}
     return [dataclasses.replace(e, dtype=DTYPES[precision.get(e.name, text)]) for e in exports]
 
 
-@register_target
 class TensorRTTarget(Target):
     name = "tensorrt"
     config_class = TensorRTTargetConfig

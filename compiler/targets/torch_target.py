@@ -39,9 +39,10 @@ from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
-from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, register_target, write_pipeline_files
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.components import (
-    cache_settings, make_components, torch_text_encoder, torch_unet, torch_vae_decoder, torch_vae_encoder,
+    cache_settings, make_components, torch_feature_cache, torch_text_encoder, torch_unet, torch_vae_decoder,
+    torch_vae_encoder,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,7 +63,6 @@ class TorchTargetConfig(PassConfig):
                              "compile_mode='reduce-overhead' (inductor's own graphs) with cuda_graphs=false")
 
 
-@register_target
 class TorchTarget(Target):
     name = "torch"
     config_class = TorchTargetConfig
@@ -117,8 +117,6 @@ class TorchTarget(Target):
         settings = cache_settings(manifest)
         cache = None
         if settings is not None:
-            from sdcompiler.feature_cache import torch_feature_cache
-
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
         return make_components(root, manifest, encoders, unet, torch_vae_decoder(pipe.vae, device), modules, cache,

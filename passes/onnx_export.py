@@ -1,0 +1,205 @@
+"""The ONNX component interface: what each pipeline component looks like as an ONNX graph, and its export.
+
+Passes and targets share it: the onnx and tensorrt targets export every component through it, and the ptq
+pass exports the float U-Net exactly as the onnx target would before quantizing it. Names, dtypes and
+dynamic axes follow optimum's exporter, so `ORTDiffusionPipeline` loads the graphs too: U-Net `sample,
+timestep (float scalar), encoder_hidden_states [, text_embeds, time_ids] [, timestep_cond] -> out_sample`;
+text encoders `input_ids -> last_hidden_state, pooler_output | text_embeds [, hidden_states.i]`; VAE
+decoder `latent_sample -> sample`; VAE encoder `sample -> latent_parameters` (a tiny VAE: `latent_sample`).
+
+The exporter is TorchScript's (`dynamo=False`): faster and leaner than the dynamo exporter for these
+models. The U-Net is traced at a latent size that is not a multiple of its overall down-sampling factor, so
+diffusers takes its explicit-upsample-size path and the graph computes every skip shape from its input: any
+latent size then runs, not only multiples of 8. Models over ~1.8 GB are saved with one `model.onnx.data`
+file next to `model.onnx`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdcompiler.passes.accounting import VaeDecode, unet_example_inputs
+from sdcompiler.passes.architectures import ArchSpec
+from sdcompiler.passes.errors import LoweringError
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet
+
+OPSET = 18  # the default opset of the onnx and tensorrt targets (and of the ptq pass's export)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB: leave room for the graph itself
+TRACE_LATENT = 10  # not a multiple of 4 or 8: forces diffusers' shape-generic upsampling path
+
+
+def vae_encoding(output) -> torch.Tensor:
+    """What `sampling` takes from a VAE encoder: posterior parameters (AutoencoderKL) or latents (tiny VAEs)."""
+    return output.latent_dist.parameters if hasattr(output, "latent_dist") else output.latents
+
+
+class UNetForExport(torch.nn.Module):
+    """The U-Net with positional inputs: sample, timestep, encoder_hidden_states, then `extra` by name
+    (SDXL: text_embeds, time_ids; a guidance embedding: timestep_cond)."""
+
+    def __init__(self, unet, extra: list[str]):
+        super().__init__()
+        self.unet, self.extra = unet, list(extra)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        named = dict(zip(self.extra, rest))
+        added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         timestep_cond=named.get("timestep_cond"), return_dict=False)[0]
+
+
+class CachedUNetForExport(torch.nn.Module):
+    """Feature cache: the full U-Net returning (out_sample, deep_features), or the shallow branch."""
+
+    def __init__(self, unet, branch: int, shallow: bool):
+        super().__init__()
+        
+
+        self.split, self.shallow = SplitUNet(unet, branch), shallow
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        if self.shallow:
+            *added, deep = rest
+            return self.split.shallow(sample, timestep, encoder_hidden_states, *added, deep=deep)
+        return self.split.full(sample, timestep, encoder_hidden_states, *rest)
+
+
+class TextEncoderForExport(torch.nn.Module):
+    def __init__(self, model, hidden_states: bool):
+        super().__init__()
+        self.model, self.hidden_states = model, hidden_states
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=self.hidden_states, return_dict=True)
+        first = [out.text_embeds, out.last_hidden_state] if hasattr(out, "text_embeds") else [
+            out.last_hidden_state, out.pooler_output]
+        return tuple(first) + (tuple(out.hidden_states) if self.hidden_states else ())
+
+
+class VaeEncoderForExport(torch.nn.Module):
+    """Images in [-1, 1] -> the posterior's parameters (mean and log-variance on the channel axis), or a tiny
+    VAE's latents."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return vae_encoding(self.vae.encode(sample))
+
+
+@dataclass
+class OnnxExport:
+    """One component to export: the module, its example inputs, and its names, axes and dtype in the graph."""
+
+    name: str
+    module: torch.nn.Module
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    dtype: torch.dtype
+
+
+def component_exports(pipe, spec: ArchSpec, precision: str = "fp32", vae_precision: str = "fp32",
+                      vae_encoder: bool = True, cache: CacheSettings | None = None) -> list[OnnxExport]:
+    """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
+    full graph returning the deep features and the `unet_shallow` graph), VAE decoder, VAE encoder
+    (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision` ("fp32" | "fp16").
+    Example inputs come from a generator seeded 0, so the same pipeline always exports the same graphs."""
+    dtype, vae_dtype = DTYPES[precision], DTYPES[vae_precision]
+    generator = torch.Generator().manual_seed(0)
+    exports = []
+    batch = {0: "batch_size"}
+    for name in spec.text_encoders:
+        encoder = getattr(pipe, name)
+        hidden = spec.is_sdxl
+        first = ["text_embeds", "last_hidden_state"] if "WithProjection" in type(encoder).__name__ else [
+            "last_hidden_state", "pooler_output"]
+        layers = encoder.config.num_hidden_layers
+        outputs = first + ([f"hidden_states.{i}" for i in range(layers + 1)] if hidden else [])
+        ids = torch.randint(0, encoder.config.vocab_size, (2, 77), generator=generator)
+        seq = {0: "batch_size", 1: "sequence_length"}
+        axes = {"input_ids": seq} | {o: (batch if o in ("pooler_output", "text_embeds") else seq) for o in outputs}
+        exports.append(OnnxExport(name, TextEncoderForExport(encoder, hidden), (ids,), ["input_ids"], outputs, axes, dtype))
+
+    inputs = unet_example_inputs(pipe.unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=generator)
+    args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    if spec.is_sdxl:
+        args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
+        names += ["text_embeds", "time_ids"]
+        axes |= {"text_embeds": batch, "time_ids": batch}
+    if "timestep_cond" in inputs:  # optimum's name for the guidance embedding input
+        args.append(inputs["timestep_cond"])
+        names.append("timestep_cond")
+        axes |= {"timestep_cond": batch}
+    if cache is None:
+        exports.append(OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"],
+                               axes, dtype))
+    else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
+        deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
+        full = CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
+        exports.append(OnnxExport("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes,
+                               dtype))
+        with torch.no_grad():
+            deep = full(*args)[1]
+        exports.append(OnnxExport("unet_shallow", CachedUNetForExport(pipe.unet, cache.branch, shallow=True),
+                               (*args, deep), [*names, "deep_features"], ["out_sample"], axes | deep_axes, dtype))
+
+    latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=generator)
+    axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+            "sample": {0: "batch_size", 2: "height", 3: "width"}}
+    exports.append(OnnxExport("vae_decoder", VaeDecode(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
+    if vae_encoder:
+        pixels = torch.rand(1, 3, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, generator=generator) * 2 - 1
+        output = "latent_parameters" if type(pipe.vae).__name__ == "AutoencoderKL" else "latent_sample"  # tiny VAE
+        axes = {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+                output: {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
+        exports.append(OnnxExport("vae_encoder", VaeEncoderForExport(pipe.vae), (pixels,), ["sample"], [output], axes,
+                               vae_dtype))
+    return exports
+
+
+def _cast_args(args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if a.is_floating_point() and a.ndim > 0 else a for a in args)
+
+
+def export_model(export: OnnxExport, folder: Path, opset: int) -> Path:
+    """Export one component to `folder/model.onnx` (+ `model.onnx.data` when large)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.onnx"
+    module = export.module.to(export.dtype).eval()
+    args = _cast_args(export.args, export.dtype)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
+                                  input_names=export.input_names, output_names=export.output_names,
+                                  dynamic_axes=export.dynamic_axes, do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types; name the component
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LoweringError(f"ONNX export of {export.name} failed: {first}; rerun with --debug for the trace") from exc
+        if nbytes > EXTERNAL_DATA_BYTES:  # the TorchScript exporter wrote one file per tensor: gather them
+            model = onnx.load(str(raw))
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            del model
+        else:
+            shutil.move(str(raw), target)
+    module.to(torch.float32)
+    return target
