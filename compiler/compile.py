@@ -112,7 +112,7 @@ def compile_artifact(
     defaults = {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale} | ctx.pipeline_defaults
     with staged_artifact(output_dir) as staging:
         stages = lowering.lower(pipe, staging, target_config,
-                                LowerContext(spec, source_unet_config, show_progress, defaults))
+                                LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products))
         manifest = {
             "sdcompiler_version": __version__,
             "source": loaded.source,

@@ -43,18 +43,18 @@ artifact holds.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from sdcompiler.artifact import MANIFEST, read_manifest, staged_folder, verify_files
 from sdcompiler.errors import ArtifactError, ConfigError
+from sdcompiler.targets.served_models import ModelSpec, TensorSpec
 
 PIPELINE = "pipeline"
 VERSION = "1"  # the model version folder Triton serves
@@ -62,47 +62,6 @@ SERVED_MODELS = "models.json"  # pipeline/1/models.json: the component models' s
 KINDS = ("GPU", "CPU")
 
 Infer = Callable[[str, dict, list], dict]  # (model name, {input: array}, [output]) -> {output: array}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: Triton data type (`TYPE_FP32`, ...) and the model's full shape (-1: dynamic)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model's config.pbtxt is generated from.
-
-    Exactly one of `platform` ("onnxruntime_onnx", "tensorrt_plan") and `backend` ("python").
-    `cc_model_filenames` (compute capability such as "8.0" -> plan file in the version folder) and
-    `profiles` (TensorRT optimization profile indices the instances may use) are for tensorrt_plan.
-    `unbatched_reason` says in the config why a model is exported with max_batch_size 0.
-    """
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    platform: str | None = None
-    backend: str | None = None
-    cc_model_filenames: Mapping[str, str] = field(default_factory=dict)
-    profiles: tuple[str, ...] = ()
-    parameters: Mapping[str, str] = field(default_factory=dict)
-    unbatched_reason: str = ""
-    batch_limit: int | None = None  # the most items a batching model takes (a TensorRT profile's max batch)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
-        """Inverse of `dataclasses.asdict` (how models.json stores specs)."""
-        def tensors(items):
-            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["optional"]) for t in items)
-
-        return cls(**{**data, "inputs": tensors(data["inputs"]), "outputs": tensors(data["outputs"]),
-                      "profiles": tuple(data["profiles"])})
 
 
 # The pipeline model's request: prompts are its batch; scalars are one-element tensors.
@@ -201,67 +160,6 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# --- the component models of an onnx or tensorrt artifact ------------------------------------
-
-
-def onnx_model_spec(name: str, path: Path) -> ModelSpec:
-    """Inputs and outputs of an ONNX file as Triton sees them (graph only: external data is not read)."""
-    import onnx
-
-    types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-             onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT64: "TYPE_INT64",
-             onnx.TensorProto.INT32: "TYPE_INT32"}
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}  # older exporters list weights as graph inputs
-
-    def tensor(value) -> TensorSpec:
-        t = value.type.tensor_type
-        if t.elem_type not in types:
-            raise ArtifactError(f"{path}: {value.name} has ONNX type {onnx.TensorProto.DataType.Name(t.elem_type)}, "
-                                f"which export-server does not serve; recompile with --precision fp32 or fp16")
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        return TensorSpec(value.name, types[t.elem_type], shape)
-
-    return ModelSpec(name, inputs=tuple(tensor(v) for v in graph.input if v.name not in initializers),
-                     outputs=tuple(tensor(v) for v in graph.output), platform="onnxruntime_onnx")
-
-
-def tensorrt_model_spec(name: str, folder: Path, build: Mapping) -> ModelSpec:
-    """A `tensorrt` artifact's engine as Triton sees it.
-
-    I/O names and types are the optimized ONNX graph's (a strongly typed engine keeps them); every plan
-    in the folder (`model_sm<major><minor>.plan`) goes into `cc_model_filenames`; the engine's one
-    optimization profile is profile "0", and its batch range caps `max_batch_size`: a profile whose
-    batch cannot go down to 1 or up past 1 (static engines) makes the model non-batching.
-    """
-    from sdcompiler.targets.tensorrt_target import OPTIMIZED
-
-    spec = onnx_model_spec(name, folder / OPTIMIZED)
-    plans = {}
-    for plan in sorted(folder.glob("model_sm*.plan")):
-        digits = plan.stem.removeprefix("model_sm")
-        if digits.isdigit() and len(digits) >= 2:
-            plans[f"{digits[:-1]}.{digits[-1]}"] = plan.name
-    if not plans:
-        raise ArtifactError(f"{folder} has no TensorRT engine (model_sm<cc>.plan); recompile the artifact")
-    batches = [(shapes[0][0], shapes[2][0]) for shapes in build["profile"].values() if shapes[0]]
-    low = max((lo for lo, _ in batches), default=1)
-    high = min((hi for _, hi in batches), default=1)
-    limit, reason = high, ""
-    if low > 1 or high <= 1:
-        limit, reason = 0, f"the engine's optimization profile fixes the batch range to [{low}, {high}]"
-    return dataclasses.replace(spec, platform="tensorrt_plan", cc_model_filenames=plans, profiles=("0",),
-                               batch_limit=limit, unbatched_reason=reason)
-
-
-def _onnx_components(manifest: dict) -> list[str]:
-    from sdcompiler.archs import get_arch
-    from sdcompiler.targets.components import cache_settings
-
-    cached = cache_settings(manifest) is not None
-    return [*get_arch(manifest["arch"]).text_encoders, "unet", *(["unet_shallow"] if cached else []), "vae_decoder"]
-
-
 # --- export ----------------------------------------------------------------------------------
 
 
@@ -287,18 +185,22 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
     Returns:
         The repository folder.
     """
+    from sdcompiler.targets import TARGETS, get_target
+
     root = Path(artifact).resolve()
     manifest = read_manifest(root)
-    if manifest["target"] not in ("onnx", "tensorrt"):
-        raise ArtifactError(f"export-server needs an onnx or tensorrt artifact; {root} was compiled for target "
-                            f"{manifest['target']!r}: recompile it with --target onnx (or tensorrt)")
+    target = get_target(manifest["target"])
+    if not target.serves_components:
+        served = [name for name, cls in TARGETS.items() if cls.serves_components]
+        raise ArtifactError(f"export-server needs an {' or '.join(served)} artifact; {root} was compiled for target "
+                            f"{manifest['target']!r}: recompile it with --target {' (or '.join(served)}{')' * (len(served) - 1)}")
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     verify_files(root, manifest)
-    models = _component_models(root, manifest)
+    models = target.serving_models(root, manifest)
     specs = [spec for spec, _ in models]
     pipeline = ModelSpec(PIPELINE, PIPELINE_INPUTS, PIPELINE_OUTPUTS, backend="python",
                          parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
@@ -324,20 +226,6 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
         (repo / PIPELINE / "config.pbtxt").write_text(
             model_config(pipeline, max_batch_size=0, kind="CPU", instance_count=instance_count))
     return Path(out).resolve()
-
-
-def _component_models(root: Path, manifest: dict) -> list[tuple[ModelSpec, list[str]]]:
-    """Each component model's spec and the artifact files its version folder holds."""
-    names = _onnx_components(manifest)
-    if manifest["target"] == "onnx":  # the onnx target's layout: model.onnx [+ one external-data file]
-        return [(onnx_model_spec(name, root / name / "model.onnx"),
-                 [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()]) for name in names]
-    built = next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]
-    models = []
-    for name in names:
-        spec = tensorrt_model_spec(name, root / name, built[name]["build"])
-        models.append((spec, sorted(spec.cc_model_filenames.values())))
-    return models
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -4,7 +4,9 @@ Importing this package registers the built-in passes.
 """
 
 from sdcompiler.passes.accounting import count_macs, count_params, unet_example_inputs
-from sdcompiler.passes.base import Pass, PassContext, PassRecord, available_passes, get_pass, register_pass
+from sdcompiler.passes.base import (
+    Pass, PassContext, PassProducts, PassRecord, QuantizedUNet, available_passes, get_pass, register_pass,
+)
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, check_order, rebuild
 
@@ -28,8 +30,10 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassManager",
+    "PassProducts",
     "PassRecord",
     "PassStep",
+    "QuantizedUNet",
     "available_passes",
     "check_order",
     "count_macs",

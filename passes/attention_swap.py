@@ -225,6 +225,7 @@ def apply_gri(unet, config: SwapAttentionConfig) -> int:
 @register_pass
 class SwapAttention(Pass):
     name = "swap_attention"
+    runtime_loras = True
     config_class = SwapAttentionConfig
     stage = "structural"
     changes_structure = True

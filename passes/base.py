@@ -19,13 +19,40 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sdcompiler.passes.architectures import ARCHS, ArchSpec
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError, RecipeError
 
 STAGES = ("merge", "structural", "training", "distill_merge", "quantize", "scheduler", "noop")
+
+
+@dataclass(frozen=True)
+class QuantizedUNet:
+    """A quantized U-Net, as the ptq pass hands it to the lowering target.
+
+    Attributes:
+        backend: "onnxruntime": `onnx_folder` holds the int8 QDQ graph (`model.onnx` [+ `model.onnx.data`])
+            that replaces the onnx target's float U-Net export; "modelopt": `pipe.unet` itself carries
+            modelopt's fake quantizers and exports as a Q/DQ graph (target tensorrt).
+        precision: "int8" | "fp8".
+        settings: how it was made (types, granularity, calibration, excluded layers), for the manifest.
+        onnx_folder: the onnxruntime backend's graph folder, in the pass's cache.
+    """
+
+    backend: Literal["onnxruntime", "modelopt"]
+    precision: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    onnx_folder: Path | None = None
+
+
+@dataclass
+class PassProducts:
+    """What passes hand the lowering target besides the transformed pipeline (`PassContext.products`, then
+    `LowerContext.products`): typed fields, never attributes set on modules."""
+
+    unet_quantization: QuantizedUNet | None = None
 
 
 @dataclass
@@ -48,6 +75,7 @@ class PassContext:
     # Call defaults the compiled pipeline should use (num_inference_steps, guidance_scale), set by passes
     # such as set_scheduler; compile_pipeline records them in the manifest's "defaults".
     pipeline_defaults: dict = field(default_factory=dict)
+    products: PassProducts = field(default_factory=PassProducts)  # for the target: see PassProducts
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -85,6 +113,10 @@ class Pass:
     changes_structure: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False  # the manager keeps a frozen copy of the pre-structural U-Net for it
     targets: ClassVar[tuple[str, ...] | None] = None  # lowering targets that can run the result (None: all)
+    # the U-Net keeps the source's module names and float weights, so a LoRA made for the source checkpoint
+    # still fits the artifact at run time (`CompiledPipeline.set_loras`); pruning, slimming, fused QKV and
+    # quantization do not
+    runtime_loras: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:

@@ -90,6 +90,7 @@ class DistillCFGConfig(PassConfig):
 @register_pass
 class DistillCFG(Pass):
     name = "distill_cfg"
+    runtime_loras = True
     config_class = DistillCFGConfig
     stage = "distill_merge"
     changes_structure = True  # with guidance_range it adds the guidance embedding, which rebuild() re-adds

@@ -126,6 +126,7 @@ def sqnr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
 @register_pass
 class Distill(Pass):
     name = "distill"
+    runtime_loras = True
     config_class = DistillConfig
     stage = "training"
     needs_teacher = True

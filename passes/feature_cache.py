@@ -228,6 +228,7 @@ def _timestep_count(scheduler, defaults: dict) -> int:
 @register_pass
 class FeatureCache(Pass):
     name = "feature_cache"
+    runtime_loras = True
     config_class = FeatureCacheConfig
     stage = "scheduler"
     description = "reuse deep U-Net features across timesteps; recompute only the shallow branch (DeepCache)"

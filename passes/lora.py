@@ -67,6 +67,7 @@ def _diffusers_errors_only():
 @register_pass
 class MergeLoRA(Pass):
     name = "merge_lora"
+    runtime_loras = True
     config_class = MergeLoRAConfig
     stage = "merge"
     description = "fuse LoRA files (diffusers/peft or kohya layouts) into the U-Net and text encoders"

@@ -34,8 +34,8 @@ Steps (the pass makes the deployed graph itself, so the SQNR it records is that 
 
 The quantized graph is kept in the cache (`<cache>/ptq/<key>/`, key = the model, config, seed, opset and
 tool versions; a rerun reuses it, metrics included) and handed to the target as
-`pipe.unet.onnx_quantization`, an `OnnxQuantization`: the onnx target's `quantize_onnx` stage puts it in
-place of its own float U-Net export and records its settings. The torch U-Net is not changed, so the
+`ctx.products.unet_quantization`, a `QuantizedUNet` (backend "onnxruntime"): the onnx target's
+`quantize_onnx` stage puts its graph in place of its own float U-Net export and records its settings. The torch U-Net is not changed, so the
 `torch` target, which would run it in float, is refused up front (`targets`).
 
 For target "tensorrt" (and for fp8) the pass runs its modelopt backend instead (`ptq_modelopt`):
@@ -57,7 +57,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from sdcompiler.passes.architectures import ArchSpec
-from sdcompiler.passes.base import Pass, PassContext, register_pass
+from sdcompiler.passes.base import Pass, PassContext, QuantizedUNet, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError, require
@@ -133,19 +133,6 @@ class PtqConfig(PassConfig):
         if self.exclude is not None:
             return self.exclude
         return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
-
-
-@dataclass(frozen=True)
-class OnnxQuantization:
-    """What the ptq pass hands the onnx target, as `pipe.unet.onnx_quantization`.
-
-    Attributes:
-        folder: the quantized U-Net graph, `model.onnx` (+ `model.onnx.data`), in the pass's cache.
-        settings: how it was made (types, granularity, calibration, excluded nodes), for the manifest.
-    """
-
-    folder: Path
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 # --- export -------------------------------------------------------------------------------------------
@@ -318,9 +305,7 @@ class Ptq(Pass):
         return self.targets
 
     def requires(self, pipe, config: PtqConfig, ctx: PassContext) -> None:
-        from sdcompiler.passes.ptq_modelopt import is_modelopt_quantized
-
-        if getattr(pipe.unet, "onnx_quantization", None) is not None or is_modelopt_quantized(pipe.unet):
+        if ctx.products.unet_quantization is not None:
             raise PassError("the U-Net is already quantized")
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise PassError("ptq calibrates on inputs without a guidance embedding (timestep_cond), which this U-Net "
@@ -343,7 +328,7 @@ class Ptq(Pass):
         if not (folder / "metrics.json").exists():
             self._quantize(pipe, config, ctx, resolution, folder)
         record = json.loads((folder / "metrics.json").read_text())
-        unet.onnx_quantization = OnnxQuantization(folder, record["settings"])
+        ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
         return record["metrics"]
 
     def _trajectories(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int) -> tuple[Trajectories, Trajectories]:
@@ -396,7 +381,7 @@ class Ptq(Pass):
             "quantized_layers": len(layers), "quantized_attention": config.level >= 4, "exclude": list(exclude),
             "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",
         }
-        unet.modelopt_quantization = settings
+        ctx.products.unet_quantization = QuantizedUNet("modelopt", config.precision, settings)
         return {"sqnr_db": sqnr_db(reference, estimate),
                 "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],
                 "quantized_layers": len(layers), "quantizers": len(mo.quantizers(unet))}

@@ -196,7 +196,3 @@ def quantizers_disabled(unet: torch.nn.Module):
     finally:
         for quantizer in enabled:
             quantizer.enable()
-
-
-def is_modelopt_quantized(unet: torch.nn.Module) -> bool:
-    return getattr(unet, "modelopt_quantization", None) is not None

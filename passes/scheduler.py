@@ -131,6 +131,7 @@ def _first_line(exc: BaseException) -> str:
 @register_pass
 class SetScheduler(Pass):
     name = "set_scheduler"
+    runtime_loras = True
     config_class = SetSchedulerConfig
     stage = "scheduler"
     changes_structure = False

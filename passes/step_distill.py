@@ -209,6 +209,7 @@ def _sampler(pipe, scheduler):
 @register_pass
 class DistillSteps(Pass):
     name = "distill_steps"
+    runtime_loras = True
     config_class = DistillStepsConfig
     stage = "distill_merge"
     description = "latent consistency distillation of an LCM-LoRA, merged; LCM scheduler, 4 steps, guidance 1"

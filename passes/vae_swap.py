@@ -50,6 +50,7 @@ def _check_folder(path: str) -> dict:
 @register_pass
 class SwapVAE(Pass):
     name = "swap_vae"
+    runtime_loras = True
     config_class = SwapVAEConfig
     stage = "noop"
     description = "replace the VAE with a tiny one (TAESD / TAESDXL, diffusers AutoencoderTiny)"

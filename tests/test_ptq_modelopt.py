@@ -31,11 +31,11 @@ def _pipeline(tiny_checkpoint, arch="sd15"):
     return load_checkpoint(tiny_checkpoint(arch)).pipeline
 
 
-def _run(pipe, tmp_path, arch="sd15", **options):
+def _run(pipe, tmp_path, arch="sd15", ctx=None, **options):
     ptq = get_pass("ptq")
     config = ptq.config_class.from_dict({**SMALL, **options}, owner="ptq")
-    ctx = PassContext(arch=arch, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
-                      target="tensorrt")
+    ctx = ctx or PassContext(arch=arch, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
+                             target="tensorrt")
     ptq.requires(pipe, config, ctx)
     return ptq.run(pipe, config, ctx)
 
@@ -68,7 +68,9 @@ def test_levels_follow_the_tensorrt_demo(tiny_checkpoint):
 
 def test_int8_calibrates_every_quantizer_with_smoothquant(tiny_checkpoint, tmp_path):
     pipe = _pipeline(tiny_checkpoint)
-    metrics = _run(pipe, tmp_path)
+    ctx = PassContext(arch="sd15", macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
+                      target="tensorrt")
+    metrics = _run(pipe, tmp_path, ctx=ctx)
     print(f"tiny sd15 modelopt int8 level 3: eps SQNR {metrics['sqnr_db']:.2f} dB")
     assert metrics["sqnr_db"] > 15.0
     assert metrics["calibration_inputs"] == 2 * SMALL["calib_prompts"] * SMALL["calib_steps"]
@@ -85,7 +87,9 @@ def test_int8_calibrates_every_quantizer_with_smoothquant(tiny_checkpoint, tmp_p
         assert module.input_quantizer.amax.numel() == 1  # per tensor
         if kind == "linear":  # SmoothQuant: one input scale per input channel, folded into the weights
             assert module.input_quantizer.pre_quant_scale.shape == (module.in_features,), name
-    settings = pipe.unet.modelopt_quantization
+    handed = ctx.products.unet_quantization  # the typed record the tensorrt target reads
+    assert (handed.backend, handed.precision, handed.onnx_folder) == ("modelopt", "int8", None)
+    settings = handed.settings
     assert settings["algorithm"] == {"method": "smoothquant", "alpha": 0.8} and settings["level"] == 3.0
 
     again = _pipeline(tiny_checkpoint)  # calibration is deterministic: the same ranges from a fresh pipeline

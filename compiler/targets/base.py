@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 from sdcompiler.archs import ArchSpec
 from sdcompiler.errors import ConfigError
-from sdcompiler.passes import PassConfig
+from sdcompiler.passes import PassConfig, PassProducts
+from sdcompiler.targets.served_models import ModelSpec
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LowerContext:
     source_unet_config: dict[str, Any]  # the U-Net config before any pass: rebuild starts from it
     show_progress: bool = True
     defaults: dict[str, Any] = field(default_factory=dict)  # the pipeline call defaults the manifest records
+    products: PassProducts = field(default_factory=PassProducts)  # what the passes handed over (quantized U-Net)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Target:
     config_class: ClassVar[type[PassConfig]] = PassConfig
     # config keys that only change how an artifact runs, so `load_compiled(dir, options=...)` may override them
     load_options: ClassVar[tuple[str, ...]] = ()
+    # whether a serving system can run the artifact's components as separate models (`serving_models`)
+    serves_components: ClassVar[bool] = False
 
     def load_config(self, manifest: dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any]:
         """The artifact's recorded target config with load-time `options` applied and validated."""
@@ -82,6 +86,11 @@ class Target:
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         """Return `sampling.Components` for the artifact at `root`."""
+        raise NotImplementedError
+
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
+        """The artifact's components as separate serving models (targets with `serves_components`): each
+        model's spec and the files, relative to the component's folder, its version folder holds."""
         raise NotImplementedError
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:

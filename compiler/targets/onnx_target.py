@@ -4,7 +4,7 @@ Stages: `export_onnx` (U-Net, text encoder(s), VAE decoder and encoder through
 the ONNX component interface, `sdcompiler.passes.onnx_export`, at opset 18:
 optimum's names, dtypes and dynamic axes, so `ORTDiffusionPipeline` loads the
 artifact too), `quantize_onnx` when the `ptq` pass left an int8 U-Net graph
-(`sdcompiler.passes.ptq`: it replaces the float U-Net export after an
+(`LowerContext.products.unet_quantization`, see `sdcompiler.passes.ptq`: it replaces the float U-Net export after an
 interface check; its settings go to the stage record), then `verify` (each
 ONNX model vs its torch module on the export inputs: max abs error and SQNR
 recorded; a quantized U-Net must keep `MIN_SQNR_DB` instead of the float
@@ -27,6 +27,7 @@ from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig
 from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
+from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 from sdcompiler.targets.components import (
     OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
     ort_vae_encoder,
@@ -116,12 +117,16 @@ def install_quantized_unet(source: Path, folder: Path, export: OnnxExport) -> di
 class OnnxTarget(Target):
     name = "onnx"
     config_class = OnnxTargetConfig
+    serves_components = True
 
     def lower(self, pipe, out: Path, config: OnnxTargetConfig, ctx: LowerContext) -> list[StageRecord]:
         from tqdm.auto import tqdm
 
         records: list[StageRecord] = []
-        quantized = getattr(pipe.unet, "onnx_quantization", None)  # left by the ptq pass
+        quantized = ctx.products.unet_quantization  # left by the ptq pass
+        if quantized is not None and quantized.backend != "onnxruntime":
+            raise LoweringError(f"the onnx target runs ONNX Runtime's int8 graphs, not a {quantized.backend} "
+                                f"{quantized.precision} U-Net; use ptq backend onnxruntime or target tensorrt")
         cache = cache_settings({"defaults": ctx.defaults})
         if quantized is not None and cache is not None:
             raise LoweringError("the onnx target cannot split a ptq int8 U-Net for feature_cache yet; "
@@ -145,7 +150,7 @@ class OnnxTarget(Target):
         if quantized is not None:
             with Stage(records, "quantize_onnx", quantized.settings) as stage:
                 unet_export = next(e for e in exports if e.name == "unet")
-                stage.results["unet"] = install_quantized_unet(quantized.folder, out / "unet", unet_export)
+                stage.results["unet"] = install_quantized_unet(quantized.onnx_folder, out / "unet", unet_export)
         if config.verify:
             with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
                 for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
@@ -155,6 +160,12 @@ class OnnxTarget(Target):
                     int8 = export.name == "unet" and quantized is not None
                     check_verified(export.name, result, precision, quantized=int8)
         return records
+
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
+        # each graph as it lies in the artifact: model.onnx [+ one external-data file]
+        return [(onnx_model_spec(name, root / name / "model.onnx"),
+                 [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()])
+                for name in served_components(manifest)]
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         from sdcompiler import knobs
@@ -192,3 +203,10 @@ def _write_config(path: Path, config: dict) -> None:
     """Write a component config; `_name_or_path` would point back at the source checkpoint."""
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     path.write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
+
+
+def served_components(manifest: dict[str, Any]) -> list[str]:
+    """The component graphs an artifact of the onnx layout serves as separate models (the VAE encoder is not
+    served: the served pipeline is text-to-image)."""
+    cached = cache_settings(manifest) is not None
+    return [*get_arch(manifest["arch"]).text_encoders, "unet", *(["unet_shallow"] if cached else []), "vae_decoder"]

@@ -72,7 +72,8 @@ from sdcompiler.passes import PassConfig
 from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.components import cache_settings, make_components, ort_text_encoder, ort_unet, ort_vae_decoder
-from sdcompiler.targets.onnx_target import check_verified, verify_model, write_component_configs
+from sdcompiler.targets.onnx_target import check_verified, served_components, verify_model, write_component_configs
+from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 
 log = logging.getLogger(__name__)
 
@@ -377,10 +378,15 @@ def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
 class TensorRTTarget(Target):
     name = "tensorrt"
     config_class = TensorRTTargetConfig
+    serves_components = True
 
     def lower(self, pipe, out: Path, config: TensorRTTargetConfig, ctx: LowerContext) -> list[StageRecord]:
         from tqdm.auto import tqdm
 
+        handed = ctx.products.unet_quantization  # the ptq pass's record
+        if handed is not None and handed.backend != "modelopt":
+            raise LoweringError(f"the tensorrt target builds from modelopt's Q/DQ U-Net, not a {handed.backend} "
+                                "graph; use ptq backend modelopt (the default for target tensorrt)")
         if cache_settings({"defaults": ctx.defaults}) is not None:
             raise LoweringError("the tensorrt target does not build the feature cache's shallow U-Net yet; "
                                 "use target onnx or torch, or drop deepcache")
@@ -392,7 +398,7 @@ class TensorRTTarget(Target):
                            and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None)  # embedded w: no CFG
         ranges = dimension_ranges(config, sizes)
         dtypes = {e.name: PRECISIONS[e.dtype] for e in exports}
-        quantization = getattr(pipe.unet, "modelopt_quantization", None)
+        quantization = handed.settings if handed is not None else None
         if quantization is not None:  # the ptq pass's Q/DQ: scales in the graph's own float type (strongly typed)
             from sdcompiler.passes.ptq_modelopt import set_export_dtype
 
@@ -434,6 +440,14 @@ class TensorRTTarget(Target):
                 stage.results[export.name] = {"file": f"{export.name}/{plan_filename(cc)}", **cache,
                                               "build": build.to_dict()}
         return records
+
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
+        built = next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]
+        models = []
+        for name in served_components(manifest):
+            spec = tensorrt_model_spec(name, root / name, built[name]["build"])
+            models.append((spec, sorted(spec.cc_model_filenames.values())))
+        return models
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         if device != "cuda":
@@ -561,3 +575,29 @@ class TrtModel:
             self.static_inputs[name].copy_(tensor)
         self.graph.replay()
         return self.static_outputs  # the caller copies them to the CPU before the next replay overwrites them
+
+
+def tensorrt_model_spec(name: str, folder: Path, build: Mapping) -> ModelSpec:
+    """A `tensorrt` artifact's engine as Triton sees it.
+
+    I/O names and types are the optimized ONNX graph's (a strongly typed engine keeps them); every plan
+    in the folder (`model_sm<major><minor>.plan`) goes into `cc_model_filenames`; the engine's one
+    optimization profile is profile "0", and its batch range caps `max_batch_size`: a profile whose
+    batch cannot go down to 1 or up past 1 (static engines) makes the model non-batching.
+    """
+    spec = onnx_model_spec(name, folder / OPTIMIZED)
+    plans = {}
+    for plan in sorted(folder.glob("model_sm*.plan")):
+        digits = plan.stem.removeprefix("model_sm")
+        if digits.isdigit() and len(digits) >= 2:
+            plans[f"{digits[:-1]}.{digits[-1]}"] = plan.name
+    if not plans:
+        raise ArtifactError(f"{folder} has no TensorRT engine (model_sm<cc>.plan); recompile the artifact")
+    batches = [(shapes[0][0], shapes[2][0]) for shapes in build["profile"].values() if shapes[0]]
+    low = max((lo for lo, _ in batches), default=1)
+    high = min((hi for _, hi in batches), default=1)
+    limit, reason = high, ""
+    if low > 1 or high <= 1:
+        limit, reason = 0, f"the engine's optimization profile fixes the batch range to [{low}, {high}]"
+    return dataclasses.replace(spec, platform="tensorrt_plan", cc_model_filenames=plans, profiles=("0",),
+                               batch_limit=limit, unbatched_reason=reason)

@@ -125,7 +125,9 @@ class TorchTarget(Target):
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         from sdcompiler.passes.lora import check_lora_files
 
-        blocked = sorted({p["name"] for p in manifest["passes"]} - RUNTIME_LORA_PASSES)
+        from sdcompiler.passes import get_pass
+
+        blocked = sorted({p["name"] for p in manifest["passes"] if not get_pass(p["name"]).runtime_loras})
         if loras and blocked:
             raise ConfigError(f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
                               "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
@@ -150,12 +152,6 @@ class TorchTarget(Target):
                                          for name in ("unet", *get_arch(manifest["arch"]).text_encoders)})
             raise
         return changed
-
-
-# passes after which the U-Net keeps the source's module names and float weights, so a LoRA made for the source
-# checkpoint fits the artifact (everything else: pruning, slimming, fused QKV, quantization)
-RUNTIME_LORA_PASSES = frozenset({"merge_lora", "set_scheduler", "distill_cfg", "distill_steps", "feature_cache",
-                                 "swap_attention", "distill", "swap_vae"})
 
 
 def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:
