@@ -22,7 +22,7 @@ RECIPE ?=
 TARGET ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: tests/unit without the slow ones (no end-to-end compile; under ~2 minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_compile_sd15.py

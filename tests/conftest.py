@@ -1,4 +1,10 @@
-"""Shared test set-up: a private cache folder, quiet output, and session-wide tiny checkpoints / artifacts.
+"""Shared test set-up: a private cache folder, quiet output, markers by folder, and session-wide tiny checkpoints /
+artifacts.
+
+Folders (each test gets its folder's marker, so `-m unit` / `-m "not integration"` select by cost):
+- `unit/`: fast, no end-to-end compile (`make test-fast` runs these without the `slow` ones);
+- `integration/`: compiles, training and calibration runs, served artifacts;
+- `gpu/`: needs CUDA (skipped without it).
 
 The environment is set at import time, before any test module imports
 `sdcompiler`, so nothing the tests build lands in the user's cache.
@@ -37,6 +43,16 @@ torch.set_num_threads(int(os.environ["SDCOMPILER_NUM_THREADS"]))
 # kernel is decorated, so it must be set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_FOLDER_MARKERS = {"unit": pytest.mark.unit, "integration": pytest.mark.integration, "gpu": pytest.mark.gpu}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in _FOLDER_MARKERS:
+            item.add_marker(_FOLDER_MARKERS[folder])
 
 
 def _recipe_key(recipe) -> str:

@@ -1,7 +1,7 @@
 """Fused GroupNorm+SiLU and GEGLU Triton kernels on CUDA, at SD / SDXL U-Net shapes, against fp32 references.
 
 Needs only torch, Triton and `sdcompiler.kernels` (no diffusers: the lowering is tested on CPU in
-tests/test_kernels_fused.py). Run: python -m pytest tests/gpu --confcutdir=tests/gpu -q
+tests/unit/test_kernels_fused.py). Run: python -m pytest tests/gpu --confcutdir=tests/gpu -q
 """
 
 from __future__ import annotations

@@ -6,12 +6,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, count_params
@@ -20,7 +18,11 @@ from sdcompiler.passes.condconv import CondConv2d
 from sdcompiler.recipe import resolve_recipe
 from unet_holder import UNetHolder
 
+
+
 PRESETS = ["bk-base", "bk-small", "bk-tiny"]
+
+
 # SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_block_pruning's. The extra
 # parameters are one more expert (C*C*9 + C) and a routing head (2 C + 2) per replaced conv2 of width C:
 # bk-base/small replace 8 convs (down 320, 640, 1280, 1280; up 1280, 1280, 640, 320), bk-tiny 6.
@@ -29,6 +31,8 @@ FULL_SIZE = {
     "bk-small": (482_346_884, 550_566_420),
     "bk-tiny": (323_384_964, 362_105_616),
 }
+
+
 # Replaced conv2s per preset on the SD topology (4 stages, 2 ResNets per down stage, 3 per up stage).
 EXPECTED_TARGETS = {
     "bk-base": {f"down_blocks.{i}.resnets.0.conv2" for i in range(4)} | {f"up_blocks.{i}.resnets.0.conv2"
@@ -38,8 +42,6 @@ EXPECTED_TARGETS = {
     "bk-tiny": {f"down_blocks.{i}.resnets.0.conv2" for i in range(3)} | {f"up_blocks.{i}.resnets.0.conv2"
                                                                           for i in range(3)},
 }
-
-
 
 
 def _ctx() -> PassContext:
@@ -78,65 +80,6 @@ def _student(teacher, recipe):
     pipe.unet.load_state_dict(teacher.state_dict())
     metrics = _apply(pipe, recipe)
     return pipe.unet.eval(), metrics
-
-
-# --- 1. presets through both targets --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("target", ["torch", "onnx"])
-@pytest.mark.parametrize("preset", PRESETS)
-def test_condconv_preset_compiles_reloads_and_generates(preset, target, compiled):
-    artifact = compiled("sd15", target, f"{preset}-condconv")
-    record = artifact.manifest["passes"][0]
-    pure = compiled("sd15", "torch", preset).manifest["passes"][0]
-    metrics = record["metrics"]
-    assert record["config"]["condconv_experts"] == 2 and pure["config"]["condconv_experts"] == 0
-    assert metrics["condconv_modules"] == len(EXPECTED_TARGETS[preset])
-    assert metrics["condconv_params"] > 0
-    assert record["params_after"] == pure["params_after"] + metrics["condconv_params"]
-    assert record["params_after"] < record["params_before"]
-
-    reloaded = load_compiled(artifact.root)
-    kwargs = dict(num_inference_steps=2, output_type="np")
-    first = artifact(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kwargs).images
-    again = reloaded(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert first.std() > 0.01 and np.abs(first[0] - first[1]).max() > 1e-3
-    assert np.abs(first - again).max() < 1e-5
-
-
-def test_torch_artifact_rebuilds_the_condconv_modules(compiled):
-    from sdcompiler.targets.torch_target import rebuild_pipeline
-
-    artifact = compiled("sd15", "torch", "bk-tiny-condconv")
-    unet = rebuild_pipeline(artifact.root, artifact.manifest).unet
-    modules = _condconvs(unet)
-    assert set(modules) == EXPECTED_TARGETS["bk-tiny"]
-    assert all(m.num_experts == 2 and m.fixed_routing is None and not m.weight.is_meta for m in modules.values())
-    assert count_params(unet) == artifact.manifest["passes"][0]["params_after"]
-
-
-def test_onnx_unet_with_condconv_keeps_batch_and_size_dynamic(compiled):
-    """The exported U-Net (traced at batch 2, 10x10 latents) runs other batches and sizes like torch."""
-    from sdcompiler.targets.components import OrtModel
-    from sdcompiler.targets.torch_target import rebuild_pipeline
-
-    onnx_artifact = compiled("sd15", "onnx", "bk-small-condconv")
-    torch_artifact = compiled("sd15", "torch", "bk-small-condconv")  # same checkpoint and recipe: same weights
-    unet = rebuild_pipeline(torch_artifact.root, torch_artifact.manifest).unet
-    session = OrtModel(onnx_artifact.root / "unet" / "model.onnx", ["CPUExecutionProvider"])
-    generator = torch.Generator().manual_seed(3)
-    for batch, height, width in [(1, 8, 8), (3, 12, 6)]:
-        sample = torch.randn(batch, 4, height, width, generator=generator)
-        text = torch.randn(batch, 77, 32, generator=generator)
-        timestep = torch.tensor(321.0)
-        with torch.no_grad():
-            expected = unet(sample, timestep, text).sample
-        got = session(["out_sample"], sample=sample, timestep=timestep, encoder_hidden_states=text)["out_sample"]
-        assert got.shape == expected.shape
-        assert (got - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
-
-
-# --- 2. exactness ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -209,9 +152,6 @@ def test_fixed_routing_survives_a_strict_state_dict_round_trip(teacher):
     assert pipe.unet.get_submodule(name).fixed_routing is None
 
 
-# --- 3. full-size parameter counts ---------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_full_size_condconv_parameter_counts(preset, capsys):
     pure_count, cond_count = FULL_SIZE[preset]
@@ -229,28 +169,3 @@ def test_full_size_condconv_parameter_counts(preset, capsys):
     step = _step(f"{preset}-condconv")
     step.pass_.rebuild(rebuilt, step.config)
     assert parameter_layout(rebuilt.unet) == parameter_layout(pipe.unet)
-
-
-# --- 4. distillation with and without CondConv (report, not a hard bar) ----------------------------------------
-
-
-@pytest.mark.slow
-def test_distill_sqnr_condconv_vs_pure(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    """Same budget, bk-small vs bk-small-condconv: both recover; CondConv is reported, not required to win.
-
-    With the routing started at sigmoid(+-10), AdamW (lr 5e-4) moves the gate logits by at most lr per step,
-    so within this budget the extra experts stay at weight ~4.5e-5 and the two runs track each other closely.
-    """
-    results = {}
-    for preset in ("bk-small", "bk-small-condconv"):
-        # separate caches: distill's checkpoint key names the teacher and its config, not the student's structure
-        monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / f"cache-{preset}"))
-        artifact = compile_pipeline(tiny_checkpoint("sd15"), [preset, {"pass": "distill", "task_weight": 0.0}],
-                                    "torch", tmp_path / preset, show_progress=False, device="cpu")
-        results[preset] = artifact.manifest["passes"][1]["metrics"]
-    with capsys.disabled():
-        for preset, metrics in results.items():
-            print(f"\n{preset} + distill: sqnr {metrics['sqnr_before_db']:.3f} -> {metrics['sqnr_after_db']:.3f} dB")
-    for metrics in results.values():
-        assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"] + 1.0
-    assert abs(results["bk-small-condconv"]["sqnr_after_db"] - results["bk-small"]["sqnr_after_db"]) < 1.0

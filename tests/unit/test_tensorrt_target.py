@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
-from sdcompiler import compile_pipeline
-from sdcompiler.cli import main
-from sdcompiler.errors import ConfigError, LoweringError, MissingDependencyError
+from sdcompiler.errors import ConfigError, LoweringError
 from sdcompiler.serving import ModelSpec, TensorSpec, model_config
 from sdcompiler.targets import LowerContext, get_target
 from sdcompiler.targets import tensorrt_target as tt
@@ -28,14 +25,13 @@ from sdcompiler.targets.components import OrtModel
 from sdcompiler.passes.onnx_export import export_model
 from fake_tensorrt import FakeTensorRT
 
+
+
 SD15, SDXL = tt.ModelSizes(8, 512), tt.ModelSizes(8, 1024)
 
 
 def _config(**options) -> tt.TensorRTTargetConfig:
     return tt.TensorRTTargetConfig.from_dict(options, owner="target tensorrt")
-
-
-# --- profiles --------------------------------------------------------------------------------------
 
 
 def test_default_ranges_for_sd15_and_sdxl():
@@ -81,9 +77,6 @@ def test_profile_shapes_follow_the_named_dimensions():
         tt.profile_shapes({"deep": ["batch_size", 8, "deep_height", 4]}, {"batch_size": (1, 1, 1)})
 
 
-# --- settings --------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("options, match", [
     ({"precision": "int8"}, "add preset .int8. to the recipe and keep precision .fp16."),
     ({"precision": "fp8"}, "Q/DQ U-Net graph that the ptq pass makes: add preset .fp8."),
@@ -123,9 +116,6 @@ def test_plan_names_are_the_ones_serving_maps_compute_capabilities_to():
                      cc_model_filenames={cc: tt.plan_filename(cc) for cc in ("8.9", "9.0")})
     text = model_config(spec, max_batch_size=0, kind="GPU", instance_count=1)
     assert 'cc_model_filenames { key: "9.0" value: "model_sm90.plan" }' in text
-
-
-# --- the builder, against a stand-in that records calls -------------------------------------------
 
 
 def _build(**options) -> tt.EngineBuild:
@@ -228,9 +218,6 @@ def test_load_rebuilds_for_another_gpu_or_tensorrt_version(tmp_path, monkeypatch
     assert "with TensorRT 9.3.0; this GPU has 9.0 and TensorRT is 10.0.0-fake: rebuilding" in caplog.text
 
 
-# --- optimize_onnx on real exports -----------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def tiny_sd15(tiny_checkpoint):
     from sdcompiler.loading import load_checkpoint
@@ -304,33 +291,3 @@ def test_graphs_with_external_data_stay_external(exported, tmp_path):
     expected = OrtModel(raw, ["CPUExecutionProvider"])(**inputs)["sample"]
     got = OrtModel(tmp_path / tt.OPTIMIZED, ["CPUExecutionProvider"])(**inputs)["sample"]
     assert torch.allclose(got, expected, atol=1e-5)
-
-
-# --- compiling without TensorRT --------------------------------------------------------------------
-
-
-def test_compile_runs_export_and_optimize_then_names_the_extra(tiny_checkpoint, tmp_path, monkeypatch):
-    optimized = []
-    optimize = tt.optimize_onnx
-
-    def spy(source: Path, target: Path):
-        report = optimize(source, target)
-        optimized.append((target.parent.name, target.is_file()))
-        return report
-
-    monkeypatch.setattr(tt, "optimize_onnx", spy)
-    out = tmp_path / "artifact"
-    with pytest.raises(MissingDependencyError) as info:
-        compile_pipeline(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, device="cpu")
-    assert str(info.value) == ("the tensorrt target's build_engine stage needs 'tensorrt', which is not installed: "
-                               "pip install 'sd-compiler[tensorrt]'")
-    assert optimized == [("text_encoder", True), ("unet", True), ("vae_decoder", True)]
-    assert list(tmp_path.iterdir()) == []  # no artifact, no partial staging folder
-
-
-def test_cli_compile_without_tensorrt_exits_1_naming_the_extra(tiny_checkpoint, tmp_path, capsys):
-    out = tmp_path / "artifact"
-    assert main(["compile", str(tiny_checkpoint("sd15")), "--target", "tensorrt", "--out", str(out), "--quiet"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "pip install 'sd-compiler[tensorrt]'" in err
-    assert list(tmp_path.iterdir()) == []

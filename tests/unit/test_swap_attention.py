@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from sdcompiler.errors import ConfigError
 from sdcompiler.kernels.gri_attention import gri_macs
 from sdcompiler.passes import count_macs, count_params, unet_example_inputs
 from sdcompiler.passes.attention_swap import GRIAttnProcessor, SwapAttentionConfig, apply_gri, resolve_geometry
+
 
 
 def _unet(tiny_checkpoint, arch):
@@ -108,20 +108,3 @@ def test_gri_changes_the_output_but_stays_close(tiny_checkpoint):
     got = _output(unet)
     assert not torch.allclose(got, expected, atol=1e-6)
     assert (got - expected).abs().max() < 0.5 * expected.abs().max()
-
-
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_gri_compiles_to_torch_and_onnx_and_generates_alike(compiled, arch):
-    torch_pipe = compiled(arch, "torch", "gri")
-    onnx_pipe = compiled(arch, "onnx", "gri")  # traced at latent 10: ragged tiles; runs at 16 below
-    record = torch_pipe.manifest["passes"][0]
-    assert record["name"] == "swap_attention" and record["metrics"]["swapped_attentions"] > 0
-    assert record["macs_after"] < record["macs_before"]
-    assert len(_swapped(torch_pipe.unet)) == record["metrics"]["swapped_attentions"]  # rebuilt on load
-    lowered = {s["name"]: s for s in torch_pipe.manifest["lowering"]["stages"]}["lower_kernels"]["results"]
-    assert lowered["unet"]["group_norm_silu"] > 0 and lowered["vae"]["group_norm_silu"] > 0
-    run = lambda pipe: pipe("a red cube", num_inference_steps=3, output_type="np",  # noqa: E731
-                            generator=torch.Generator().manual_seed(0)).images
-    a, b = run(torch_pipe), run(onnx_pipe)
-    assert a.shape == b.shape and np.isfinite(a).all()
-    np.testing.assert_allclose(a, b, atol=2e-3)

@@ -1,0 +1,48 @@
+"""The tensorrt target on a machine without TensorRT: everything up to the engine builder.
+
+TensorRT cannot be installed on any machine here, not even the lent GPU (environment.md): its PyPI
+packages download from NVIDIA's index, which is unreachable. So these tests cover the optimization
+profiles, the settings, the engine cache key, the optimized ONNX graphs (run in ONNX Runtime), the
+compile's failure without TensorRT, and, through `FakeTensorRT` (a stand-in that only records the calls
+made on it, never a TensorRT), which calls `build_serialized_engine` makes and when the engine cache and
+the load-time rebuild call it at all. tests/gpu/test_tensorrt_gpu.py builds and runs real engines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdcompiler import compile_pipeline
+from sdcompiler.cli import main
+from sdcompiler.errors import MissingDependencyError
+from sdcompiler.targets import tensorrt_target as tt
+
+
+
+def test_compile_runs_export_and_optimize_then_names_the_extra(tiny_checkpoint, tmp_path, monkeypatch):
+    optimized = []
+    optimize = tt.optimize_onnx
+
+    def spy(source: Path, target: Path):
+        report = optimize(source, target)
+        optimized.append((target.parent.name, target.is_file()))
+        return report
+
+    monkeypatch.setattr(tt, "optimize_onnx", spy)
+    out = tmp_path / "artifact"
+    with pytest.raises(MissingDependencyError) as info:
+        compile_pipeline(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, device="cpu")
+    assert str(info.value) == ("the tensorrt target's build_engine stage needs 'tensorrt', which is not installed: "
+                               "pip install 'sd-compiler[tensorrt]'")
+    assert optimized == [("text_encoder", True), ("unet", True), ("vae_decoder", True)]
+    assert list(tmp_path.iterdir()) == []  # no artifact, no partial staging folder
+
+
+def test_cli_compile_without_tensorrt_exits_1_naming_the_extra(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    assert main(["compile", str(tiny_checkpoint("sd15")), "--target", "tensorrt", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "pip install 'sd-compiler[tensorrt]'" in err
+    assert list(tmp_path.iterdir()) == []
