@@ -33,7 +33,10 @@ learn as in LSQ).
 
 Metrics (eps SQNR vs the float model on held-out trajectory inputs): `sqnr_rtn_db` (same bits and
 granularity, min-max ranges from the same calibration set, one scale for all timesteps, no
-finetuning), `sqnr_calibrated_db` (MSE search + time-wise scales), `sqnr_finetuned_db`.
+finetuning), `sqnr_calibrated_db` (MSE search + time-wise scales), `sqnr_finetuned_db`, and `sqnr_db`,
+the deployed model's. Finetuning fits the calibration prompts; when it does not beat the calibrated
+model on the held-out ones, the calibrated weights and scales are restored (`finetune_kept` 0), so the
+pass never deploys a model that finetuning made worse.
 
 Deployment: the `torch` target packs every quantized layer (`pack_quantized`: 4-bit codes two per
 byte, per-channel scale and integer zero point, the activation scales) and drops the float weights;
@@ -732,11 +735,23 @@ class QuestW4A4(Pass):
             temb_scales = [(n, p) for n, p in scales if "time_emb_proj" in n]
             ffn = [(n, p) for n, p in named.items() if ".ff.net." in n and n.endswith(".weight")
                    and isinstance(unet.get_submodule(n[:-7]), QuantLinear)]
+            trained = [p for _, p in temb + ffn + scales]
+            calibrated = [p.detach().clone() for p in trained]
             losses1 = finetune_stage(unet, calib, temb, temb_scales, config, config.stage1_steps, ctx, "stage1")
             losses2 = finetune_stage(unet, calib, ffn, scales, config, config.stage2_steps, ctx, "stage2")
             sqnr_finetuned = eps_sqnr(unet, held, reference)
-            metrics |= {"sqnr_finetuned_db": sqnr_finetuned, "stage1_loss_last": losses1[-1] if losses1 else 0.0,
+            kept = sqnr_finetuned >= sqnr_calibrated
+            if not kept:  # it fit the calibration prompts but lost on the held-out ones: deploy the calibrated model
+                with torch.no_grad():
+                    for param, value in zip(trained, calibrated):
+                        param.copy_(value)
+            metrics |= {"sqnr_finetuned_db": sqnr_finetuned, "finetune_kept": float(kept),
+                        "stage1_loss_last": losses1[-1] if losses1 else 0.0,
                         "stage2_loss_last": losses2[-1] if losses2 else 0.0}
+        # the deployed model's held-out eps SQNR: the finetuned one, or the calibrated one it did not beat
+        # (measured again: the restore must give back exactly the calibrated model)
+        kept = metrics.get("finetune_kept", 0.0) == 1.0
+        metrics["sqnr_db"] = metrics["sqnr_finetuned_db"] if kept else eps_sqnr(unet, held, reference)
         unet.eval()
         # what no kernel implements: fake-quantized in float at deployment too (1 = simulated)
         metrics |= {"simulated_attention_qkv": 1.0, "simulated_attention_probs": 1.0}
