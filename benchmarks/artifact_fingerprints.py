@@ -22,7 +22,16 @@ from pathlib import Path
 os.environ.setdefault("SDCOMPILER_QUIET", "1")
 os.environ.setdefault("SDCOMPILER_NUM_THREADS", "1")
 
-CASES = [("none", "onnx"), ("bk-small", "onnx"), ("int8", "onnx"), ("quest-w4a4", "torch")]
+CASES = {"none/onnx": ("none", "onnx"), "bk-small/onnx": ("bk-small", "onnx"), "int8/onnx": ("int8", "onnx"),
+         "quest-w4a4/torch": ("quest-w4a4", "torch")}
+# `--training`: every training pass at a tiny budget (torch target), for changes to the training scaffold
+_TINY = {"steps": 2, "batch_size": 2, "num_prompts": 2, "held_out_prompts": 1, "teacher_steps": 2,
+         "checkpoint_every": 0}
+TRAINING_CASES = {
+    "bk-small+distill/torch": (["bk-small", {"preset": "distill", **_TINY, "incubation_steps": 1}], "torch"),
+    "cfg-distill/torch": ([{"preset": "cfg-distill", **_TINY, "image_steps": 2}], "torch"),
+    "lcm/torch": ([{"preset": "lcm", **_TINY, "num_ddim_timesteps": 10, "reference_steps": 2}], "torch"),
+}
 TIMING_KEYS = {"seconds", "passes_seconds"}
 
 
@@ -49,6 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the fingerprints here (JSON)")
     parser.add_argument("--compare", type=Path, help="compare with fingerprints written before; exit 1 on change")
+    parser.add_argument("--training", action="store_true", help="the training passes' cases instead")
     args = parser.parse_args()
 
     import torch
@@ -60,10 +70,10 @@ def main() -> int:
     results: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "sd15", "sd15", "tiny", seed=0)
-        for recipe, target in CASES:
-            key = f"{recipe}/{target}"
+        for key, (recipe, target) in (TRAINING_CASES if args.training else CASES).items():
             print(f"compiling {key}", file=sys.stderr, flush=True)
-            root = compile_artifact(ckpt, recipe=recipe, target=target, output_dir=Path(tmp) / key.replace("/", "-"))
+            root = compile_artifact(ckpt, recipe=recipe, target=target, output_dir=Path(tmp) / key.replace("/", "-"),
+                                    show_progress=False)
             results[key] = fingerprint(root)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

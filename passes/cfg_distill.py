@@ -34,8 +34,6 @@ teacher's; U-Net evaluations per step and per image before and after.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,12 +42,9 @@ import torch.nn.functional as F
 
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
-from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import (
-    HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
-)
-from sdcompiler.passes.trainer import Trainer, TrainerSettings
+from sdcompiler.passes.teacher_data import HeldOutImages, NoiseSchedule, TeacherSamples, psnr_db, unconditional_inputs
+from sdcompiler.passes.training import fit, lora_student, sqnr_db, teacher_data, training_metrics
 
 ADAPTER = "cfg_distill"
 
@@ -111,17 +106,12 @@ class DistillCFG(Pass):
                             "split U-Net does not pass; drop deepcache or the range")
 
     def run(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> dict[str, float]:
-        from peft import LoraConfig
-
         unet, scheduler = pipe.unet, pipe.scheduler
         sdxl = hasattr(pipe, "text_encoder_2")
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-        wanted = config.num_prompts + config.held_out_prompts
-        prompts = load_prompts(config.prompts_file)[:wanted]
-        data = teacher_samples(pipe, unet, prompts, resolution=resolution, steps=config.teacher_steps,
-                               guidance=config.guidance_scale, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                               teacher_key=ctx.model_key)
-        uncond = unconditional_inputs(pipe, 1, sdxl, data)
+        data = teacher_data(pipe, unet, config, ctx, key=ctx.model_key, guidance=config.guidance_scale)
+        train, held = data.train, data.held
+        uncond = unconditional_inputs(pipe, 1, sdxl, train)
         schedule = NoiseSchedule.from_scheduler(scheduler)
         w = config.guidance_scale
         embedded = config.guidance_range is not None
@@ -151,8 +141,6 @@ class DistillCFG(Pass):
                     unet.enable_adapters()
             return eps_u + ws.view(-1, 1, 1, 1) * (eps_c - eps_u), eps_c
 
-        train, held = data.split(config.num_prompts)
-
         draw = schedule.draw(train.latents)
 
         def draw_with_w(indices: torch.Tensor, generator: torch.Generator) -> dict:
@@ -179,38 +167,22 @@ class DistillCFG(Pass):
                 kwargs = unet_kwargs(held, slice(None), True, len(x_t))
                 return sqnr_db(target, unet(x_t, t, **kwargs, **guidance(ws)).sample)
 
-        images = HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
+        images = HeldOutImages(pipe, data.held_prompts, resolution, ctx.seed)
         reference = images.sample(config.image_steps, w)  # the guided teacher
         psnr_before = psnr_db(reference, images.sample(config.image_steps, 1.0))  # dropping CFG alone
-        unet.requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it (resumable)
-            torch.manual_seed(ctx.seed)
-            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank,
-                                        target_modules=list(config.target_modules), init_lora_weights=True),
-                             adapter_name=ADAPTER)  # B = 0: starts as the teacher
-        if embedded:
-            add_guidance_embedding(unet, config.embedding_dim)  # zero-initialised: starts as the teacher too
         done = False
         try:
-            before = held_out(after=False)
-            settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
-                                       mixed_precision=config.mixed_precision,
-                                       checkpoint_every=config.checkpoint_every)
-            key = hashlib.sha256(json.dumps([ctx.model_key, config.to_dict()]).encode()).hexdigest()[:20]
-            trained = [p for n, p in unet.named_parameters() if "lora_" in n]
-            if embedded:
-                trained.append(unet.time_embedding.cond_proj.weight.requires_grad_(True))
-            trainer = Trainer(unet, trained, loss_fn, draw_with_w, len(train.latents), settings,
-                              checkpoint_dir=ctx.cache_dir / "train" / f"cfg-{key}", show_progress=ctx.show_progress,
-                              cpu=next(unet.parameters()).device.type == "cpu")
-            result = trainer.fit()
-            after = held_out(after=True)
-            unet.fuse_lora(lora_scale=1.0)
-            done = True
+            with lora_student(unet, config.rank, config.target_modules, ADAPTER, ctx.seed) as trained:
+                if embedded:  # zero-initialised, like the LoRA's B: the student starts as the teacher
+                    add_guidance_embedding(unet, config.embedding_dim)
+                    trained.append(unet.time_embedding.cond_proj.weight.requires_grad_(True))
+                before = held_out(after=False)
+                result = fit("cfg", unet, trained, loss_fn, draw_with_w, len(train.latents), ctx, config,
+                             key=[ctx.model_key, config.to_dict()])
+                after = held_out(after=True)
+                unet.fuse_lora(lora_scale=1.0)
+                done = True
         finally:
-            unet.unload_lora()
-            unet.requires_grad_(False)
-            unet.eval()
             if embedded and not done:
                 remove_guidance_embedding(unet)
         # the merged student: one conditional call per step (diffusers' pipeline feeds an embedded w itself)
@@ -218,11 +190,10 @@ class DistillCFG(Pass):
         ctx.pipeline_defaults["guidance_scale"] = w if embedded else 1.0  # embedded: w is an input, no CFG pass
         steps = int(ctx.pipeline_defaults.get("num_inference_steps", 50))
         extra = {"guidance_min": low, "guidance_max": high} if embedded else {}
-        return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0], **extra,
-                "loss_last": result.losses[-1], "guidance_scale": w, "nfe_per_step_before": 2.0,
-                "nfe_per_step_after": 1.0, "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
-                "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after,
-                "resumed_from_step": result.resumed_from}
+        return training_metrics(before, after, result) | extra | {
+            "guidance_scale": w, "nfe_per_step_before": 2.0, "nfe_per_step_after": 1.0,
+            "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
+            "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after}
 
 
 def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -32,8 +32,6 @@ timesteps, before and after training: `sqnr_before_db`, `sqnr_after_db`.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,8 +41,8 @@ import torch.nn.functional as F
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import NoiseSchedule, load_prompts, teacher_samples
-from sdcompiler.passes.trainer import Trainer, TrainerSettings
+from sdcompiler.passes.teacher_data import NoiseSchedule
+from sdcompiler.passes.training import fit, sqnr_db, teacher_data, training_metrics
 
 
 @dataclass(frozen=True)
@@ -118,11 +116,6 @@ class FeaturePairs:
             handle.remove()
 
 
-def sqnr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    noise = (reference - estimate).float().pow(2).sum()
-    return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp_min(1e-20)))
-
-
 @register_pass
 class Distill(Pass):
     name = "distill"
@@ -141,17 +134,9 @@ class Distill(Pass):
 
     def run(self, pipe, config: DistillConfig, ctx: PassContext) -> dict[str, float]:
         student, teacher = pipe.unet, ctx.teacher
-        scheduler = pipe.scheduler
-        resolution = config.resolution or student.config.sample_size * pipe.vae_scale_factor
-        prompts = load_prompts(config.prompts_file)
-        wanted = config.num_prompts + config.held_out_prompts
-        if len(prompts) < wanted:
-            raise PassError(f"{wanted} prompts needed, the prompt list has {len(prompts)}")
-        data = teacher_samples(pipe, teacher, prompts[:wanted], resolution=resolution, steps=config.teacher_steps,
-                               guidance=config.teacher_guidance, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                               teacher_key=ctx.teacher_key)
-        train, held = data.split(config.num_prompts)
-        schedule = NoiseSchedule.from_scheduler(scheduler)
+        data = teacher_data(pipe, teacher, config, ctx, key=ctx.teacher_key)
+        train, held = data.train, data.held
+        schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
 
         features = FeaturePairs(student, teacher, config.feature_kd)
 
@@ -187,36 +172,27 @@ class Distill(Pass):
             before = held_out_sqnr()
             if units:
                 teacher.requires_grad_(False)
-                self._incubate(units, teacher, train, schedule, config, ctx, device)
+                self._incubate(units, teacher, train, schedule, config, ctx)
                 incubated = held_out_sqnr()
-            settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                                       lr=config.lr, weight_decay=config.weight_decay, seed=ctx.seed,
-                                       mixed_precision=config.mixed_precision,
-                                       checkpoint_every=config.checkpoint_every)
             # The student's structure is part of the key: two recipes with the same teacher and distill config
             # (bk-small vs bk-small-condconv) must not resume each other's checkpoints.
             layout = sorted((name, list(p.shape)) for name, p in student.state_dict().items())
-            run_key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), len(train.latents), layout]).encode())
-            trainer = Trainer(student, list(student.parameters()), loss_fn, schedule.draw(train.latents),
-                              len(train.latents), settings,
-                              checkpoint_dir=ctx.cache_dir / "train" / f"distill-{run_key.hexdigest()[:20]}",
-                              show_progress=ctx.show_progress, cpu=device.type == "cpu")
-            result = trainer.fit()
-            pipe.register_modules(unet=trainer.accelerator.unwrap_model(trainer.model))
+            result = fit("distill", student, list(student.parameters()), loss_fn, schedule.draw(train.latents),
+                         len(train.latents), ctx, config,
+                         key=[ctx.teacher_key, config.to_dict(), len(train.latents), layout])
+            pipe.register_modules(unet=result.model)
             student = pipe.unet
             after = held_out_sqnr()
         finally:
             features.remove()
             student.requires_grad_(False)
             student.eval()
-        metrics = {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
-                   "loss_last": result.losses[-1], "train_steps": len(result.losses),
-                   "resumed_from_step": result.resumed_from, "feature_pairs": len(features.pairs())}
+        metrics = training_metrics(before, after, result) | {"feature_pairs": len(features.pairs())}
         if units:
             metrics |= {"incubation_units": sum(1 for _, _, p in units if p), "sqnr_incubated_db": incubated}
         return metrics
 
-    def _incubate(self, units, teacher, train, schedule, config: DistillConfig, ctx: PassContext, device) -> None:
+    def _incubate(self, units, teacher, train, schedule, config: DistillConfig, ctx: PassContext) -> None:
         """Train each unit, in order, inside the frozen teacher (output KD against the teacher)."""
         replaced: dict = {}
         for name, replacements, params in units:
@@ -234,15 +210,9 @@ class Distill(Pass):
                 output_kd = F.mse_loss(model(x_t, t, **kwargs).sample, eps_t)
                 return output_kd, {"output_kd": output_kd}
 
-            settings = TrainerSettings(steps=config.incubation_steps, batch_size=config.batch_size,
-                                       grad_accum=config.grad_accum, lr=config.lr, seed=ctx.seed,
-                                       mixed_precision=config.mixed_precision,
-                                       checkpoint_every=config.checkpoint_every)
-            key = hashlib.sha256(json.dumps([ctx.teacher_key, config.to_dict(), name,
-                                             sorted(str(k) for k in replaced)]).encode()).hexdigest()[:20]
-            Trainer(hybrid, params, loss_fn, schedule.draw(train.latents), len(train.latents), settings,
-                    checkpoint_dir=ctx.cache_dir / "train" / f"incubate-{key}", show_progress=ctx.show_progress,
-                    cpu=device.type == "cpu").fit()
+            fit("incubate", hybrid, params, loss_fn, schedule.draw(train.latents), len(train.latents), ctx, config,
+                key=[ctx.teacher_key, config.to_dict(), name, sorted(str(k) for k in replaced)],
+                steps=config.incubation_steps)
 
 
 def incubation_units(student, teacher) -> list[tuple[str, dict, list]]:

@@ -68,7 +68,7 @@ import torch
 from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.base import Pass, PassContext, QuantizedUNet, register_pass
 from sdcompiler.passes.config import PassConfig
-from sdcompiler.passes.distill import sqnr_db
+from sdcompiler.passes.training import sqnr_db
 from sdcompiler.passes.errors import PassError, require
 from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE

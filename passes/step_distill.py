@@ -52,8 +52,6 @@ Metrics, all on the held-out prompts:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,13 +59,10 @@ import torch
 
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
-from sdcompiler.passes.distill import sqnr_db
 from sdcompiler.passes.errors import ConfigError, PassError
 from sdcompiler.passes.scheduler import SetScheduler, SetSchedulerConfig, build_scheduler
-from sdcompiler.passes.teacher_data import (
-    HeldOutImages, NoiseSchedule, TeacherSamples, load_prompts, psnr_db, teacher_samples, unconditional_inputs,
-)
-from sdcompiler.passes.trainer import Trainer, TrainerSettings
+from sdcompiler.passes.teacher_data import HeldOutImages, NoiseSchedule, TeacherSamples, psnr_db, unconditional_inputs
+from sdcompiler.passes.training import fit, lora_student, sqnr_db, teacher_data, training_metrics
 
 ADAPTER = "lcm_distill"
 SIGMA_DATA = 0.5
@@ -227,24 +222,15 @@ class DistillSteps(Pass):
         SetScheduler().requires(pipe, config.scheduler_config(), ctx)
 
     def run(self, pipe, config: DistillStepsConfig, ctx: PassContext) -> dict[str, float]:
-        from peft import LoraConfig
-
         unet = pipe.unet
         device = next(unet.parameters()).device
         sdxl = hasattr(pipe, "text_encoder_2")
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-        prompts = load_prompts(config.prompts_file)[:config.num_prompts + config.held_out_prompts]
-        if len(prompts) < config.num_prompts + config.held_out_prompts:
-            raise PassError(f"{len(prompts)} prompts for num_prompts={config.num_prompts} + held_out_prompts="
-                            f"{config.held_out_prompts}; give a longer prompts_file")
-        data = teacher_samples(pipe, unet, prompts, resolution=resolution, steps=config.teacher_steps,
-                               guidance=config.teacher_guidance, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                               teacher_key=ctx.model_key)
-        data = TeacherSamples(**{k: v.to(device) for k, v in data.tensors().items()})
-        uncond = {k: v.to(device) for k, v in unconditional_inputs(pipe, 1, sdxl, data).items()}
+        data = teacher_data(pipe, unet, config, ctx, key=ctx.model_key)
+        train, held = data.train.to(device), data.held.to(device)
+        uncond = {k: v.to(device) for k, v in unconditional_inputs(pipe, 1, sdxl, train).items()}
         lcd = ConsistencyParametrization(NoiseSchedule.from_scheduler(pipe.scheduler), config.num_ddim_timesteps,
                                          config.timestep_scaling)
-        train, held = data.split(config.num_prompts)
 
         def conditioning(samples: TeacherSamples, index: torch.Tensor, guided: bool) -> dict:
             """U-Net keyword arguments for the batch; with `guided`, the conditional half then the unconditional."""
@@ -280,7 +266,7 @@ class DistillSteps(Pass):
 
         def draw(indices: torch.Tensor, generator: torch.Generator) -> dict:
             n = len(indices)
-            return {"index": indices, "noise": torch.randn((n, *data.latents.shape[1:]), generator=generator),
+            return {"index": indices, "noise": torch.randn((n, *train.latents.shape[1:]), generator=generator),
                     "grid_index": torch.randint(0, config.num_ddim_timesteps, (n,), generator=generator),
                     "w": config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)}
 
@@ -298,49 +284,25 @@ class DistillSteps(Pass):
                 prediction, target = prediction_and_target(unet, held, held_batch)
             return sqnr_db(target, prediction)
 
-        images = HeldOutImages(pipe, prompts[config.num_prompts:], resolution, ctx.seed)
+        images = HeldOutImages(pipe, data.held_prompts, resolution, ctx.seed)
         reference = images.sample(config.reference_steps, config.teacher_guidance)
         lcm = build_scheduler(pipe, config.scheduler_config())
         with _sampler(pipe, lcm):
             before_images = images.sample(config.num_inference_steps, 1.0)
 
-        unet.requires_grad_(False)
-        try:
-            with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it (resumable)
-                torch.manual_seed(ctx.seed)
-                unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank,
-                                            target_modules=list(config.target_modules), init_lora_weights=True),
-                                 adapter_name=ADAPTER)  # B = 0: the student starts as the base model
-        except ValueError as exc:
-            raise PassError(f"the LoRA attaches to none of target_modules {list(config.target_modules)} "
-                            f"in this U-Net ({str(exc).splitlines()[0][:200]})") from None
-        try:
+        with lora_student(unet, config.rank, config.target_modules, ADAPTER, ctx.seed) as lora_params:
             sqnr_before = held_out_sqnr()
-            settings = TrainerSettings(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
-                                       mixed_precision=config.mixed_precision,
-                                       checkpoint_every=config.checkpoint_every)
-            key = hashlib.sha256(json.dumps([ctx.model_key, config.to_dict()]).encode()).hexdigest()[:20]
-            lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
-            trainer = Trainer(unet, lora_params, loss_fn, draw, len(train.latents), settings,
-                              checkpoint_dir=ctx.cache_dir / "train" / f"lcd-{key}", show_progress=ctx.show_progress,
-                              cpu=device.type == "cpu")
-            result = trainer.fit()
+            result = fit("lcd", unet, lora_params, loss_fn, draw, len(train.latents), ctx, config,
+                         key=[ctx.model_key, config.to_dict()])
             sqnr_after = held_out_sqnr()
             unet.fuse_lora(lora_scale=1.0)
-        finally:
-            unet.unload_lora()
-            unet.requires_grad_(False)
-            unet.eval()
 
         SetScheduler().run(pipe, config.scheduler_config(), ctx)  # LCMScheduler + call defaults (4 steps, w = 1)
         psnr_after = psnr_db(reference, images.sample(config.num_inference_steps, 1.0))
-        return {
+        return training_metrics(sqnr_before, sqnr_after, result) | {
             "nfe_per_image_before": config.reference_steps * (2 if config.teacher_guidance > 1 else 1),
             "nfe_per_image_after": config.num_inference_steps,
-            "sqnr_before_db": sqnr_before, "sqnr_after_db": sqnr_after,
             "psnr_before_db": psnr_db(reference, before_images), "psnr_after_db": psnr_after, "psnr_db": psnr_after,
-            "loss_first": result.losses[0], "loss_last": result.losses[-1], "train_steps": len(result.losses),
-            "resumed_from_step": result.resumed_from,
         }
 
     def ensures(self, pipe, config: DistillStepsConfig, ctx: PassContext) -> None:

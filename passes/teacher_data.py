@@ -48,6 +48,9 @@ class TeacherSamples:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
+    def to(self, device) -> "TeacherSamples":
+        return TeacherSamples(**{k: v.to(device) for k, v in self.tensors().items()})
+
     def split(self, n: int) -> tuple["TeacherSamples", "TeacherSamples"]:
         """The first n prompts (training) and the rest (held out)."""
         tensors = self.tensors()
@@ -97,22 +100,38 @@ class NoiseSchedule:
         return noise, torch.linspace(50, self.num_timesteps - 50, len(latents)).long()
 
 
-def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
-                    guidance: float, seed: int, cache_dir: Path, teacher_key: str,
-                    batch: int = 4) -> TeacherSamples:
-    """Text embeddings and teacher-sampled latents for `prompts`, from the cache when possible."""
-    from safetensors.torch import load_file, save_file
+@dataclass
+class TeacherRun:
+    """What one pass of the teacher's own sampler gives: per prompt its final latents and embeddings, and (when
+    recorded) every U-Net input along the way, one dict per U-Net call (CFG batch: uncond half, then cond)."""
 
-    key = hashlib.sha256(json.dumps([teacher_key, prompts, resolution, steps, guidance, seed,
-                                     type(pipe.scheduler).__name__]).encode()).hexdigest()[:24]
-    file = Path(cache_dir) / "teacher-data" / f"{key}.safetensors"
-    if file.exists():
-        return TeacherSamples(**load_file(str(file)))
+    latents: torch.Tensor  # (P, C, h, w)
+    text_embeds: torch.Tensor  # (P, 77, D): the conditional prompt embeddings
+    pooled: torch.Tensor | None = None  # SDXL (P, D_pooled)
+    time_ids: torch.Tensor | None = None  # SDXL (P, 6)
+    unet_inputs: list[dict] | None = None
 
+
+def sample_teacher(pipe, prompts: list[str], *, resolution: int, steps: int, guidance: float, seed: int,
+                   teacher: torch.nn.Module | None = None, batch: int = 4, record_inputs: bool = False) -> TeacherRun:
+    """The one teacher sampler of every training and calibration pass: the pipeline samples `prompts` (CFG at
+    `guidance`, `steps` steps, the chunk starting at prompt i seeded with `seed + i`) with `teacher` in place
+    of its U-Net (default: the U-Net it has), returning the final latents, the prompt embeddings and, with
+    `record_inputs`, every U-Net input (a forward pre-hook)."""
     student = pipe.unet
-    pipe.register_modules(unet=teacher)  # sample with the teacher; the pipeline keeps its scheduler and encoders
+    if teacher is not None:
+        pipe.register_modules(unet=teacher)  # the pipeline keeps its scheduler and encoders
     sdxl = hasattr(pipe, "text_encoder_2")
     parts: dict[str, list[torch.Tensor]] = {"text_embeds": [], "latents": [], "pooled": [], "time_ids": []}
+    records: list[dict] = []
+
+    def hook(module, args, kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        records.append({"sample": args[0].detach().float().cpu(), "timestep": args[1],
+                        "context": kwargs["encoder_hidden_states"].detach().float().cpu(),
+                        "text_embeds": added.get("text_embeds"), "time_ids": added.get("time_ids")})
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True) if record_inputs else None
     try:
         pipe.set_progress_bar_config(disable=True)
         for start in range(0, len(prompts), batch):
@@ -130,13 +149,44 @@ def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resol
                 parts["time_ids"].append(torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
                                                       dtype=torch.float32).repeat(len(chunk), 1))
     finally:
-        pipe.register_modules(unet=student)
-    samples = TeacherSamples(**{k: torch.cat(v) for k, v in parts.items() if v})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_suffix(f".{os.getpid()}.partial")  # several training processes may write it at once
-    save_file({k: v.contiguous() for k, v in samples.tensors().items()}, str(partial))
-    partial.rename(file)
+        if handle is not None:
+            handle.remove()
+        if teacher is not None:
+            pipe.register_modules(unet=student)
+    return TeacherRun(**{k: torch.cat(v) for k, v in parts.items() if v}, unet_inputs=records if record_inputs else None)
+
+
+def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
+                    guidance: float, seed: int, cache_dir: Path, teacher_key: str,
+                    batch: int = 4) -> TeacherSamples:
+    """Text embeddings and teacher-sampled latents for `prompts` (distillation data), from the cache when
+    possible."""
+    key = hashlib.sha256(json.dumps([teacher_key, prompts, resolution, steps, guidance, seed,
+                                     type(pipe.scheduler).__name__]).encode()).hexdigest()[:24]
+    file = Path(cache_dir) / "teacher-data" / f"{key}.safetensors"
+    if file.exists():
+        return TeacherSamples(**_load(file))
+    run = sample_teacher(pipe, prompts, resolution=resolution, steps=steps, guidance=guidance, seed=seed,
+                         teacher=teacher, batch=batch)
+    samples = TeacherSamples(run.text_embeds, run.latents, run.pooled, run.time_ids)
+    _save(file, samples.tensors())
     return samples
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(file))
+
+
+def _save(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically: several training processes may write the same cache file at once."""
+    from safetensors.torch import save_file
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_suffix(f".{os.getpid()}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+    partial.rename(file)
 
 
 def unconditional_inputs(pipe, count: int, sdxl: bool, like: TeacherSamples) -> dict:

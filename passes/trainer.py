@@ -1,4 +1,4 @@
-"""The one trainer every training pass uses (distill; later QuEST finetuning, CFG / step distillation).
+"""The one trainer every training pass uses (through `sdcompiler.passes.training.fit`).
 
 Built on `accelerate`, so the same code runs on one CPU, one GPU, or many
 processes (`accelerate launch`, `torchrun`; gloo on CPU, NCCL on GPU), with
@@ -58,6 +58,7 @@ class TrainResult:
     terms: list[dict[str, float]]
     resumed_from: int  # 0 when started fresh
     seconds: float
+    model: torch.nn.Module | None = None  # the trained module, unwrapped (set by `training.fit`)
 
 
 class Trainer:

@@ -174,7 +174,7 @@ def test_calibration_methods(calibration, tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from sdcompiler.passes.distill import sqnr_db
+    from sdcompiler.passes.training import sqnr_db
     from sdcompiler.passes.ptq import PtqConfig, quantize_unet
     from sdcompiler.passes.quest import Trajectories
 
