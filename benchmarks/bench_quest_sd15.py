@@ -80,7 +80,7 @@ def _rss_gib() -> float:
 
 def worker_compile(spec: dict) -> None:
     """compile_artifact(checkpoint, recipe, target, out) with the QuEST pass's phases timed."""
-    import sdcompiler.passes.quest as quest
+    import sdcompiler.passes.quest.pass_ as quest  # the pass looks its phases up in this module
     import sdcompiler.targets.torch_target as torch_target
     from sdcompiler.compile import compile_artifact
 

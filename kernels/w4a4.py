@@ -86,7 +86,7 @@ def _check_packed(packed_w: torch.Tensor, w_bits: int, in_features: int) -> int:
     if packed_w.dtype != torch.uint8 or packed_w.dim() != 2:
         raise ValueError(f"weight codes must be a 2-D uint8 tensor, got {packed_w.dtype} {tuple(packed_w.shape)}")
     n = packed_w.shape[0]
-    width = cdiv(in_features, 2) if w_bits == 4 else in_features
+    width = packed_width(in_features, w_bits)
     if packed_w.shape[1] != width:
         raise ValueError(f"{w_bits}-bit weight codes for in_features={in_features} must have shape ({n}, {width}), "
                          f"got {tuple(packed_w.shape)}")
@@ -130,16 +130,23 @@ def _check_codes(q_a: torch.Tensor, act_scale: torch.Tensor | None, in_features:
 # --- weights: quantise, pack (pure torch, offline) ---------------------------------------------------------------
 
 
-def minmax_weight_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel min/max range (widened to contain 0): `(scale fp32 (N,), zero int32 (N,))`."""
+def range_weight_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel parameters for the ranges `[lo, hi]` (N,) (widened to contain 0):
+    `(scale fp32 (N,), zero int32 (N,))`, `s_w = (hi - lo) / (2^b - 1)` (1 for an all-zero channel) and
+    `z_w = clamp(floor(-lo / s_w + 0.5), 0, 2^b - 1)`."""
     _check_bits("bits", bits)
-    w2 = w.detach().reshape(w.shape[0], -1).float()
-    lo, hi = w2.amin(1).clamp(max=0), w2.amax(1).clamp(min=0)
+    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
     qmax = 2**bits - 1
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.floor(-lo / scale + 0.5).clamp(0, qmax).to(torch.int32)
     return scale, zero
+
+
+def minmax_weight_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`range_weight_params` for each output channel's [min, max]: `(scale fp32 (N,), zero int32 (N,))`."""
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    return range_weight_params(w2.amin(1), w2.amax(1), bits)
 
 
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -174,6 +181,11 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
 
 
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per output channel of stored weight codes: ceil(K/2) packed 4-bit codes, or K 8-bit ones."""
+    return cdiv(in_features, 2) if bits == 4 else in_features
+
+
 def pack_weight_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The kernels' storage of weight codes: packed int4 for 4 bits, the uint8 codes themselves for 8."""
     _check_bits("bits", bits)
@@ -189,6 +201,15 @@ def unpack_weight_codes(packed_w: torch.Tensor, bits: int, in_features: int) -> 
 # --- reference (pure torch): the spec ---------------------------------------------------------------------------
 
 
+def per_token_scale(x: torch.Tensor, bits: int, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """Dynamic activation scales `max(absmax(x) over dim, 2^-30) / qmax` in fp32, one per token (a slice along
+    `dim`)."""
+    _check_bits("bits", bits)
+    amax = x.float().abs().amax(dim, keepdim=keepdim).clamp_min(AMAX_FLOOR)
+    # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its reciprocal
+    return amax / torch.full_like(amax, 2 ** (bits - 1) - 1)
+
+
 def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor | None, bits: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation codes: `(q int8 like x, scale fp32)`; scale is `()` (static) or `x.shape[:-1]` (per token)."""
@@ -196,9 +217,7 @@ def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor | None, bits: in
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
     if scale is None:
-        amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)
-        # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its reciprocal
-        scale = amax / torch.full_like(amax, qmax)
+        scale = per_token_scale(xf, bits)
         inv = (1.0 / scale)[..., None]
     else:
         scale = scale.detach().float().reshape(()).clone()

@@ -19,7 +19,7 @@ from sdcompiler.passes import feature_cache as _feature_cache  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
 from sdcompiler.passes import lora as _lora  # noqa: F401,E402
 from sdcompiler.passes import ptq as _ptq  # noqa: F401,E402
-from sdcompiler.passes import quest as _quest  # noqa: F401,E402
+from sdcompiler.passes.quest import pass_ as _quest  # noqa: F401,E402
 from sdcompiler.passes import scheduler as _scheduler  # noqa: F401,E402
 from sdcompiler.passes import step_distill as _step_distill  # noqa: F401,E402
 from sdcompiler.passes import vae_swap as _vae_swap  # noqa: F401,E402

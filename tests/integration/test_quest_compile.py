@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdcompiler.passes import unet_example_inputs
-from sdcompiler.passes.quest import (
+from sdcompiler.passes.quest.modules import (
     PackedQuantConv2d, PackedQuantLinear, QuantConv2d, QuantLinear,
 )
 

@@ -7,10 +7,8 @@ import torch
 
 from sdcompiler.errors import LoweringError
 from sdcompiler.kernels import w4a4
-from sdcompiler.passes.quest import (
-    ActQuantizer, QuantState, _skip_split,
-    fake_quant_act, fake_quant_weight, search_weight_range, weight_params,
-)
+from sdcompiler.passes.quest.modules import ActQuantizer, QuantState, _skip_split
+from sdcompiler.passes.quest.scheme import search_weight_range, ste_fake_quant_act, ste_fake_quant_weight
 
 
 
@@ -18,31 +16,40 @@ from sdcompiler.passes.quest import (
 def test_weight_scheme_is_the_kernels_scheme(bits):
     w = torch.randn(24, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     w[5] = 0.0  # an all-zero channel
-    flat = w.flatten(1)
-    scale, zero = weight_params(flat, bits, flat.min(1).values, flat.max(1).values)
-    k_scale, k_zero = w4a4.minmax_weight_params(w, bits)
-    torch.testing.assert_close(scale, k_scale, rtol=0, atol=0)
-    torch.testing.assert_close(zero, k_zero.float(), rtol=0, atol=0)
-    expected = w4a4.dequantize_weight(w4a4.quantize_weight(w, k_scale, k_zero, bits), k_scale, k_zero)
-    torch.testing.assert_close(fake_quant_weight(w, scale, zero, bits).flatten(1), expected, rtol=0, atol=0)
+    scale, zero = w4a4.minmax_weight_params(w, bits)
+    expected = w4a4.dequantize_weight(w4a4.quantize_weight(w, scale, zero, bits), scale, zero)
+    # the layers keep the zero point in a float buffer while they train: same values either way
+    for z in (zero, zero.float()):
+        torch.testing.assert_close(ste_fake_quant_weight(w, scale, z, bits).flatten(1), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_activation_scheme_is_the_kernels_scheme(bits):
     x = torch.randn(6, 10, 40, generator=torch.Generator().manual_seed(1)) * 3
     scale = torch.tensor(0.37)
-    torch.testing.assert_close(fake_quant_act(x, scale, bits), w4a4.fake_quant_act(x, scale, bits), rtol=0, atol=0)
+    torch.testing.assert_close(ste_fake_quant_act(x, scale, bits), w4a4.fake_quant_act(x, scale, bits), rtol=0,
+                               atol=0)
     state = QuantState(torch.nn.Module())
     dynamic = ActQuantizer(state, bits, 1, dynamic=True, token_dim=-1)
     torch.testing.assert_close(dynamic(x), w4a4.fake_quant_act(x, None, bits), rtol=0, atol=0)
 
 
+def test_ste_fake_quant_passes_gradients_to_x_and_the_scale():
+    """What the pass's `ste_` forms add to the kernels' fake quant: the gradients finetuning needs."""
+    x = (torch.randn(4, 16, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+    scale = torch.tensor(0.2, requires_grad=True)
+    ste_fake_quant_act(x, scale, 4).sum().backward()
+    q = torch.floor(x.detach() * (1.0 / scale.detach()) + 0.5)
+    inside = (q >= -8) & (q <= 7)  # clipped values get no gradient, the rest a straight-through one
+    assert torch.equal(x.grad, inside.float()) and scale.grad is not None and scale.grad != 0
+
+
 def test_weight_search_is_never_worse_than_min_max():
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
     w[:, 0] = 8.0  # outliers make clipping pay off
-    minmax = weight_params(w, 4, w.min(1).values, w.max(1).values)
+    minmax = w4a4.minmax_weight_params(w, 4)
     searched = search_weight_range(w, 4, 16)
-    err = lambda p: (fake_quant_weight(w, *p, 4) - w).pow(2).sum(1)  # noqa: E731
+    err = lambda p: (ste_fake_quant_weight(w, *p, 4) - w).pow(2).sum(1)  # noqa: E731
     assert (err(searched) <= err(minmax) + 1e-6).all() and err(searched).sum() < err(minmax).sum()
 
 

@@ -1,0 +1,70 @@
+"""quest_w4a4: QuEST-style low-bit quantization of the U-Net with time-wise activation scales and
+selective finetuning (presets `quest-w4a4`, `quest-w4a8`, `quest-w8a8`).
+
+One scheme, shared bit for bit with the W4A4 kernels (`sdcompiler.kernels.w4a4`, whose primitives
+`scheme` builds on):
+
+- weights W (N, K...) per output channel, asymmetric, `w_bits`:
+  q = clamp(floor(W / s + 0.5) + z, 0, 2^b - 1), W ~ s (q - z); the range [lo, hi] per channel is
+  chosen by an MSE search over shrink factors of [min, max] (the RTN baseline takes min-max);
+- activations (inputs of every quantized linear / conv), symmetric, `a_bits`:
+  q = clamp(floor(x * (1/s) + 0.5), -2^(b-1), 2^(b-1) - 1), x ~ s q, one scale per tensor and per
+  *calibration timestep* (time-wise static scales; at run time the scale of the nearest calibrated
+  timestep, per sample), or per token computed on the fly (`dynamic_tokens`); scales always factor
+  out of the GEMM (never per input channel);
+- attention: q, k, v fake-quantized at `attn_bits` (time-wise, per tensor) and the softmax
+  probabilities at `prob_bits` (unsigned, scale 1 / (2^b - 1)) in every self- and cross-attention
+  with diffusers' standard processor; no kernel implements these, so deployment simulates them too
+  (the record's `simulated_attention_*` metrics say so);
+- `conv_in` and `conv_out` (first and last layer) at `first_last_bits`; decoder ResNets read the
+  concatenation [h, skip]: their `conv1` and `conv_shortcut` inputs get one quantizer per half
+  (`split_skip`); `keep_fp` names modules left in floating point (the time and added embeddings by
+  default), `keep_shortcut_fp` the 1x1 shortcut convs.
+
+Calibration data are the teacher's own sampling trajectories: `calib_prompts` prompts sampled for
+`calib_steps` steps with classifier-free guidance; every U-Net input on the way (the unconditional
+and the conditional half) is kept, cached by content hash. Held-out prompts give the eps SQNR.
+
+Selective finetuning (teacher = the same network with quantization switched off, so there is no
+second model in memory; the layers being trained keep a frozen copy of their original weight for the
+teacher's path), on the shared trainer: stage 1 trains the `time_emb_proj` weights and their
+activation scales, stage 2 the transformer FFN weights and every activation scale, over all
+timesteps; loss = MSE of the trained layers' outputs + eps MSE (straight-through rounding; scales
+learn as in LSQ).
+
+Metrics (eps SQNR vs the float model on held-out trajectory inputs): `sqnr_rtn_db` (same bits and
+granularity, min-max ranges from the same calibration set, one scale for all timesteps, no
+finetuning), `sqnr_calibrated_db` (MSE search + time-wise scales), `sqnr_finetuned_db`, and `sqnr_db`,
+the deployed model's. Finetuning fits the calibration prompts; when it does not beat the calibrated
+model on the held-out ones, the calibrated weights and scales are restored (`finetune_kept` 0), so the
+pass never deploys a model that finetuning made worse.
+
+Deployment: the `torch` target packs every quantized layer (`pack_quantized`: 4-bit codes two per
+byte, per-channel scale and integer zero point, the activation scales) and drops the float weights;
+the packed layers run `sdcompiler::w4a4_linear` / `w4a4_conv2d` (the Triton kernels on CUDA, the
+integer reference elsewhere), so the artifact computes the same integers as the fake-quant model.
+`rebuild` re-creates that packed structure at load time. ONNX Runtime has no kernels for 4-bit
+activations: the pass supports the `torch` target only.
+
+Modules (each imports only the ones listed above it, never the package itself):
+
+- `config`: `QuestConfig`;
+- `scheme`: the math on top of the kernels' primitives: straight-through fake quant
+  (`ste_fake_quant_*`), weight-range and activation-scale searches;
+- `modules`: `QuantState`, `ActQuantizer`, `QuantLinear` / `QuantConv2d` / `QuantAttnProcessor`, the
+  packed `PackedQuantLinear` / `PackedQuantConv2d`; `quantize_modules` and `pack_quantized`;
+- `calibration`: `Trajectories` / `teacher_trajectories` (also the `ptq` pass's data), activation
+  statistics, `set_weight_ranges` / `set_act_scales`, `trajectory_eps` / `eps_sqnr`;
+- `finetune`: `finetune_stage`;
+- `pass_`: the registered pass `QuestW4A4` (`quest_w4a4`).
+
+This package re-exports the names other layers use (the `torch` target packs through
+`pack_quantized`).
+"""
+
+from sdcompiler.passes.quest.calibration import Trajectories, teacher_trajectories
+from sdcompiler.passes.quest.config import QuestConfig
+from sdcompiler.passes.quest.modules import pack_quantized, quantize_modules
+from sdcompiler.passes.quest.pass_ import QuestW4A4
+
+__all__ = ["QuestConfig", "QuestW4A4", "Trajectories", "pack_quantized", "quantize_modules", "teacher_trajectories"]
