@@ -7,6 +7,7 @@ difference after a change means the change altered an artifact.
 
     python benchmarks/artifact_fingerprints.py --out benchmarks/results/artifact_fingerprints.json
     python benchmarks/artifact_fingerprints.py --compare benchmarks/results/artifact_fingerprints.json
+    python benchmarks/artifact_fingerprints.py --training --compare benchmarks/results/artifact_fingerprints_training.json
 """
 
 from __future__ import annotations

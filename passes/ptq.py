@@ -23,7 +23,7 @@ float, as modelopt's diffusers example does: a negligible share of the MACs, a l
 
 Steps (the pass makes the deployed graph itself, so the SQNR it records is that graph's):
 1. calibration data: every U-Net input along the teacher's own CFG sampling trajectories
-   (`quest.calibration.teacher_trajectories`: `calib_prompts` prompts x `calib_steps` steps, seeded by the compile
+   (`teacher_data.teacher_trajectories`: `calib_prompts` prompts x `calib_steps` steps, seeded by the compile
    seed, cached by content hash) and held-out trajectories of `held_out_prompts` other prompts (seed + 1);
 2. export of the float U-Net with the onnx target's interface (TorchScript exporter; inputs `sample`,
    `timestep`, `encoder_hidden_states` [, `text_embeds`, `time_ids`], output `out_sample`, dynamic
@@ -73,8 +73,7 @@ from sdcompiler.passes.errors import PassError, require
 from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
-from sdcompiler.passes.quest.calibration import Trajectories, teacher_trajectories
-from sdcompiler.passes.teacher_data import load_prompts
+from sdcompiler.passes.teacher_data import Trajectories, load_prompts, teacher_trajectories
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes

@@ -1,9 +1,12 @@
 """Training and calibration data made by the teacher itself, cached on disk by content hash.
 
-No image data set is available (or needed): prompts -> the teacher's text
-embeddings and the latents its own sampler produces for them (classifier-free
-guidance, a few steps). Those latents stand in for the training images of
-BK-SDM / KOALA; noise and timesteps are drawn per training step. The cache key
+No image data set is available (or needed): prompts -> the teacher's own
+sampler (`sample_teacher`, the one sampling loop of every training and
+calibration pass; classifier-free guidance, a few steps). Distillation takes
+its text embeddings and final latents (`teacher_samples`), which stand in for
+the training images of BK-SDM / KOALA (noise and timesteps are drawn per
+training step); calibration (QuEST, ptq) takes every U-Net input along the
+trajectory (`teacher_trajectories`). The cache key
 hashes the teacher's identity (source checkpoint hash + the passes before it),
 the prompts and every sampling setting, so a changed input never reuses data.
 """
@@ -187,6 +190,77 @@ def _save(file: Path, tensors: dict[str, torch.Tensor]) -> None:
     partial = file.with_suffix(f".{os.getpid()}.partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
     partial.rename(file)
+
+
+@dataclass
+class Trajectories:
+    """U-Net inputs along the teacher's sampling trajectories (CFG batch: uncond half, then cond half)."""
+
+    samples: torch.Tensor  # (S, B, C, h, w)
+    timesteps: torch.Tensor  # (S,)
+    context: torch.Tensor  # (B, 77, D)
+    text_embeds: torch.Tensor | None = None  # SDXL (B, D_pooled)
+    time_ids: torch.Tensor | None = None  # SDXL (B, 6)
+
+    def inputs(self, step: torch.Tensor, rows: torch.Tensor) -> dict:
+        kwargs = {"sample": self.samples[step, rows], "timestep": self.timesteps[step],
+                  "encoder_hidden_states": self.context[rows]}
+        if self.text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds[rows], "time_ids": self.time_ids[rows]}
+        return kwargs
+
+    def eps(self, unet, desc: str | None = None) -> torch.Tensor:
+        """The U-Net's eps on every input (one batch of all rows per step, on the U-Net's device), float32 on
+        the CPU; also a calibration forward loop. `desc`: show a progress bar with this label."""
+        from tqdm.auto import tqdm
+
+        device = next(unet.parameters()).device
+        rows = torch.arange(self.samples.shape[1])
+        out = []
+        with torch.no_grad():
+            for step in tqdm(range(len(self.timesteps)), desc=desc, disable=desc is None, leave=False):
+                inputs = self.inputs(torch.tensor(step), rows)
+                added = inputs.pop("added_cond_kwargs", None)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                if added is not None:
+                    inputs["added_cond_kwargs"] = {k: v.to(device) for k, v in added.items()}
+                out.append(unet(**inputs).sample.float().cpu())
+        return torch.cat(out)
+
+
+def teacher_trajectories(pipe, prompts: list[str], *, steps: int, guidance: float, resolution: int, seed: int,
+                         cache_dir: Path, model_key: str) -> Trajectories:
+    """Every U-Net input while the (float) pipeline samples `prompts` (calibration data of quest_w4a4 and ptq),
+    at `steps` timesteps spread over the trajectory; cached by content hash."""
+    key = hashlib.sha256(json.dumps([model_key, prompts, steps, guidance, resolution, seed,
+                                     type(pipe.scheduler).__name__, "trajectories-v1"]).encode()).hexdigest()[:24]
+    file = Path(cache_dir) / "calibration" / f"{key}.safetensors"
+    if file.exists():
+        return Trajectories(**_load(file))
+    # all prompts in one chunk (seeded `seed`): the CFG batch of every recorded call holds every prompt
+    records = sample_teacher(pipe, prompts, resolution=resolution, steps=steps, guidance=guidance, seed=seed,
+                             batch=len(prompts), record_inputs=True).unet_inputs
+    if not records or records[0]["sample"].shape[0] != 2 * len(prompts):
+        raise PassError("calibration needs classifier-free guidance sampling (guidance_scale > 1)")
+    unique: dict[float, dict] = {}  # PNDM, e.g., visits one timestep twice: keep its first visit
+    for record in records:
+        unique.setdefault(float(torch.as_tensor(record["timestep"]).reshape(-1)[0]), record)
+    if len(unique) < steps:
+        raise PassError(f"the scheduler visited {len(unique)} distinct timesteps for {steps} steps; "
+                        "lower calib_steps")
+    keep = torch.linspace(0, len(unique) - 1, steps).round().long().tolist()
+    records = [list(unique.values())[i] for i in keep]
+    first = records[0]
+    tensors = {
+        "samples": torch.stack([r["sample"] for r in records]),
+        "timesteps": torch.tensor([float(torch.as_tensor(r["timestep"]).reshape(-1)[0]) for r in records]),
+        "context": first["context"],
+    }
+    if first["text_embeds"] is not None:
+        tensors["text_embeds"] = first["text_embeds"].detach().float().cpu()
+        tensors["time_ids"] = first["time_ids"].detach().float().cpu()
+    _save(file, tensors)
+    return Trajectories(**tensors)
 
 
 def unconditional_inputs(pipe, count: int, sdxl: bool, like: TeacherSamples) -> dict:

@@ -53,8 +53,9 @@ Modules (each imports only the ones listed above it, never the package itself):
   (`ste_fake_quant_*`), weight-range and activation-scale searches;
 - `modules`: `QuantState`, `ActQuantizer`, `QuantLinear` / `QuantConv2d` / `QuantAttnProcessor`, the
   packed `PackedQuantLinear` / `PackedQuantConv2d`; `quantize_modules` and `pack_quantized`;
-- `calibration`: `Trajectories` / `teacher_trajectories` (also the `ptq` pass's data), activation
-  statistics, `set_weight_ranges` / `set_act_scales`, `trajectory_eps` / `eps_sqnr`;
+- `calibration`: activation statistics, `set_weight_ranges` / `set_act_scales`, `trajectory_eps` /
+  `eps_sqnr` (the data, `Trajectories` from `teacher_trajectories`, is the shared teacher data of
+  `sdcompiler.passes.teacher_data`, which the `ptq` pass calibrates on too);
 - `finetune`: `finetune_stage`;
 - `pass_`: the registered pass `QuestW4A4` (`quest_w4a4`).
 
@@ -62,9 +63,8 @@ This package re-exports the names other layers use (the `torch` target packs thr
 `pack_quantized`).
 """
 
-from sdcompiler.passes.quest.calibration import Trajectories, teacher_trajectories
 from sdcompiler.passes.quest.config import QuestConfig
 from sdcompiler.passes.quest.modules import pack_quantized, quantize_modules
 from sdcompiler.passes.quest.pass_ import QuestW4A4
 
-__all__ = ["QuestConfig", "QuestW4A4", "Trajectories", "pack_quantized", "quantize_modules", "teacher_trajectories"]
+__all__ = ["QuestConfig", "QuestW4A4", "pack_quantized", "quantize_modules"]

@@ -14,16 +14,13 @@ with straight-through rounding (`scheme.round_ste`); weights learn at `lr`, acti
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 import torch.nn.functional as F
 
 from sdcompiler.passes.base import PassContext
-from sdcompiler.passes.quest.calibration import Trajectories
 from sdcompiler.passes.quest.config import QuestConfig
-from sdcompiler.passes.trainer import Trainer, TrainerSettings
+from sdcompiler.passes.teacher_data import Trajectories
+from sdcompiler.passes.training import fit
 
 
 def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config: QuestConfig, steps: int,
@@ -64,16 +61,9 @@ def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config
 
     groups = [{"params": [p for _, p in weights], "lr": config.lr}, {"params": [p for _, p in scales],
                                                                     "lr": config.scale_lr}]
-    settings = TrainerSettings(steps=steps, batch_size=config.batch_size, lr=config.lr, seed=ctx.seed,
-                               mixed_precision=config.mixed_precision, checkpoint_every=config.checkpoint_every,
-                               max_grad_norm=None)
-    key = hashlib.sha256(json.dumps([ctx.model_key, config.to_dict(), tag]).encode()).hexdigest()[:20]
     try:
-        trainer = Trainer(unet, [g for g in groups if g["params"]], loss_fn, draw,
-                          len(data.timesteps) * num_rows, settings,
-                          checkpoint_dir=ctx.cache_dir / "train" / f"quest-{key}", show_progress=ctx.show_progress,
-                          cpu=next(unet.parameters()).device.type == "cpu")
-        result = trainer.fit()
+        result = fit("quest", unet, [g for g in groups if g["params"]], loss_fn, draw, len(data.timesteps) * num_rows,
+                     ctx, config, key=[ctx.model_key, config.to_dict(), tag], steps=steps, max_grad_norm=None)
     finally:
         for handle in handles:
             handle.remove()

@@ -23,14 +23,14 @@ import torch
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.errors import PassError
 from sdcompiler.passes.quest.calibration import (
-    collect_act_stats, eps_sqnr, set_act_scales, set_weight_ranges, teacher_trajectories, trajectory_eps,
+    collect_act_stats, eps_sqnr, set_act_scales, set_weight_ranges, trajectory_eps,
 )
 from sdcompiler.passes.quest.config import QuestConfig
 from sdcompiler.passes.quest.finetune import finetune_stage
 from sdcompiler.passes.quest.modules import (
     ActQuantizer, QuantConv2d, QuantLinear, pack_quantized, quantize_modules, quantized_layers,
 )
-from sdcompiler.passes.teacher_data import load_prompts
+from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
 
 
 @register_pass

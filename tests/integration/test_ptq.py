@@ -176,7 +176,7 @@ def test_calibration_methods(calibration, tmp_path):
 
     from sdcompiler.passes.training import sqnr_db
     from sdcompiler.passes.ptq import PtqConfig, quantize_unet
-    from sdcompiler.passes.quest.calibration import Trajectories
+    from sdcompiler.passes.teacher_data import Trajectories
 
     generator = torch.Generator().manual_seed(0)
     data = Trajectories(samples=torch.randn(2, 3, 4, 16, 16, generator=generator),
