@@ -4,7 +4,7 @@
 from sdcompiler.errors import LoweringError
 from sdcompiler.targets.base import LowerContext, StageRecord, Target
 from sdcompiler.targets.onnx_target import OnnxTarget
-from sdcompiler.targets.tensorrt_target import TensorRTTarget
+from sdcompiler.targets.tensorrt import TensorRTTarget
 from sdcompiler.targets.torch_target import TorchTarget
 
 TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (OnnxTarget, TensorRTTarget, TorchTarget)}

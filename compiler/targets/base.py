@@ -3,8 +3,12 @@
 A target lowers (`lower(pipe, out_dir, config, ctx) -> [StageRecord]`) at
 compile time and loads (`load(root, manifest, device, providers) ->
 Components`) at run time; both directions live in the same class so the file
-layout is defined once. Targets are listed by name in
-`sdcompiler.targets.TARGETS`; `compile_pipeline(target=NAME)` and
+layout is defined once. `lower` runs its stages in order, each timed by a
+`Stage` whose record (name, settings, results) goes into the manifest; a stage
+that two targets share is one function (the onnx and tensorrt targets both
+start with `onnx_target.export_onnx_stage`). Targets are listed by name in
+`sdcompiler.targets.TARGETS` (a module beside this one, or a package such as
+`sdcompiler.targets.tensorrt`); `compile_pipeline(target=NAME)` and
 `load_compiled` look them up there (`get_target`).
 """
 

@@ -9,6 +9,10 @@ interface check; its settings go to the stage record), then `verify` (each
 ONNX model vs its torch module on the export inputs: max abs error and SQNR
 recorded; a quantized U-Net must keep `MIN_SQNR_DB` instead of the float
 tolerance).
+
+The `export_onnx` stage (`export_onnx_stage`), the export check (`verify_model`,
+`check_verified`) and the served components are shared with the tensorrt
+target, which builds its engines from the same graphs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import LoweringError
-from sdcompiler.passes import PassConfig
+from sdcompiler.passes import PassConfig, QuantizedUNet
 from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
@@ -120,9 +124,6 @@ class OnnxTarget(Target):
     serves_components = True
 
     def lower(self, pipe, out: Path, config: OnnxTargetConfig, ctx: LowerContext) -> list[StageRecord]:
-        from tqdm.auto import tqdm
-
-        records: list[StageRecord] = []
         quantized = ctx.products.unet_quantization  # left by the ptq pass
         if quantized is not None and quantized.backend != "onnxruntime":
             raise LoweringError(f"the onnx target runs ONNX Runtime's int8 graphs, not a {quantized.backend} "
@@ -132,33 +133,15 @@ class OnnxTarget(Target):
             raise LoweringError("the onnx target cannot split a ptq int8 U-Net for feature_cache yet; "
                                 "drop one of the two passes")
         exports = component_exports(pipe, ctx.arch, config.precision, config.vae_precision, config.vae_encoder, cache)
-        paths = {}
-        with Stage(records, "export_onnx", {"opset": config.opset, "exporter": "torchscript",
-                                            "precision": config.precision, "vae_precision": config.vae_precision}) as stage:
-            for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
-                if export.name == "unet" and quantized is not None:  # quantize_onnx puts the pass's graph here
-                    (out / "unet").mkdir(parents=True, exist_ok=True)
-                    paths["unet"] = out / "unet" / "model.onnx"
-                    stage.results["unet"] = "replaced by the ptq pass's graph (quantize_onnx)"
-                    continue
-                paths[export.name] = export_model(export, out / export.name, config.opset)
-                stage.results[export.name] = sorted(p.name for p in (out / export.name).iterdir())
-            write_component_configs(pipe, out, ctx)
-            write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
-                                                 type(getattr(pipe, n)).__name__]
-                                             for n in (*ctx.arch.text_encoders, "unet", "vae")})
+        records: list[StageRecord] = []
+        settings = {"opset": config.opset, "exporter": "torchscript", "precision": config.precision,
+                    "vae_precision": config.vae_precision}
+        replaced = {"unet": "replaced by the ptq pass's graph (quantize_onnx)"} if quantized is not None else None
+        paths = export_onnx_stage(records, pipe, out, exports, ctx, settings, config.opset, replaced=replaced)
         if quantized is not None:
-            with Stage(records, "quantize_onnx", quantized.settings) as stage:
-                unet_export = next(e for e in exports if e.name == "unet")
-                stage.results["unet"] = install_quantized_unet(quantized.onnx_folder, out / "unet", unet_export)
+            _quantize_onnx_stage(records, out, exports, quantized)
         if config.verify:
-            with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
-                for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
-                    precision = config.vae_precision if export.name.startswith("vae_") else config.precision
-                    result = verify_model(export, paths[export.name])
-                    stage.results[export.name] = result
-                    int8 = export.name == "unet" and quantized is not None
-                    check_verified(export.name, result, precision, quantized=int8)
+            _verify_stage(records, exports, paths, config, quantized is not None, ctx)
         return records
 
     def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
@@ -186,6 +169,72 @@ class OnnxTarget(Target):
             cache = ort_feature_cache(unet_model, shallow, settings)
         return make_components(root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache,
                                encode_image=encode)
+
+
+def export_onnx_stage(records: list[StageRecord], pipe, out: Path, exports: list[OnnxExport], ctx: LowerContext,
+                      settings: dict[str, Any], opset: int, opsets: Mapping[str, int] | None = None,
+                      replaced: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Stage `export_onnx`: each export to `<out>/<name>/model.onnx`, then the component configs and the
+    pipeline files (tokenizers, scheduler, `model_index.json`) of optimum's diffusers layout.
+
+    The onnx and tensorrt targets both start with this stage, so their artifacts share one layout. Its
+    record's results hold, per component, the files of its folder (or the `replaced` note).
+
+    Args:
+        records: the lowering's stage records; this stage's record is appended.
+        pipe: the transformed pipeline.
+        out: the artifact folder being written.
+        exports: the components to export (`component_exports`), in order.
+        ctx: the lowering context (the arch's text encoders, the progress bar switch).
+        settings: the stage's recorded settings.
+        opset: the ONNX opset of every export not in `opsets`.
+        opsets: per-component opsets that differ from `opset` (the tensorrt target's Q/DQ U-Net).
+        replaced: components a later stage installs instead of exporting them (the ptq pass's U-Net
+            graph), each with the note recorded as its result; only their folder is made.
+
+    Returns:
+        Each component's graph path, `<out>/<name>/model.onnx`, replaced components included.
+    """
+    from tqdm.auto import tqdm
+
+    opsets, replaced = opsets or {}, replaced or {}
+    paths = {}
+    with Stage(records, "export_onnx", settings) as stage:
+        for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
+            folder = out / export.name
+            if export.name in replaced:
+                folder.mkdir(parents=True, exist_ok=True)
+                paths[export.name] = folder / "model.onnx"
+                stage.results[export.name] = replaced[export.name]
+                continue
+            paths[export.name] = export_model(export, folder, opsets.get(export.name, opset))
+            stage.results[export.name] = sorted(p.name for p in folder.iterdir())
+        write_component_configs(pipe, out, ctx)
+        write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
+                                             type(getattr(pipe, n)).__name__]
+                                         for n in (*ctx.arch.text_encoders, "unet", "vae")})
+    return paths
+
+
+def _quantize_onnx_stage(records: list[StageRecord], out: Path, exports: list[OnnxExport],
+                         quantized: QuantizedUNet) -> None:
+    """Stage `quantize_onnx`: the ptq pass's int8 U-Net graph in place of the float export it replaces."""
+    with Stage(records, "quantize_onnx", quantized.settings) as stage:
+        unet_export = next(e for e in exports if e.name == "unet")
+        stage.results["unet"] = install_quantized_unet(quantized.onnx_folder, out / "unet", unet_export)
+
+
+def _verify_stage(records: list[StageRecord], exports: list[OnnxExport], paths: Mapping[str, Path],
+                  config: OnnxTargetConfig, int8_unet: bool, ctx: LowerContext) -> None:
+    """Stage `verify`: each graph vs its torch module on the export inputs in ONNX Runtime (CPU)."""
+    from tqdm.auto import tqdm
+
+    with Stage(records, "verify", {"provider": "CPUExecutionProvider"}) as stage:
+        for export in tqdm(exports, desc="verify onnx", disable=not ctx.show_progress):
+            precision = config.vae_precision if export.name.startswith("vae_") else config.precision
+            result = verify_model(export, paths[export.name])
+            stage.results[export.name] = result
+            check_verified(export.name, result, precision, quantized=int8_unet and export.name == "unet")
 
 
 def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:

@@ -24,7 +24,9 @@ pytest.importorskip("onnxruntime")
 from sdcompiler import compile_pipeline, load_compiled  # noqa: E402
 from sdcompiler.compile import compile_artifact  # noqa: E402
 from sdcompiler.errors import PipelineArgumentError  # noqa: E402
-from sdcompiler.targets import tensorrt_target as tt  # noqa: E402
+from sdcompiler.targets.tensorrt import runtime as trt_runtime  # noqa: E402
+from sdcompiler.targets.tensorrt.runtime import TrtModel  # noqa: E402
+from sdcompiler.targets.tensorrt.build import OPTIMIZED, compute_capability, plan_filename  # noqa: E402
 from sdcompiler.testing import make_checkpoint  # noqa: E402
 
 CALL = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
@@ -61,11 +63,11 @@ def _build_record(root):
 
 
 def test_engines_run_and_match_onnx_runtime(artifact, checkpoint, workdir):
-    cc = tt.compute_capability()
+    cc = compute_capability()
     built = _build_record(artifact)
     assert built["compute_capability"] == cc
     for name in ("text_encoder", "unet", "vae_decoder"):
-        assert (artifact / name / tt.plan_filename(cc)).is_file() and (artifact / name / tt.OPTIMIZED).is_file()
+        assert (artifact / name / plan_filename(cc)).is_file() and (artifact / name / OPTIMIZED).is_file()
         assert built[name]["cache"] == "miss"
     reference = compile_pipeline(checkpoint, target="onnx", output_dir=workdir / "onnx", device="cpu")
     got, expected = _images(load_compiled(artifact, device="cuda")), _images(reference)
@@ -79,27 +81,27 @@ def test_second_compile_hits_the_engine_cache(artifact, checkpoint, workdir):
     first, second = _build_record(artifact), _build_record(again)
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert second[name]["cache"] == "hit" and second[name]["key"] == first[name]["key"]
-        plan = tt.plan_filename(first["compute_capability"])
+        plan = plan_filename(first["compute_capability"])
         assert (again / name / plan).read_bytes() == (artifact / name / plan).read_bytes()
 
 
 def test_load_rebuilds_for_another_gpu_and_another_tensorrt(artifact, workdir, monkeypatch, caplog):
     expected = _images(load_compiled(artifact, device="cuda"))
-    real = tt.compute_capability()
-    monkeypatch.setattr(tt, "compute_capability", lambda: "1.0")  # an arch the artifact has no engine for
-    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+    real = compute_capability()
+    monkeypatch.setattr(trt_runtime, "compute_capability", lambda: "1.0")  # an arch the artifact has no engine for
+    with caplog.at_level(logging.WARNING, logger=trt_runtime.__name__):
         got = _images(load_compiled(artifact, device="cuda"))
     assert "this GPU has 1.0" in caplog.text and "rebuilding it from unet/model.opt.onnx" in caplog.text
     assert np.abs(got - expected).max() < 2e-2
 
-    monkeypatch.setattr(tt, "compute_capability", lambda: real)
+    monkeypatch.setattr(trt_runtime, "compute_capability", lambda: real)
     copy = workdir / "other-tensorrt"
     shutil.copytree(artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     next(s for s in manifest["lowering"]["stages"] if s["name"] == "build_engine")["results"]["tensorrt"] = "0.0.0"
     (copy / "manifest.json").write_text(json.dumps(manifest))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=tt.__name__):
+    with caplog.at_level(logging.WARNING, logger=trt_runtime.__name__):
         got = _images(load_compiled(copy, device="cuda"))
     assert "with TensorRT 0.0.0" in caplog.text
     assert np.abs(got - expected).max() < 2e-2
@@ -109,8 +111,8 @@ def test_static_engines_replay_cuda_graphs(artifact, checkpoint, workdir, monkey
     static = compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "static",
                               target_options={"precision": "fp32", "static": True})
     replays = []
-    replay = tt.TrtModel._replay
-    monkeypatch.setattr(tt.TrtModel, "_replay", lambda self, feed: replays.append(self.name) or replay(self, feed))
+    replay = TrtModel._replay
+    monkeypatch.setattr(TrtModel, "_replay", lambda self, feed: replays.append(self.name) or replay(self, feed))
     pipe = load_compiled(static, device="cuda")
     got = _images(pipe)
     assert replays.count("unet") == CALL["num_inference_steps"] and "vae_decoder" in replays

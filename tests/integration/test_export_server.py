@@ -24,7 +24,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from sdcompiler import serving
-from sdcompiler.targets import tensorrt_target
+from sdcompiler.targets.tensorrt import tensorrt_model_spec
 from sdcompiler.cli import main
 from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.sampling import generate
@@ -367,7 +367,7 @@ def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
 
     from sdcompiler.compile import compile_artifact
     from sdcompiler.errors import require
-    from sdcompiler.targets import tensorrt_target as tt
+    from sdcompiler.targets.tensorrt import target as tt
 
     patch = pytest.MonkeyPatch()
     fake = FakeTensorRT()
@@ -406,7 +406,7 @@ def test_tensorrt_artifact_serves_its_engines(tensorrt_artifact, tmp_path):
 
 def test_tensorrt_static_engines_do_not_batch_and_need_gpu_instances(tensorrt_artifact, tmp_path):
     static = {"profile": {"latent_sample": [[2, 4, 16, 16]] * 3}}
-    spec = tensorrt_target.tensorrt_model_spec("vae_decoder", tensorrt_artifact / "vae_decoder", static)
+    spec = tensorrt_model_spec("vae_decoder", tensorrt_artifact / "vae_decoder", static)
     text = model_config(spec, max_batch_size=8, kind="GPU", instance_count=1)
     assert parse_text(text).max_batch_size == 0
     assert "the engine's optimization profile fixes the batch range to [2, 2]" in text

@@ -137,7 +137,8 @@ def test_backends_pick_their_targets(tiny_checkpoint, tmp_path):
 def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoint, tmp_path, monkeypatch):
     import onnx
 
-    import sdcompiler.targets.tensorrt_target as tt
+    import sdcompiler.targets.tensorrt.target as tt
+    from sdcompiler.targets.tensorrt.build import OPTIMIZED
     from sdcompiler import compile_pipeline
 
     kept = tmp_path / "kept"
@@ -163,7 +164,7 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
                          output_dir=out, device="cpu", show_progress=False)
     assert not out.exists()
 
-    model = onnx.load(str(kept / tt.OPTIMIZED))
+    model = onnx.load(str(kept / OPTIMIZED))
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", tt.QDQ_OPSET)}
     q_op, dq_op, domain = (("QuantizeLinear", "DequantizeLinear", "") if preset == "int8"
                            else ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "trt"))
@@ -179,8 +180,8 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
         assert "trt:: ops" in verified["unet"]["skipped"]
         return
     assert verified["unet"]["sqnr_db"] > 10.0  # ONNX Runtime runs the Q/DQ graph
-    first = (kept / tt.OPTIMIZED).read_bytes()
+    first = (kept / OPTIMIZED).read_bytes()
     with pytest.raises(MissingDependencyError):  # seeded end to end: a second compile exports the same bytes
         compile_pipeline(tiny_checkpoint("sd15"), recipe=[{"preset": preset, **SMALL}], target="tensorrt",
                          output_dir=out, device="cpu", show_progress=False, target_options={"verify": False})
-    assert (kept / tt.OPTIMIZED).read_bytes() == first
+    assert (kept / OPTIMIZED).read_bytes() == first

@@ -17,7 +17,7 @@ import pytest
 from sdcompiler import compile_pipeline
 from sdcompiler.cli import main
 from sdcompiler.errors import MissingDependencyError
-from sdcompiler.targets import tensorrt_target as tt
+from sdcompiler.targets.tensorrt import target as tt
 
 
 

@@ -20,38 +20,45 @@ import torch
 from sdcompiler.errors import ConfigError, LoweringError
 from sdcompiler.serving import ModelSpec, TensorSpec, model_config
 from sdcompiler.targets import LowerContext, get_target
-from sdcompiler.targets import tensorrt_target as tt
+from sdcompiler.targets.tensorrt import runtime as trt_runtime
+from sdcompiler.targets.tensorrt import target as trt_target
+from sdcompiler.targets.tensorrt.build import (
+    OPTIMIZED, EngineBuild, build_serialized_engine, cached_engine, engine_cache_key, optimize_onnx, plan_filename,
+)
+from sdcompiler.targets.tensorrt.config import (
+    PRECISIONS, ModelSizes, TensorRTTargetConfig, dimension_ranges, onnx_input_dims, profile_shapes,
+)
 from sdcompiler.targets.components import OrtModel
 from sdcompiler.passes.onnx_export import export_model
 from fake_tensorrt import FakeTensorRT
 
 
 
-SD15, SDXL = tt.ModelSizes(8, 512), tt.ModelSizes(8, 1024)
+SD15, SDXL = ModelSizes(8, 512), ModelSizes(8, 1024)
 
 
-def _config(**options) -> tt.TensorRTTargetConfig:
-    return tt.TensorRTTargetConfig.from_dict(options, owner="target tensorrt")
+def _config(**options) -> TensorRTTargetConfig:
+    return TensorRTTargetConfig.from_dict(options, owner="target tensorrt")
 
 
 def test_default_ranges_for_sd15_and_sdxl():
-    sd15 = tt.dimension_ranges(_config(), SD15)
+    sd15 = dimension_ranges(_config(), SD15)
     assert sd15 == {
         "text_encoder": {"batch_size": (1, 1, 4), "sequence_length": (77, 77, 77)},
         "unet": {"batch_size": (1, 2, 8), "sequence_length": (77, 77, 77), "height": (32, 64, 96), "width": (32, 64, 96)},
         "vae_decoder": {"batch_size": (1, 1, 4), "latent_height": (32, 64, 96), "latent_width": (32, 64, 96)},
     }  # pixels 256 / 512 / 768; the U-Net's batch doubled for classifier-free guidance
-    sdxl = tt.dimension_ranges(_config(), SDXL)
+    sdxl = dimension_ranges(_config(), SDXL)
     assert sdxl["unet"]["height"] == sdxl["vae_decoder"]["latent_width"] == (64, 128, 192)  # 512 / 1024 / 1536 px
 
 
 def test_custom_ranges_without_guidance_and_static_mode():
     config = _config(batch_size=[1, 2, 8], height=[256, 512, 1024], width=[512, 768, 1024])
-    ranges = tt.dimension_ranges(config, tt.ModelSizes(8, 512, guidance=False))
+    ranges = dimension_ranges(config, ModelSizes(8, 512, guidance=False))
     assert ranges["unet"] == {"batch_size": (1, 2, 16), "sequence_length": (77, 77, 77),
                               "height": (32, 64, 128), "width": (64, 96, 128)}
     assert ranges["text_encoder"]["batch_size"] == (1, 2, 8)
-    static = tt.dimension_ranges(_config(static=True), SD15)
+    static = dimension_ranges(_config(static=True), SD15)
     assert static["unet"] == {"batch_size": (2, 2, 2), "sequence_length": (77, 77, 77),
                               "height": (64, 64, 64), "width": (64, 64, 64)}
     assert all(r[0] == r[1] == r[2] for dims in static.values() for r in dims.values())
@@ -59,14 +66,14 @@ def test_custom_ranges_without_guidance_and_static_mode():
 
 def test_ranges_must_be_multiples_of_the_vae_factor():
     with pytest.raises(ConfigError, match="multiples of the VAE factor 8"):
-        tt.dimension_ranges(_config(height=[256, 500, 768]), SD15)
+        dimension_ranges(_config(height=[256, 500, 768]), SD15)
 
 
 def test_profile_shapes_follow_the_named_dimensions():
     sdxl_unet = {"sample": ["batch_size", 4, "height", "width"], "timestep": [],
                  "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
                  "text_embeds": ["batch_size", 1280], "time_ids": ["batch_size", 6]}
-    profile = tt.profile_shapes(sdxl_unet, tt.dimension_ranges(_config(), SDXL)["unet"])
+    profile = profile_shapes(sdxl_unet, dimension_ranges(_config(), SDXL)["unet"])
     assert profile == {
         "sample": ((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192)),
         "encoder_hidden_states": ((1, 77, 2048), (2, 77, 2048), (8, 77, 2048)),
@@ -74,7 +81,7 @@ def test_profile_shapes_follow_the_named_dimensions():
         "time_ids": ((1, 6), (2, 6), (8, 6)),
     }  # the 0-d timestep has no dynamic dimension, so no profile entry
     with pytest.raises(LoweringError, match="'deep_height'"):
-        tt.profile_shapes({"deep": ["batch_size", 8, "deep_height", 4]}, {"batch_size": (1, 1, 1)})
+        profile_shapes({"deep": ["batch_size", 8, "deep_height", 4]}, {"batch_size": (1, 1, 1)})
 
 
 @pytest.mark.parametrize("options, match", [
@@ -95,40 +102,40 @@ def test_invalid_settings_are_one_line_config_errors(options, match):
 
 
 def test_engine_cache_key_changes_with_each_input_and_only_then():
-    build = tt.EngineBuild({"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24))}).to_dict()
-    base = tt.engine_cache_key("a" * 64, build, "9.0", "10.9.0")
-    assert base == tt.engine_cache_key("a" * 64, dict(reversed(build.items())), "9.0", "10.9.0")
+    build = EngineBuild({"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24))}).to_dict()
+    base = engine_cache_key("a" * 64, build, "9.0", "10.9.0")
+    assert base == engine_cache_key("a" * 64, dict(reversed(build.items())), "9.0", "10.9.0")
     changed = [
-        tt.engine_cache_key("b" * 64, build, "9.0", "10.9.0"),
-        tt.engine_cache_key("a" * 64, {**build, "builder_optimization_level": 5}, "9.0", "10.9.0"),
-        tt.engine_cache_key("a" * 64, {**build, "workspace_gb": 4.0}, "9.0", "10.9.0"),
-        tt.engine_cache_key("a" * 64, tt.EngineBuild({"sample": ((1, 4, 8, 8),) * 3}).to_dict(), "9.0", "10.9.0"),
-        tt.engine_cache_key("a" * 64, build, "8.9", "10.9.0"),
-        tt.engine_cache_key("a" * 64, build, "9.0", "10.10.0"),
+        engine_cache_key("b" * 64, build, "9.0", "10.9.0"),
+        engine_cache_key("a" * 64, {**build, "builder_optimization_level": 5}, "9.0", "10.9.0"),
+        engine_cache_key("a" * 64, {**build, "workspace_gb": 4.0}, "9.0", "10.9.0"),
+        engine_cache_key("a" * 64, EngineBuild({"sample": ((1, 4, 8, 8),) * 3}).to_dict(), "9.0", "10.9.0"),
+        engine_cache_key("a" * 64, build, "8.9", "10.9.0"),
+        engine_cache_key("a" * 64, build, "9.0", "10.10.0"),
     ]
     assert len({base, *changed}) == 1 + len(changed)
 
 
 def test_plan_names_are_the_ones_serving_maps_compute_capabilities_to():
-    assert tt.plan_filename("9.0") == "model_sm90.plan" and tt.plan_filename("12.0") == "model_sm120.plan"
+    assert plan_filename("9.0") == "model_sm90.plan" and plan_filename("12.0") == "model_sm120.plan"
     spec = ModelSpec("unet", (TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)),),
                      (TensorSpec("out_sample", "TYPE_FP16", (-1, 4, -1, -1)),), platform="tensorrt_plan",
-                     cc_model_filenames={cc: tt.plan_filename(cc) for cc in ("8.9", "9.0")})
+                     cc_model_filenames={cc: plan_filename(cc) for cc in ("8.9", "9.0")})
     text = model_config(spec, max_batch_size=0, kind="GPU", instance_count=1)
     assert 'cc_model_filenames { key: "9.0" value: "model_sm90.plan" }' in text
 
 
-def _build(**options) -> tt.EngineBuild:
+def _build(**options) -> EngineBuild:
     profile = {"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
                "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32))}
-    return tt.EngineBuild(profile, **options)
+    return EngineBuild(profile, **options)
 
 
 def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(tmp_path):
     fake = FakeTensorRT()
     timing = tmp_path / "timing.cache"
     timing.write_bytes(b"earlier timings")
-    plan = tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=4,
+    plan = build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=4,
                                                                                  builder_optimization_level=5), timing)
     assert plan == b"engine"
     assert fake.calls == [
@@ -150,7 +157,7 @@ def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(t
     assert timing.read_bytes() == b"timings"  # written back for the next build
 
     fake = FakeTensorRT()
-    tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(), tmp_path / "new.cache")
+    build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(), tmp_path / "new.cache")
     assert not any(call[0] == "config.set_memory_pool_limit" for call in fake.calls)  # None: TensorRT's default
     assert ("config.builder_optimization_level=", 3) in fake.calls
     assert ("config.create_timing_cache", b"") in fake.calls  # no cache file yet: an empty cache
@@ -162,7 +169,7 @@ def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(t
 ])
 def test_builder_failures_are_one_line_errors_with_a_repro_command(tmp_path, fake, match):
     with pytest.raises(LoweringError, match=match) as info:
-        tt.build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=2), tmp_path / "t.cache")
+        build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=2), tmp_path / "t.cache")
     message = str(info.value)
     assert "\n" not in message
     assert (f"trtexec --onnx={tmp_path / 'model.opt.onnx'} --stronglyTyped --minShapes=sample:1x4x8x8,"
@@ -179,42 +186,42 @@ def test_engine_cache_hit_skips_the_build(tmp_path, monkeypatch):
     def builds() -> int:
         return sum(call[0] == "builder.build_serialized_network" for call in fake.calls)
 
-    plan, first = tt.cached_engine(fake, graph, _build(), "9.0")
+    plan, first = cached_engine(fake, graph, _build(), "9.0")
     assert first["cache"] == "miss" and plan.read_bytes() == b"engine" and builds() == 1
     assert plan == tmp_path / "cache" / "engines" / first["key"] / "model.plan"
     assert (tmp_path / "cache" / "engines" / "timing-trt10.0.0-fake-sm90.cache").read_bytes() == b"timings"
-    assert tt.cached_engine(fake, graph, _build(), "9.0")[1] == {"key": first["key"], "cache": "hit"}
+    assert cached_engine(fake, graph, _build(), "9.0")[1] == {"key": first["key"], "cache": "hit"}
     assert builds() == 1
-    assert tt.cached_engine(fake, graph, _build(), "8.9")[1]["cache"] == "miss"  # another GPU arch
+    assert cached_engine(fake, graph, _build(), "8.9")[1]["cache"] == "miss"  # another GPU arch
     graph.write_bytes(b"another graph")
-    assert tt.cached_engine(fake, graph, _build(), "9.0")[1]["cache"] == "miss"
+    assert cached_engine(fake, graph, _build(), "9.0")[1]["cache"] == "miss"
     assert builds() == 3
 
 
 def test_load_rebuilds_for_another_gpu_or_tensorrt_version(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / tt.OPTIMIZED).write_bytes(b"graph")
+    (tmp_path / "unet" / OPTIMIZED).write_bytes(b"graph")
     (tmp_path / "unet" / "model_sm90.plan").write_bytes(b"plan for sm90")
     fake = FakeTensorRT()
     built = json.loads(json.dumps({"compute_capability": "9.0", "tensorrt": fake.__version__,
                                    "unet": {"build": _build().to_dict()}}))  # as the manifest stores it
 
-    monkeypatch.setattr(tt, "compute_capability", lambda: "9.0")
-    assert tt._engine_bytes(fake, tmp_path, "unet", built) == b"plan for sm90"
+    monkeypatch.setattr(trt_runtime, "compute_capability", lambda: "9.0")
+    assert trt_runtime._engine_bytes(fake, tmp_path, "unet", built) == b"plan for sm90"
     assert fake.calls == [] and not caplog.records
 
-    monkeypatch.setattr(tt, "compute_capability", lambda: "8.9")
-    with caplog.at_level(logging.WARNING, logger=tt.__name__):
-        assert tt._engine_bytes(fake, tmp_path, "unet", built) == b"engine"
+    monkeypatch.setattr(trt_runtime, "compute_capability", lambda: "8.9")
+    with caplog.at_level(logging.WARNING, logger=trt_runtime.__name__):
+        assert trt_runtime._engine_bytes(fake, tmp_path, "unet", built) == b"engine"
     assert "built for compute capability 9.0 with TensorRT 10.0.0-fake; this GPU has 8.9" in caplog.text
-    assert ("parser.parse_from_file", str(tmp_path / "unet" / tt.OPTIMIZED)) in fake.calls
+    assert ("parser.parse_from_file", str(tmp_path / "unet" / OPTIMIZED)) in fake.calls
     assert ("profile.set_shape", "sample", (1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)) in fake.calls
 
-    monkeypatch.setattr(tt, "compute_capability", lambda: "9.0")
+    monkeypatch.setattr(trt_runtime, "compute_capability", lambda: "9.0")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=tt.__name__):
-        assert tt._engine_bytes(fake, tmp_path, "unet", {**built, "tensorrt": "9.3.0"}) == b"engine"
+    with caplog.at_level(logging.WARNING, logger=trt_runtime.__name__):
+        assert trt_runtime._engine_bytes(fake, tmp_path, "unet", {**built, "tensorrt": "9.3.0"}) == b"engine"
     assert "with TensorRT 9.3.0; this GPU has 9.0 and TensorRT is 10.0.0-fake: rebuilding" in caplog.text
 
 
@@ -230,9 +237,9 @@ def exported(tiny_sd15, tmp_path_factory):
     """The tiny SD1.5's components exported (fp32) and optimized: [(export, raw, report, optimized path)]."""
     root = tmp_path_factory.mktemp("trt-onnx")
     graphs = []
-    for export in tt._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(precision="fp32")):
+    for export in trt_target._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(precision="fp32")):
         raw = export_model(export, root / export.name, 18)
-        graphs.append((export, raw, tt.optimize_onnx(raw, raw.with_name(tt.OPTIMIZED)), raw.with_name(tt.OPTIMIZED)))
+        graphs.append((export, raw, optimize_onnx(raw, raw.with_name(OPTIMIZED)), raw.with_name(OPTIMIZED)))
     return graphs
 
 
@@ -242,9 +249,9 @@ def exported(tiny_sd15, tmp_path_factory):
     ({"precision": "fp32", "vae_precision": "fp16"}, ["fp32", "fp32", "fp16"]),
 ])
 def test_precision_sets_each_exported_graphs_type(tiny_sd15, options, expected):
-    exports = tt._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(**options))
+    exports = trt_target._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(**options))
     assert [e.name for e in exports] == ["text_encoder", "unet", "vae_decoder"]
-    assert [tt.PRECISIONS[e.dtype] for e in exports] == expected
+    assert [PRECISIONS[e.dtype] for e in exports] == expected
 
 
 def test_feature_cache_artifacts_are_refused_before_any_export(tiny_sd15, tmp_path):
@@ -257,7 +264,7 @@ def test_feature_cache_artifacts_are_refused_before_any_export(tiny_sd15, tmp_pa
 def test_optimized_graphs_run_in_onnx_runtime_and_match_the_exports(exported):
     for export, raw, report, optimized in exported:
         assert report["nodes_after"] < report["nodes_before"], export.name
-        assert report["files"] == [tt.OPTIMIZED]
+        assert report["files"] == [OPTIMIZED]
         onnx.checker.check_model(onnx.load(str(optimized)), full_check=True)
         inputs = dict(zip(export.input_names, export.args))
         if export.name == "unet":  # another batch and a latent size unlike the traced one: still dynamic
@@ -272,8 +279,8 @@ def test_optimized_graphs_run_in_onnx_runtime_and_match_the_exports(exported):
 
 def test_profile_from_the_optimized_unet_graph(exported):
     (optimized,) = [path for export, _, _, path in exported if export.name == "unet"]
-    ranges = tt.dimension_ranges(_config(), tt.ModelSizes(8, 128))  # tiny SD1.5: 16 x 16 latents, 128 px
-    assert tt.profile_shapes(tt.onnx_input_dims(optimized), ranges["unet"]) == {
+    ranges = dimension_ranges(_config(), ModelSizes(8, 128))  # tiny SD1.5: 16 x 16 latents, 128 px
+    assert profile_shapes(onnx_input_dims(optimized), ranges["unet"]) == {
         "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
         "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32)),
     }
@@ -284,10 +291,10 @@ def test_graphs_with_external_data_stay_external(exported, tmp_path):
     big = tmp_path / "model.onnx"
     onnx.save_model(onnx.load(str(raw)), str(big), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=0)
-    report = tt.optimize_onnx(big, tmp_path / tt.OPTIMIZED)
-    assert report["files"] == [tt.OPTIMIZED, tt.OPTIMIZED + ".data"]
+    report = optimize_onnx(big, tmp_path / OPTIMIZED)
+    assert report["files"] == [OPTIMIZED, OPTIMIZED + ".data"]
     assert not list(tmp_path.glob(".inferred-*"))
     inputs = dict(zip(export.input_names, export.args))
     expected = OrtModel(raw, ["CPUExecutionProvider"])(**inputs)["sample"]
-    got = OrtModel(tmp_path / tt.OPTIMIZED, ["CPUExecutionProvider"])(**inputs)["sample"]
+    got = OrtModel(tmp_path / OPTIMIZED, ["CPUExecutionProvider"])(**inputs)["sample"]
     assert torch.allclose(got, expected, atol=1e-5)
