@@ -84,7 +84,7 @@ def build_gri_unet(unet):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdcompiler.passes.attention_swap import SwapAttentionConfig, apply_gri, resolve_geometry
+    from sdcompiler.passes.swap_attention import SwapAttentionConfig, apply_gri, resolve_geometry
 
     with torch.device("meta"):
         twin = UNet2DConditionModel.from_config(unet.config).eval()

@@ -73,7 +73,7 @@ def variants(unet, device: str, compile_modes: tuple[str, ...] = ()) -> dict:
         return model
 
     def gri():
-        from sdcompiler.passes.attention_swap import SwapAttentionConfig, apply_gri
+        from sdcompiler.passes.swap_attention import SwapAttentionConfig, apply_gri
 
         model = fused()
         swapped = apply_gri(model, SwapAttentionConfig())

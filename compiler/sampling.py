@@ -216,7 +216,7 @@ def generate(
     batch = len(prompts) * num_images_per_prompt
     timestep_cond = None
     if embedded:  # (compile refuses a feature cache for such U-Nets)
-        from sdcompiler.passes.cfg_distill import guidance_embedding
+        from sdcompiler.passes.distill_cfg import guidance_embedding
 
         scales = torch.full((batch,), float(guidance_scale))
         timestep_cond = guidance_embedding(scales, c.guidance_embedding_dim, c.dtype)

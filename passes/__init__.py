@@ -10,19 +10,21 @@ from sdcompiler.passes.base import (
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.manager import ORDERING_RULES, PassManager, PassStep, check_order, rebuild
 
-# Built-in passes register themselves on import.
-from sdcompiler.passes import attention_swap as _attention_swap  # noqa: F401,E402
-from sdcompiler.passes import block_pruning as _block_pruning  # noqa: F401,E402
-from sdcompiler.passes import cfg_distill as _cfg_distill  # noqa: F401,E402
+# Built-in passes register themselves on import: one module per pass, named after it (quest_w4a4 is the
+# `quest` package, which also serves the w4a8 / w8a8 presets).
 from sdcompiler.passes import distill as _distill  # noqa: F401,E402
+from sdcompiler.passes import distill_cfg as _distill_cfg  # noqa: F401,E402
+from sdcompiler.passes import distill_steps as _distill_steps  # noqa: F401,E402
 from sdcompiler.passes import feature_cache as _feature_cache  # noqa: F401,E402
 from sdcompiler.passes import fuse_qkv as _fuse_qkv  # noqa: F401,E402
-from sdcompiler.passes import lora as _lora  # noqa: F401,E402
+from sdcompiler.passes import merge_lora as _merge_lora  # noqa: F401,E402
+from sdcompiler.passes import prune_blocks as _prune_blocks  # noqa: F401,E402
 from sdcompiler.passes import ptq as _ptq  # noqa: F401,E402
 from sdcompiler.passes.quest import pass_ as _quest  # noqa: F401,E402
-from sdcompiler.passes import scheduler as _scheduler  # noqa: F401,E402
-from sdcompiler.passes import step_distill as _step_distill  # noqa: F401,E402
-from sdcompiler.passes import vae_swap as _vae_swap  # noqa: F401,E402
+from sdcompiler.passes import set_scheduler as _set_scheduler  # noqa: F401,E402
+from sdcompiler.passes import slim_unet as _slim_unet  # noqa: F401,E402
+from sdcompiler.passes import swap_attention as _swap_attention  # noqa: F401,E402
+from sdcompiler.passes import swap_vae as _swap_vae  # noqa: F401,E402
 
 __all__ = [
     "ORDERING_RULES",

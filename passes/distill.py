@@ -78,7 +78,7 @@ class FeaturePairs:
     """Forward hooks on paired student/teacher modules; `pairs()` gives their latest outputs (same shapes only).
 
     `stages`: down stages paired from the input side, up stages from the output side. `attn1`: every student
-    self-attention module with the teacher module its weights were inherited from (the block-pruning key map,
+    self-attention module with the teacher module its weights were inherited from (`student_unet.teacher_key_map`,
     stage offset inferred from the number of up stages).
     """
 
@@ -88,7 +88,7 @@ class FeaturePairs:
             s_up, t_up = list(student.up_blocks)[::-1], list(teacher.up_blocks)[::-1]
             modules = list(zip(s_down, t_down)) + list(zip(s_up, t_up))
         else:
-            from sdcompiler.passes.block_pruning import teacher_key_map
+            from sdcompiler.passes.student_unet import teacher_key_map
 
             offset = len(teacher.up_blocks) - len(student.up_blocks)
             keys = teacher_key_map(teacher, student, offset)

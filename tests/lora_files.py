@@ -1,5 +1,5 @@
 """LoRA files for tests: random LoRAs for the U-Net and every text encoder, saved as diffusers' trainers save
-them, and the same LoRA in the kohya / A1111 layout (used by test_lora and test_runtime_lora)."""
+them, and the same LoRA in the kohya / A1111 layout (used by test_merge_lora and test_runtime_lora)."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ class TorchTarget(Target):
                                pipeline=pipe, encode_image=torch_vae_encoder(pipe.vae, device))
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
-        from sdcompiler.passes.lora import check_lora_files
+        from sdcompiler.passes.merge_lora import check_lora_files
 
         from sdcompiler.passes import get_pass
 
@@ -138,7 +138,7 @@ class TorchTarget(Target):
                      touched: dict[str, list[str]]) -> dict[str, list[str]]:
         """Restore the parameters the previous LoRAs changed from the artifact's files, then fuse `loras`, all in
         place: CUDA graphs and torch.compile'd code keep running (no recapture, no recompile)."""
-        from sdcompiler.passes.lora import fuse_loras
+        from sdcompiler.passes.merge_lora import fuse_loras
 
         pipe = components.pipeline
         restore_weights(pipe, root, touched)

@@ -1,6 +1,11 @@
 """quest_w4a4: QuEST-style low-bit quantization of the U-Net with time-wise activation scales and
 selective finetuning (presets `quest-w4a4`, `quest-w4a8`, `quest-w8a8`).
 
+Why the package is `quest`, not `quest_w4a4` like its pass: the pass name is public (recipes, manifests)
+and stays, but the bit widths are config (`w_bits`, `a_bits`), so the same code serves the W4A8 and W8A8
+presets too; the package is named after the method rather than one of its bit widths. The registered pass
+itself lives in `pass_`.
+
 One scheme, shared bit for bit with the W4A4 kernels (`sdcompiler.kernels.w4a4`, whose primitives
 `scheme` builds on):
 

@@ -2,7 +2,7 @@
 preset and compiled to the torch target; the manifest records the published parameter count.
 
 One preset at full size keeps CI within budget (SD1.5 checkpoint ~4 GB on disk, ~10 GB peak RSS); the other
-presets' exact counts at full size are checked on meta tensors in test_block_pruning.py, and an SDXL
+presets' exact counts at full size are checked on meta tensors in test_student_unet.py, and an SDXL
 pipeline (~14 GB in fp32) does not fit this test's budget.
 """
 

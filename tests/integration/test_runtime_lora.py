@@ -1,7 +1,7 @@
 """`CompiledPipeline.set_loras`: LoRAs switched at run time on torch artifacts, in place.
 
 The oracle is the compile-time merge (`merge_lora`, itself checked against diffusers' unfused LoRA pipeline
-in test_lora): an artifact with LoRAs set at run time must generate what an artifact compiled with the same
+in test_merge_lora): an artifact with LoRAs set at run time must generate what an artifact compiled with the same
 LoRAs merged generates, and `set_loras([])` must give back the artifact's own images exactly.
 """
 

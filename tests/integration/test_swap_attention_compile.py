@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcompiler.passes.attention_swap import GRIAttnProcessor
+from sdcompiler.passes.swap_attention import GRIAttnProcessor
 
 
 

@@ -120,7 +120,7 @@ def test_metrics_count_the_vae(artifacts, tiny_checkpoint, taesd):
     assert metrics["vae_decoder_macs_before"] == vae_decoder_macs(full, (128, 128), 8) > 0
 
 
-def test_runtime_loras_work_after_a_vae_swap(artifacts, tiny_checkpoint, tmp_path):
+def test_runtime_loras_work_after_swap_vae(artifacts, tiny_checkpoint, tmp_path):
     from lora_files import make_full_lora
 
     pipe = load_compiled(artifacts("sd15", "torch").root, device="cpu")

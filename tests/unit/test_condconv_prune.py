@@ -23,7 +23,7 @@ from unet_holder import UNetHolder
 PRESETS = ["bk-base", "bk-small", "bk-tiny"]
 
 
-# SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_block_pruning's. The extra
+# SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_student_unet's. The extra
 # parameters are one more expert (C*C*9 + C) and a routing head (2 C + 2) per replaced conv2 of width C:
 # bk-base/small replace 8 convs (down 320, 640, 1280, 1280; up 1280, 1280, 640, 320), bk-tiny 6.
 FULL_SIZE = {

@@ -10,7 +10,7 @@ import torch
 from sdcompiler.errors import ConfigError
 from sdcompiler.kernels.gri_attention import gri_macs
 from sdcompiler.passes import count_macs, count_params, unet_example_inputs
-from sdcompiler.passes.attention_swap import GRIAttnProcessor, SwapAttentionConfig, apply_gri, resolve_geometry
+from sdcompiler.passes.swap_attention import GRIAttnProcessor, SwapAttentionConfig, apply_gri, resolve_geometry
 
 
 

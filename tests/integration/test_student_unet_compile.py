@@ -14,7 +14,7 @@ from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, count_params
-from sdcompiler.passes.block_pruning import student_config
+from sdcompiler.passes.student_unet import student_config
 from sdcompiler.recipe import resolve_recipe
 from unet_holder import UNetHolder
 

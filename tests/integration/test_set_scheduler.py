@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import sdcompiler.passes.scheduler  # noqa: F401  (registers set_scheduler)
+import sdcompiler.passes.set_scheduler  # noqa: F401  (registers set_scheduler)
 from sdcompiler import load_compiled
 from sdcompiler.compile import compile_artifact
 from sdcompiler.passes.errors import ConfigError, PassError

@@ -30,7 +30,7 @@ def _run_pass(checkpoint: Path, cache_dir: Path, **overrides) -> tuple[object, d
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_cfg_distill_halves_unet_calls_and_approaches_the_guided_teacher(arch, tiny_checkpoint, tmp_path):
+def test_distill_cfg_halves_unet_calls_and_approaches_the_guided_teacher(arch, tiny_checkpoint, tmp_path):
     pipe = compile_pipeline(tiny_checkpoint(arch), "cfg-distill", "torch", tmp_path / "out", show_progress=False)
     (record,) = pipe.manifest["passes"]
     metrics = record["metrics"]
@@ -59,13 +59,13 @@ def test_cfg_distill_halves_unet_calls_and_approaches_the_guided_teacher(arch, t
     assert images.std() > 0.01
 
 
-def test_cfg_distill_needs_guidance_above_one(tiny_checkpoint, tmp_path):
+def test_distill_cfg_needs_guidance_above_one(tiny_checkpoint, tmp_path):
     with pytest.raises(PassError, match="no guidance to distill"):
         compile_pipeline(tiny_checkpoint("sd15"), [{"pass": "distill_cfg", "guidance_scale": 1.0}], "torch",
                          tmp_path / "out", show_progress=False)
 
 
-def test_interrupted_cfg_distillation_resumes_to_the_same_weights(tiny_checkpoint, tmp_path, monkeypatch):
+def test_interrupted_distill_cfg_resumes_to_the_same_weights(tiny_checkpoint, tmp_path, monkeypatch):
     """Stopped right after its step-2 checkpoint and run again, it ends where an uninterrupted run ends."""
     checkpoint = tiny_checkpoint("sd15")
 
@@ -96,7 +96,7 @@ def test_interrupted_cfg_distillation_resumes_to_the_same_weights(tiny_checkpoin
         clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()))  # it trained
 
 
-def test_cfg_distill_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoint, tmp_path):
+def test_distill_cfg_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoint, tmp_path):
     recipe = [{"preset": "cfg-distill", "guidance_range": [2.0, 8.0], "guidance_scale": 5.0}]
     pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
     (record,) = pipe.manifest["passes"]

@@ -60,7 +60,7 @@ import torch
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import ConfigError, PassError
-from sdcompiler.passes.scheduler import SetScheduler, SetSchedulerConfig, build_scheduler
+from sdcompiler.passes.set_scheduler import SetScheduler, SetSchedulerConfig, build_scheduler
 from sdcompiler.passes.teacher_data import HeldOutImages, NoiseSchedule, TeacherSamples, psnr_db, unconditional_inputs
 from sdcompiler.passes.training import fit, lora_student, sqnr_db, teacher_data, training_metrics
 
