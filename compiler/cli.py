@@ -1,4 +1,4 @@
-"""The `sdcompiler` command line: compile, generate, bench, inspect, demo, export-server.
+"""The `sdcompiler` command line: compile, generate, bench, inspect, demo, presets, export-server.
 
 Exit status: 0 on success; 2 for a malformed command line (argparse); 1 for
 every other error, with one plain line on stderr naming the problem and the
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("presets", parents=[common], help="list the shipped presets with their passes")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown table README.md embeds")
+    p.set_defaults(func=cmd_presets)
+
     p = sub.add_parser("export-server", parents=[common], help="write a Triton Inference Server model repository")
     p.add_argument("artifact", help="an artifact compiled with --target onnx or --target tensorrt")
     p.add_argument("--out", required=True, help="model repository folder to write (atomically)")
@@ -303,6 +307,23 @@ def cmd_bench(args) -> int:
     failures = report.check(requirements)
     if failures:
         raise GateError(f"{len(failures)} of {len(requirements)} requirement(s) missed: {'; '.join(failures)}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from sdcompiler.recipe import preset_rows, presets_table
+
+    if args.markdown:
+        print(presets_table(), end="")
+        return 0
+    import textwrap
+
+    rows = [(name, passes, description) for names, passes, description in preset_rows() for name in names or ["-"]]
+    width = max(len(name) for name, _, _ in rows)
+    for name, passes, description in rows:
+        print(f"{name:<{width}}  {' + '.join(passes) or '(no passes)'}")
+        print(textwrap.fill(description, width=100, initial_indent="    ", subsequent_indent="    ",
+                            break_long_words=False, break_on_hyphens=False))
     return 0
 
 

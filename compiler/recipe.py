@@ -11,6 +11,10 @@ Presets are YAML files in `sdcompiler/presets/` of the same mapping form;
 each expands to exactly one pass unless its YAML lists several (composite).
 Resolution validates every config strictly and checks the ordering rules, so
 a bad recipe fails before any work starts.
+
+`presets_table()` renders every preset with its pass(es) and YAML
+`description` as the Markdown table README.md embeds (`sdcompiler presets
+--markdown`); a unit test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import yaml
 
 from sdcompiler.errors import RecipeError
-from sdcompiler.passes import PassStep, check_order, get_pass
+from sdcompiler.passes import PassStep, available_passes, check_order, get_pass
+from sdcompiler.passes.base import STAGES
 
 RecipeLike = Union[str, Path, Sequence[Any], None]
 RECIPE_VERSION = 1
@@ -38,6 +43,51 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
     return _parse_mapping(yaml.safe_load(path.read_text()), f"preset {name!r}")
+
+
+def preset_rows() -> list[tuple[list[str], list[str], str]]:
+    """Every shipped preset as a `(preset names, pass names, description)` row, plus every built-in pass
+    that no preset runs on its own as `([], [pass], the pass class's description)`.
+
+    Presets with the same passes and the same YAML `description` share a row (e.g. `quest-w4a4`, `-w4a8`,
+    `-w8a8`). Rows come in recipe order: the ordering stage of their first pass (`none` first), then pass
+    and preset name. A preset naming a pass that is not registered is a RecipeError.
+    """
+    registered = set(available_passes())
+    groups: dict[tuple[tuple[str, ...], str], list[str]] = {}
+    for name in available_presets():
+        preset = load_preset(name)
+        passes = tuple(p.get("pass") if isinstance(p, Mapping) else p for p in preset["passes"])
+        unknown = [p for p in passes if p not in registered]
+        if unknown:
+            raise RecipeError(f"preset {name!r} names unregistered pass(es) {', '.join(map(repr, unknown))}; "
+                              f"registered passes: {', '.join(sorted(registered))}")
+        groups.setdefault((passes, " ".join(str(preset["description"]).split())), []).append(name)
+    rows = [(names, list(passes), description) for (passes, description), names in groups.items()]
+    alone = {passes[0] for _, passes, _ in rows if len(passes) == 1}
+    builtin = [n for n in sorted(registered) if type(get_pass(n)).__module__.startswith("sdcompiler.passes.")]
+    rows += [([], [n], " ".join(get_pass(n).description.split())) for n in builtin if n not in alone]
+
+    def order(row):
+        names, passes, _ = row
+        stage = STAGES.index(get_pass(passes[0]).stage) if passes else -1
+        return stage, passes, not names, names
+
+    return sorted(rows, key=order)
+
+
+def presets_table() -> str:
+    """The Markdown table of `preset_rows()`: preset(s) | pass(es) | what it does (README.md embeds it)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| preset | pass | what it does |", "|---|---|---|"]
+    for names, passes, description in preset_rows():
+        presets = ", ".join(f"`{n}`" for n in names) or "–"
+        steps = " + ".join(f"`{p}`" for p in passes) or "–"
+        lines.append(f"| {presets} | {steps} | {cell(description)} |")
+    return "\n".join(lines) + "\n"
 
 
 def resolve_recipe(recipe: RecipeLike) -> list[PassStep]:

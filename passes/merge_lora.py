@@ -70,7 +70,9 @@ class MergeLoRA(Pass):
     runtime_loras = True
     config_class = MergeLoRAConfig
     stage = "merge"
-    description = "fuse LoRA files (diffusers/peft or kohya layouts) into the U-Net and text encoders"
+    description = ("fuse LoRA files (diffusers/peft or kohya/A1111 layouts, via diffusers' loader) into the U-Net "
+                   "and text encoders with per-LoRA scales: `{\"pass\": \"merge_lora\", \"loras\": "
+                   "[{\"path\": \"a.safetensors\", \"scale\": 0.8}]}`; must precede structural passes")
 
     def requires(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> None:
         check_lora_files(config.items())
