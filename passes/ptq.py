@@ -1,7 +1,7 @@
 """ptq: post-training static quantization of the U-Net (presets `int8`, `fp8`) for ONNX Runtime and TensorRT.
 
 INT8 for ONNX Runtime (target "onnx") is static QDQ on the exported float graph, in the form ORT's CPU
-kernels run fast (environment.md): activations uint8, asymmetric, one (scale, zero point) per tensor,
+kernels run fast: activations uint8, asymmetric, one (scale, zero point) per tensor,
 
     x_q = clamp(round(x / s) + z, 0, 255),   s = (max - min) / 255,   z = round(-min / s),
 

@@ -24,7 +24,6 @@ from sdcompiler.passes import ptq_modelopt as mo  # noqa: E402
 
 
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (the [modelopt] extra)")
 
 
 SMALL = {"calib_prompts": 1, "calib_steps": 2, "resolution": 128}  # 4 calibration inputs (both CFG halves)

@@ -21,7 +21,6 @@ from sdcompiler.passes import ptq_modelopt as mo  # noqa: E402
 
 
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (the [modelopt] extra)")
 
 
 def _pipeline(tiny_checkpoint, arch="sd15"):

@@ -1,6 +1,6 @@
 """The tensorrt target on a machine without TensorRT: everything up to the engine builder.
 
-TensorRT cannot be installed on any machine here, not even the lent GPU (environment.md): its PyPI
+TensorRT cannot be installed on any machine here, not even the lent GPU: its PyPI
 packages download from NVIDIA's index, which is unreachable. So these tests cover the optimization
 profiles, the settings, the engine cache key, the optimized ONNX graphs (run in ONNX Runtime), the
 compile's failure without TensorRT, and, through `FakeTensorRT` (a stand-in that only records the calls
