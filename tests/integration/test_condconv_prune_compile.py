@@ -1,4 +1,8 @@
-"""prune_blocks with ME-CondConv inheritance (`condconv_experts`): presets, exactness, full-size counts, targets."""
+"""prune_blocks with ME-CondConv inheritance (`condconv_experts`): presets, exactness, full-size counts, targets.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_condconv_prune.py.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,14 @@ import torch
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.passes import count_params
-from sdcompiler.passes.condconv import CondConv2d
+from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
 
 
 
-PRESETS = ["bk-base", "bk-small", "bk-tiny"]
 
 
-# Replaced conv2s per preset on the SD topology (4 stages, 2 ResNets per down stage, 3 per up stage).
-EXPECTED_TARGETS = {
-    "bk-base": {f"down_blocks.{i}.resnets.0.conv2" for i in range(4)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                          for i in range(4)},
-    "bk-small": {f"down_blocks.{i}.resnets.0.conv2" for i in range(4)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                           for i in range(4)},
-    "bk-tiny": {f"down_blocks.{i}.resnets.0.conv2" for i in range(3)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                          for i in range(3)},
-}
 
 
-def _condconvs(unet) -> dict[str, CondConv2d]:
-    return {name: module for name, module in unet.named_modules() if isinstance(module, CondConv2d)}
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx"])
@@ -57,7 +49,7 @@ def test_torch_artifact_rebuilds_the_condconv_modules(compiled):
 
     artifact = compiled("sd15", "torch", "bk-tiny-condconv")
     unet = rebuild_pipeline(artifact.root, artifact.manifest).unet
-    modules = _condconvs(unet)
+    modules = condconvs(unet)
     assert set(modules) == EXPECTED_TARGETS["bk-tiny"]
     assert all(m.num_experts == 2 and m.fixed_routing is None and not m.weight.is_meta for m in modules.values())
     assert count_params(unet) == artifact.manifest["passes"][0]["params_after"]

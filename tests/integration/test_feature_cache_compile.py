@@ -1,4 +1,8 @@
-"""Feature inheritance across timesteps (`feature_cache`, preset `deepcache`): plans, split forward, both targets."""
+"""Feature inheritance across timesteps (`feature_cache`, preset `deepcache`): plans, split forward, both targets.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_feature_cache.py.
+"""
 
 from __future__ import annotations
 

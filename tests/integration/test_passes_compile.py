@@ -1,4 +1,8 @@
-"""The pass layer: strict configs, the registry, ordering rules, the PassManager's ledger, fuse_qkv, MAC counting."""
+"""The pass layer: strict configs, the registry, ordering rules, the PassManager's ledger, fuse_qkv, MAC counting.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_passes.py.
+"""
 
 from __future__ import annotations
 

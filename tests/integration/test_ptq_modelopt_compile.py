@@ -1,11 +1,7 @@
 """The ptq pass's modelopt backend (target tensorrt): INT8 / FP8 Q/DQ on tiny SD1.5, up to the engine build.
 
-Oracles: which layers each TensorRT-demo quantization level gives quantizers (by module type and name),
-calibrated ranges on every enabled quantizer, SmoothQuant's per-channel input scales, the eps SQNR of
-the fake-quantized U-Net (> 15 dB on tiny; ~31 dB int8, ~25 dB fp8 measured), identical ranges from
-two runs, the percentile calibrator against `torch.quantile`, and the exported optimized graph: Q/DQ
-pairs (standard for int8, `trt::` for fp8) with scales in the graph's fp16, weight Q/DQ not folded away,
-opset 19, then the one-line error naming the [tensorrt] extra and no artifact.
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_ptq_modelopt.py.
 """
 
 from __future__ import annotations

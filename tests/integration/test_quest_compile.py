@@ -1,4 +1,8 @@
-"""QuEST W4A4 (`quest_w4a4`): the shared scheme, calibration pieces, and the pass on tiny SD / SDXL."""
+"""QuEST W4A4 (`quest_w4a4`): the shared scheme, calibration pieces, and the pass on tiny SD / SDXL.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_quest.py.
+"""
 
 from __future__ import annotations
 

@@ -1,22 +1,23 @@
-"""prune_blocks (BK-SDM) and slim_unet (KOALA): exact counts, the inheritance mapping, targets, errors."""
+"""prune_blocks (BK-SDM) and slim_unet (KOALA): exact counts, the inheritance mapping, targets, errors.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_student_unet.py.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
-from sdcompiler.passes import PassContext, count_params
+from sdcompiler.passes import count_params
 from sdcompiler.passes.student_unet import student_config
-from sdcompiler.recipe import resolve_recipe
-from unet_holder import UNetHolder
+from unet_holder import pruned_student
 
 
 
@@ -24,27 +25,12 @@ TINY_PRESETS = [("sd15", "bk-base"), ("sd15", "bk-small"), ("sd15", "bk-tiny"), 
                 ("sdxl", "koala-1b"), ("sdxl", "koala-700m")]
 
 
-def _ctx(arch: str) -> PassContext:
-    return PassContext(arch=arch, macs_resolution=(512, 512), cache_dir=Path("."))
-
-
-def _apply(pipe, preset: str, arch: str):
-    (step,) = resolve_recipe(preset)
-    step.pass_.requires(pipe, step.config, _ctx(arch))
-    return step.pass_.run(pipe, step.config, _ctx(arch))
 
 
 @pytest.fixture(scope="module")
 def teachers(tiny_checkpoint):
     return {arch: load_checkpoint(tiny_checkpoint(arch)).pipeline for arch in ("sd15", "sd21", "sdxl")}
 
-
-def _student(teachers, arch, preset):
-    teacher = teachers[arch].unet
-    pipe = UNetHolder(UNet2DConditionModel.from_config(teacher.config))
-    pipe.unet.load_state_dict(teacher.state_dict())
-    _apply(pipe, preset, arch)
-    return teacher, pipe.unet
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx"])
@@ -76,9 +62,9 @@ def test_torch_artifact_replays_structural_passes_in_order(tiny_checkpoint, tmp_
 
 def test_unsuitable_models_are_refused_before_work(teachers, tiny_checkpoint, tmp_path):
     with pytest.raises(PassError, match="attention-free deepest stage"):
-        _student(teachers, "sdxl", "bk-tiny")
+        pruned_student(teachers["sdxl"].unet, "sdxl", "bk-tiny")
     with pytest.raises(PassError, match="3 entries for 4 stages"):
-        _student(teachers, "sd15", "koala-1b")
+        pruned_student(teachers["sd15"].unet, "sd15", "koala-1b")
     with pytest.raises(PassError, match="exceeds the teacher"):
         student_config(dict(teachers["sd15"].unet.config), 3, False)
     with pytest.raises(PassError, match="no mid-block left"):

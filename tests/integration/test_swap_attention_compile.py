@@ -1,4 +1,8 @@
-"""GRI attention swap (`swap_attention`, preset `gri`): equivalence, honest MACs, errors, both targets."""
+"""GRI attention swap (`swap_attention`, preset `gri`): equivalence, honest MACs, errors, both targets.
+
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_swap_attention.py.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdcompiler.passes.swap_attention import GRIAttnProcessor
+from gri_processors import gri_modules, reference_kernels  # noqa: F401  (reference_kernels: autouse fixture)
 
 
 
-def _swapped(unet) -> list:
-    return [m for m in unet.modules() if hasattr(m, "processor") and isinstance(m.processor, GRIAttnProcessor)]
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # Under TRITON_INTERPRET=1 the op would run the Triton kernel on CPU (slow, tested in test_kernels_gri);
-    # these tests are about the pass, so the op dispatches to its reference.
-    monkeypatch.setenv("SDCOMPILER_DISABLE_TRITON", "1")
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -29,7 +26,7 @@ def test_gri_compiles_to_torch_and_onnx_and_generates_alike(compiled, arch):
     record = torch_pipe.manifest["passes"][0]
     assert record["name"] == "swap_attention" and record["metrics"]["swapped_attentions"] > 0
     assert record["macs_after"] < record["macs_before"]
-    assert len(_swapped(torch_pipe.unet)) == record["metrics"]["swapped_attentions"]  # rebuilt on load
+    assert len(gri_modules(torch_pipe.unet)) == record["metrics"]["swapped_attentions"]  # rebuilt on load
     lowered = {s["name"]: s for s in torch_pipe.manifest["lowering"]["stages"]}["lower_kernels"]["results"]
     assert lowered["unet"]["group_norm_silu"] > 0 and lowered["vae"]["group_norm_silu"] > 0
     run = lambda pipe: pipe("a red cube", num_inference_steps=3, output_type="np",  # noqa: E731

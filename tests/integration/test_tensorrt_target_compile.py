@@ -1,11 +1,7 @@
 """The tensorrt target on a machine without TensorRT: everything up to the engine builder.
 
-TensorRT cannot be installed on any machine here, not even the lent GPU: its PyPI
-packages download from NVIDIA's index, which is unreachable. So these tests cover the optimization
-profiles, the settings, the engine cache key, the optimized ONNX graphs (run in ONNX Runtime), the
-compile's failure without TensorRT, and, through `FakeTensorRT` (a stand-in that only records the calls
-made on it, never a TensorRT), which calls `build_serialized_engine` makes and when the engine cache and
-the load-time rebuild call it at all. tests/gpu/test_tensorrt_gpu.py builds and runs real engines.
+The tests that compile artifacts (or run the pass end to end); the fast ones, and the oracles they share,
+are in tests/unit/test_tensorrt_target.py.
 """
 
 from __future__ import annotations

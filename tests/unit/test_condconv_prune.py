@@ -1,4 +1,7 @@
-"""prune_blocks with ME-CondConv inheritance (`condconv_experts`): presets, exactness, full-size counts, targets."""
+"""prune_blocks with ME-CondConv inheritance (`condconv_experts`): presets, exactness, full-size counts, targets.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_condconv_prune_compile.py.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,12 @@ from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, count_params
 from sdcompiler.passes.accounting import parameter_layout
-from sdcompiler.passes.condconv import CondConv2d
 from sdcompiler.recipe import resolve_recipe
 from unet_holder import UNetHolder
+from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
 
 
 
-PRESETS = ["bk-base", "bk-small", "bk-tiny"]
 
 
 # SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_student_unet's. The extra
@@ -33,15 +35,6 @@ FULL_SIZE = {
 }
 
 
-# Replaced conv2s per preset on the SD topology (4 stages, 2 ResNets per down stage, 3 per up stage).
-EXPECTED_TARGETS = {
-    "bk-base": {f"down_blocks.{i}.resnets.0.conv2" for i in range(4)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                          for i in range(4)},
-    "bk-small": {f"down_blocks.{i}.resnets.0.conv2" for i in range(4)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                           for i in range(4)},
-    "bk-tiny": {f"down_blocks.{i}.resnets.0.conv2" for i in range(3)} | {f"up_blocks.{i}.resnets.0.conv2"
-                                                                          for i in range(3)},
-}
 
 
 def _ctx() -> PassContext:
@@ -66,8 +59,6 @@ def _full_meta_unet() -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config)
 
 
-def _condconvs(unet) -> dict[str, CondConv2d]:
-    return {name: module for name, module in unet.named_modules() if isinstance(module, CondConv2d)}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +77,7 @@ def _student(teacher, recipe):
 def test_kept_expert_routing_reproduces_the_pure_student(preset, teacher):
     pure, _ = _student(teacher, preset)
     cond, metrics = _student(teacher, f"{preset}-condconv")
-    modules = _condconvs(cond)
+    modules = condconvs(cond)
     assert set(modules) == EXPECTED_TARGETS[preset] and metrics["condconv_modules"] == len(modules)
     assert count_params(cond) - count_params(pure) == metrics["condconv_params"]
     generator = torch.Generator().manual_seed(1)
@@ -163,7 +154,7 @@ def test_full_size_condconv_parameter_counts(preset, capsys):
               f"(+{metrics['condconv_params']:,} in {metrics['condconv_modules']} CondConv2d)")
     assert counted == cond_count > pure_count
     assert counted == pure_count + metrics["condconv_params"]
-    assert set(_condconvs(pipe.unet)) == EXPECTED_TARGETS[preset]
+    assert set(condconvs(pipe.unet)) == EXPECTED_TARGETS[preset]
 
     rebuilt = UNetHolder(_full_meta_unet())  # rebuild makes the same structure as run
     step = _step(f"{preset}-condconv")

@@ -1,4 +1,7 @@
-"""Feature inheritance across timesteps (`feature_cache`, preset `deepcache`): plans, split forward, both targets."""
+"""Feature inheritance across timesteps (`feature_cache`, preset `deepcache`): plans, split forward, both targets.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_feature_cache_compile.py.
+"""
 
 from __future__ import annotations
 

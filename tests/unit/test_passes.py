@@ -1,4 +1,7 @@
-"""The pass layer: strict configs, the registry, ordering rules, the PassManager's ledger, fuse_qkv, MAC counting."""
+"""The pass layer: strict configs, the registry, ordering rules, the PassManager's ledger, fuse_qkv, MAC counting.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_passes_compile.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The ptq pass's modelopt backend (target tensorrt): INT8 / FP8 Q/DQ on tiny SD1.5, up to the engine build.
 
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_ptq_modelopt_compile.py.
+
 Oracles: which layers each TensorRT-demo quantization level gives quantizers (by module type and name),
 calibrated ranges on every enabled quantizer, SmoothQuant's per-channel input scales, the eps SQNR of
 the fake-quantized U-Net (> 15 dB on tiny; ~31 dB int8, ~25 dB fp8 measured), identical ranges from

@@ -1,4 +1,7 @@
-"""QuEST W4A4 (`quest_w4a4`): the shared scheme, calibration pieces, and the pass on tiny SD / SDXL."""
+"""QuEST W4A4 (`quest_w4a4`): the shared scheme, calibration pieces, and the pass on tiny SD / SDXL.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_quest_compile.py.
+"""
 
 from __future__ import annotations
 

@@ -1,19 +1,20 @@
-"""prune_blocks (BK-SDM) and slim_unet (KOALA): exact counts, the inheritance mapping, targets, errors."""
+"""prune_blocks (BK-SDM) and slim_unet (KOALA): exact counts, the inheritance mapping, targets, errors.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_student_unet_compile.py.
+"""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
 from sdcompiler.loading import load_checkpoint
-from sdcompiler.passes import PassContext, count_params
-from sdcompiler.recipe import resolve_recipe
-from unet_holder import UNetHolder
+from sdcompiler.passes import count_params
+from unet_holder import UNetHolder, apply_preset, pruned_student
 
 
 
@@ -27,9 +28,6 @@ FULL_SIZE = {
 }
 
 
-def _ctx(arch: str) -> PassContext:
-    return PassContext(arch=arch, macs_resolution=(512, 512), cache_dir=Path("."))
-
 
 def _full_meta_unet(arch: str) -> UNet2DConditionModel:
     path = resources.files("sdcompiler") / "configs" / arch / "unet" / "config.json"
@@ -38,17 +36,12 @@ def _full_meta_unet(arch: str) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(config)
 
 
-def _apply(pipe, preset: str, arch: str):
-    (step,) = resolve_recipe(preset)
-    step.pass_.requires(pipe, step.config, _ctx(arch))
-    return step.pass_.run(pipe, step.config, _ctx(arch))
-
 
 @pytest.mark.parametrize("arch,preset", list(FULL_SIZE))
 def test_full_size_parameter_counts_match_published(arch, preset):
     exact, published = FULL_SIZE[(arch, preset)]
     pipe = UNetHolder(_full_meta_unet(arch))
-    metrics = _apply(pipe, preset, arch)  # the full inheritance mapping, shape-checked, on meta tensors
+    metrics = apply_preset(pipe, preset, arch)  # the full inheritance mapping, shape-checked, on meta tensors
     assert count_params(pipe.unet) == exact
     tolerance = 0.025 if preset.startswith("bk") else 0.005
     assert abs(exact - published) / published < tolerance
@@ -60,16 +53,10 @@ def teachers(tiny_checkpoint):
     return {arch: load_checkpoint(tiny_checkpoint(arch)).pipeline for arch in ("sd15", "sd21", "sdxl")}
 
 
-def _student(teachers, arch, preset):
-    teacher = teachers[arch].unet
-    pipe = UNetHolder(UNet2DConditionModel.from_config(teacher.config))
-    pipe.unet.load_state_dict(teacher.state_dict())
-    _apply(pipe, preset, arch)
-    return teacher, pipe.unet
-
 
 def test_bk_base_keeps_first_down_pair_and_outer_up_pairs(teachers):
-    teacher, student = _student(teachers, "sd15", "bk-base")
+    teacher = teachers["sd15"].unet
+    student = pruned_student(teacher, "sd15", "bk-base")
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["down_blocks.0.resnets.0.conv1.weight"], t["down_blocks.0.resnets.0.conv1.weight"])
     assert "down_blocks.0.resnets.1.conv1.weight" not in s
@@ -80,7 +67,8 @@ def test_bk_base_keeps_first_down_pair_and_outer_up_pairs(teachers):
 
 
 def test_bk_tiny_shifts_up_stages_and_drops_the_deepest(teachers):
-    teacher, student = _student(teachers, "sd15", "bk-tiny")
+    teacher = teachers["sd15"].unet
+    student = pruned_student(teacher, "sd15", "bk-tiny")
     t, s = teacher.state_dict(), student.state_dict()
     assert student.mid_block is None and len(student.down_blocks) == 3 and len(student.up_blocks) == 3
     assert student.down_blocks[-1].downsamplers is None  # the new last stage does not downsample
@@ -90,7 +78,8 @@ def test_bk_tiny_shifts_up_stages_and_drops_the_deepest(teachers):
 
 
 def test_koala_takes_evenly_spaced_transformer_layers(teachers):
-    teacher, student = _student(teachers, "sdxl", "koala-1b")
+    teacher = teachers["sdxl"].unet
+    student = pruned_student(teacher, "sdxl", "koala-1b")
     t, s = teacher.state_dict(), student.state_dict()
     block = "down_blocks.2.attentions.0.transformer_blocks.{}.attn1.to_q.weight"
     for k, source in enumerate([0, 2, 4, 5, 7, 9]):  # 10 -> 6, first and last kept
@@ -101,7 +90,8 @@ def test_koala_takes_evenly_spaced_transformer_layers(teachers):
 
 def test_pruned_student_still_predicts_like_a_unet(teachers):
     """Inheritance keeps the student close to the teacher (random init would not be)."""
-    teacher, student = _student(teachers, "sd15", "bk-base")
+    teacher = teachers["sd15"].unet
+    student = pruned_student(teacher, "sd15", "bk-base")
     torch.manual_seed(0)
     sample, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
     with torch.no_grad():

@@ -1,4 +1,7 @@
-"""GRI attention swap (`swap_attention`, preset `gri`): equivalence, honest MACs, errors, both targets."""
+"""GRI attention swap (`swap_attention`, preset `gri`): equivalence, honest MACs, errors, both targets.
+
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_swap_attention_compile.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import torch
 from sdcompiler.errors import ConfigError
 from sdcompiler.kernels.gri_attention import gri_macs
 from sdcompiler.passes import count_macs, count_params, unet_example_inputs
-from sdcompiler.passes.swap_attention import GRIAttnProcessor, SwapAttentionConfig, apply_gri, resolve_geometry
+from sdcompiler.passes.swap_attention import SwapAttentionConfig, apply_gri, resolve_geometry
+from gri_processors import gri_modules, reference_kernels  # noqa: F401  (reference_kernels: autouse fixture)
 
 
 
@@ -26,15 +30,8 @@ def _output(unet, latent=16, seed=3):
         return unet(**inputs, return_dict=False)[0]
 
 
-def _swapped(unet) -> list:
-    return [m for m in unet.modules() if hasattr(m, "processor") and isinstance(m.processor, GRIAttnProcessor)]
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # Under TRITON_INTERPRET=1 the op would run the Triton kernel on CPU (slow, tested in test_kernels_gri);
-    # these tests are about the pass, so the op dispatches to its reference.
-    monkeypatch.setenv("SDCOMPILER_DISABLE_TRITON", "1")
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -55,8 +52,8 @@ def test_defaults_select_the_top_attention_level_and_cut_macs_as_computed(tiny_c
     assert window == side // 4 and pool == window
     before, params = count_macs(unet, (128, 128)), count_params(unet)
     swapped = apply_gri(unet, SwapAttentionConfig())
-    assert swapped == len(_swapped(unet)) == 2 * unet.config.layers_per_block + 1  # 2 down + 3 up transformers
-    attn = _swapped(unet)[0]
+    assert swapped == len(gri_modules(unet)) == 2 * unet.config.layers_per_block + 1  # 2 down + 3 up transformers
+    attn = gri_modules(unet)[0]
     heads, head_dim = attn.heads, attn.inner_dim // attn.heads
     n = side * side
     full = 2 * heads * head_dim * n * n  # QK^T and PV of full attention, batch 1
@@ -97,7 +94,7 @@ def test_fuse_qkv_in_either_order_keeps_gri(tiny_checkpoint):
         apply_gri(unet, SwapAttentionConfig())
         if order == "gri_first":
             fuse_attention_projections(unet, True, True)
-        assert len(_swapped(unet)) == 5
+        assert len(gri_modules(unet)) == 5
         torch.testing.assert_close(_output(unet), expected, rtol=1e-4, atol=1e-5)
 
 

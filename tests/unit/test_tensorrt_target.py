@@ -1,5 +1,7 @@
 """The tensorrt target on a machine without TensorRT: everything up to the engine builder.
 
+The fast tests, without an end-to-end compile; the compiles are in tests/integration/test_tensorrt_target_compile.py.
+
 TensorRT cannot be installed on any machine here, not even the lent GPU: its PyPI
 packages download from NVIDIA's index, which is unreachable. So these tests cover the optimization
 profiles, the settings, the engine cache key, the optimized ONNX graphs (run in ONNX Runtime), the
