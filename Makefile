@@ -22,7 +22,7 @@ RECIPE ?=
 TARGET ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast lint format bench install clean
 
 install: $(STAMP)
 
@@ -47,6 +47,13 @@ test: $(STAMP)
 # the inner loop: tests/unit without the slow ones (no end-to-end compile; under ~2 minutes)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
+
+# ruff (pinned in the dev extra, configured in pyproject.toml); tests/unit/test_style.py runs the same checks
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_compile_sd15.py

@@ -23,11 +23,21 @@ from pathlib import Path
 os.environ.setdefault("SDCOMPILER_QUIET", "1")
 os.environ.setdefault("SDCOMPILER_NUM_THREADS", "1")
 
-CASES = {"none/onnx": ("none", "onnx"), "bk-small/onnx": ("bk-small", "onnx"), "int8/onnx": ("int8", "onnx"),
-         "quest-w4a4/torch": ("quest-w4a4", "torch")}
+CASES = {
+    "none/onnx": ("none", "onnx"),
+    "bk-small/onnx": ("bk-small", "onnx"),
+    "int8/onnx": ("int8", "onnx"),
+    "quest-w4a4/torch": ("quest-w4a4", "torch"),
+}
 # `--training`: every training pass at a tiny budget (torch target), for changes to the training scaffold
-_TINY = {"steps": 2, "batch_size": 2, "num_prompts": 2, "held_out_prompts": 1, "teacher_steps": 2,
-         "checkpoint_every": 0}
+_TINY = {
+    "steps": 2,
+    "batch_size": 2,
+    "num_prompts": 2,
+    "held_out_prompts": 1,
+    "teacher_steps": 2,
+    "checkpoint_every": 0,
+}
 TRAINING_CASES = {
     "bk-small+distill/torch": (["bk-small", {"preset": "distill", **_TINY, "incubation_steps": 1}], "torch"),
     "cfg-distill/torch": ([{"preset": "cfg-distill", **_TINY, "image_steps": 2}], "torch"),
@@ -73,8 +83,9 @@ def main() -> int:
         ckpt = make_checkpoint(Path(tmp) / "sd15", "sd15", "tiny", seed=0)
         for key, (recipe, target) in (TRAINING_CASES if args.training else CASES).items():
             print(f"compiling {key}", file=sys.stderr, flush=True)
-            root = compile_artifact(ckpt, recipe=recipe, target=target, output_dir=Path(tmp) / key.replace("/", "-"),
-                                    show_progress=False)
+            root = compile_artifact(
+                ckpt, recipe=recipe, target=target, output_dir=Path(tmp) / key.replace("/", "-"), show_progress=False
+            )
             results[key] = fingerprint(root)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -57,8 +57,9 @@ def mem_total_gib() -> float | None:
 def busy_processes(min_cpu: float = 20.0) -> list[str]:
     """Other processes with a high lifetime-average %CPU (ps): names the likely culprits, measures nothing."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     busy = []
@@ -85,8 +86,11 @@ class CpuMeter:
         except (OSError, ValueError, IndexError):
             return None
         busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
-        ours = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                   for f in ("ru_utime", "ru_stime"))
+        ours = sum(
+            getattr(resource.getrusage(who), f)
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            for f in ("ru_utime", "ru_stime")
+        )
         return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), ours
 
     def stop(self) -> dict:
@@ -95,8 +99,7 @@ class CpuMeter:
             return {}
         wall, busy, ours = (e - s for e, s in zip(end, self.start))
         others = max(0.0, busy - ours)
-        return {"wall_s": round(wall, 1), "our_cores": round(ours / wall, 2),
-                "others_cores": round(others / wall, 2)}
+        return {"wall_s": round(wall, 1), "our_cores": round(ours / wall, 2), "others_cores": round(others / wall, 2)}
 
 
 def machine() -> dict:
@@ -182,8 +185,9 @@ def import_checkout(with_passes: bool = False) -> None:
     packages += [("sdcompiler.passes", "passes")] if with_passes else []
     modules = {}
     for name, folder in packages:  # register all before running any: they import each other
-        spec = importlib.util.spec_from_file_location(name, root / folder / "__init__.py",
-                                                      submodule_search_locations=[str(root / folder)])
+        spec = importlib.util.spec_from_file_location(
+            name, root / folder / "__init__.py", submodule_search_locations=[str(root / folder)]
+        )
         modules[name] = (importlib.util.module_from_spec(spec), spec)
         sys.modules[name] = modules[name][0]
     for name, (module, spec) in modules.items():

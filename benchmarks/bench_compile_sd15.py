@@ -94,8 +94,10 @@ def ensure_checkpoint(workdir: Path) -> tuple[Path, dict | None]:
     if index.exists() and json.loads(index.read_text()).get("_sdcompiler_testing", {}).get("size") == "full":
         return checkpoint, None
     log(f"building the full-size SD1.5 checkpoint in {checkpoint} (random weights; several minutes, ~4 GB)")
-    code = ("import sys; from sdcompiler.testing import make_checkpoint; "
-            "make_checkpoint(sys.argv[1], 'sd15', 'full', overwrite=True)")
+    code = (
+        "import sys; from sdcompiler.testing import make_checkpoint; "
+        "make_checkpoint(sys.argv[1], 'sd15', 'full', overwrite=True)"
+    )
     result = run_measured([sys.executable, "-c", code, str(checkpoint)])
     if result["exit_code"] != 0:
         raise SystemExit(f"building the checkpoint failed:\n{result['output_tail']}")
@@ -106,12 +108,26 @@ def ensure_checkpoint(workdir: Path) -> tuple[Path, dict | None]:
 def compile_artifact(checkpoint: Path, artifact: Path) -> dict:
     env = dict(os.environ, SDCOMPILER_QUIET="1")
     if cli_available():
-        command = [sys.executable, "-m", "sdcompiler", "compile", str(checkpoint), "--recipe", "none",
-                   "--target", "onnx", "--out", str(artifact), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "sdcompiler",
+            "compile",
+            str(checkpoint),
+            "--recipe",
+            "none",
+            "--target",
+            "onnx",
+            "--out",
+            str(artifact),
+            "--quiet",
+        ]
         how = "cli"
     else:
-        code = ("import sys; from sdcompiler import compile_pipeline; "
-                "compile_pipeline(sys.argv[1], recipe='none', target='onnx', output_dir=sys.argv[2], device='cpu')")
+        code = (
+            "import sys; from sdcompiler import compile_pipeline; "
+            "compile_pipeline(sys.argv[1], recipe='none', target='onnx', output_dir=sys.argv[2], device='cpu')"
+        )
         command = [sys.executable, "-c", code, str(checkpoint), str(artifact)]
         how = "python -c compile_pipeline (sdcompiler.cli not found)"
     log(f"compiling via {how}: {' '.join(command[1:])}")
@@ -132,8 +148,9 @@ def artifact_facts(artifact: Path) -> dict:
             sizes[top if path.parent != artifact else "(root files)"] = sizes.get(top, 0) + path.stat().st_size
     manifest = json.loads((artifact / "manifest.json").read_text())
     stages = {s["name"]: s["seconds"] for s in manifest.get("lowering", {}).get("stages", [])}
-    verify = next((s.get("results", {}) for s in manifest.get("lowering", {}).get("stages", []) if s["name"] == "verify"),
-                  {})
+    verify = next(
+        (s.get("results", {}) for s in manifest.get("lowering", {}).get("stages", []) if s["name"] == "verify"), {}
+    )
     return {
         "bytes": sum(sizes.values()),
         "gib": round(sum(sizes.values()) / 2**30, 2),
@@ -165,15 +182,21 @@ def time_unets(checkpoint: Path, artifact: Path, warmup: int, repeats: int, thre
     sample = torch.randn(1, 4, LATENT, LATENT, generator=generator)
     hidden = torch.randn(1, TEXT_LENGTH, 768, generator=generator)
     timestep = torch.tensor(TIMESTEP)
-    feed_all = {"sample": sample.numpy(), "timestep": np.asarray(TIMESTEP, dtype=np.float32),
-                "encoder_hidden_states": hidden.numpy()}
+    feed_all = {
+        "sample": sample.numpy(),
+        "timestep": np.asarray(TIMESTEP, dtype=np.float32),
+        "encoder_hidden_states": hidden.numpy(),
+    }
 
     log("loading the torch U-Net from the checkpoint (fp32, default attention processor)")
     start = time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet", torch_dtype=torch.float32).eval()
     torch_load_seconds = time.perf_counter() - start
     results = {
-        "latent": [LATENT, LATENT], "batch": 1, "text_length": TEXT_LENGTH, "timestep": TIMESTEP,
+        "latent": [LATENT, LATENT],
+        "batch": 1,
+        "text_length": TEXT_LENGTH,
+        "timestep": TIMESTEP,
         "unet_params": sum(p.numel() for p in unet.parameters()),
         "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
         "torch_load_seconds": round(torch_load_seconds, 2),
@@ -197,13 +220,14 @@ def time_unets(checkpoint: Path, artifact: Path, warmup: int, repeats: int, thre
             options.intra_op_num_threads = threads
         log(f"[{label}] creating the ONNX Runtime session for unet/model.onnx (CPU EP)")
         start = time.perf_counter()
-        session = ort.InferenceSession(str(artifact / "unet" / "model.onnx"), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(artifact / "unet" / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         session_seconds = time.perf_counter() - start
         feed = {i.name: feed_all[i.name] for i in session.get_inputs()}
 
         def run_ort():
-            return session.run(["out_sample"], feed)[0]
+            return session.run(["out_sample"], feed)[0]  # noqa: F821  (runs before the `del session` below)
 
         log(f"[{label}] warm-up: {warmup} runs each")
         warm = {"ort": [], "torch": []}
@@ -221,20 +245,22 @@ def time_unets(checkpoint: Path, artifact: Path, warmup: int, repeats: int, thre
             log(f"[{label}] repeat {i + 1}/{repeats}: ort {times['ort'][-1]:.3f} s, torch {times['torch'][-1]:.3f} s")
         cpu_load = meter.stop()
         ort_median, torch_median = statistics.median(times["ort"]), statistics.median(times["torch"])
-        results["runs"].append({
-            "threads": label,
-            "torch_threads": torch.get_num_threads(),
-            "ort_intra_op_threads": options.intra_op_num_threads or "default (physical cores)",
-            "ort_session_seconds": round(session_seconds, 2),
-            "warmup_seconds": warm,
-            "ort_seconds": [round(t, 4) for t in times["ort"]],
-            "torch_seconds": [round(t, 4) for t in times["torch"]],
-            "ort_median_s": round(ort_median, 4),
-            "torch_median_s": round(torch_median, 4),
-            "ratio_ort_over_torch": round(ort_median / torch_median, 3),
-            "speedup_ort": round(torch_median / ort_median, 2),
-            "cpu_load": cpu_load,
-        })
+        results["runs"].append(
+            {
+                "threads": label,
+                "torch_threads": torch.get_num_threads(),
+                "ort_intra_op_threads": options.intra_op_num_threads or "default (physical cores)",
+                "ort_session_seconds": round(session_seconds, 2),
+                "warmup_seconds": warm,
+                "ort_seconds": [round(t, 4) for t in times["ort"]],
+                "torch_seconds": [round(t, 4) for t in times["torch"]],
+                "ort_median_s": round(ort_median, 4),
+                "torch_median_s": round(torch_median, 4),
+                "ratio_ort_over_torch": round(ort_median / torch_median, 3),
+                "speedup_ort": round(torch_median / ort_median, 2),
+                "cpu_load": cpu_load,
+            }
+        )
         del session
     torch.set_num_threads(default_threads)
     return results
@@ -250,32 +276,49 @@ def markdown(results: dict) -> str:
     if c:
         rest = c["seconds"] - sum(a["stage_seconds"].values()) - (a["passes_seconds"] or 0)
         stages += f"; rest {rest:.1f} s (start-up, checkpoint load, MAC counts, ORT sessions of the returned pipeline)"
-        rows.append((f"`sdcompiler compile --recipe none --target onnx` ({c['via']})",
-                     f"{c['seconds']:.1f} s wall, peak RSS {c['peak_rss_gib']:.2f} GiB, {c['cpu_seconds']:.0f} CPU-s"))
+        rows.append(
+            (
+                f"`sdcompiler compile --recipe none --target onnx` ({c['via']})",
+                f"{c['seconds']:.1f} s wall, peak RSS {c['peak_rss_gib']:.2f} GiB, {c['cpu_seconds']:.0f} CPU-s",
+            )
+        )
     else:
         rows.append(("compile", "skipped (--skip-compile: reused the artifact)"))
     rows += [
         ("compile stages (manifest)", f"passes {a['passes_seconds']} s, {stages}"),
-        ("artifact size", f"{a['gib']:.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in a["component_gib"].items()
-                                                            if v >= 0.005) + ")"),
+        (
+            "artifact size",
+            f"{a['gib']:.2f} GiB ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in a["component_gib"].items() if v >= 0.005)
+            + ")",
+        ),
     ]
     for run in u["runs"]:
         t = f"{run['threads']}: torch {run['torch_threads']}, ORT {run['ort_intra_op_threads']}"
         n = len(run["ort_seconds"])
         rows += [
             (f"ORT session creation (unet) [{t}]", f"{run['ort_session_seconds']:.1f} s"),
-            (f"U-Net ORT CPU EP, fp32, {LATENT}x{LATENT} latent, batch 1, median of {n} [{t}]",
-             f"{run['ort_median_s']:.3f} s"),
-            (f"U-Net torch eager, fp32, {', '.join(u['attention_processors'])}, median of {n} [{t}]",
-             f"{run['torch_median_s']:.3f} s"),
-            (f"**ratio ORT / torch** [{t}]", f"**{run['ratio_ort_over_torch']:.3f}** "
-             + (f"(ORT {run['speedup_ort']:.2f}x faster)" if run["ratio_ort_over_torch"] < 1 else "(ORT slower)")),
+            (
+                f"U-Net ORT CPU EP, fp32, {LATENT}x{LATENT} latent, batch 1, median of {n} [{t}]",
+                f"{run['ort_median_s']:.3f} s",
+            ),
+            (
+                f"U-Net torch eager, fp32, {', '.join(u['attention_processors'])}, median of {n} [{t}]",
+                f"{run['torch_median_s']:.3f} s",
+            ),
+            (
+                f"**ratio ORT / torch** [{t}]",
+                f"**{run['ratio_ort_over_torch']:.3f}** "
+                + (f"(ORT {run['speedup_ort']:.2f}x faster)" if run["ratio_ort_over_torch"] < 1 else "(ORT slower)"),
+            ),
         ]
     rows += [
         ("ORT vs torch output, max abs error", f"{u['ort_vs_torch_max_abs_error']:.2e}"),
         ("other processes' CPU use, average cores", _others(results)),
-        ("load average (1/5/15 min) at start / end", f"{results['load_average']['start']} / "
-                                                       f"{results['load_average']['end']}"),
+        (
+            "load average (1/5/15 min) at start / end",
+            f"{results['load_average']['start']} / {results['load_average']['end']}",
+        ),
         ("versions", ", ".join(f"{k} {v}" for k, v in results["versions"].items())),
     ]
     lines = [f"## compile_sd15 ({results['date']})", "", "| measure | value |", "|---|---|"]
@@ -284,15 +327,18 @@ def markdown(results: dict) -> str:
         f"U-Net: {u['unet_params']:,} params (real SD1.5 architecture, random weights).",
         "Repeats interleave ORT and torch runs (ort, torch, ort, ...); compare ratios, not absolute times.",
     ]
-    busy = max([run.get("cpu_load", {}).get("others_cores", 0.0) for run in u["runs"]]
-               + ([c.get("cpu_load", {}).get("others_cores", 0.0)] if c else []))
+    busy = max(
+        [run.get("cpu_load", {}).get("others_cores", 0.0) for run in u["runs"]]
+        + ([c.get("cpu_load", {}).get("others_cores", 0.0)] if c else [])
+    )
     if busy >= 0.25:
         notes.append(
             f"Other processes kept up to {busy:.2f} of the {m['cpu_count']} cores busy during this run, so absolute "
             "times are inflated. Contention hits torch's OpenMP threads much harder than ORT's thread pool when both "
             "use every core, which skews the default-threads ratio in ORT's favour; the 1-thread ratio is the "
-            "contention-robust one." + (" Likely: " + "; ".join(results["other_busy_processes"])
-                                        if results["other_busy_processes"] else ""))
+            "contention-robust one."
+            + (" Likely: " + "; ".join(results["other_busy_processes"]) if results["other_busy_processes"] else "")
+        )
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -308,14 +354,22 @@ def _others(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=HERE / ".cache",
-                        help="where the checkpoint and artifact are cached (default benchmarks/.cache)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=HERE / ".cache",
+        help="where the checkpoint and artifact are cached (default benchmarks/.cache)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per backend (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up runs per backend (default 2)")
     parser.add_argument("--skip-compile", action="store_true", help="reuse the artifact in --workdir")
-    parser.add_argument("--threads", type=parse_threads, default=parse_threads("default,1"),
-                        help="comma-separated intra-op thread settings for torch and ORT, each timed in turn; "
-                             "'default' = each library's default (default: 'default,1')")
+    parser.add_argument(
+        "--threads",
+        type=parse_threads,
+        default=parse_threads("default,1"),
+        help="comma-separated intra-op thread settings for torch and ORT, each timed in turn; "
+        "'default' = each library's default (default: 'default,1')",
+    )
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
@@ -323,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     artifact = workdir / "sd15-full-onnx"
     results = new_results("compile_sd15", PACKAGES)
-    results["settings"] = {"repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                           "skip_compile": args.skip_compile}
+    results["settings"] = {
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "skip_compile": args.skip_compile,
+    }
     checkpoint, built = ensure_checkpoint(workdir)
     results["checkpoint"] = {"path": str(checkpoint), "build": built}
     if args.skip_compile and (artifact / "manifest.json").exists():
@@ -339,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     results["benchmark_process_peak_rss_gib"] = peak_rss_gib()
     finish_results(results)
     write_results(results, markdown(results), args.results_dir, "compile_sd15")
-    log(f"wrote {args.results_dir / 'compile_sd15.json'} and .md; free disk: "
-        f"{shutil.disk_usage(workdir).free / 2**30:.0f} GiB")
+    log(
+        f"wrote {args.results_dir / 'compile_sd15.json'} and .md; free disk: "
+        f"{shutil.disk_usage(workdir).free / 2**30:.0f} GiB"
+    )
     return 0
 
 

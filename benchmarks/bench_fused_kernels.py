@@ -43,8 +43,19 @@ sys.path.insert(0, str(HERE))
 from bench_common import finish_results, import_checkout, log, new_results, write_results  # noqa: E402
 
 # (channels, latent side) of the GroupNorm+SiLU inputs in SD1.5's U-Net at 512x512.
-GROUP_NORM_SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (960, 32), (1280, 32), (1920, 32),
-                     (1280, 16), (2560, 16), (1280, 8), (2560, 8)]
+GROUP_NORM_SHAPES = [
+    (320, 64),
+    (640, 64),
+    (960, 64),
+    (640, 32),
+    (960, 32),
+    (1280, 32),
+    (1920, 32),
+    (1280, 16),
+    (2560, 16),
+    (1280, 8),
+    (2560, 8),
+]
 # (tokens, inner) of the GEGLU inputs: one per attention resolution (inner = 4 x channels).
 GEGLU_SHAPES = [(4096, 1280), (1024, 2560), (256, 5120), (64, 5120)]
 BATCH, GROUPS, DTYPE = 2, 32, torch.float16
@@ -84,9 +95,14 @@ def compare(name, shape, layout, fused, eager, moved_bytes, warmup, repeats) -> 
     max_diff = (fused().float() - eager().float()).abs().max().item()
     fused_ms, eager_ms = graph_ms(fused, warmup, repeats), graph_ms(eager, warmup, repeats)
     row = {
-        "op": name, "shape": list(shape), "layout": layout, "fused_ms": round(fused_ms, 4),
-        "eager_ms": round(eager_ms, 4), "speedup": round(eager_ms / fused_ms, 2),
-        "fused_gbps": round(moved_bytes / fused_ms / 1e6, 1), "eager_gbps": round(moved_bytes / eager_ms / 1e6, 1),
+        "op": name,
+        "shape": list(shape),
+        "layout": layout,
+        "fused_ms": round(fused_ms, 4),
+        "eager_ms": round(eager_ms, 4),
+        "speedup": round(eager_ms / fused_ms, 2),
+        "fused_gbps": round(moved_bytes / fused_ms / 1e6, 1),
+        "eager_gbps": round(moved_bytes / eager_ms / 1e6, 1),
         "fused_call_ms": round(median_ms(fused, warmup, repeats), 4),
         "eager_call_ms": round(median_ms(eager, warmup, repeats), 4),
         "max_abs_diff": max_diff,
@@ -104,11 +120,18 @@ def bench_group_norm(groupnorm_silu, warmup, repeats) -> list[dict]:
         bias = torch.randn(channels, device="cuda", dtype=DTYPE)
         for layout in ("nchw", "channels_last"):
             xl = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-            rows.append(compare(
-                "group_norm_silu", shape, layout,
-                lambda: groupnorm_silu.group_norm_silu(xl, GROUPS, weight, bias, 1e-5),
-                lambda: F.silu(F.group_norm(xl, GROUPS, weight, bias, 1e-5)),
-                2 * x.numel() * x.element_size(), warmup, repeats))
+            rows.append(
+                compare(
+                    "group_norm_silu",
+                    shape,
+                    layout,
+                    lambda: groupnorm_silu.group_norm_silu(xl, GROUPS, weight, bias, 1e-5),
+                    lambda: F.silu(F.group_norm(xl, GROUPS, weight, bias, 1e-5)),
+                    2 * x.numel() * x.element_size(),
+                    warmup,
+                    repeats,
+                )
+            )
     return rows
 
 
@@ -121,8 +144,18 @@ def bench_geglu(geglu, warmup, repeats) -> list[dict]:
             hidden, gate = h.chunk(2, dim=-1)
             return hidden * F.gelu(gate)
 
-        rows.append(compare("geglu", tuple(h.shape), "-", lambda h=h: geglu.geglu(h), eager,
-                            3 * h.numel() // 2 * h.element_size(), warmup, repeats))
+        rows.append(
+            compare(
+                "geglu",
+                tuple(h.shape),
+                "-",
+                lambda h=h: geglu.geglu(h),
+                eager,
+                3 * h.numel() // 2 * h.element_size(),
+                warmup,
+                repeats,
+            )
+        )
     return rows
 
 
@@ -140,9 +173,11 @@ def markdown(results: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
-        lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['fused_ms']:.4f} | "
-                     f"{r['eager_ms']:.4f} | {r['speedup']:.2f} | {r['fused_gbps']:.0f} | {r['eager_gbps']:.0f} | "
-                     f"{r['fused_call_ms']:.4f} | {r['eager_call_ms']:.4f} |")
+        lines.append(
+            f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['fused_ms']:.4f} | "
+            f"{r['eager_ms']:.4f} | {r['speedup']:.2f} | {r['fused_gbps']:.0f} | {r['eager_gbps']:.0f} | "
+            f"{r['fused_call_ms']:.4f} | {r['eager_call_ms']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -153,18 +188,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_fused_kernels.py needs a CUDA GPU (the kernels are Triton; on CPU they only run in the "
-              "interpreter, which times nothing useful).", file=sys.stderr)
+        print(
+            "bench_fused_kernels.py needs a CUDA GPU (the kernels are Triton; on CPU they only run in the "
+            "interpreter, which times nothing useful).",
+            file=sys.stderr,
+        )
         return 1
     import_checkout()
-    from sdcompiler.kernels import geglu, groupnorm_silu
-
     import triton
+
+    from sdcompiler.kernels import geglu, groupnorm_silu
 
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu}")
-    results = new_results("fused_kernels", ("torch", "triton"), gpu=gpu, torch=torch.__version__,
-                          triton=triton.__version__, warmup=args.warmup, repeats=args.repeats, dtype="float16")
+    results = new_results(
+        "fused_kernels",
+        ("torch", "triton"),
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        dtype="float16",
+    )
     torch.manual_seed(0)
     with torch.inference_mode():
         results["rows"] = bench_group_norm(groupnorm_silu, args.warmup, args.repeats)

@@ -99,8 +99,13 @@ def build_gri_unet(unet):
     swapped = apply_gri(twin, config)
     if any(type(p).__name__ == "GRIAttnProcessor" for p in unet.attn_processors.values()):
         raise SystemExit("apply_gri changed the baseline U-Net's processors")
-    return twin, {"config": config.to_dict(), "blocks": blocks, "window": window, "global_pool": pool,
-                  "swapped_attentions": swapped}
+    return twin, {
+        "config": config.to_dict(),
+        "blocks": blocks,
+        "window": window,
+        "global_pool": pool,
+        "swapped_attentions": swapped,
+    }
 
 
 def unet_calls(steps: int) -> int:
@@ -141,8 +146,8 @@ def relabel(timing: dict) -> dict:
 def time_latent(unet, gri_unet, latent: int, repeats: int, warmup: int, args, waiter: QuietWaiter) -> dict:
     import torch
 
-    from sdcompiler.passes.feature_cache import SplitUNet
     from sdcompiler.passes import unet_example_inputs
+    from sdcompiler.passes.feature_cache import SplitUNet
 
     split = SplitUNet(unet, BRANCH)
     inputs = unet_example_inputs(unet, BATCH, (latent, latent), generator=torch.Generator().manual_seed(SEED))
@@ -155,11 +160,20 @@ def time_latent(unet, gri_unet, latent: int, repeats: int, warmup: int, args, wa
         SHALLOW: _Step(lambda s, t, e: split.shallow(s, t, e, deep=deep)),
     }
     label = f"{ARCH} {latent}x{latent} batch {BATCH}"
-    log(f"[{label}] timing baseline ('{UNPRUNED}' in these logs), gri, full step, shallow step: {warmup} warm-up, "
-        f"{repeats} interleaved rounds, torch threads {torch.get_num_threads()}")
+    log(
+        f"[{label}] timing baseline ('{UNPRUNED}' in these logs), gri, full step, shallow step: {warmup} warm-up, "
+        f"{repeats} interleaved rounds, torch threads {torch.get_num_threads()}"
+    )
     timing = relabel(time_round_robin(models, inputs, warmup, repeats, label, args.quiet_threshold, waiter))
-    timing.update({"latent": [latent, latent], "batch": BATCH, "text_length": 77,
-                   "torch_threads": torch.get_num_threads(), "deep_features_shape": list(deep.shape)})
+    timing.update(
+        {
+            "latent": [latent, latent],
+            "batch": BATCH,
+            "text_length": 77,
+            "torch_threads": torch.get_num_threads(),
+            "deep_features_shape": list(deep.shape),
+        }
+    )
     return timing
 
 
@@ -169,14 +183,22 @@ def per_image(results: dict) -> list[dict]:
 
     calls, cfg = results["unet_calls_per_image"], 2
     macs = results["macs"]["512x512"]
-    rows = [{"variant": BASELINE, "full_calls": calls, "shallow_calls": 0, "macs_per_image": macs[BASELINE] * calls * cfg},
-            {"variant": GRI, "full_calls": calls, "shallow_calls": 0, "macs_per_image": macs[GRI] * calls * cfg}]
+    rows = [
+        {"variant": BASELINE, "full_calls": calls, "shallow_calls": 0, "macs_per_image": macs[BASELINE] * calls * cfg},
+        {"variant": GRI, "full_calls": calls, "shallow_calls": 0, "macs_per_image": macs[GRI] * calls * cfg},
+    ]
     for interval in results["settings"]["intervals"]:
         plan = full_steps(calls, CacheSettings(interval=interval, branch=BRANCH))
         n_full = sum(plan)
-        rows.append({"variant": f"deepcache i{interval}", "interval": interval, "full_calls": n_full,
-                     "shallow_calls": calls - n_full,
-                     "macs_per_image": (macs[FULL] * n_full + macs[SHALLOW] * (calls - n_full)) * cfg})
+        rows.append(
+            {
+                "variant": f"deepcache i{interval}",
+                "interval": interval,
+                "full_calls": n_full,
+                "shallow_calls": calls - n_full,
+                "macs_per_image": (macs[FULL] * n_full + macs[SHALLOW] * (calls - n_full)) * cfg,
+            }
+        )
     before_macs = rows[0]["macs_per_image"]
     for row in rows:
         row["macs_ratio"] = round(row["macs_per_image"] / before_macs, 4)
@@ -191,8 +213,11 @@ def per_image(results: dict) -> list[dict]:
                 after = med[GRI] * calls
             else:
                 after = med[FULL] * row["full_calls"] + med[SHALLOW] * row["shallow_calls"]
-            row["latency"][size] = {"before_s": round(before, 1), "after_s": round(after, 1),
-                                    "speedup": round(before / after, 3)}
+            row["latency"][size] = {
+                "before_s": round(before, 1),
+                "after_s": round(after, 1),
+                "speedup": round(before / after, 3),
+            }
     return rows
 
 
@@ -212,11 +237,20 @@ def markdown(results: dict) -> str:
     head += [f"MACs ratio @{px}" for px in small]
     for size in sizes:
         head += [f"ms @{size}", f"speedup @{size}"]
-    lines = [f"## gri_deepcache ({results['date']})", "",
-             f"Per U-Net call (SD1.5, fp32 torch eager CPU; MACs batch 1, latency batch {BATCH} = CFG):", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    labels = {BASELINE: "baseline (unet)", GRI: "**gri**", FULL: "deepcache full step",
-              SHALLOW: "**deepcache shallow step**"}
+    lines = [
+        f"## gri_deepcache ({results['date']})",
+        "",
+        f"Per U-Net call (SD1.5, fp32 torch eager CPU; MACs batch 1, latency batch {BATCH} = CFG):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    labels = {
+        BASELINE: "baseline (unet)",
+        GRI: "**gri**",
+        FULL: "deepcache full step",
+        SHALLOW: "**deepcache shallow step**",
+    }
     for name, label in labels.items():
         row = [label, f"{macs['512x512'][name] / 1e9:.1f}", f"{macs['512x512'][name] / macs['512x512'][BASELINE]:.3f}"]
         row += [f"{macs[px][name] / macs[px][BASELINE]:.3f}" for px in small]
@@ -231,13 +265,21 @@ def markdown(results: dict) -> str:
     head = ["variant", "full / shallow calls", "TMACs per image @512x512", "MACs ratio"]
     for size in sizes:
         head += [f"U-Net s/image @{size}", f"speedup @{size}"]
-    lines += ["", f"Per image ({results['settings']['steps']} steps = {calls} U-Net calls with the default PNDM "
-                  f"scheduler, CFG; latency projected as medians x calls):", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [
+        "",
+        f"Per image ({results['settings']['steps']} steps = {calls} U-Net calls with the default PNDM "
+        f"scheduler, CFG; latency projected as medians x calls):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for row in results["per_image"]:
-        cells = [f"**{row['variant']}**" if row["variant"] != BASELINE else BASELINE,
-                 f"{row['full_calls']} / {row['shallow_calls']}", f"{row['macs_per_image'] / 1e12:.1f}",
-                 f"{row['macs_ratio']:.3f}"]
+        cells = [
+            f"**{row['variant']}**" if row["variant"] != BASELINE else BASELINE,
+            f"{row['full_calls']} / {row['shallow_calls']}",
+            f"{row['macs_per_image'] / 1e12:.1f}",
+            f"{row['macs_ratio']:.3f}",
+        ]
         for size in sizes:
             lat = row["latency"][size]
             if row["variant"] == BASELINE:
@@ -250,7 +292,8 @@ def markdown(results: dict) -> str:
     m, g = results["machine"], results["gri"]
     notes = [
         f"Machine: {m['cpu_model']}, {m['cpu_count']} cores, {m['mem_total_gib']} GiB RAM; "
-        + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+        + ".",
         "Real SD1.5 U-Net architecture, random weights (seed 0). MACs = FLOPs/2 from `count_macs` (meta device, "
         "batch 1, 77 tokens); `MACs ratio @NxN` is the count at the timed latent's pixel size.",
         f"gri: `swap_attention` defaults: blocks {', '.join(g['blocks'])} ({g['swapped_attentions']} self-attentions), "
@@ -265,25 +308,32 @@ def markdown(results: dict) -> str:
     load_parts = []
     for size, t in results["latency"].items():
         which = "quiet" if not t["contended"] and t["quiet_rounds"] else "all"
-        load_parts.append(f"@{size}: medians of {t['rounds_used']} {which} rounds ({t['quiet_rounds']} of "
-                          f"{t['rounds_run']} quiet; others used {t['others_cores_during_used_runs']} cores during the "
-                          f"runs used, {t['others_cores_during_runs']} during all; waited "
-                          f"{t['waited_for_quiet_s']:.0f} s for quiet)")
+        load_parts.append(
+            f"@{size}: medians of {t['rounds_used']} {which} rounds ({t['quiet_rounds']} of "
+            f"{t['rounds_run']} quiet; others used {t['others_cores_during_used_runs']} cores during the "
+            f"runs used, {t['others_cores_during_runs']} during all; waited "
+            f"{t['waited_for_quiet_s']:.0f} s for quiet)"
+        )
     if load_parts:
-        notes.append(f"Latency: torch eager fp32, `inference_mode`, batch {BATCH}, 77 tokens, torch threads "
-                     f"{results['torch_threads']}; each round runs baseline, gri, full step, shallow step; speedup = "
-                     "median(baseline) / median(variant). A round is quiet when other processes used <= "
-                     f"{results['settings']['quiet_threshold']} cores during each of its runs. "
-                     + "; ".join(load_parts) + ".")
+        notes.append(
+            f"Latency: torch eager fp32, `inference_mode`, batch {BATCH}, 77 tokens, torch threads "
+            f"{results['torch_threads']}; each round runs baseline, gri, full step, shallow step; speedup = "
+            "median(baseline) / median(variant). A round is quiet when other processes used <= "
+            f"{results['settings']['quiet_threshold']} cores during each of its runs. " + "; ".join(load_parts) + "."
+        )
         contended = [s for s, t in results["latency"].items() if t["contended"]]
         if contended:
-            notes.append("**Contended** at " + ", ".join(contended) + " (too few quiet rounds; all rounds used, "
-                         "absolute times inflated)." + (" Likely: " + "; ".join(results["other_busy_processes"])
-                                                        if results["other_busy_processes"] else ""))
+            notes.append(
+                "**Contended** at " + ", ".join(contended) + " (too few quiet rounds; all rounds used, "
+                "absolute times inflated)."
+                + (" Likely: " + "; ".join(results["other_busy_processes"]) if results["other_busy_processes"] else "")
+            )
     else:
         notes.append("Latency skipped (--skip-latency).")
-    notes.append(f"Total {results['total_seconds']:.0f} s; peak RSS {results['peak_rss_gib']:.1f} GiB; load average "
-                 f"{results['load_average']['start']} at start, {results['load_average']['end']} at end.")
+    notes.append(
+        f"Total {results['total_seconds']:.0f} s; peak RSS {results['peak_rss_gib']:.1f} GiB; load average "
+        f"{results['load_average']['start']} at start, {results['load_average']['end']} at end."
+    )
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -293,20 +343,37 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latents", type=parse_ints, default=DEFAULT_LATENTS,
-                        help="latent sizes to time (default 32,64 = 256 and 512 px)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds at every latent size (default 3 at 32x32, 2 at 64x64)")
+    parser.add_argument(
+        "--latents",
+        type=parse_ints,
+        default=DEFAULT_LATENTS,
+        help="latent sizes to time (default 32,64 = 256 and 512 px)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds at every latent size (default 3 at 32x32, 2 at 64x64)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs per variant (default 1)")
-    parser.add_argument("--intervals", type=parse_ints, default=(3, 5),
-                        help="feature-cache intervals to project per image (default 3,5)")
+    parser.add_argument(
+        "--intervals",
+        type=parse_ints,
+        default=(3, 5),
+        help="feature-cache intervals to project per image (default 3,5)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="inference steps per image (default 50)")
     parser.add_argument("--skip-latency", action="store_true", help="MACs only")
-    parser.add_argument("--quiet-threshold", type=float, default=0.25,
-                        help="a round counts as quiet when other processes used at most this many cores during "
-                             "each of its runs (default 0.25)")
-    parser.add_argument("--max-wait", type=float, default=300.0,
-                        help="seconds in all to wait for other processes to go quiet (default 300; 0 = never)")
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.25,
+        help="a round counts as quiet when other processes used at most this many cores during "
+        "each of its runs (default 0.25)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds in all to wait for other processes to go quiet (default 300; 0 = never)",
+    )
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
@@ -320,39 +387,60 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     results = new_results(NAME, PACKAGES, torch_threads=torch.get_num_threads())
-    impl = "Triton kernel" if use_triton(torch.empty(1)) else "`gri_attention_sdpa` (tiles through F.scaled_dot_product_attention)"
-    results.update({
-        "settings": {"arch": ARCH, "batch": BATCH, "latents": list(args.latents), "repeats": args.repeats,
-                     "warmup": args.warmup, "intervals": list(args.intervals), "steps": args.steps,
-                     "branch": BRANCH, "skip_latency": args.skip_latency, "quiet_threshold": args.quiet_threshold,
-                     "max_wait": args.max_wait, "seed": SEED},
-        "gri_attention_impl": impl,
-        "triton_interpret_env": os.environ.get("TRITON_INTERPRET"),
-    })
+    impl = (
+        "Triton kernel"
+        if use_triton(torch.empty(1))
+        else "`gri_attention_sdpa` (tiles through F.scaled_dot_product_attention)"
+    )
+    results.update(
+        {
+            "settings": {
+                "arch": ARCH,
+                "batch": BATCH,
+                "latents": list(args.latents),
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "intervals": list(args.intervals),
+                "steps": args.steps,
+                "branch": BRANCH,
+                "skip_latency": args.skip_latency,
+                "quiet_threshold": args.quiet_threshold,
+                "max_wait": args.max_wait,
+                "seed": SEED,
+            },
+            "gri_attention_impl": impl,
+            "triton_interpret_env": os.environ.get("TRITON_INTERPRET"),
+        }
+    )
 
     log(f"building the U-Net from compiler/configs/{ARCH}/unet/config.json (seed {SEED}, fp32)")
     unet, init_seconds = build_teacher(ARCH)
     gri_unet, gri = build_gri_unet(unet)
     results["init_seconds"] = round(init_seconds, 1)
     results["gri"] = gri
-    log(f"gri: {gri['swapped_attentions']} self-attentions in {', '.join(gri['blocks'])}, window {gri['window']}, "
-        f"global pool {gri['global_pool']}; parameters shared with the baseline; attention: {impl}")
+    log(
+        f"gri: {gri['swapped_attentions']} self-attentions in {', '.join(gri['blocks'])}, window {gri['window']}, "
+        f"global pool {gri['global_pool']}; parameters shared with the baseline; attention: {impl}"
+    )
 
     results["unet_calls_per_image"] = unet_calls(args.steps)
     resolutions = [RESOLUTION] + [(8 * n, 8 * n) for n in args.latents if (8 * n, 8 * n) != RESOLUTION]
     results["macs"] = {}
     for res in resolutions:
         results["macs"][f"{res[0]}x{res[1]}"] = macs = count_all_macs(unet, gri_unet, res)
-        log(f"MACs @{res[0]}x{res[1]}: " + ", ".join(f"{n} {v / 1e9:.1f}G ({v / macs[BASELINE]:.3f})"
-                                                       for n, v in macs.items()))
+        log(
+            f"MACs @{res[0]}x{res[1]}: "
+            + ", ".join(f"{n} {v / 1e9:.1f}G ({v / macs[BASELINE]:.3f})" for n, v in macs.items())
+        )
 
     results["latency"] = {}
     if not args.skip_latency:
         waiter = QuietWaiter(args.quiet_threshold, args.max_wait)
         for latent in args.latents:
             repeats = args.repeats or DEFAULT_REPEATS.get(latent, 2)
-            results["latency"][f"{latent}x{latent}"] = time_latent(unet, gri_unet, latent, repeats, args.warmup,
-                                                                    args, waiter)
+            results["latency"][f"{latent}x{latent}"] = time_latent(
+                unet, gri_unet, latent, repeats, args.warmup, args, waiter
+            )
         results["waited_for_quiet_s"] = round(waiter.waited_s, 1)
     results["per_image"] = per_image(results)
     results["total_seconds"] = round(time.perf_counter() - start, 1)

@@ -96,10 +96,13 @@ def bench_shape(gri, name, batch, heads, height, width, head_dim, warmup, repeat
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     n = height * width
-    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, device="cuda", dtype=torch.float16)
-               for _ in range(3))
-    k_global, v_global = (torch.randn(batch, heads, NUM_GLOBAL, head_dim, generator=gen, device="cuda",
-                                      dtype=torch.float16) for _ in range(2))
+    q, k, v = (
+        torch.randn(batch, heads, n, head_dim, generator=gen, device="cuda", dtype=torch.float16) for _ in range(3)
+    )
+    k_global, v_global = (
+        torch.randn(batch, heads, NUM_GLOBAL, head_dim, generator=gen, device="cuda", dtype=torch.float16)
+        for _ in range(2)
+    )
     args = (q, k, v, k_global, v_global, height, width, WINDOW)
     backends, backend_name = sdpa_backends(q, k, v)
     variants = {
@@ -110,9 +113,18 @@ def bench_shape(gri, name, batch, heads, height, width, head_dim, warmup, repeat
     gri_flops = 2 * gri.gri_macs(batch, heads, height, width, WINDOW, NUM_GLOBAL, head_dim)
     full_flops = 4 * batch * heads * head_dim * n * n
     row = {
-        "name": name, "batch": batch, "heads": heads, "height": height, "width": width, "head_dim": head_dim,
-        "window": WINDOW, "num_global": NUM_GLOBAL, "dtype": "float16", "sdpa_backend": backend_name,
-        "gri_gflop": gri_flops / 1e9, "full_gflop": full_flops / 1e9,
+        "name": name,
+        "batch": batch,
+        "heads": heads,
+        "height": height,
+        "width": width,
+        "head_dim": head_dim,
+        "window": WINDOW,
+        "num_global": NUM_GLOBAL,
+        "dtype": "float16",
+        "sdpa_backend": backend_name,
+        "gri_gflop": gri_flops / 1e9,
+        "full_gflop": full_flops / 1e9,
     }
     with sdpa_kernel(backends):
         for variant, fn in variants.items():

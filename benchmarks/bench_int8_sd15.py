@@ -67,8 +67,20 @@ def compile_int8(checkpoint: Path, artifact: Path, workdir: Path) -> dict:
     """`sdcompiler compile --recipe int8` with an empty cache, measured (wall, CPU, peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="int8-cache-", dir=workdir) as cache:
         env = dict(os.environ, SDCOMPILER_QUIET="1", SDCOMPILER_CACHE_DIR=cache)
-        command = [sys.executable, "-m", "sdcompiler", "compile", str(checkpoint), "--recipe", "int8",
-                   "--target", "onnx", "--out", str(artifact), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "sdcompiler",
+            "compile",
+            str(checkpoint),
+            "--recipe",
+            "int8",
+            "--target",
+            "onnx",
+            "--out",
+            str(artifact),
+            "--quiet",
+        ]
         log(f"compiling (empty cache: calibration included): {' '.join(command[1:])}")
         meter = CpuMeter()
         result = run_measured(command, env)
@@ -85,8 +97,12 @@ def ptq_record(artifact: Path) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text())
     record = next(r for r in manifest["passes"] if r["name"] == "ptq")
     stage = next(s for s in manifest["lowering"]["stages"] if s["name"] == "quantize_onnx")
-    return {"config": record["config"], "metrics": record["metrics"], "seconds": record["seconds"],
-            "quantize_onnx": stage}
+    return {
+        "config": record["config"],
+        "metrics": record["metrics"],
+        "seconds": record["seconds"],
+        "quantize_onnx": stage,
+    }
 
 
 def time_unets(checkpoint: Path, fp32: Path, int8: Path, args, waiter: QuietWaiter) -> dict:
@@ -96,9 +112,11 @@ def time_unets(checkpoint: Path, fp32: Path, int8: Path, args, waiter: QuietWait
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    feed = {"sample": torch.randn(1, 4, LATENT, LATENT, generator=generator).numpy(),
-            "timestep": np.asarray(TIMESTEP, dtype=np.float32),
-            "encoder_hidden_states": torch.randn(1, TEXT_LENGTH, 768, generator=generator).numpy()}
+    feed = {
+        "sample": torch.randn(1, 4, LATENT, LATENT, generator=generator).numpy(),
+        "timestep": np.asarray(TIMESTEP, dtype=np.float32),
+        "encoder_hidden_states": torch.randn(1, TEXT_LENGTH, 768, generator=generator).numpy(),
+    }
     unet = None
     if args.torch:
         from diffusers import UNet2DConditionModel
@@ -116,8 +134,9 @@ def time_unets(checkpoint: Path, fp32: Path, int8: Path, args, waiter: QuietWait
         for name, artifact in (("fp32", fp32), ("int8", int8)):
             log(f"[{label}] creating the {name} ONNX Runtime session")
             start = time.perf_counter()
-            sessions[name] = ort.InferenceSession(str(artifact / "unet" / "model.onnx"), sess_options=options,
-                                                  providers=["CPUExecutionProvider"])
+            sessions[name] = ort.InferenceSession(
+                str(artifact / "unet" / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+            )
             session_seconds[name] = round(time.perf_counter() - start, 1)
         models = {name: (lambda s=s: s.run(["out_sample"], feed)[0]) for name, s in sessions.items()}
         if unet is not None:
@@ -129,7 +148,7 @@ def time_unets(checkpoint: Path, fp32: Path, int8: Path, args, waiter: QuietWait
 
             models["torch"] = run_torch
         reference, quantized = models["fp32"](), models["int8"]()
-        sqnr = float(10 * np.log10((reference ** 2).sum() / max(float(((reference - quantized) ** 2).sum()), 1e-20)))
+        sqnr = float(10 * np.log10((reference**2).sum() / max(float(((reference - quantized) ** 2).sum()), 1e-20)))
         timing = _rounds(models, args, label, waiter)
         timing.update(threads=label, ort_session_seconds=session_seconds, sqnr_int8_vs_fp32_db=round(sqnr, 2))
         out["runs"].append(timing)
@@ -155,20 +174,29 @@ def _rounds(models: dict, args, label: str, waiter: QuietWaiter) -> dict:
         waiter.wait(label)
         runs = {name: timed(run) for name, run in models.items()}
         others = max(load for _, load in runs.values())
-        rounds.append({"seconds": {n: round(t, 4) for n, (t, _) in runs.items()},
-                       "others_cores": others,
-                       "quiet": others <= args.quiet_threshold})
-        log(f"[{label}] round {len(rounds)} ({'quiet' if rounds[-1]['quiet'] else f'others {others:.2f} cores'}): "
-            + ", ".join(f"{n} {t:.3f} s" for n, (t, _) in runs.items()))
+        rounds.append(
+            {
+                "seconds": {n: round(t, 4) for n, (t, _) in runs.items()},
+                "others_cores": others,
+                "quiet": others <= args.quiet_threshold,
+            }
+        )
+        log(
+            f"[{label}] round {len(rounds)} ({'quiet' if rounds[-1]['quiet'] else f'others {others:.2f} cores'}): "
+            + ", ".join(f"{n} {t:.3f} s" for n, (t, _) in runs.items())
+        )
     quiet = [r for r in rounds if r["quiet"]]
     used = quiet if len(quiet) >= args.repeats else rounds
     medians = {name: statistics.median(r["seconds"][name] for r in used) for name in models}
-    return {"warmup_seconds": warm, "rounds": rounds, "rounds_used": len(used),
-            "contended": used is rounds and len(quiet) < len(rounds),
-            "median_s": {n: round(m, 4) for n, m in medians.items()},
-            "speedup_int8_over_fp32": round(medians["fp32"] / medians["int8"], 3),
-            **({"speedup_fp32_ort_over_torch": round(medians["torch"] / medians["fp32"], 3)} if "torch" in medians
-               else {})}
+    return {
+        "warmup_seconds": warm,
+        "rounds": rounds,
+        "rounds_used": len(used),
+        "contended": used is rounds and len(quiet) < len(rounds),
+        "median_s": {n: round(m, 4) for n, m in medians.items()},
+        "speedup_int8_over_fp32": round(medians["fp32"] / medians["int8"], 3),
+        **({"speedup_fp32_ort_over_torch": round(medians["torch"] / medians["fp32"], 3)} if "torch" in medians else {}),
+    }
 
 
 def markdown(results: dict) -> str:
@@ -177,19 +205,28 @@ def markdown(results: dict) -> str:
     rows = [("machine", f"{m['cpu_model']}, {m['cpu_count']} cores, {m['mem_total_gib']} GiB RAM")]
     if c:
         verdict = "within" if c["within_budget"] else "OVER"
-        rows.append(("`sdcompiler compile --recipe int8 --target onnx` (empty cache)",
-                     f"{c['seconds']:.0f} s wall ({verdict} the {c['budget_s'] // 60}-minute budget), peak RSS "
-                     f"{c['peak_rss_gib']:.1f} GiB, {c['cpu_seconds']:.0f} CPU-s, others used "
-                     f"{c['cpu_load'].get('others_cores', 0):.2f} cores"))
+        rows.append(
+            (
+                "`sdcompiler compile --recipe int8 --target onnx` (empty cache)",
+                f"{c['seconds']:.0f} s wall ({verdict} the {c['budget_s'] // 60}-minute budget), peak RSS "
+                f"{c['peak_rss_gib']:.1f} GiB, {c['cpu_seconds']:.0f} CPU-s, others used "
+                f"{c['cpu_load'].get('others_cores', 0):.2f} cores",
+            )
+        )
     else:
         rows.append(("compile", "skipped (--skip-compile: reused the artifact)"))
     rows += [
-        ("ptq pass / lowering stages (manifest)", f"ptq {p['seconds']:.0f} s; "
-         + ", ".join(f"{k} {v:.0f} s" for k, v in a["stage_seconds"].items())),
-        ("calibration", f"{config['calib_prompts']} prompts x {config['calib_steps']} steps x CFG = "
-                        f"{metrics['calibration_inputs']:.0f} inputs at {config['resolution']} px, "
-                        f"{config['calibration']}; ops {', '.join(config['op_types'])}; "
-                        f"{metrics['excluded_nodes']:.0f} nodes kept float"),
+        (
+            "ptq pass / lowering stages (manifest)",
+            f"ptq {p['seconds']:.0f} s; " + ", ".join(f"{k} {v:.0f} s" for k, v in a["stage_seconds"].items()),
+        ),
+        (
+            "calibration",
+            f"{config['calib_prompts']} prompts x {config['calib_steps']} steps x CFG = "
+            f"{metrics['calibration_inputs']:.0f} inputs at {config['resolution']} px, "
+            f"{config['calibration']}; ops {', '.join(config['op_types'])}; "
+            f"{metrics['excluded_nodes']:.0f} nodes kept float",
+        ),
         ("**eps SQNR, int8 vs float torch U-Net** (held-out trajectories)", f"**{metrics['sqnr_db']:.1f} dB**"),
         ("int8 artifact size", f"{a['gib']:.2f} GiB (unet {a['component_gib'].get('unet', 0):.2f})"),
     ]
@@ -198,21 +235,33 @@ def markdown(results: dict) -> str:
         rows += [
             (f"U-Net ORT fp32, {LATENT}x{LATENT} latent, batch 1, median [{t}]", f"{med['fp32']:.3f} s"),
             (f"U-Net ORT int8, median [{t}]", f"{med['int8']:.3f} s"),
-            (f"**speedup int8 / fp32** [{t}]", f"**{run['speedup_int8_over_fp32']:.2f}x**"
-             + (" (contended rounds)" if run["contended"] else "")),
+            (
+                f"**speedup int8 / fp32** [{t}]",
+                f"**{run['speedup_int8_over_fp32']:.2f}x**" + (" (contended rounds)" if run["contended"] else ""),
+            ),
             (f"int8 vs fp32 ORT output SQNR, timing input [{t}]", f"{run['sqnr_int8_vs_fp32_db']:.1f} dB"),
         ]
         if "torch" in med:
-            rows.append((f"U-Net torch eager fp32, median [{t}]", f"{med['torch']:.3f} s "
-                         f"(ORT fp32 {run['speedup_fp32_ort_over_torch']:.2f}x faster)"))
-    rows += [("load average (1/5/15 min) at start / end",
-              f"{results['load_average']['start']} / {results['load_average']['end']}"),
-             ("versions", ", ".join(f"{k} {v}" for k, v in results["versions"].items()))]
+            rows.append(
+                (
+                    f"U-Net torch eager fp32, median [{t}]",
+                    f"{med['torch']:.3f} s (ORT fp32 {run['speedup_fp32_ort_over_torch']:.2f}x faster)",
+                )
+            )
+    rows += [
+        (
+            "load average (1/5/15 min) at start / end",
+            f"{results['load_average']['start']} / {results['load_average']['end']}",
+        ),
+        ("versions", ", ".join(f"{k} {v}" for k, v in results["versions"].items())),
+    ]
     lines = [f"## int8_sd15 ({results['date']})", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    notes = ["U-Net: the real SD1.5 architecture with random weights: SQNR and speed carry over to real weights "
-             "only roughly (trained weights have other ranges and outliers).",
-             "Rounds interleave the models; compare the speedup, not absolute times."]
+    notes = [
+        "U-Net: the real SD1.5 architecture with random weights: SQNR and speed carry over to real weights "
+        "only roughly (trained weights have other ranges and outliers).",
+        "Rounds interleave the models; compare the speedup, not absolute times.",
+    ]
     if results["other_busy_processes"]:
         notes.append("Other busy processes: " + "; ".join(results["other_busy_processes"]))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
@@ -224,11 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="quiet rounds per thread setting (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up runs per model (default 2)")
     parser.add_argument("--skip-compile", action="store_true", help="reuse the int8 artifact in --workdir")
-    parser.add_argument("--threads", type=parse_threads, default=parse_threads("1,default"),
-                        help="intra-op thread settings, each timed in turn (default '1,default')")
+    parser.add_argument(
+        "--threads",
+        type=parse_threads,
+        default=parse_threads("1,default"),
+        help="intra-op thread settings, each timed in turn (default '1,default')",
+    )
     parser.add_argument("--torch", action="store_true", help="also time the torch eager U-Net")
-    parser.add_argument("--quiet-threshold", type=float, default=0.25,
-                        help="a round counts when others used at most this many cores (default 0.25)")
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.25,
+        help="a round counts when others used at most this many cores (default 0.25)",
+    )
     parser.add_argument("--max-wait", type=float, default=300, help="total seconds to wait for quiet moments")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -253,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     results["benchmark_process_peak_rss_gib"] = peak_rss_gib()
     finish_results(results)
     write_results(results, markdown(results), args.results_dir, NAME)
-    log(f"wrote {args.results_dir / (NAME + '.json')} and .md; "
-        f"free disk: {shutil.disk_usage(workdir).free / 2**30:.0f} GiB")
+    log(
+        f"wrote {args.results_dir / (NAME + '.json')} and .md; "
+        f"free disk: {shutil.disk_usage(workdir).free / 2**30:.0f} GiB"
+    )
     return 0
 
 

@@ -53,13 +53,22 @@ def main() -> None:
 
     torch.manual_seed(0)
     checkpoint, _ = ensure_checkpoint(args.workdir)
-    results = new_results("ptq_modelopt_sd15", ("torch", "diffusers", "nvidia-modelopt"),
-                          checkpoint="SD1.5 architecture, random weights (sdcompiler.testing.make_checkpoint full)")
+    results = new_results(
+        "ptq_modelopt_sd15",
+        ("torch", "diffusers", "nvidia-modelopt"),
+        checkpoint="SD1.5 architecture, random weights (sdcompiler.testing.make_checkpoint full)",
+    )
     pipe = load_checkpoint(checkpoint).pipeline
     float_unet = pipe.unet
     ptq = get_pass("ptq")
-    ctx = PassContext(arch="sd15", macs_resolution=(512, 512), cache_dir=args.workdir / "ptq-cache",
-                      show_progress=False, target="tensorrt", model_key="bench-sd15-full")
+    ctx = PassContext(
+        arch="sd15",
+        macs_resolution=(512, 512),
+        cache_dir=args.workdir / "ptq-cache",
+        show_progress=False,
+        target="tensorrt",
+        model_key="bench-sd15-full",
+    )
     rows = []
     for name in args.settings.split(","):
         pipe.unet = copy.deepcopy(float_unet)
@@ -68,9 +77,17 @@ def main() -> None:
         start = time.perf_counter()
         metrics = ptq.run(pipe, config, ctx)  # the first setting also makes the trajectories (cached)
         seconds = time.perf_counter() - start
-        rows.append({"setting": name, "config": SETTINGS[name], "sqnr_db": round(metrics["sqnr_db"], 2),
-                     "quantized_layers": metrics["quantized_layers"], "quantizers": metrics["quantizers"],
-                     "calibration_inputs": metrics["calibration_inputs"], "seconds": round(seconds, 1)})
+        rows.append(
+            {
+                "setting": name,
+                "config": SETTINGS[name],
+                "sqnr_db": round(metrics["sqnr_db"], 2),
+                "quantized_layers": metrics["quantized_layers"],
+                "quantizers": metrics["quantizers"],
+                "calibration_inputs": metrics["calibration_inputs"],
+                "seconds": round(seconds, 1),
+            }
+        )
         log(f"{name}: eps SQNR {metrics['sqnr_db']:.2f} dB, {metrics['quantized_layers']} layers, {seconds:.0f} s")
         pipe.unet = float_unet
     results["rows"] = rows

@@ -64,8 +64,10 @@ PACKAGES = ("sd-compiler", "torch", "diffusers", "transformers", "accelerate", "
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 W4A4_DIR = "quest-w4a4-sd15"
 FP32_DIR = "sd15-full-torch"
-PROMPTS = ("a photograph of an astronaut riding a horse on the moon",
-           "a watercolor painting of a lighthouse on a cliff at dawn")
+PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse on a cliff at dawn",
+)
 SEEDS = (1234, 5678)
 
 
@@ -100,25 +102,48 @@ def worker_compile(spec: dict) -> None:
             finally:
                 seconds = time.perf_counter() - start
                 phases.append({"phase": label, "seconds": round(seconds, 1), "peak_rss_gib_so_far": _rss_gib()})
-                print(f"[worker {time.strftime('%H:%M:%S')}] {label}: {seconds:.1f} s, peak RSS {_rss_gib()} GiB",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[worker {time.strftime('%H:%M:%S')}] {label}: {seconds:.1f} s, peak RSS {_rss_gib()} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         setattr(module, name, wrapper)
 
-    timed(quest, "teacher_trajectories", ["teacher trajectories (calibration prompts)",
-                                          "teacher trajectories (held-out prompts)"])
+    timed(
+        quest,
+        "teacher_trajectories",
+        ["teacher trajectories (calibration prompts)", "teacher trajectories (held-out prompts)"],
+    )
     timed(quest, "collect_act_stats", ["activation statistics (float model, calibration inputs)"])
     timed(quest, "set_weight_ranges", ["weight ranges: min-max (RTN)", "weight ranges: MSE search"])
-    timed(quest, "set_act_scales", ["activation scales: min-max, one for all timesteps (RTN)",
-                                    "activation scales: MSE search, time-wise"])
-    timed(quest, "eps_sqnr", ["eps SQNR on held-out inputs: RTN", "eps SQNR on held-out inputs: calibrated",
-                              "eps SQNR on held-out inputs: finetuned"])
+    timed(
+        quest,
+        "set_act_scales",
+        ["activation scales: min-max, one for all timesteps (RTN)", "activation scales: MSE search, time-wise"],
+    )
+    timed(
+        quest,
+        "eps_sqnr",
+        [
+            "eps SQNR on held-out inputs: RTN",
+            "eps SQNR on held-out inputs: calibrated",
+            "eps SQNR on held-out inputs: finetuned",
+        ],
+    )
     timed(quest, "finetune_stage", ["finetune stage 1 (time_emb_proj)", "finetune stage 2 (FFN + act scales)"])
     timed(torch_target, "pack_quantized", ["pack_quantized (torch target)"])
     start = time.perf_counter()
     compile_artifact(spec["checkpoint"], spec["recipe"], spec["target"], spec["out"], seed=0)
-    Path(spec["report"]).write_text(json.dumps({"phases": phases, "compile_artifact_seconds":
-                                                round(time.perf_counter() - start, 1), "peak_rss_gib": _rss_gib()}))
+    Path(spec["report"]).write_text(
+        json.dumps(
+            {
+                "phases": phases,
+                "compile_artifact_seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_gib": _rss_gib(),
+            }
+        )
+    )
 
 
 def worker_images(spec: dict) -> None:
@@ -139,31 +164,52 @@ def worker_images(spec: dict) -> None:
         begin = time.perf_counter()
         out = unet(*args, **kwargs)
         calls.append(time.perf_counter() - begin)
-        print(f"[worker {time.strftime('%H:%M:%S')}] U-Net call {len(calls)}: {calls[-1]:.1f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"[worker {time.strftime('%H:%M:%S')}] U-Net call {len(calls)}: {calls[-1]:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return out
 
     components.unet = timed_unet
     size = spec["resolution"] // components.vae_scale_factor
-    latents = torch.cat([torch.randn(1, components.latent_channels, size, size,
-                                     generator=torch.Generator().manual_seed(seed)) for seed in spec["seeds"]])
+    latents = torch.cat(
+        [
+            torch.randn(1, components.latent_channels, size, size, generator=torch.Generator().manual_seed(seed))
+            for seed in spec["seeds"]
+        ]
+    )
     start = time.perf_counter()
-    final = pipe(list(spec["prompts"]), num_inference_steps=spec["steps"], height=spec["resolution"],
-                 width=spec["resolution"], latents=latents, output_type="latent").images
+    final = pipe(
+        list(spec["prompts"]),
+        num_inference_steps=spec["steps"],
+        height=spec["resolution"],
+        width=spec["resolution"],
+        latents=latents,
+        output_type="latent",
+    ).images
     sampling_seconds = time.perf_counter() - start
     start = time.perf_counter()
     image = components.decode(final / components.scaling_factor)  # as sampling.generate does for "np"
     image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
     decode_seconds = time.perf_counter() - start
     np.savez(spec["out"], latents=final.float().numpy(), images=image)
-    Path(spec["report"]).write_text(json.dumps({
-        "load_seconds": round(load_seconds, 1), "sampling_seconds": round(sampling_seconds, 1),
-        "unet_calls": len(calls), "unet_call_seconds": [round(c, 2) for c in calls],
-        "unet_call_median_s": round(statistics.median(calls), 2) if calls else None,
-        "decode_seconds": round(decode_seconds, 1), "peak_rss_after_load_gib": rss_loaded,
-        "peak_rss_gib": _rss_gib(), "guidance_scale": pipe.manifest.get("defaults", {}).get("guidance_scale"),
-        "scheduler": type(components.scheduler_factory()).__name__,
-    }))
+    Path(spec["report"]).write_text(
+        json.dumps(
+            {
+                "load_seconds": round(load_seconds, 1),
+                "sampling_seconds": round(sampling_seconds, 1),
+                "unet_calls": len(calls),
+                "unet_call_seconds": [round(c, 2) for c in calls],
+                "unet_call_median_s": round(statistics.median(calls), 2) if calls else None,
+                "decode_seconds": round(decode_seconds, 1),
+                "peak_rss_after_load_gib": rss_loaded,
+                "peak_rss_gib": _rss_gib(),
+                "guidance_scale": pipe.manifest.get("defaults", {}).get("guidance_scale"),
+                "scheduler": type(components.scheduler_factory()).__name__,
+            }
+        )
+    )
 
 
 def run_worker(kind: str, spec: dict, env: dict | None = None) -> dict:
@@ -187,9 +233,15 @@ def run_worker(kind: str, spec: dict, env: dict | None = None) -> dict:
 
 def quest_recipe(args) -> list[dict]:
     stage1, stage2 = args.finetune_steps
-    item = {"preset": "quest-w4a4", "calib_prompts": args.calib_prompts, "held_out_prompts": args.held_out_prompts,
-            "calib_steps": args.calib_steps, "resolution": args.resolution, "search_grid": args.search_grid,
-            "finetune": stage1 + stage2 > 0}
+    item = {
+        "preset": "quest-w4a4",
+        "calib_prompts": args.calib_prompts,
+        "held_out_prompts": args.held_out_prompts,
+        "calib_steps": args.calib_steps,
+        "resolution": args.resolution,
+        "search_grid": args.search_grid,
+        "finetune": stage1 + stage2 > 0,
+    }
     if stage1 + stage2 > 0:
         item |= {"stage1_steps": stage1, "stage2_steps": stage2, "batch_size": args.finetune_batch}
     return [item]
@@ -200,8 +252,9 @@ def compile_into(checkpoint: Path, out: Path, recipe, label: str, fresh_cache_in
     with tempfile.TemporaryDirectory(prefix="quest-cache-", dir=fresh_cache_in) as cache:
         env = dict(os.environ, SDCOMPILER_QUIET="1", SDCOMPILER_CACHE_DIR=cache)
         log(f"compiling {label} into {out} (empty cache)")
-        result = run_worker("compile", {"checkpoint": str(checkpoint), "recipe": recipe, "target": "torch",
-                                        "out": str(out)}, env)
+        result = run_worker(
+            "compile", {"checkpoint": str(checkpoint), "recipe": recipe, "target": "torch", "out": str(out)}, env
+        )
     log(f"compiled {label}: {result['seconds']:.0f} s wall, peak RSS {result['peak_rss_gib']} GiB")
     return result
 
@@ -223,8 +276,15 @@ def safetensors_facts(path: Path) -> dict:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    return {name: {"dtype": t["dtype"], "shape": t["shape"], "numel": math.prod(t["shape"]),
-                   "bytes": t["data_offsets"][1] - t["data_offsets"][0]} for name, t in header.items()}
+    return {
+        name: {
+            "dtype": t["dtype"],
+            "shape": t["shape"],
+            "numel": math.prod(t["shape"]),
+            "bytes": t["data_offsets"][1] - t["data_offsets"][0],
+        }
+        for name, t in header.items()
+    }
 
 
 def weight_facts(fp32_file: Path, w4a4_file: Path) -> dict:
@@ -246,8 +306,12 @@ def weight_facts(fp32_file: Path, w4a4_file: Path) -> dict:
         entry["params"] += weight["numel"]
     quantized_params = sum(e["params"] for e in by_bits.values())
 
-    kinds = {"packed weight codes (uint8)": 0, "weight scales + zero points (per output channel)": 0,
-             "activation scales (per calibrated timestep)": 0, "float tensors kept (bias, norms, embeddings...)": 0}
+    kinds = {
+        "packed weight codes (uint8)": 0,
+        "weight scales + zero points (per output channel)": 0,
+        "activation scales (per calibrated timestep)": 0,
+        "float tensors kept (bias, norms, embeddings...)": 0,
+    }
     for name, t in packed.items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf.startswith("weight_packed"):
@@ -269,9 +333,11 @@ def weight_facts(fp32_file: Path, w4a4_file: Path) -> dict:
         "quantized_layers": len(layers),
         "quantized_params": quantized_params,
         "quantized_params_share": round(quantized_params / total_params, 4),
-        "quantized_by_weight_bits": {str(b): e | {"share": round(e["params"] / total_params, 6)}
-                                     for b, e in sorted(by_bits.items())},
-        "fp32_tensors": len(fp32), "w4a4_tensors": len(packed),
+        "quantized_by_weight_bits": {
+            str(b): e | {"share": round(e["params"] / total_params, 6)} for b, e in sorted(by_bits.items())
+        },
+        "fp32_tensors": len(fp32),
+        "w4a4_tensors": len(packed),
     }
 
 
@@ -284,13 +350,24 @@ def images(fp32_dir: Path, w4a4_dir: Path, steps: int, resolution: int, save_dir
         for label, artifact in (("fp32", fp32_dir), ("w4a4", w4a4_dir)):
             log(f"sampling {len(PROMPTS)} prompts with the {label} artifact ({steps} steps, {resolution} px)")
             file = Path(scratch) / f"{label}.npz"
-            out[label] = run_worker("images", {"artifact": str(artifact), "prompts": list(PROMPTS),
-                                               "seeds": list(SEEDS), "steps": steps, "resolution": resolution,
-                                               "out": str(file)}, dict(os.environ, SDCOMPILER_QUIET="1"))
+            out[label] = run_worker(
+                "images",
+                {
+                    "artifact": str(artifact),
+                    "prompts": list(PROMPTS),
+                    "seeds": list(SEEDS),
+                    "steps": steps,
+                    "resolution": resolution,
+                    "out": str(file),
+                },
+                dict(os.environ, SDCOMPILER_QUIET="1"),
+            )
             with np.load(file) as data:
                 arrays[label] = {k: data[k].astype(np.float64) for k in data.files}
-            log(f"{label}: sampling {out[label]['report']['sampling_seconds']} s, "
-                f"peak RSS {out[label]['peak_rss_gib']} GiB")
+            log(
+                f"{label}: sampling {out[label]['report']['sampling_seconds']} s, "
+                f"peak RSS {out[label]['peak_rss_gib']} GiB"
+            )
     ref, est = arrays["fp32"], arrays["w4a4"]
     psnr = []
     for i in range(len(PROMPTS)):
@@ -302,8 +379,9 @@ def images(fp32_dir: Path, w4a4_dir: Path, steps: int, resolution: int, save_dir
         "psnr_db": psnr,
         "psnr_db_all": round(10 * math.log10(1.0 / mse_all), 2) if mse_all > 0 else float("inf"),
         "mean_abs_diff_0_255": round(float(np.abs(ref["images"] - est["images"]).mean()) * 255, 2),
-        "latent_sqnr_db": round(10 * math.log10(float((ref["latents"] ** 2).sum()) / noise), 2) if noise else
-        float("inf"),
+        "latent_sqnr_db": round(10 * math.log10(float((ref["latents"] ** 2).sum()) / noise), 2)
+        if noise
+        else float("inf"),
         "fp32_image_std": round(float(ref["images"].std()), 4),
     }
     if save_dir is not None:
@@ -332,66 +410,100 @@ def markdown(results: dict) -> str:
     rows = [
         ("machine", f"{m['cpu_model']}, {m['cpu_count']} cores, {m['mem_total_gib']} GiB RAM"),
         ("recipe (CPU-sized)", f"`{json.dumps(s['recipe'][0])}`, target torch (fp32 floats)"),
-        ("calibration", f"{s['calib_prompts']} prompts + {s['held_out_prompts']} held-out, {s['calib_steps']} steps "
-                        f"(= calibrated timesteps), CFG 7.5, {s['resolution']} px, MSE-search grid {s['search_grid']}"),
-        ("finetuning", f"stage 1 {stage1} + stage 2 {stage2} steps, batch {s['finetune_batch']}"
-         if stage1 + stage2 else "off"),
+        (
+            "calibration",
+            f"{s['calib_prompts']} prompts + {s['held_out_prompts']} held-out, {s['calib_steps']} steps "
+            f"(= calibrated timesteps), CFG 7.5, {s['resolution']} px, MSE-search grid {s['search_grid']}",
+        ),
+        (
+            "finetuning",
+            f"stage 1 {stage1} + stage 2 {stage2} steps, batch {s['finetune_batch']}" if stage1 + stage2 else "off",
+        ),
     ]
     if c:
-        rows.append(("**compile W4A4** (subprocess, empty cache)",
-                     f"**{c['seconds']:.0f} s** wall ({c['seconds'] / 60:.1f} min), peak RSS **{c['peak_rss_gib']:.2f} "
-                     f"GiB**, {c['cpu_seconds']:.0f} CPU-s; others used {c['cpu_load'].get('others_cores', '?')} "
-                     f"cores on average"))
+        rows.append(
+            (
+                "**compile W4A4** (subprocess, empty cache)",
+                f"**{c['seconds']:.0f} s** wall ({c['seconds'] / 60:.1f} min), peak RSS **{c['peak_rss_gib']:.2f} "
+                f"GiB**, {c['cpu_seconds']:.0f} CPU-s; others used {c['cpu_load'].get('others_cores', '?')} "
+                f"cores on average",
+            )
+        )
         for p in c["report"]["phases"]:
-            rows.append((f"&nbsp;&nbsp;{p['phase']}",
-                         f"{p['seconds']:.1f} s (peak RSS so far {p['peak_rss_gib_so_far']} GiB)"))
+            rows.append(
+                (f"&nbsp;&nbsp;{p['phase']}", f"{p['seconds']:.1f} s (peak RSS so far {p['peak_rss_gib_so_far']} GiB)")
+            )
         rows.append(("&nbsp;&nbsp;pass total (manifest)", f"{metrics['pass_seconds']:.1f} s"))
     else:
         rows.append(("compile W4A4", "skipped (--skip-compile: reused the artifact)"))
-    rows.append(("compile fp32 reference (`none`, torch)",
-                 f"{ref['seconds']:.0f} s, peak RSS {ref['peak_rss_gib']:.2f} GiB" if ref else "cached (reused)"))
+    rows.append(
+        (
+            "compile fp32 reference (`none`, torch)",
+            f"{ref['seconds']:.0f} s, peak RSS {ref['peak_rss_gib']:.2f} GiB" if ref else "cached (reused)",
+        )
+    )
     rows += [
         ("U-Net file, fp32 (`none`)", _gib(w["fp32_unet_file_bytes"])),
         ("U-Net, fp16 (implied: fp32 / 2)", _gib(w["fp16_unet_implied_bytes"])),
         ("**U-Net file, packed W4A4**", f"**{_gib(w['w4a4_unet_file_bytes'])}**"),
-        ("**ratio fp32 / W4A4, fp16 / W4A4**",
-         f"**{w['ratio_fp32_over_w4a4']:.2f}x, {w['ratio_fp16_over_w4a4']:.2f}x**"),
+        (
+            "**ratio fp32 / W4A4, fp16 / W4A4**",
+            f"**{w['ratio_fp32_over_w4a4']:.2f}x, {w['ratio_fp16_over_w4a4']:.2f}x**",
+        ),
     ]
     rows += [(f"&nbsp;&nbsp;W4A4 file: {k}", _gib(v)) for k, v in w["w4a4_bytes_by_kind"].items()]
-    bits = ", ".join(f"{e['layers']} at {b}-bit weights ({e['params']:,} params, "
-                     f"{100 * e['params'] / w['unet_params']:.3g}%)" for b, e in w["quantized_by_weight_bits"].items())
+    bits = ", ".join(
+        f"{e['layers']} at {b}-bit weights ({e['params']:,} params, {100 * e['params'] / w['unet_params']:.3g}%)"
+        for b, e in w["quantized_by_weight_bits"].items()
+    )
     rows += [
         ("packed (quantized) layers", f"{w['quantized_layers']}: {bits}"),
-        ("packed layers' share of U-Net params",
-         f"{100 * w['quantized_params_share']:.2f}% ({w['quantized_params']:,} of {w['unet_params']:,})"),
+        (
+            "packed layers' share of U-Net params",
+            f"{100 * w['quantized_params_share']:.2f}% ({w['quantized_params']:,} of {w['unet_params']:,})",
+        ),
         ("eps SQNR, RTN (min-max, one scale for all t)", f"{metrics.get('sqnr_rtn_db', float('nan')):.2f} dB"),
         ("eps SQNR, calibrated (MSE search, time-wise)", f"{metrics.get('sqnr_calibrated_db', float('nan')):.2f} dB"),
-        ("eps SQNR, finetuned", f"{metrics['sqnr_finetuned_db']:.2f} dB" if "sqnr_finetuned_db" in metrics
-         else "n/a (finetuning off)"),
+        (
+            "eps SQNR, finetuned",
+            f"{metrics['sqnr_finetuned_db']:.2f} dB" if "sqnr_finetuned_db" in metrics else "n/a (finetuning off)",
+        ),
     ]
     img = results.get("images")
     if img:
         f32, w4 = img["fp32"], img["w4a4"]
         rows += [
-            (f"**image PSNR W4A4 vs fp32** ({len(img['prompts'])} prompts, seeds {img['seeds']}, "
-             f"{img['steps']} steps {f32['report']['scheduler']}, CFG {f32['report']['guidance_scale']}, "
-             f"{img['resolution']} px)",
-             f"**{', '.join(f'{p:.2f}' for p in img['psnr_db'])} dB** (both: {img['psnr_db_all']:.2f} dB); "
-             f"mean abs diff {img['mean_abs_diff_0_255']:.2f} / 255"),
+            (
+                f"**image PSNR W4A4 vs fp32** ({len(img['prompts'])} prompts, seeds {img['seeds']}, "
+                f"{img['steps']} steps {f32['report']['scheduler']}, CFG {f32['report']['guidance_scale']}, "
+                f"{img['resolution']} px)",
+                f"**{', '.join(f'{p:.2f}' for p in img['psnr_db'])} dB** (both: {img['psnr_db_all']:.2f} dB); "
+                f"mean abs diff {img['mean_abs_diff_0_255']:.2f} / 255",
+            ),
             ("final latents SQNR W4A4 vs fp32", f"{img['latent_sqnr_db']:.2f} dB"),
-            ("sampling, fp32 artifact (torch eager)", f"{f32['report']['sampling_seconds']:.0f} s, U-Net call median "
-             f"{f32['report']['unet_call_median_s']:.1f} s (batch {2 * len(img['prompts'])}), peak RSS "
-             f"{f32['peak_rss_gib']:.2f} GiB"),
-            ("sampling, W4A4 artifact (CPU integer reference)", f"{w4['report']['sampling_seconds']:.0f} s, U-Net call "
-             f"median {w4['report']['unet_call_median_s']:.1f} s, peak RSS {w4['peak_rss_gib']:.2f} GiB "
-             f"(after load {w4['report']['peak_rss_after_load_gib']:.2f})"),
+            (
+                "sampling, fp32 artifact (torch eager)",
+                f"{f32['report']['sampling_seconds']:.0f} s, U-Net call median "
+                f"{f32['report']['unet_call_median_s']:.1f} s (batch {2 * len(img['prompts'])}), peak RSS "
+                f"{f32['peak_rss_gib']:.2f} GiB",
+            ),
+            (
+                "sampling, W4A4 artifact (CPU integer reference)",
+                f"{w4['report']['sampling_seconds']:.0f} s, U-Net call "
+                f"median {w4['report']['unet_call_median_s']:.1f} s, peak RSS {w4['peak_rss_gib']:.2f} GiB "
+                f"(after load {w4['report']['peak_rss_after_load_gib']:.2f})",
+            ),
         ]
     rows += [
         ("benchmark process peak RSS", f"{results['benchmark_process_peak_rss_gib']:.2f} GiB"),
-        ("load average (1/5/15 min) at start / end", f"{results['load_average']['start']} / "
-                                                       f"{results['load_average']['end']}"),
-        ("total wall time of this benchmark",
-         f"{results['total_seconds']:.0f} s ({results['total_seconds'] / 60:.1f} min)"),
+        (
+            "load average (1/5/15 min) at start / end",
+            f"{results['load_average']['start']} / {results['load_average']['end']}",
+        ),
+        (
+            "total wall time of this benchmark",
+            f"{results['total_seconds']:.0f} s ({results['total_seconds'] / 60:.1f} min)",
+        ),
         ("versions", ", ".join(f"{k} {v}" for k, v in results["versions"].items())),
     ]
     lines = [f"## quest_sd15 ({results['date']})", "", "| measure | value |", "|---|---|"]
@@ -407,13 +519,20 @@ def markdown(results: dict) -> str:
         "Attention q/k/v and softmax probabilities are fake-quantized (8 bit) in float in both the pass and the "
         "artifact.",
     ]
-    others = max([x.get("cpu_load", {}).get("others_cores", 0.0) for x in (c, ref) if x]
-                 + ([img["fp32"]["cpu_load"].get("others_cores", 0.0), img["w4a4"]["cpu_load"].get("others_cores", 0.0)]
-                    if img else []))
+    others = max(
+        [x.get("cpu_load", {}).get("others_cores", 0.0) for x in (c, ref) if x]
+        + (
+            [img["fp32"]["cpu_load"].get("others_cores", 0.0), img["w4a4"]["cpu_load"].get("others_cores", 0.0)]
+            if img
+            else []
+        )
+    )
     if others >= 0.25:
-        notes.append(f"Other processes kept up to {others:.2f} of the {m['cpu_count']} cores busy during a phase, so "
-                     "the absolute times are inflated." + (" Likely: " + "; ".join(results["other_busy_processes"])
-                                                           if results["other_busy_processes"] else ""))
+        notes.append(
+            f"Other processes kept up to {others:.2f} of the {m['cpu_count']} cores busy during a phase, so "
+            "the absolute times are inflated."
+            + (" Likely: " + "; ".join(results["other_busy_processes"]) if results["other_busy_processes"] else "")
+        )
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -439,16 +558,28 @@ def main(argv: list[str] | None = None) -> int:
         {"compile": worker_compile, "images": worker_images}[argv[1]](json.loads(argv[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=HERE / ".cache",
-                        help="checkpoint and artifacts cache (default benchmarks/.cache)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=HERE / ".cache",
+        help="checkpoint and artifacts cache (default benchmarks/.cache)",
+    )
     parser.add_argument("--calib-prompts", type=int, default=2)
     parser.add_argument("--held-out-prompts", type=int, default=1)
     parser.add_argument("--calib-steps", type=int, default=4, help="sampling steps = calibrated timesteps")
     parser.add_argument("--resolution", type=int, default=256, help="calibration resolution, px")
-    parser.add_argument("--search-grid", type=int, default=8,
-                        help="shrink factors tried by the range searches (preset: 16; ~40 s per point on 2 cores)")
-    parser.add_argument("--finetune-steps", type=parse_finetune, default=(1, 1),
-                        help="finetuning steps 'S1,S2' (stage 1, stage 2), 'N' (both) or 'off' (default 1,1)")
+    parser.add_argument(
+        "--search-grid",
+        type=int,
+        default=8,
+        help="shrink factors tried by the range searches (preset: 16; ~40 s per point on 2 cores)",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=parse_finetune,
+        default=(1, 1),
+        help="finetuning steps 'S1,S2' (stage 1, stage 2), 'N' (both) or 'off' (default 1,1)",
+    )
     parser.add_argument("--finetune-batch", type=int, default=2)
     parser.add_argument("--image-steps", type=int, default=10)
     parser.add_argument("--image-resolution", type=int, default=256)
@@ -463,12 +594,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = quest_recipe(args)
     results = new_results(NAME, PACKAGES)
-    results["settings"] = {"recipe": recipe, "calib_prompts": args.calib_prompts,
-                           "held_out_prompts": args.held_out_prompts, "calib_steps": args.calib_steps,
-                           "resolution": args.resolution, "search_grid": args.search_grid,
-                           "finetune_steps": list(args.finetune_steps), "finetune_batch": args.finetune_batch,
-                           "image_steps": args.image_steps, "image_resolution": args.image_resolution,
-                           "skip_compile": args.skip_compile}
+    results["settings"] = {
+        "recipe": recipe,
+        "calib_prompts": args.calib_prompts,
+        "held_out_prompts": args.held_out_prompts,
+        "calib_steps": args.calib_steps,
+        "resolution": args.resolution,
+        "search_grid": args.search_grid,
+        "finetune_steps": list(args.finetune_steps),
+        "finetune_batch": args.finetune_batch,
+        "image_steps": args.image_steps,
+        "image_resolution": args.image_resolution,
+        "skip_compile": args.skip_compile,
+    }
     checkpoint, built = ensure_checkpoint(workdir)
     results["checkpoint"] = {"path": str(checkpoint), "build": built}
 
@@ -483,8 +621,12 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = json.loads((w4a4_dir / "manifest.json").read_text())
     record = manifest["passes"][0]
-    results["artifact"] = {"w4a4": str(w4a4_dir), "fp32": str(fp32_dir), "w4a4_recipe": manifest["recipe"],
-                           "w4a4_lowering_stages": manifest["lowering"]["stages"]}
+    results["artifact"] = {
+        "w4a4": str(w4a4_dir),
+        "fp32": str(fp32_dir),
+        "w4a4_recipe": manifest["recipe"],
+        "w4a4_lowering_stages": manifest["lowering"]["stages"],
+    }
     results["fidelity"] = dict(record["metrics"]) | {"pass_seconds": record["seconds"], "config": record["config"]}
     results["weights"] = weight_facts(fp32_dir / UNET_FILE, w4a4_dir / UNET_FILE)
     if not args.skip_images:
@@ -493,8 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     results["total_seconds"] = round(time.perf_counter() - begin, 1)
     finish_results(results)
     write_results(results, markdown(results), args.results_dir, NAME)
-    log(f"wrote {args.results_dir / (NAME + '.json')} and .md in {results['total_seconds']:.0f} s; free disk: "
-        f"{shutil.disk_usage(workdir).free / 2**30:.0f} GiB")
+    log(
+        f"wrote {args.results_dir / (NAME + '.json')} and .md in {results['total_seconds']:.0f} s; free disk: "
+        f"{shutil.disk_usage(workdir).free / 2**30:.0f} GiB"
+    )
     return 0
 
 

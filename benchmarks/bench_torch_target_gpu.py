@@ -46,9 +46,16 @@ sys.path.insert(0, str(HERE))
 
 from bench_common import finish_results, import_checkout, log, new_results, write_results  # noqa: E402
 
-TINY = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=8, sample_size=16)
+TINY = dict(
+    block_out_channels=[32, 64],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    sample_size=16,
+)
 
 
 def build_unet(tiny: bool, device: str, dtype: torch.dtype):
@@ -136,9 +143,11 @@ def main() -> None:
     unet = build_unet(args.tiny, args.device, dtype)
     latent = TINY["sample_size"] if args.tiny else args.latent
     generator = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device, dtype),
-              torch.tensor(500.0, device=args.device),
-              torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator).to(args.device, dtype))
+    inputs = (
+        torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device, dtype),
+        torch.tensor(500.0, device=args.device),
+        torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator).to(args.device, dtype),
+    )
     modes = (("default", "reduce-overhead") if args.device == "cuda" else ("default",)) if args.compile else ()
     calls = variants(unet, args.device, modes)
     times = {name: [] for name in calls}
@@ -155,20 +164,41 @@ def main() -> None:
             for name, fn in calls.items():
                 times[name].append(timed_ms(fn, inputs, args.device)[0])
     eager = statistics.median(times["eager"])
-    rows = [{"variant": name, "median_ms": round(statistics.median(t), 3),
-             "speedup_vs_eager": round(eager / statistics.median(t), 3),
-             "sqnr_vs_eager_db": round(sqnr_db(outputs["eager"], outputs[name]), 1),
-             "warmup_s": setup_s[name]} for name, t in times.items()]
+    rows = [
+        {
+            "variant": name,
+            "median_ms": round(statistics.median(t), 3),
+            "speedup_vs_eager": round(eager / statistics.median(t), 3),
+            "sqnr_vs_eager_db": round(sqnr_db(outputs["eager"], outputs[name]), 1),
+            "warmup_s": setup_s[name],
+        }
+        for name, t in times.items()
+    ]
     name = "torch_target_gpu" if args.device == "cuda" else "torch_target_cpu_check"
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    results = new_results(name, ("torch", "triton", "diffusers"), device=device,
-                          shape={"batch": args.batch, "latent": latent, "tokens": 77, "dtype": str(dtype),
-                                 "unet": "tiny" if args.tiny else "SD1.5"}, rows=rows)
+    results = new_results(
+        name,
+        ("torch", "triton", "diffusers"),
+        device=device,
+        shape={
+            "batch": args.batch,
+            "latent": latent,
+            "tokens": 77,
+            "dtype": str(dtype),
+            "unet": "tiny" if args.tiny else "SD1.5",
+        },
+        rows=rows,
+    )
     finish_results(results)
-    table = ["| variant | median ms / U-Net call | speedup vs eager | SQNR vs eager (dB) | warm-up s (incl. compile) |",
-             "|---|---|---|---|---|"]
-    table += [f"| {r['variant']} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}x | {r['sqnr_vs_eager_db']} | "
-              f"{r['warmup_s']} |" for r in rows]
+    table = [
+        "| variant | median ms / U-Net call | speedup vs eager | SQNR vs eager (dB) | warm-up s (incl. compile) |",
+        "|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['variant']} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}x | {r['sqnr_vs_eager_db']} | "
+        f"{r['warmup_s']} |"
+        for r in rows
+    ]
     print(f"{device}: batch {args.batch}, latent {latent}, {dtype}")
     write_results(results, "\n".join(table), args.out, name)
 

@@ -65,21 +65,33 @@ def main() -> None:
                 for name, model in (("full", full), ("tiny", tiny)):
                     times[name].append(timed(model, latent))
         medians = {name: statistics.median(t) for name, t in times.items()}
-        rows.append({"size": side, "macs_full": macs["full"], "macs_tiny": macs["tiny"],
-                     "seconds_full": round(medians["full"], 4), "seconds_tiny": round(medians["tiny"], 4),
-                     "speedup": round(medians["full"] / medians["tiny"], 2)})
+        rows.append(
+            {
+                "size": side,
+                "macs_full": macs["full"],
+                "macs_tiny": macs["tiny"],
+                "seconds_full": round(medians["full"], 4),
+                "seconds_tiny": round(medians["tiny"], 4),
+                "speedup": round(medians["full"] / medians["tiny"], 2),
+            }
+        )
         log(f"{side}px: {rows[-1]}")
     params = {"full": sum(p.numel() for p in full.parameters()), "tiny": sum(p.numel() for p in tiny.parameters())}
-    results = new_results(f"vae_swap_{args.arch}", ("torch", "diffusers"), device=args.device, params=params,
-                          rows=rows)
+    results = new_results(f"vae_swap_{args.arch}", ("torch", "diffusers"), device=args.device, params=params, rows=rows)
     finish_results(results)
-    table = [f"VAE decoder, {args.arch}: AutoencoderKL {params['full']:,} params vs TAESD (AutoencoderTiny) "
-             f"{params['tiny']:,}; {args.device}, batch 1, medians of {args.repeats} interleaved rounds", "",
-             "| image | decoder MACs full | TAESD | ratio | seconds full | TAESD | speedup |",
-             "|---|---|---|---|---|---|---|"]
-    table += [f"| {r['size']}x{r['size']} | {r['macs_full'] / 1e9:.1f} G | {r['macs_tiny'] / 1e9:.1f} G | "
-              f"{r['macs_full'] / r['macs_tiny']:.1f}x | {r['seconds_full']:.3f} | {r['seconds_tiny']:.3f} | "
-              f"{r['speedup']:.1f}x |" for r in rows]
+    table = [
+        f"VAE decoder, {args.arch}: AutoencoderKL {params['full']:,} params vs TAESD (AutoencoderTiny) "
+        f"{params['tiny']:,}; {args.device}, batch 1, medians of {args.repeats} interleaved rounds",
+        "",
+        "| image | decoder MACs full | TAESD | ratio | seconds full | TAESD | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['size']}x{r['size']} | {r['macs_full'] / 1e9:.1f} G | {r['macs_tiny'] / 1e9:.1f} G | "
+        f"{r['macs_full'] / r['macs_tiny']:.1f}x | {r['seconds_full']:.3f} | {r['seconds_tiny']:.3f} | "
+        f"{r['speedup']:.1f}x |"
+        for r in rows
+    ]
     write_results(results, "\n".join(table) + "\n", args.out, f"vae_swap_{args.arch}")
 
 

@@ -94,8 +94,15 @@ class Timer:
         return statistics.median(times)
 
 
-SWEEP = [(128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
-         (64, 64, 128, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+SWEEP = [
+    (128, 128, 128, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+]
 
 
 def bench_shape(w4a4, timer: Timer, layer: str, m: int, k: int, n: int, sweep: bool) -> list[dict]:
@@ -116,12 +123,18 @@ def bench_shape(w4a4, timer: Timer, layer: str, m: int, k: int, n: int, sweep: b
         "fp16": (lambda: F.linear(x, w16, bias), fp16_bytes),
         "bf16": (lambda: F.linear(xb16, wb16, bias.bfloat16()), fp16_bytes),
         "int8 cuBLAS": (lambda: torch._int_mm(q, w8), n * k),
-        "w4a4 codes": (lambda: w4a4.w4a4_gemm_triton(q, s_tok, packed, scale, zero, bias, 4, k, torch.float16),
-                       w4_bytes),
-        "w4a4 fused static": (lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, static, 4, 4, k,
-                                                              fused=True), w4_bytes),
-        "w4a4 static 2-pass": (lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, static, 4, 4, k,
-                                                               fused=False), w4_bytes),
+        "w4a4 codes": (
+            lambda: w4a4.w4a4_gemm_triton(q, s_tok, packed, scale, zero, bias, 4, k, torch.float16),
+            w4_bytes,
+        ),
+        "w4a4 fused static": (
+            lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, static, 4, 4, k, fused=True),
+            w4_bytes,
+        ),
+        "w4a4 static 2-pass": (
+            lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, static, 4, 4, k, fused=False),
+            w4_bytes,
+        ),
         "w4a4 dynamic": (lambda: w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, None, 4, 4, k), w4_bytes),
     }
     fp8 = _fp8_gemm(x, w16)  # the FP8 point of the FP16 / INT8 / FP8 comparison, where the GPU has FP8
@@ -130,8 +143,7 @@ def bench_shape(w4a4, timer: Timer, layer: str, m: int, k: int, n: int, sweep: b
     rows = []
     for name, (fn, wbytes) in variants.items():
         ms = timer.median_ms(fn)
-        row = dict(layer=layer, m=m, k=k, n=n, kernel=name, ms=ms, tops=2 * m * n * k / ms / 1e9,
-                   weight_bytes=wbytes)
+        row = dict(layer=layer, m=m, k=k, n=n, kernel=name, ms=ms, tops=2 * m * n * k / ms / 1e9, weight_bytes=wbytes)
         if name in ("w4a4 codes", "w4a4 fused static"):
             row["blocks"] = w4a4.gemm_blocks(m, n, k, x.device, a_float=name.endswith("static")).__dict__
             if sweep:
@@ -165,11 +177,14 @@ def sweep_blocks(w4a4, timer, name, x, q, s_tok, packed, scale, zero, bias, stat
     for bm, bn, bk, warps, stages in SWEEP:
         blocks = w4a4.GemmBlocks(bm, bn, bk, num_warps=warps, num_stages=stages)
         if name == "w4a4 codes":
+
             def fn(blocks=blocks):
                 return w4a4.w4a4_gemm_triton(q, s_tok, packed, scale, zero, bias, 4, k, torch.float16, blocks)
         else:
+
             def fn(blocks=blocks):
                 return w4a4.w4a4_linear_triton(x, packed, scale, zero, bias, static, 4, 4, k, blocks, fused=True)
+
         try:
             out.append(dict(blocks=blocks.__dict__, ms=timer.median_ms(fn)))
         except Exception as error:  # a config can exceed shared memory on this GPU: skip it
@@ -179,19 +194,26 @@ def sweep_blocks(w4a4, timer, name, x, q, s_tok, packed, scale, zero, bias, stat
 
 def markdown(results: dict) -> str:
     peak = results["int8_peak_tops"]
-    lines = [f"# W4A4 kernel vs fp16/bf16 ({results['gpu']})", "",
-             f"Batch {results['batch']} (CFG), SD1.5 512x512 shapes; median of {results['repeats']} CUDA-graph "
-             f"replays of one call, each after an L2 flush; % INT8 peak against {peak} dense INT8 TOPS." if peak else
-             f"Batch {results['batch']}; no INT8 peak known for this GPU.", "",
-             "| layer | M x K -> N | kernel | ms | TOPS | % INT8 peak | vs fp16 | weight MB | best sweep ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# W4A4 kernel vs fp16/bf16 ({results['gpu']})",
+        "",
+        f"Batch {results['batch']} (CFG), SD1.5 512x512 shapes; median of {results['repeats']} CUDA-graph "
+        f"replays of one call, each after an L2 flush; % INT8 peak against {peak} dense INT8 TOPS."
+        if peak
+        else f"Batch {results['batch']}; no INT8 peak known for this GPU.",
+        "",
+        "| layer | M x K -> N | kernel | ms | TOPS | % INT8 peak | vs fp16 | weight MB | best sweep ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     fp16 = {(r["m"], r["k"], r["n"]): r["ms"] for r in results["rows"] if r["kernel"] == "fp16"}
     for r in results["rows"]:
         pct = f"{100 * r['tops'] / peak:.1f}" if peak else "-"
         best = [s["ms"] for s in r.get("sweep", []) if "ms" in s]
-        lines.append(f"| {r['layer']} | {r['m']}x{r['k']}->{r['n']} | {r['kernel']} | {r['ms']:.4f} | "
-                     f"{r['tops']:.1f} | {pct} | {fp16[(r['m'], r['k'], r['n'])] / r['ms']:.2f}x | "
-                     f"{r['weight_bytes'] / 1e6:.3f} | {f'{min(best):.4f}' if best else '-'} |")
+        lines.append(
+            f"| {r['layer']} | {r['m']}x{r['k']}->{r['n']} | {r['kernel']} | {r['ms']:.4f} | "
+            f"{r['tops']:.1f} | {pct} | {fp16[(r['m'], r['k'], r['n'])] / r['ms']:.2f}x | "
+            f"{r['weight_bytes'] / 1e6:.3f} | {f'{min(best):.4f}' if best else '-'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -206,9 +228,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_w4a4_kernel.py needs a CUDA GPU (the W4A4 kernels are Triton GPU kernels); none found")
     import_checkout()
-    from sdcompiler.kernels import w4a4
-
     import triton
+
+    from sdcompiler.kernels import w4a4
 
     gpu = torch.cuda.get_device_name()
     timer = Timer(args.warmup, args.repeats)
@@ -216,9 +238,17 @@ def main() -> None:
     for layer, m, k, n in sd15_shapes(args.batch):
         rows.extend(bench_shape(w4a4, timer, layer, m, k, n, args.sweep))
         print(f"[bench] {layer} {m}x{k}->{n} done", file=sys.stderr, flush=True)
-    results = dict(gpu=gpu, int8_peak_tops=int8_peak_tops(gpu), batch=args.batch, warmup=args.warmup,
-                   repeats=args.repeats, torch=torch.__version__, triton=triton.__version__,
-                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"), rows=rows)
+    results = dict(
+        gpu=gpu,
+        int8_peak_tops=int8_peak_tops(gpu),
+        batch=args.batch,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        rows=rows,
+    )
     table = markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "w4a4_kernel.json").write_text(json.dumps(results, indent=1))

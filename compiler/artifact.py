@@ -97,14 +97,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not root.exists():
         raise ArtifactError(f"artifact folder {root} does not exist; compile one with `sdcompiler compile`")
     if not file.is_file():
-        raise ArtifactError(f"{root} is not an sd-compiler artifact (no {MANIFEST}); compile one with `sdcompiler compile`")
+        raise ArtifactError(
+            f"{root} is not an sd-compiler artifact (no {MANIFEST}); compile one with `sdcompiler compile`"
+        )
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); recompile the artifact") from None
+        raise ArtifactError(
+            f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); recompile the artifact"
+        ) from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ArtifactError(f"{file} has schema_version {version!r}; this sd-compiler reads {SCHEMA_VERSION}: recompile")
+        raise ArtifactError(
+            f"{file} has schema_version {version!r}; this sd-compiler reads {SCHEMA_VERSION}: recompile"
+        )
     return manifest
 
 

@@ -37,8 +37,16 @@ from sdcompiler.sampling import Components, generate
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "other")
 # what a requirement may name: the quality keys need a baseline (PSNR, SSIM) or a CLIP model, the speed-ups a baseline
-GATE_METRICS = ("psnr_db", "ssim", "clip_score_candidate", "clip_score_baseline", "speedup", "unet_call_speedup",
-                "seconds_per_image", "images_per_second")
+GATE_METRICS = (
+    "psnr_db",
+    "ssim",
+    "clip_score_candidate",
+    "clip_score_baseline",
+    "speedup",
+    "unet_call_speedup",
+    "seconds_per_image",
+    "images_per_second",
+)
 _COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _REQUIREMENT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
@@ -63,6 +71,8 @@ class Requirement:
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}"
+
+
 DEFAULT_PROMPTS = ("a red cube on a wooden table, studio light",)
 
 
@@ -110,8 +120,11 @@ class BenchReport:
     quality: dict[str, float]  # candidate vs baseline (psnr_db, ssim); clip scores per subject
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"settings": self.settings, "quality": self.quality,
-               "subjects": {s.name: s.summary() for s in self.subjects}}
+        out = {
+            "settings": self.settings,
+            "quality": self.quality,
+            "subjects": {s.name: s.summary() for s in self.subjects},
+        }
         if len(self.subjects) == 2:
             cand, base = (out["subjects"][s.name] for s in self.subjects)
             out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
@@ -150,41 +163,67 @@ class BenchReport:
             ("images per s", [f"{s['images_per_second']:.4g}" for s in subjects]),
         ]
         rows += [(f"  {stage} s", [f"{s['stages_seconds'][stage]:.4g}" for s in subjects]) for stage in STAGES]
-        rows.append(("U-Net calls per call (shallow)",
-                     [f"{s['unet_calls']} ({s['shallow_unet_calls']})" for s in subjects]))
+        rows.append(
+            ("U-Net calls per call (shallow)", [f"{s['unet_calls']} ({s['shallow_unet_calls']})" for s in subjects])
+        )
         rows.append(("s per U-Net call", [f"{s['seconds_per_unet_call']:.4g}" for s in subjects]))
-        for key, title, scale, unit in (("unet_params", "U-Net params", 1e6, "M"),
-                                         ("macs_per_unet_call", "U-Net MACs per full call, batch 1", 1e9, "G"),
-                                         ("disk_bytes", "on disk", 2**30, " GiB")):
+        for key, title, scale, unit in (
+            ("unet_params", "U-Net params", 1e6, "M"),
+            ("macs_per_unet_call", "U-Net MACs per full call, batch 1", 1e9, "G"),
+            ("disk_bytes", "on disk", 2**30, " GiB"),
+        ):
             if any(key in s for s in subjects):
                 cells = [f"{s[key] / scale:.4g}{unit}" if key in s else "-" for s in subjects]
                 if key == "macs_per_unet_call":
-                    cells = [c + (" @ {}x{} px".format(*s["macs_resolution"]) if key in s else "")
-                             for c, s in zip(cells, subjects)]
+                    cells = [
+                        c + (" @ {}x{} px".format(*s["macs_resolution"]) if key in s else "")
+                        for c, s in zip(cells, subjects)
+                    ]
                 rows.append((title, cells))
         lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
         settings = self.settings
         calls = settings["calls_per_repeat"]
         per_repeat = f" x {calls} calls" if calls > 1 else ""
-        text = [f"sdcompiler bench: {settings['images_per_call']} image(s) per call at "
-                f"{settings['height']}x{settings['width']}, device {settings['device']}, {settings['warmup']} "
-                f"warm-up + {settings['repeats']}{per_repeat} timed calls per subject (alternating), seed "
-                f"{settings['seed']}", "", *lines]
+        text = [
+            f"sdcompiler bench: {settings['images_per_call']} image(s) per call at "
+            f"{settings['height']}x{settings['width']}, device {settings['device']}, {settings['warmup']} "
+            f"warm-up + {settings['repeats']}{per_repeat} timed calls per subject (alternating), seed "
+            f"{settings['seed']}",
+            "",
+            *lines,
+        ]
         if "speedup" in data:
-            text += ["", f"speed-up (baseline / candidate, medians): {data['speedup']:.3f}x per call, "
-                         f"{data['unet_call_speedup']:.3f}x per U-Net call"]
+            text += [
+                "",
+                f"speed-up (baseline / candidate, medians): {data['speedup']:.3f}x per call, "
+                f"{data['unet_call_speedup']:.3f}x per U-Net call",
+            ]
         if self.quality:
             text += ["", "quality: " + ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items())]
         return "\n".join(text) + "\n"
 
 
-def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None, num_inference_steps: int | None = None,
-          guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-          num_images_per_prompt: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
-          device: str | None = None, feature_cache: bool = True, clip_model: str | Path | None = None,
-          allow_pickle: bool = False, options: dict[str, Any] | None = None,
-          batch_size: int | None = None) -> BenchReport:
+def benchmark(
+    candidate,
+    baseline=None,
+    *,
+    prompts: Sequence[str] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    warmup: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+    device: str | None = None,
+    feature_cache: bool = True,
+    clip_model: str | Path | None = None,
+    allow_pickle: bool = False,
+    options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+) -> BenchReport:
     """Time `candidate` (a CompiledPipeline or an artifact folder) and optionally `baseline` (a
     CompiledPipeline, an artifact folder, or a checkpoint: diffusers folder, .safetensors file, cached HF id).
 
@@ -205,33 +244,62 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (prompts per call)")
     step = batch_size or len(prompts)
-    chunks = [prompts[i:i + step] for i in range(0, len(prompts), step)]
+    chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = _ClipScorer(clip_model, allow_pickle) if clip_model is not None else None  # fail before timing
-    subjects = [_subject("candidate", candidate, device, allow_pickle, num_inference_steps, guidance_scale,
-                         options=options)]
+    subjects = [
+        _subject("candidate", candidate, device, allow_pickle, num_inference_steps, guidance_scale, options=options)
+    ]
     if baseline is not None:
-        subjects.append(_subject("baseline", baseline, device, allow_pickle, num_inference_steps, guidance_scale,
-                                 macs_resolution=subjects[0].macs_resolution))
+        subjects.append(
+            _subject(
+                "baseline",
+                baseline,
+                device,
+                allow_pickle,
+                num_inference_steps,
+                guidance_scale,
+                macs_resolution=subjects[0].macs_resolution,
+            )
+        )
         if subjects[0].components.is_sdxl != subjects[1].components.is_sdxl:
-            raise ConfigError("the candidate and the baseline are different model families (SDXL vs SD 1.x/2.x); "
-                              "compare an artifact with its own source checkpoint")
+            raise ConfigError(
+                "the candidate and the baseline are different model families (SDXL vs SD 1.x/2.x); "
+                "compare an artifact with its own source checkpoint"
+            )
     size = subjects[0].components.default_size
     height = size if height is None else height
     width = size if width is None else width
-    settings = {"prompts": prompts, "images_per_call": len(chunks[0]) * num_images_per_prompt,
-                "calls_per_repeat": len(chunks), "height": height, "width": width, "warmup": warmup,
-                "repeats": repeats, "seed": seed, "device": device, "feature_cache": feature_cache}
+    settings = {
+        "prompts": prompts,
+        "images_per_call": len(chunks[0]) * num_images_per_prompt,
+        "calls_per_repeat": len(chunks),
+        "height": height,
+        "width": width,
+        "warmup": warmup,
+        "repeats": repeats,
+        "seed": seed,
+        "device": device,
+        "feature_cache": feature_cache,
+    }
 
     def call(subject: Subject, index: int, record: bool) -> np.ndarray:
         timed, timer = _timed(subject.components)
         start = time.perf_counter()
-        images = generate(timed, chunks[index], num_inference_steps=subject.num_inference_steps,
-                          guidance_scale=subject.guidance_scale, height=height, width=width,
-                          generator=torch.Generator().manual_seed(seed + index),
-                          num_images_per_prompt=num_images_per_prompt, output_type="np", timesteps=subject.timesteps,
-                          feature_cache=feature_cache)
+        images = generate(
+            timed,
+            chunks[index],
+            num_inference_steps=subject.num_inference_steps,
+            guidance_scale=subject.guidance_scale,
+            height=height,
+            width=width,
+            generator=torch.Generator().manual_seed(seed + index),
+            num_images_per_prompt=num_images_per_prompt,
+            output_type="np",
+            timesteps=subject.timesteps,
+            feature_cache=feature_cache,
+        )
         total = time.perf_counter() - start
         if record:
             timer["total"] = total
@@ -267,16 +335,26 @@ def benchmark(candidate, baseline=None, *, prompts: Sequence[str] | None = None,
     return BenchReport(settings, subjects, quality)
 
 
-def _subject(name: str, what, device: str, allow_pickle: bool, steps: int | None, guidance: float | None,
-             macs_resolution: tuple[int, int] | None = None, options: dict[str, Any] | None = None) -> Subject:
+def _subject(
+    name: str,
+    what,
+    device: str,
+    allow_pickle: bool,
+    steps: int | None,
+    guidance: float | None,
+    macs_resolution: tuple[int, int] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Subject:
     from sdcompiler.runtime import CompiledPipeline, load_compiled
 
     is_artifact = isinstance(what, CompiledPipeline) or (Path(str(what)) / "manifest.json").is_file()
     if options and not is_artifact:
         raise ConfigError(f"options apply to compiled artifacts, and {what} is a checkpoint; drop the options")
     if options and isinstance(what, CompiledPipeline):
-        raise ConfigError("options apply when the candidate is loaded here: pass the artifact folder, or load it "
-                          "with load_compiled(dir, options=...) yourself")
+        raise ConfigError(
+            "options apply when the candidate is loaded here: pass the artifact folder, or load it "
+            "with load_compiled(dir, options=...) yourself"
+        )
     if not isinstance(what, CompiledPipeline) and is_artifact:
         what = load_compiled(what, device=device, options=options)
     if isinstance(what, CompiledPipeline):
@@ -297,7 +375,9 @@ def _subject(name: str, what, device: str, allow_pickle: bool, steps: int | None
             unet_params = count_params(unet)
             macs = count_macs(unet, tuple(manifest["macs_resolution"]), what.components.vae_scale_factor)
         return Subject(
-            name, label, what.components,
+            name,
+            label,
+            what.components,
             num_inference_steps=defaults.get("num_inference_steps", 50) if steps is None else steps,
             guidance_scale=defaults.get("guidance_scale", 7.5) if guidance is None else guidance,
             timesteps=defaults.get("timesteps") if steps is None else None,
@@ -316,7 +396,8 @@ def _subject(name: str, what, device: str, allow_pickle: bool, steps: int | None
     macs_resolution = tuple(macs_resolution or (size, size))
     source = Path(loaded.source["path"])  # a Hugging Face id is not a path here: no size
     return Subject(
-        name, f"{loaded.arch.name} checkpoint (diffusers, torch eager fp32)",
+        name,
+        f"{loaded.arch.name} checkpoint (diffusers, torch eager fp32)",
         pipeline_components(pipe, loaded.arch, device),
         num_inference_steps=50 if steps is None else steps,
         guidance_scale=loaded.arch.default_guidance_scale if guidance is None else guidance,
@@ -339,15 +420,22 @@ def _timed(c: Components) -> tuple[Components, dict[str, float]]:
             for count in counts:
                 timer[count] += 1
             return out
+
         return run
 
     cache = c.feature_cache
     if cache is not None:
-        cache = dataclasses.replace(cache, full=wrap(cache.full, "unet", "unet_calls"),
-                                    shallow=wrap(cache.shallow, "unet", "unet_calls", "shallow_calls"))
+        cache = dataclasses.replace(
+            cache,
+            full=wrap(cache.full, "unet", "unet_calls"),
+            shallow=wrap(cache.shallow, "unet", "unet_calls", "shallow_calls"),
+        )
     timed = dataclasses.replace(
-        c, text_encoders=[wrap(e, "text_encoder") for e in c.text_encoders],
-        unet=wrap(c.unet, "unet", "unet_calls"), decode=wrap(c.decode, "vae_decoder"), feature_cache=cache,
+        c,
+        text_encoders=[wrap(e, "text_encoder") for e in c.text_encoders],
+        unet=wrap(c.unet, "unet", "unet_calls"),
+        decode=wrap(c.decode, "vae_decoder"),
+        feature_cache=cache,
     )
     return timed, timer
 
@@ -357,13 +445,15 @@ def ssim(reference: np.ndarray, estimate: np.ndarray) -> float:
     per channel, valid positions only (Wang et al. 2004 constants)."""
     reference, estimate = np.asarray(reference, dtype=np.float64), np.asarray(estimate, dtype=np.float64)
     if reference.shape != estimate.shape or reference.ndim != 4:
-        raise ConfigError(f"images to compare have shapes {reference.shape} and {estimate.shape}; pass two "
-                          "(N, H, W, C) arrays of one shape")
+        raise ConfigError(
+            f"images to compare have shapes {reference.shape} and {estimate.shape}; pass two "
+            "(N, H, W, C) arrays of one shape"
+        )
     x = torch.from_numpy(reference).permute(0, 3, 1, 2)
     y = torch.from_numpy(estimate).permute(0, 3, 1, 2)
     size = min(11, x.shape[-1], x.shape[-2])
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * 1.5**2))
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
     g = g / g.sum()
     channels = x.shape[1]
     window = (g[:, None] * g[None, :]).expand(channels, 1, size, size)
@@ -386,11 +476,15 @@ class _ClipScorer:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise ConfigError(f"CLIP model folder {folder} does not exist; pass a local transformers CLIP folder "
-                              "(model weights + tokenizer + preprocessor config)")
+            raise ConfigError(
+                f"CLIP model folder {folder} does not exist; pass a local transformers CLIP folder "
+                "(model weights + tokenizer + preprocessor config)"
+            )
         if not any(folder.glob("*.safetensors")) and not allow_pickle:
-            raise ConfigError(f"{folder} holds no .safetensors weights; convert them or pass allow_pickle "
-                              "(--allow-pickle) to load pickle weights (unpickling can run code)")
+            raise ConfigError(
+                f"{folder} holds no .safetensors weights; convert them or pass allow_pickle "
+                "(--allow-pickle) to load pickle weights (unpickling can run code)"
+            )
         try:
             # use_safetensors=None: safetensors when present, else (allowed) pickle weights
             self.model = CLIPModel.from_pretrained(folder, use_safetensors=None if allow_pickle else True).eval()
@@ -405,8 +499,9 @@ class _ClipScorer:
         inputs = self.processor(text=texts, images=pixels, return_tensors="pt", padding=True, truncation=True)
         with torch.inference_mode():
             image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            text_embeds = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs["attention_mask"])
+            text_embeds = self.model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            )
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
         return float(100 * cosine.clamp(min=0).mean())
 

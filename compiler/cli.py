@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnx", choices=["onnx", "tensorrt", "torch"])
     p.add_argument("--out", required=True, help="artifact folder to write (atomically)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="target precision (default fp32)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="target option, YAML-typed value (repeatable), e.g. --option verify=false")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="target option, YAML-typed value (repeatable), e.g. --option verify=false",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (can run code)")
     p.add_argument("--macs-resolution", type=_resolution, help="HxW in pixels for MAC counts")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -92,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common], help="generate images with a compiled artifact")
     p.add_argument("artifact")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    p.add_argument("--negative-prompt", action="append",
-                   help="ignored at guidance <= 1 (cfg-distill / lcm artifacts: no unconditional pass)")
+    p.add_argument(
+        "--negative-prompt",
+        action="append",
+        help="ignored at guidance <= 1 (cfg-distill / lcm artifacts: no unconditional pass)",
+    )
     p.add_argument("--steps", type=int, help="default: the artifact's")
     p.add_argument("--guidance", type=float, help="default: the artifact's")
     p.add_argument("--seed", type=int, default=0)
@@ -101,15 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--no-feature-cache", action="store_true",
-                   help="run the whole U-Net every step even if the artifact caches features (deepcache)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="load-time target option (repeatable), e.g. --option compile=true (torch target)")
+    p.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="run the whole U-Net every step even if the artifact caches features (deepcache)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="load-time target option (repeatable), e.g. --option compile=true (torch target)",
+    )
     p.add_argument("--image", help="image-to-image: the start image (PNG / JPEG; resized by --height / --width)")
-    p.add_argument("--strength", type=float, help="image-to-image: how much of the schedule runs (default 0.8, "
-                                                  "SDXL 0.3)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8")
+    p.add_argument(
+        "--strength", type=float, help="image-to-image: how much of the schedule runs (default 0.8, SDXL 0.3)"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8",
+    )
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.set_defaults(func=cmd_generate)
 
@@ -129,16 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--no-feature-cache", action="store_true", help="run the whole U-Net every step")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="load-time target option for the candidate (repeatable), e.g. --option compile=true")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="load-time target option for the candidate (repeatable), e.g. --option compile=true",
+    )
     p.add_argument("--clip-model", help="local transformers CLIP folder: adds CLIP scores")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights for the baseline / CLIP")
     p.add_argument("--images", help="folder to write each subject's first timed images to (PNG)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--markdown", help="also write the report as Markdown to this file")
-    p.add_argument("--require", action="append", default=[], metavar="METRIC>=VALUE",
-                   help="fail (exit 1) after the report when a measured value misses it, e.g. psnr_db>=25, "
-                        "speedup>=1.2, ssim>0.8 (repeatable)")
+    p.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="METRIC>=VALUE",
+        help="fail (exit 1) after the report when a measured value misses it, e.g. psnr_db>=25, "
+        "speedup>=1.2, ssim>0.8 (repeatable)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", parents=[common], help="describe an artifact or a checkpoint")
@@ -149,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="compile a tiny (or your) checkpoint and show what changed")
     p.add_argument("--checkpoint", help="default: a tiny SD1.5 checkpoint built on the fly")
     p.add_argument("--recipe", help="default: bk-small,fuse-qkv (SD 1.x/2.x) or koala-700m,fuse-qkv (SDXL)")
-    p.add_argument("--target", default=None, choices=["onnx", "torch"], help="default: onnx if onnxruntime is installed")
+    p.add_argument(
+        "--target", default=None, choices=["onnx", "torch"], help="default: onnx if onnxruntime is installed"
+    )
     p.add_argument("--out", default="demo-out", help="where the artifact and image go")
     p.add_argument("--steps", type=int, default=4)
     p.set_defaults(func=cmd_demo)
@@ -179,7 +213,11 @@ def _resolution(text: str) -> tuple[int, int]:
 
 
 def _recipe(text: str):
-    return text if text.endswith((".yaml", ".yml")) or "," not in text else [t.strip() for t in text.split(",") if t.strip()]
+    return (
+        text
+        if text.endswith((".yaml", ".yml")) or "," not in text
+        else [t.strip() for t in text.split(",") if t.strip()]
+    )
 
 
 def _target_options(args) -> dict:
@@ -198,7 +236,9 @@ def _read_image(path: str):
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as exc:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
-        raise PipelineArgumentError(f"cannot read image {path}: {type(exc).__name__}; pass a PNG or JPEG file") from None
+        raise PipelineArgumentError(
+            f"cannot read image {path}: {type(exc).__name__}; pass a PNG or JPEG file"
+        ) from None
 
 
 def _lora(text: str) -> tuple[str, float]:
@@ -232,9 +272,15 @@ def cmd_compile(args) -> int:
     from sdcompiler.compile import compile_artifact
 
     start = time.perf_counter()
-    root = compile_artifact(args.checkpoint, recipe=_recipe(args.recipe), target=args.target, output_dir=args.out,
-                            target_options=_target_options(args), allow_pickle=args.allow_pickle,
-                            macs_resolution=args.macs_resolution)
+    root = compile_artifact(
+        args.checkpoint,
+        recipe=_recipe(args.recipe),
+        target=args.target,
+        output_dir=args.out,
+        target_options=_target_options(args),
+        allow_pickle=args.allow_pickle,
+        macs_resolution=args.macs_resolution,
+    )
     from sdcompiler.compile import _is_main_process
 
     if not _is_main_process():
@@ -258,11 +304,20 @@ def cmd_generate(args) -> int:
         pipe.set_loras([_lora(text) for text in args.lora])
     image = _read_image(args.image) if args.image else None
     start = time.perf_counter()
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=args.height, width=args.width,
-                  num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-                  output_type="pil", feature_cache=not args.no_feature_cache, image=image,
-                  strength=args.strength).images
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="pil",
+        feature_cache=not args.no_feature_cache,
+        image=image,
+        strength=args.strength,
+    ).images
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,12 +339,25 @@ def cmd_bench(args) -> int:
         from sdcompiler.passes.teacher_data import load_prompts
 
         prompts += load_prompts(args.prompts_file)
-    report = benchmark(args.artifact, args.baseline, prompts=prompts, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, height=args.height, width=args.width,
-                       num_images_per_prompt=args.num_images, warmup=args.warmup, repeats=args.repeats,
-                       seed=args.seed, device=args.device, feature_cache=not args.no_feature_cache,
-                       clip_model=args.clip_model, allow_pickle=args.allow_pickle,
-                       options=_options(args.option), batch_size=args.batch_size)
+    report = benchmark(
+        args.artifact,
+        args.baseline,
+        prompts=prompts,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        device=args.device,
+        feature_cache=not args.no_feature_cache,
+        clip_model=args.clip_model,
+        allow_pickle=args.allow_pickle,
+        options=_options(args.option),
+        batch_size=args.batch_size,
+    )
     text = report.markdown()
     print(text, end="")
     if args.markdown:
@@ -322,16 +390,31 @@ def cmd_presets(args) -> int:
     width = max(len(name) for name, _, _ in rows)
     for name, passes, description in rows:
         print(f"{name:<{width}}  {' + '.join(passes) or '(no passes)'}")
-        print(textwrap.fill(description, width=100, initial_indent="    ", subsequent_indent="    ",
-                            break_long_words=False, break_on_hyphens=False))
+        print(
+            textwrap.fill(
+                description,
+                width=100,
+                initial_indent="    ",
+                subsequent_indent="    ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
     return 0
 
 
 def cmd_export_server(args) -> int:
     from sdcompiler.serving import export_server
 
-    repo = export_server(args.artifact, args.out, max_batch_size=args.max_batch_size, instance_count=args.instances,
-                         kind=args.kind, python_env=args.python_env, overwrite=args.overwrite)
+    repo = export_server(
+        args.artifact,
+        args.out,
+        max_batch_size=args.max_batch_size,
+        instance_count=args.instances,
+        kind=args.kind,
+        python_env=args.python_env,
+        overwrite=args.overwrite,
+    )
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     print(f"wrote {repo} ({', '.join(models)}); serve it with: tritonserver --model-repository {repo}")
     return 0
@@ -352,10 +435,14 @@ def cmd_inspect(args) -> int:
     pipe = loaded.pipeline
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     info = {
-        "path": loaded.source["path"], "kind": loaded.source["kind"], "arch": loaded.arch.name,
-        "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+        "path": loaded.source["path"],
+        "kind": loaded.source["kind"],
+        "arch": loaded.arch.name,
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-        "unet_params": count_params(pipe.unet), "unet_macs": count_macs(pipe.unet, (size, size), pipe.vae_scale_factor),
+        "unet_params": count_params(pipe.unet),
+        "unet_macs": count_macs(pipe.unet, (size, size), pipe.vae_scale_factor),
         "macs_resolution": [size, size],
     }
     if args.json:
@@ -374,13 +461,19 @@ def _fmt(n: float) -> str:
 
 
 def summarize_manifest(manifest: dict) -> str:
-    lines = [f"artifact: {manifest['arch']} -> {manifest['target']} (sd-compiler {manifest['sdcompiler_version']})",
-             f"source:   {manifest['source']['path']}"]
+    lines = [
+        f"artifact: {manifest['arch']} -> {manifest['target']} (sd-compiler {manifest['sdcompiler_version']})",
+        f"source:   {manifest['source']['path']}",
+    ]
     res = "x".join(map(str, manifest.get("macs_resolution", [])))
-    lines.append(f"{'pass':<16} {'params before':>14} {'params after':>13} {'MACs before':>12} {'MACs after':>11} {'seconds':>8}")
+    lines.append(
+        f"{'pass':<16} {'params before':>14} {'params after':>13} {'MACs before':>12} {'MACs after':>11} {'seconds':>8}"
+    )
     for p in manifest["passes"]:
-        lines.append(f"{p['name']:<16} {_fmt(p['params_before']):>14} {_fmt(p['params_after']):>13} "
-                     f"{_fmt(p['macs_before']):>12} {_fmt(p['macs_after']):>11} {p['seconds']:>8.2f}")
+        lines.append(
+            f"{p['name']:<16} {_fmt(p['params_before']):>14} {_fmt(p['params_after']):>13} "
+            f"{_fmt(p['macs_before']):>12} {_fmt(p['macs_after']):>11} {p['seconds']:>8.2f}"
+        )
     if not manifest["passes"]:
         lines.append("(no passes)")
     lines.append(f"MACs counted per U-Net forward at {res} px, batch 1")
@@ -445,8 +538,11 @@ def cmd_demo(args) -> int:
     rows = [
         ("U-Net params", _fmt(first["params_before"]) if first else "-", _fmt(last["params_after"]) if last else "-"),
         ("U-Net MACs", _fmt(first["macs_before"]) if first else "-", _fmt(last["macs_after"]) if last else "-"),
-        (f"latency, {args.steps} steps (median of 3)", f"{ref_seconds:.3f} s (diffusers eager)",
-         f"{cmp_seconds:.3f} s ({target}, {ref_seconds / cmp_seconds:.2f}x)"),
+        (
+            f"latency, {args.steps} steps (median of 3)",
+            f"{ref_seconds:.3f} s (diffusers eager)",
+            f"{cmp_seconds:.3f} s ({target}, {ref_seconds / cmp_seconds:.2f}x)",
+        ),
     ]
     for name, before, after in rows:
         print(f"{name:<32} {before:>28}  ->  {after}")

@@ -1,12 +1,12 @@
 """`compile_pipeline`: checkpoint -> passes -> lowering -> artifact -> runtime pipeline.
 
-    steps    = resolve_recipe(recipe)                  # strict configs + ordering rules, before any work
-    target   = get_target(target)                      # and its strict options
-    loaded   = load_checkpoint(checkpoint)             # diffusers folder | .safetensors | cached HF id
-    records  = PassManager(steps).run(pipe, ctx)       # one PassRecord per pass
-    lowering = target.lower(pipe, staging, options)    # named stages, each timed
-    manifest = {...}; rename staging -> output_dir     # atomic: never a half-written artifact
-    return load_compiled(output_dir)                   # compile_pipeline; compile_artifact stops before
+steps    = resolve_recipe(recipe)                  # strict configs + ordering rules, before any work
+target   = get_target(target)                      # and its strict options
+loaded   = load_checkpoint(checkpoint)             # diffusers folder | .safetensors | cached HF id
+records  = PassManager(steps).run(pipe, ctx)       # one PassRecord per pass
+lowering = target.lower(pipe, staging, options)    # named stages, each timed
+manifest = {...}; rename staging -> output_dir     # atomic: never a half-written artifact
+return load_compiled(output_dir)                   # compile_pipeline; compile_artifact stops before
 """
 
 from __future__ import annotations
@@ -19,19 +19,36 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdcompiler import knobs
-from sdcompiler.version import __version__
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassContext, PassManager
 from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
+from sdcompiler.version import __version__
 
-VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                      "triton", "nvidia-modelopt", "optimum-onnx")
+VERSIONED_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "triton",
+    "nvidia-modelopt",
+    "optimum-onnx",
+)
 
 
-def compile_pipeline(checkpoint: str | Path, recipe: RecipeLike = "none", target: str = "onnx",
-                     output_dir: str | Path | None = None, *, device: str | None = None, **options):
+def compile_pipeline(
+    checkpoint: str | Path,
+    recipe: RecipeLike = "none",
+    target: str = "onnx",
+    output_dir: str | Path | None = None,
+    *,
+    device: str | None = None,
+    **options,
+):
     """Compile a Stable Diffusion / SDXL checkpoint into a deployable artifact and load it.
 
     Takes the arguments of `compile_artifact` (which documents them) plus `device`,
@@ -101,8 +118,15 @@ def compile_artifact(
     macs_resolution = tuple(macs_resolution or (default_size, default_size))
     source_unet_config = dict(pipe.unet.config)
 
-    ctx = PassContext(arch=spec.name, macs_resolution=macs_resolution, cache_dir=knobs.cache_dir(), seed=seed,
-                      show_progress=show_progress, source_hash=loaded.source.get("sha256", ""), target=target)
+    ctx = PassContext(
+        arch=spec.name,
+        macs_resolution=macs_resolution,
+        cache_dir=knobs.cache_dir(),
+        seed=seed,
+        show_progress=show_progress,
+        source_hash=loaded.source.get("sha256", ""),
+        target=target,
+    )
     start = time.perf_counter()
     records = PassManager(steps).run(pipe, ctx)
     passes_seconds = time.perf_counter() - start
@@ -111,8 +135,9 @@ def compile_artifact(
 
     defaults = {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale} | ctx.pipeline_defaults
     with staged_artifact(output_dir) as staging:
-        stages = lowering.lower(pipe, staging, target_config,
-                                LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products))
+        stages = lowering.lower(
+            pipe, staging, target_config, LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products)
+        )
         manifest = {
             "sdcompiler_version": __version__,
             "source": loaded.source,
@@ -122,8 +147,7 @@ def compile_artifact(
             "passes": [r.to_dict() for r in records],
             "macs_resolution": list(macs_resolution),
             "passes_seconds": round(passes_seconds, 3),
-            "lowering": {"target": target, "config": target_config.to_dict(),
-                         "stages": [vars(s) for s in stages]},
+            "lowering": {"target": target, "config": target_config.to_dict(), "stages": [vars(s) for s in stages]},
             "model": {
                 "latent_channels": pipe.vae.config.latent_channels,
                 "vae_scale_factor": pipe.vae_scale_factor,

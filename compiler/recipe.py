@@ -60,8 +60,10 @@ def preset_rows() -> list[tuple[list[str], list[str], str]]:
         passes = tuple(p.get("pass") if isinstance(p, Mapping) else p for p in preset["passes"])
         unknown = [p for p in passes if p not in registered]
         if unknown:
-            raise RecipeError(f"preset {name!r} names unregistered pass(es) {', '.join(map(repr, unknown))}; "
-                              f"registered passes: {', '.join(sorted(registered))}")
+            raise RecipeError(
+                f"preset {name!r} names unregistered pass(es) {', '.join(map(repr, unknown))}; "
+                f"registered passes: {', '.join(sorted(registered))}"
+            )
         groups.setdefault((passes, " ".join(str(preset["description"]).split())), []).append(name)
     rows = [(names, list(passes), description) for (passes, description), names in groups.items()]
     alone = {passes[0] for _, passes, _ in rows if len(passes) == 1}
@@ -132,7 +134,9 @@ def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
         raise RecipeError(f"{where} must be a list of passes or a mapping with 'version' and 'passes'")
     unknown = set(data) - {"version", "passes", "description"}
     if unknown:
-        raise RecipeError(f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description")
+        raise RecipeError(
+            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description"
+        )
     version = data.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise RecipeError(f"{where} has version {version!r}; this sd-compiler reads version {RECIPE_VERSION}")

@@ -25,8 +25,20 @@ from sdcompiler.errors import PipelineArgumentError
 from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
-    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width", "generator",
-    "latents", "num_images_per_prompt", "output_type", "timesteps", "feature_cache", "image", "strength",
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "generator",
+    "latents",
+    "num_images_per_prompt",
+    "output_type",
+    "timesteps",
+    "feature_cache",
+    "image",
+    "strength",
 )
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -39,8 +51,14 @@ class CompiledPipelineOutput:
 class CompiledPipeline:
     """A compiled text-to-image pipeline; `__call__` accepts diffusers' common arguments."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], components: Components, device: str,
-                 target_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        components: Components,
+        device: str,
+        target_config: dict[str, Any] | None = None,
+    ):
         self.root = root
         self.manifest = manifest
         self.components = components
@@ -82,8 +100,9 @@ class CompiledPipeline:
             elif isinstance(entry, (tuple, list)) and len(entry) == 2:
                 items.append((str(entry[0]), float(entry[1])))
             else:
-                raise PipelineArgumentError(f"each LoRA must be a path, (path, scale) or {{'path', 'scale'}}; "
-                                            f"got {entry!r}")
+                raise PipelineArgumentError(
+                    f"each LoRA must be a path, (path, scale) or {{'path', 'scale'}}; got {entry!r}"
+                )
         target = get_target(self.target)
         target.check_loras(self.manifest, items)  # refusals change nothing
         previous, self._lora_params, self.loras = self._lora_params, {}, []  # on an error: the artifact's weights
@@ -94,10 +113,24 @@ class CompiledPipeline:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
         return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"
 
-    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-                 height=None, width=None, generator=None, latents=None, num_images_per_prompt=1,
-                 output_type="pil", timesteps=None, feature_cache=True, image=None, strength=None,
-                 **unsupported) -> CompiledPipelineOutput:
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        num_inference_steps=None,
+        guidance_scale=None,
+        height=None,
+        width=None,
+        generator=None,
+        latents=None,
+        num_images_per_prompt=1,
+        output_type="pil",
+        timesteps=None,
+        feature_cache=True,
+        image=None,
+        strength=None,
+        **unsupported,
+    ) -> CompiledPipelineOutput:
         """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
         (N, 3, H, W) tensor in [-1, 1]) image-to-image as diffusers' img2img pipelines, `strength` (default 0.8;
         SDXL 0.3) of the schedule; height / width then resize the image (default: its own size, rounded down to
@@ -110,17 +143,25 @@ class CompiledPipeline:
         if prompt is None:
             raise PipelineArgumentError("prompt is required (a string or a list of strings)")
         if output_type not in OUTPUT_TYPES:
-            raise PipelineArgumentError(f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}")
+            raise PipelineArgumentError(
+                f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
+            )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         if negative_prompt is not None and self.components.guidance_embedding_dim is not None:
-            warnings.warn("negative_prompt has no effect: this U-Net takes the guidance scale as an embedding and runs "
-                          "no unconditional pass", stacklevel=2)
+            warnings.warn(
+                "negative_prompt has no effect: this U-Net takes the guidance scale as an embedding and runs "
+                "no unconditional pass",
+                stacklevel=2,
+            )
         elif negative_prompt is not None and guidance <= 1.0:
-            warnings.warn(f"negative_prompt has no effect at guidance_scale={guidance} (no unconditional pass; "
-                          "CFG- and step-distilled artifacts default to 1.0)", stacklevel=2)
+            warnings.warn(
+                f"negative_prompt has no effect at guidance_scale={guidance} (no unconditional pass; "
+                "CFG- and step-distilled artifacts default to 1.0)",
+                stacklevel=2,
+            )
         if timesteps is None and num_inference_steps is None:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         if strength is None:
@@ -132,17 +173,27 @@ class CompiledPipeline:
                 from diffusers.image_processor import VaeImageProcessor
 
                 image = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).preprocess(
-                    image, height=height, width=width)
+                    image, height=height, width=width
+                )
             images = generate(
-                self.components, prompt,
+                self.components,
+                prompt,
                 negative_prompt=negative_prompt,
-                num_inference_steps=defaults.get("num_inference_steps", 50) if num_inference_steps is None
+                num_inference_steps=defaults.get("num_inference_steps", 50)
+                if num_inference_steps is None
                 else num_inference_steps,
                 guidance_scale=guidance,
-                height=height, width=width, generator=generator, latents=latents,
-                num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                progress=None if knobs.quiet() else _progress_bar, timesteps=timesteps,
-                feature_cache=bool(feature_cache), image=image, strength=strength,
+                height=height,
+                width=width,
+                generator=generator,
+                latents=latents,
+                num_images_per_prompt=num_images_per_prompt,
+                output_type=output_type,
+                progress=None if knobs.quiet() else _progress_bar,
+                timesteps=timesteps,
+                feature_cache=bool(feature_cache),
+                image=image,
+                strength=strength,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None
@@ -155,8 +206,12 @@ def _progress_bar(iterable):
     return tqdm(iterable, desc="denoise", leave=False)
 
 
-def load_compiled(path: str | Path, device: str | None = None, providers: list[str] | None = None,
-                  options: dict[str, Any] | None = None) -> CompiledPipeline:
+def load_compiled(
+    path: str | Path,
+    device: str | None = None,
+    providers: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> CompiledPipeline:
     """Load an artifact folder written by `compile_pipeline` / `sdcompiler compile`.
 
     Args:

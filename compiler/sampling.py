@@ -44,9 +44,15 @@ class TextEncoder(Protocol):
 
 
 class UNet(Protocol):
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -82,12 +88,14 @@ def _as_list(value, name: str) -> list[str]:
 
 
 def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def encode_prompts(c: Components, prompts: list[str], negative: list[str] | None, guidance: bool, per_prompt: int):
     """Prompt embeddings as diffusers builds them: returns (embeds, pooled or None), CFG batch first-half uncond."""
+
     def encode(texts: list[str]):
         hidden, pooled = [], None
         for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
@@ -118,11 +126,13 @@ def _strength_timesteps(scheduler, num_inference_steps: int, strength: float) ->
     """The tail of the schedule an image-to-image call runs (diffusers' `get_timesteps`)."""
     start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
     if num_inference_steps - start < 1:
-        raise ValueError(f"strength={strength} leaves no denoising step of {num_inference_steps}; raise strength "
-                         "or num_inference_steps")
+        raise ValueError(
+            f"strength={strength} leaves no denoising step of {num_inference_steps}; raise strength "
+            "or num_inference_steps"
+        )
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)
-    return scheduler.timesteps[start * scheduler.order:]
+    return scheduler.timesteps[start * scheduler.order :]
 
 
 def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torch.Tensor, batch: int, generator):
@@ -144,7 +154,7 @@ def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torc
             if batch % image.shape[0]:
                 raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
             image = torch.cat([image] * (batch // image.shape[0]))
-        init = torch.cat([draw(c.encode_image(image[i:i + 1]), generator[i]) for i in range(batch)])
+        init = torch.cat([draw(c.encode_image(image[i : i + 1]), generator[i]) for i in range(batch)])
     else:
         init = draw(c.encode_image(image), generator)
     init = c.scaling_factor * init.to(c.dtype)
@@ -193,8 +203,10 @@ def generate(
         raise ValueError(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts; give one each")
     if image is not None:
         if c.encode_image is None:
-            raise ValueError("this artifact has no VAE encoder for image-to-image; recompile it with this "
-                             "sd-compiler (the onnx target exports vae_encoder unless vae_encoder=false)")
+            raise ValueError(
+                "this artifact has no VAE encoder for image-to-image; recompile it with this "
+                "sd-compiler (the onnx target exports vae_encoder unless vae_encoder=false)"
+            )
         if latents is not None:
             raise ValueError("pass image (image-to-image) or latents, not both")
         if not 0.0 <= strength <= 1.0:

@@ -76,8 +76,13 @@ PIPELINE_INPUTS = (
 )
 PIPELINE_OUTPUTS = (TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3)),)
 
-_NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64,
-                "TYPE_INT64": np.int64, "TYPE_INT32": np.int32}
+_NUMPY_TYPES = {
+    "TYPE_FP32": np.float32,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP64": np.float64,
+    "TYPE_INT64": np.int64,
+    "TYPE_INT32": np.int32,
+}
 
 
 # --- config.pbtxt ---------------------------------------------------------------------------
@@ -101,16 +106,20 @@ def model_config(spec: ModelSpec, *, max_batch_size: int, kind: str, instance_co
     lines = ["# Written by sd-compiler export-server; re-export instead of editing.", f"name: {_quote(spec.name)}"]
     lines += [f"platform: {_quote(spec.platform)}"] if spec.platform else [f"backend: {_quote(spec.backend)}"]
     if batch:
-        lines += ["# Every input and output has a dynamic leading batch dimension, so dims exclude it;",
-                  f"# requests carry up to {batch} items, and dynamic_batching merges concurrent ones."]
+        lines += [
+            "# Every input and output has a dynamic leading batch dimension, so dims exclude it;",
+            f"# requests carry up to {batch} items, and dynamic_batching merges concurrent ones.",
+        ]
     else:
         if blocker is not None:
             t, where = blocker
             reason = f"{where} '{t.name}' {_why_unbatched(t)}, which Triton cannot batch"
         else:
             reason = spec.unbatched_reason or "batching turned off at export"
-        lines += [f"# max_batch_size 0: {reason};",
-                  "# dims are full shapes (-1 for dynamic sizes, the batch included)."]
+        lines += [
+            f"# max_batch_size 0: {reason};",
+            "# dims are full shapes (-1 for dynamic sizes, the batch included).",
+        ]
         if any(not t.shape for t in (*spec.inputs, *spec.outputs)):
             lines.append("# A 0-d tensor is declared dims [ 1 ]: the backend passes its one element as the scalar.")
     lines.append(f"max_batch_size: {batch}")
@@ -123,10 +132,14 @@ def model_config(spec: ModelSpec, *, max_batch_size: int, kind: str, instance_co
     if spec.profiles:
         group.append(f"    profile: [ {', '.join(_quote(p) for p in spec.profiles)} ]")
     lines += ["instance_group [", "  {", *group, "  }", "]"]
-    lines += [f"cc_model_filenames {{ key: {_quote(cc)} value: {_quote(file)} }}"
-              for cc, file in sorted(spec.cc_model_filenames.items())]
-    lines += [f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}"
-              for k, v in sorted(spec.parameters.items())]
+    lines += [
+        f"cc_model_filenames {{ key: {_quote(cc)} value: {_quote(file)} }}"
+        for cc, file in sorted(spec.cc_model_filenames.items())
+    ]
+    lines += [
+        f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}"
+        for k, v in sorted(spec.parameters.items())
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +160,12 @@ def _why_unbatched(t: TensorSpec) -> str:
 
 def _tensor_block(t: TensorSpec, batched: bool) -> str:
     dims = t.shape[1:] if batched else (t.shape or (1,))
-    lines = ["  {", f"    name: {_quote(t.name)}", f"    data_type: {t.dtype}",
-             f"    dims: [ {', '.join(map(str, dims))} ]"]
+    lines = [
+        "  {",
+        f"    name: {_quote(t.name)}",
+        f"    data_type: {t.dtype}",
+        f"    dims: [ {', '.join(map(str, dims))} ]",
+    ]
     if t.optional:
         lines.append("    optional: true")
     return "\n".join(lines + ["  }"])
@@ -163,8 +180,16 @@ def _quote(text: str) -> str:
 # --- export ----------------------------------------------------------------------------------
 
 
-def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int = 8, instance_count: int = 1,
-                  kind: str = "GPU", python_env: str | None = None, overwrite: bool = False) -> Path:
+def export_server(
+    artifact: str | Path,
+    out: str | Path,
+    *,
+    max_batch_size: int = 8,
+    instance_count: int = 1,
+    kind: str = "GPU",
+    python_env: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a Triton Inference Server model repository for a compiled `onnx` or `tensorrt` artifact.
 
     The repository appears atomically: it is built in a temporary sibling folder and renamed into
@@ -192,8 +217,10 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
     target = get_target(manifest["target"])
     if not target.serves_components:
         served = [name for name, cls in TARGETS.items() if cls.serves_components]
-        raise ArtifactError(f"export-server needs an {' or '.join(served)} artifact; {root} was compiled for target "
-                            f"{manifest['target']!r}: recompile it with --target {' (or '.join(served)}{')' * (len(served) - 1)}")
+        raise ArtifactError(
+            f"export-server needs an {' or '.join(served)} artifact; {root} was compiled for target "
+            f"{manifest['target']!r}: recompile it with --target {' (or '.join(served)}{')' * (len(served) - 1)}"
+        )
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):
@@ -202,9 +229,14 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
     verify_files(root, manifest)
     models = target.serving_models(root, manifest)
     specs = [spec for spec, _ in models]
-    pipeline = ModelSpec(PIPELINE, PIPELINE_INPUTS, PIPELINE_OUTPUTS, backend="python",
-                         parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
-                         unbatched_reason="one request runs one sampling loop (its prompts are the batch)")
+    pipeline = ModelSpec(
+        PIPELINE,
+        PIPELINE_INPUTS,
+        PIPELINE_OUTPUTS,
+        backend="python",
+        parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
+        unbatched_reason="one request runs one sampling loop (its prompts are the batch)",
+    )
 
     with _staged_repository(Path(out), overwrite) as repo:
         for spec, files in models:
@@ -213,7 +245,8 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
             for file in files:
                 _link_or_copy(root / spec.name / file, version / file)
             (repo / spec.name / "config.pbtxt").write_text(
-                model_config(spec, max_batch_size=max_batch_size, kind=kind, instance_count=instance_count))
+                model_config(spec, max_batch_size=max_batch_size, kind=kind, instance_count=instance_count)
+            )
         version = repo / PIPELINE / VERSION
         version.mkdir(parents=True)
         for name in ("tokenizer", "tokenizer_2", "scheduler"):
@@ -224,7 +257,8 @@ def export_server(artifact: str | Path, out: str | Path, *, max_batch_size: int 
         (version / SERVED_MODELS).write_text(json.dumps({s.name: asdict(s) for s in specs}, indent=2) + "\n")
         (version / "model.py").write_text(MODEL_PY)
         (repo / PIPELINE / "config.pbtxt").write_text(
-            model_config(pipeline, max_batch_size=0, kind="CPU", instance_count=instance_count))
+            model_config(pipeline, max_batch_size=0, kind="CPU", instance_count=instance_count)
+        )
     return Path(out).resolve()
 
 
@@ -245,11 +279,15 @@ def _staged_repository(out: Path, overwrite: bool):
             raise ArtifactError(f"output {out} is a file; pass a folder path")
         if any(out.iterdir()):
             if not overwrite:
-                raise ArtifactError(f"output folder {out} is not empty; pass --overwrite to replace a model repository "
-                                    "written by export-server, or a new folder")
+                raise ArtifactError(
+                    f"output folder {out} is not empty; pass --overwrite to replace a model repository "
+                    "written by export-server, or a new folder"
+                )
             if not (out / PIPELINE / VERSION / MANIFEST).is_file():
-                raise ArtifactError(f"output folder {out} is not a model repository written by export-server; "
-                                    "refusing to replace it: pass a new or empty folder")
+                raise ArtifactError(
+                    f"output folder {out} is not a model repository written by export-server; "
+                    "refusing to replace it: pass a new or empty folder"
+                )
     return staged_folder(out)
 
 
@@ -298,7 +336,12 @@ def bls_components(infer: Infer, root: str | Path, manifest: dict):
     """
     from sdcompiler.archs import get_arch
     from sdcompiler.targets.components import (
-        cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
+        cache_settings,
+        make_components,
+        ort_feature_cache,
+        ort_text_encoder,
+        ort_unet,
+        ort_vae_decoder,
     )
 
     root = Path(root)
@@ -308,8 +351,9 @@ def bls_components(infer: Infer, root: str | Path, manifest: dict):
     encoders = [ort_text_encoder(models[name], spec.is_sdxl) for name in spec.text_encoders]
     settings = cache_settings(manifest)
     cache = None if settings is None else ort_feature_cache(models["unet"], models["unet_shallow"], settings)
-    return make_components(root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]),
-                           feature_cache=cache)
+    return make_components(
+        root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]), feature_cache=cache
+    )
 
 
 def served_pipeline(root: str | Path, infer: Infer):

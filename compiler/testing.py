@@ -32,16 +32,33 @@ SIZES = ("tiny", "full")
 
 # Tiny widths per arch: block structure of the real model, widths divided down.
 _TINY_UNET: dict[str, dict[str, Any]] = {
-    "sd15": dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=4, norm_num_groups=8,
-                 cross_attention_dim=32, sample_size=16),
-    "sd21": dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=[2, 2, 4, 4], norm_num_groups=8,
-                 cross_attention_dim=32, sample_size=16),
-    "sdxl": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], norm_num_groups=8,
-                 cross_attention_dim=64, sample_size=16, addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=6 * 8 + 32),
+    "sd15": dict(
+        block_out_channels=[32, 32, 64, 64],
+        attention_head_dim=4,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        sample_size=16,
+    ),
+    "sd21": dict(
+        block_out_channels=[32, 32, 64, 64],
+        attention_head_dim=[2, 2, 4, 4],
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        sample_size=16,
+    ),
+    "sdxl": dict(
+        block_out_channels=[32, 64, 64],
+        attention_head_dim=[2, 4, 4],
+        norm_num_groups=8,
+        cross_attention_dim=64,
+        sample_size=16,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    ),
 }
-_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  projection_dim=32, vocab_size=514)
+_TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32, vocab_size=514
+)
 _TINY_VAE = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4, sample_size=128)
 
 
@@ -108,8 +125,11 @@ def make_checkpoint(
             tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
         text_config = read(encoder_name) | (_TINY_TEXT if size == "tiny" else {}) | dict(text_encoder or {})
         if size == "tiny":  # the pooled output is taken at eos_token_id: it must be the tokenizer's
-            text_config |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id)
+            text_config |= dict(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         model_cls = getattr(transformers, text_config["architectures"][0])
         config = transformers.CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"})
         components[encoder_name] = model_cls(config).eval()

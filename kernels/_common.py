@@ -60,9 +60,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def require_triton() -> None:
     """Raise a one-line error naming the extra when Triton is missing."""
     if not triton_available():
-        raise RuntimeError(
-            "this kernel needs Triton, which is not installed: pip install 'sd-compiler[triton]'"
-        )
+        raise RuntimeError("this kernel needs Triton, which is not installed: pip install 'sd-compiler[triton]'")
 
 
 def next_power_of_2(n: int) -> int:

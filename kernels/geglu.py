@@ -52,8 +52,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def geglu_kernel(h_ptr, out_ptr, M, INNER, stride_hm, stride_om,
-                     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+    def geglu_kernel(h_ptr, out_ptr, M, INNER, stride_hm, stride_om, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         mask = (rows < M)[:, None] & (cols < INNER)[None, :]
@@ -84,8 +83,7 @@ def geglu_triton(h: torch.Tensor) -> torch.Tensor:
     block_i = min(next_power_of_2(inner), max_block_i)
     block_m = max(1, min(next_power_of_2(m), tile // block_i))
     grid = (cdiv(m, block_m), cdiv(inner, block_i))
-    _kernel()[grid](rows, out, m, inner, rows.stride(0), inner, BLOCK_M=block_m, BLOCK_I=block_i,
-                    num_warps=_GPU_WARPS)
+    _kernel()[grid](rows, out, m, inner, rows.stride(0), inner, BLOCK_M=block_m, BLOCK_I=block_i, num_warps=_GPU_WARPS)
     return out
 
 

@@ -59,8 +59,12 @@ def _check_args(q, k, v, k_global, v_global, height, width, window) -> None:
         raise ValueError(
             f"gri_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have q's shape {tuple(q.shape)}"
         )
-    if (k_global.dim() != 4 or k_global.shape[:2] != (batch, heads) or k_global.shape[3] != head_dim
-            or v_global.shape != k_global.shape):
+    if (
+        k_global.dim() != 4
+        or k_global.shape[:2] != (batch, heads)
+        or k_global.shape[3] != head_dim
+        or v_global.shape != k_global.shape
+    ):
         raise ValueError(
             f"gri_attention: k_global {tuple(k_global.shape)} and v_global {tuple(v_global.shape)} must both be "
             f"(B, heads, G, d) = ({batch}, {heads}, G, {head_dim})"
@@ -157,8 +161,7 @@ def gri_attention_reference(
     glob = (q_tiles @ k_global.unsqueeze(2).transpose(-1, -2)).float() * scale  # (B, heads, tiles, keys, G)
     probs = torch.softmax(torch.cat([local, glob], dim=-1), dim=-1)
     num_local = local.shape[-1]
-    out = (probs[..., :num_local].to(v.dtype) @ v_tiles
-           + probs[..., num_local:].to(v.dtype) @ v_global.unsqueeze(2))
+    out = probs[..., :num_local].to(v.dtype) @ v_tiles + probs[..., num_local:].to(v.dtype) @ v_global.unsqueeze(2)
     return _unpartition(out, height, width, tiling).to(q.dtype)
 
 
@@ -174,8 +177,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _attend_chunk(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_mask, d_mask, qk_scale,
-                     INPUT_PRECISION: tl.constexpr):
+    def _attend_chunk(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_mask, d_mask, qk_scale, INPUT_PRECISION: tl.constexpr):
         """One online-softmax step of a query block over a chunk of keys (scores in log2 units)."""
         k_t = tl.load(k_ptrs, mask=d_mask[:, None] & key_mask[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
         v = tl.load(v_ptrs, mask=key_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -191,16 +193,49 @@ def _kernel():
 
     @triton.jit
     def _gri_attention_kernel(
-        Q, K, V, KG, VG, Out,
-        stride_qb, stride_qh, stride_qn, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_gkb, stride_gkh, stride_gkn, stride_gkd,
-        stride_gvb, stride_gvh, stride_gvn, stride_gvd,
-        stride_ob, stride_oh, stride_on, stride_od,
-        heads, height, width, window, tiles_per_row, num_global, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_G: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        Q,
+        K,
+        V,
+        KG,
+        VG,
+        Out,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_gkb,
+        stride_gkh,
+        stride_gkn,
+        stride_gkd,
+        stride_gvb,
+        stride_gvh,
+        stride_gvn,
+        stride_gvd,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        heads,
+        height,
+        width,
+        window,
+        tiles_per_row,
+        num_global,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
     ):
         """Program (query block, tile, batch x head): BLOCK_M of the tile's queries (row-major within the
         tile) against the tile's keys in BLOCK_N chunks, then the global keys in BLOCK_G chunks."""
@@ -231,20 +266,32 @@ def _kernel():
             offs_n = start + tl.arange(0, BLOCK_N)
             k_tok = (row0 + offs_n // tile_w) * width + col0 + offs_n % tile_w
             acc, m_i, l_i = _attend_chunk(
-                acc, m_i, l_i, q,
+                acc,
+                m_i,
+                l_i,
+                q,
                 k_base + k_tok[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                 v_base + k_tok[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                offs_n < tile_len, d_mask, qk_scale, INPUT_PRECISION,
+                offs_n < tile_len,
+                d_mask,
+                qk_scale,
+                INPUT_PRECISION,
             )
         gk_base = KG + b * stride_gkb + h * stride_gkh
         gv_base = VG + b * stride_gvb + h * stride_gvh
         for start in range(0, num_global, BLOCK_G):
             offs_n = start + tl.arange(0, BLOCK_G)
             acc, m_i, l_i = _attend_chunk(
-                acc, m_i, l_i, q,
+                acc,
+                m_i,
+                l_i,
+                q,
                 gk_base + offs_n[None, :] * stride_gkn + offs_d[:, None] * stride_gkd,
                 gv_base + offs_n[:, None] * stride_gvn + offs_d[None, :] * stride_gvd,
-                offs_n < num_global, d_mask, qk_scale, INPUT_PRECISION,
+                offs_n < num_global,
+                d_mask,
+                qk_scale,
+                INPUT_PRECISION,
             )
 
         out = acc / l_i[:, None]
@@ -293,7 +340,7 @@ def gri_attention_triton(
     batch, heads, _, head_dim = q.shape
     num_global = k_global.shape[2]
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     window = min(window, max(height, width))  # same tiles; keeps the kernel's int32 index math small
     tile_len = min(window, height) * min(window, width)
     block_d = max(16, next_power_of_2(head_dim))
@@ -307,12 +354,33 @@ def gri_attention_triton(
     # Query blocks of one tile are neighbours in launch order, so they find the tile's keys in L2.
     grid = (cdiv(tile_len, block_m), cdiv(height, window) * tiles_per_row, batch * heads)
     _kernel()[grid](
-        q, k, v, k_global, v_global, out,
-        *q.stride(), *k.stride(), *v.stride(), *k_global.stride(), *v_global.stride(), *out.stride(),
-        heads, height, width, window, tiles_per_row, num_global, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_G=block_g, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        q,
+        k,
+        v,
+        k_global,
+        v_global,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *k_global.stride(),
+        *v_global.stride(),
+        *out.stride(),
+        heads,
+        height,
+        width,
+        window,
+        tiles_per_row,
+        num_global,
+        scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_G=block_g,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -337,16 +405,17 @@ def gri_attention_sdpa(
     tiling = _tiling(height, width, window)
     _, _, pad_h, pad_w, rows, cols = tiling
     tiles = rows * cols
-    keys = torch.cat([_partition(k, height, width, tiling),
-                      k_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
-    values = torch.cat([_partition(v, height, width, tiling),
-                        v_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    keys = torch.cat([_partition(k, height, width, tiling), k_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3)
+    values = torch.cat(
+        [_partition(v, height, width, tiling), v_global.unsqueeze(2).expand(-1, -1, tiles, -1, -1)], dim=3
+    )
     mask = None
     if pad_h or pad_w:  # padded key slots exist only in ragged tiles
         valid = _valid_keys(q, height, width, tiling)
         mask = torch.cat([valid, valid.new_ones(1, 1, tiles, 1, k_global.shape[2])], dim=-1)
-    out = F.scaled_dot_product_attention(_partition(q, height, width, tiling), keys, values, attn_mask=mask,
-                                         scale=scale)
+    out = F.scaled_dot_product_attention(
+        _partition(q, height, width, tiling), keys, values, attn_mask=mask, scale=scale
+    )
     return _unpartition(out, height, width, tiling)
 
 
@@ -411,7 +480,19 @@ def gri_macs(batch: int, heads: int, height: int, width: int, window: int, num_g
 
 
 @register_flop_formula(torch.ops.sdcompiler.gri_attention)
-def _gri_attention_flop(q_shape, k_shape, v_shape, k_global_shape, v_global_shape, height, width, window,
-                        scale=None, *args, out_shape=None, **kwargs) -> int:
+def _gri_attention_flop(
+    q_shape,
+    k_shape,
+    v_shape,
+    k_global_shape,
+    v_global_shape,
+    height,
+    width,
+    window,
+    scale=None,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
     batch, heads, _, head_dim = q_shape
     return 2 * gri_macs(batch, heads, height, width, window, k_global_shape[2], head_dim)

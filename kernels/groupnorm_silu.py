@@ -94,8 +94,9 @@ class _Tiling:
     num_chunks: int  # programs per (sample, group)
 
 
-def _tiling(groups_total: int, per_group: int, positions: int, channels_last: bool, tile: int,
-            programs: int) -> _Tiling:
+def _tiling(
+    groups_total: int, per_group: int, positions: int, channels_last: bool, tile: int, programs: int
+) -> _Tiling:
     """Tile and split sizes for `groups_total` (= N*G) groups of `per_group` channels x `positions`."""
     if channels_last:  # channels are the contiguous axis: take the whole group's channels, padded
         block_c = next_power_of_2(per_group)
@@ -115,8 +116,20 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def stats_kernel(x_ptr, stats_ptr, G, P, stride_n, stride_c, stride_p, CHUNK, S,
-                     PER_GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def stats_kernel(
+        x_ptr,
+        stats_ptr,
+        G,
+        P,
+        stride_n,
+        stride_c,
+        stride_p,
+        CHUNK,
+        S,
+        PER_GROUP: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         group = tl.program_id(0)  # n * G + g
         chunk = tl.program_id(1)
         n = group // G
@@ -144,9 +157,26 @@ def _kernels():
         tl.store(out + 2, tl.maximum(m2, 0.0))
 
     @triton.jit
-    def apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, G, P, stride_n, stride_c, stride_p, CHUNK, S, eps,
-                     PER_GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_S: tl.constexpr, APPLY_SILU: tl.constexpr):
+    def apply_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        stats_ptr,
+        G,
+        P,
+        stride_n,
+        stride_c,
+        stride_p,
+        CHUNK,
+        S,
+        eps,
+        PER_GROUP: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        APPLY_SILU: tl.constexpr,
+    ):
         group = tl.program_id(0)
         chunk = tl.program_id(1)
         n = group // G
@@ -218,11 +248,24 @@ def group_norm_silu_triton(
     stats_kernel, apply_kernel = _kernels()
     grid = (groups_total, t.num_chunks)
     common = (num_groups, positions, x.stride(0), x.stride(1), stride_p, t.chunk, t.num_chunks)
-    stats_kernel[grid](x, stats, *common, PER_GROUP=per_group, BLOCK_C=t.block_c, BLOCK_P=t.block_p,
-                       num_warps=_GPU_WARPS)
-    apply_kernel[grid](x, y, weight, bias, stats, *common, float(eps), PER_GROUP=per_group, BLOCK_C=t.block_c,
-                       BLOCK_P=t.block_p, BLOCK_S=next_power_of_2(t.num_chunks), APPLY_SILU=bool(apply_silu),
-                       num_warps=_GPU_WARPS)
+    stats_kernel[grid](
+        x, stats, *common, PER_GROUP=per_group, BLOCK_C=t.block_c, BLOCK_P=t.block_p, num_warps=_GPU_WARPS
+    )
+    apply_kernel[grid](
+        x,
+        y,
+        weight,
+        bias,
+        stats,
+        *common,
+        float(eps),
+        PER_GROUP=per_group,
+        BLOCK_C=t.block_c,
+        BLOCK_P=t.block_p,
+        BLOCK_S=next_power_of_2(t.num_chunks),
+        APPLY_SILU=bool(apply_silu),
+        num_warps=_GPU_WARPS,
+    )
     return y
 
 

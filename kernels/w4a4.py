@@ -88,18 +88,27 @@ def _check_packed(packed_w: torch.Tensor, w_bits: int, in_features: int) -> int:
     n = packed_w.shape[0]
     width = packed_width(in_features, w_bits)
     if packed_w.shape[1] != width:
-        raise ValueError(f"{w_bits}-bit weight codes for in_features={in_features} must have shape ({n}, {width}), "
-                         f"got {tuple(packed_w.shape)}")
+        raise ValueError(
+            f"{w_bits}-bit weight codes for in_features={in_features} must have shape ({n}, {width}), "
+            f"got {tuple(packed_w.shape)}"
+        )
     return n
 
 
-def _check_weight(packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None,
-                  w_bits: int, in_features: int) -> int:
+def _check_weight(
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+) -> int:
     """Validate stored weight codes and their per-channel parameters; return N (out features)."""
     n = _check_packed(packed_w, w_bits, in_features)
     if w_scale.shape != (n,) or w_zero.shape != (n,):
-        raise ValueError(f"w_scale and w_zero must have shape ({n},), got {tuple(w_scale.shape)} and "
-                         f"{tuple(w_zero.shape)}")
+        raise ValueError(
+            f"w_scale and w_zero must have shape ({n},), got {tuple(w_scale.shape)} and {tuple(w_zero.shape)}"
+        )
     if w_zero.is_floating_point() or w_zero.is_complex():
         raise ValueError(f"w_zero must be an integer tensor, got {w_zero.dtype}")
     if bias is not None and bias.shape != (n,):
@@ -107,16 +116,25 @@ def _check_weight(packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.T
     return n
 
 
-def _check_linear(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                  bias: torch.Tensor | None, act_scale: torch.Tensor | None, a_bits: int, w_bits: int,
-                  in_features: int) -> int:
+def _check_linear(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    in_features: int,
+) -> int:
     _check_bits("a_bits", a_bits)
     n = _check_weight(packed_w, w_scale, w_zero, bias, w_bits, in_features)
     if x.dim() < 1 or x.shape[-1] != in_features or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor (..., {in_features}), got {x.dtype} {tuple(x.shape)}")
     if act_scale is not None and act_scale.numel() != 1:
-        raise ValueError(f"act_scale must be one static scale (or None for per-token), got shape "
-                         f"{tuple(act_scale.shape)}")
+        raise ValueError(
+            f"act_scale must be one static scale (or None for per-token), got shape {tuple(act_scale.shape)}"
+        )
     return n
 
 
@@ -176,8 +194,10 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of `pack_int4`: (N, ceil(K/2)) uint8 -> (N, K) uint8 codes."""
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != cdiv(in_features, 2):
-        raise ValueError(f"packed codes for K={in_features} must be uint8 (N, {cdiv(in_features, 2)}), got "
-                         f"{packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed codes for K={in_features} must be uint8 (N, {cdiv(in_features, 2)}), got "
+            f"{packed.dtype} {tuple(packed.shape)}"
+        )
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
 
 
@@ -210,8 +230,7 @@ def per_token_scale(x: torch.Tensor, bits: int, dim: int = -1, keepdim: bool = F
     return amax / torch.full_like(amax, 2 ** (bits - 1) - 1)
 
 
-def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor | None, bits: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation codes: `(q int8 like x, scale fp32)`; scale is `()` (static) or `x.shape[:-1]` (per token)."""
     _check_bits("bits", bits)
     qmax = 2 ** (bits - 1) - 1
@@ -232,17 +251,26 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None, bits: int) -> to
     return q.float() * (s[..., None] if s.dim() else s)
 
 
-def w4a4_acc_reference(q_a: torch.Tensor, packed_w: torch.Tensor, w_zero: torch.Tensor, w_bits: int,
-                       in_features: int) -> torch.Tensor:
+def w4a4_acc_reference(
+    q_a: torch.Tensor, packed_w: torch.Tensor, w_zero: torch.Tensor, w_bits: int, in_features: int
+) -> torch.Tensor:
     """`acc[m, n] = sum_k q_a[m, k] (q_w[n, k] - z_w[n])` as int32 (exact: float64 sums of integers < 2^53, so it
     runs on CUDA, which has no integer matmul, too)."""
     codes = unpack_weight_codes(packed_w, w_bits, in_features)
     return (q_a.double() @ (codes.double() - w_zero.double()[:, None]).T).to(torch.int32)
 
 
-def w4a4_gemm_reference(q_a: torch.Tensor, act_scale: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor,
-                        w_zero: torch.Tensor, bias: torch.Tensor | None, w_bits: int, in_features: int,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+def w4a4_gemm_reference(
+    q_a: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """Dequantised GEMM on activation codes (M, K) with scale (1 or M elements): y (M, N) in `out_dtype`."""
     _check_weight(packed_w, w_scale, w_zero, bias, w_bits, in_features)
     _check_codes(q_a, act_scale, in_features)
@@ -254,9 +282,17 @@ def w4a4_gemm_reference(q_a: torch.Tensor, act_scale: torch.Tensor, packed_w: to
     return y.to(out_dtype)
 
 
-def w4a4_linear_reference(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                          bias: torch.Tensor | None, act_scale: torch.Tensor | None, a_bits: int, w_bits: int,
-                          in_features: int) -> torch.Tensor:
+def w4a4_linear_reference(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    in_features: int,
+) -> torch.Tensor:
     """Integer-path linear on float x (..., K): quantise (static scale, or per token when `act_scale` is None),
     integer GEMM, dequantise; output (..., N) in x's dtype."""
     n = _check_linear(x, packed_w, w_scale, w_zero, bias, act_scale, a_bits, w_bits, in_features)
@@ -265,9 +301,17 @@ def w4a4_linear_reference(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torc
     return y.reshape(*x.shape[:-1], n)
 
 
-def fake_quant_linear(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                      bias: torch.Tensor | None, act_scale: torch.Tensor | None, a_bits: int, w_bits: int,
-                      in_features: int) -> torch.Tensor:
+def fake_quant_linear(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    in_features: int,
+) -> torch.Tensor:
     """The float simulation of `w4a4_linear_reference`: dequantised activations @ dequantised weights (fp32)."""
     _check_linear(x, packed_w, w_scale, w_zero, bias, act_scale, a_bits, w_bits, in_features)
     w_hat = dequantize_weight(unpack_weight_codes(packed_w, w_bits, in_features), w_scale, w_zero)
@@ -301,8 +345,12 @@ def gemm_blocks(m: int, n: int, k: int, device: torch.device, a_float: bool = Fa
     its A tile: fewer, wider N blocks), the K tile dividing K where it can; BLOCK_M halved while the grid would
     leave SMs idle."""
     if device.type != "cuda":
-        return GemmBlocks(min(128, max(16, next_power_of_2(m))), min(128, max(16, next_power_of_2(n))),
-                          min(256, max(32, next_power_of_2(k))), num_stages=1)
+        return GemmBlocks(
+            min(128, max(16, next_power_of_2(m))),
+            min(128, max(16, next_power_of_2(n))),
+            min(256, max(32, next_power_of_2(k))),
+            num_stages=1,
+        )
     block_m = 128 if m > 64 else max(16, next_power_of_2(m))
     block_n = min(128 if a_float else 64, max(16, next_power_of_2(n)))
     block_k = 64 if k % 128 and k % 64 == 0 else 128
@@ -310,8 +358,7 @@ def gemm_blocks(m: int, n: int, k: int, device: torch.device, a_float: bool = Fa
     while cdiv(m, block_m) * cdiv(n, block_n) < sms and block_m > 64:
         block_m //= 2
     if a_float:
-        return GemmBlocks(block_m, block_n, block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-                          num_stages=3)
+        return GemmBlocks(block_m, block_n, block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
     return GemmBlocks(block_m, block_n, block_k, num_warps=4, num_stages=4)
 
 
@@ -332,9 +379,20 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _quantize_act_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
-                             QMAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, PER_TOKEN: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _quantize_act_kernel(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        M,
+        K,
+        stride_xm,
+        stride_qm,
+        QMAX: tl.constexpr,
+        AMAX_FLOOR: tl.constexpr,
+        PER_TOKEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # PER_TOKEN: scale_ptr receives s[m] (M,); else it holds the static s (one element).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -357,12 +415,31 @@ def _kernels():
             tl.store(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _w4a4_gemm_kernel(a_ptr, w_ptr, s_a_ptr, s_w_ptr, z_w_ptr, bias_ptr, out_ptr,
-                          M, N, K, stride_am, stride_wn, stride_om,
-                          A_FLOAT: tl.constexpr, A_QMAX: tl.constexpr, ACT_PER_TOKEN: tl.constexpr,
-                          W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_ACC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr):
+    def _w4a4_gemm_kernel(
+        a_ptr,
+        w_ptr,
+        s_a_ptr,
+        s_w_ptr,
+        z_w_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_wn,
+        stride_om,
+        A_FLOAT: tl.constexpr,
+        A_QMAX: tl.constexpr,
+        ACT_PER_TOKEN: tl.constexpr,
+        W_BITS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        OUT_ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         # Grouped program order: GROUP_M row blocks share each weight column block while it is in L2.
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -388,8 +465,11 @@ def _kernels():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0)
+            a = tl.load(
+                a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :],
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0,
+            )
             if A_FLOAT:  # static-scale quantisation of the A tile, as in _quantize_act_kernel
                 a = tl.minimum(tl.maximum(tl.floor(a.to(tl.float32) * inv_s + 0.5), -A_QMAX - 1.0), A_QMAX * 1.0)
                 a = a.to(tl.int8)
@@ -397,16 +477,22 @@ def _kernels():
             # Masked k (A is 0 there) may hold any weight value; masked n rows are discarded at the store.
             if W_BITS == 4:
                 offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :],
-                                 mask=n_ok[:, None] & (offs_kb < (K + 1) // 2)[None, :], other=0)
+                packed = tl.load(
+                    w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :],
+                    mask=n_ok[:, None] & (offs_kb < (K + 1) // 2)[None, :],
+                    other=0,
+                )
                 # interleave (low, high) nibbles along K: byte j holds k = 2j (low) and 2j + 1 (high)
                 lo = (packed & 15).to(tl.int8) - z4
                 hi = (packed >> 4).to(tl.int8) - z4
                 w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)
             else:
                 rowsum += tl.sum(a.to(tl.int32), axis=1)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=128)
+                w = tl.load(
+                    w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    other=128,
+                )
                 w = (w.to(tl.int32) - 128).to(tl.int8)  # uint8 code -> int8 for the int8 tensor core
             acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
         if W_BITS == 8:
@@ -423,8 +509,11 @@ def _kernels():
             out = (s_a * s_w) * acc.to(tl.float32)
             if HAS_BIAS:
                 out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
     return _quantize_act_kernel, _w4a4_gemm_kernel
 
@@ -449,9 +538,21 @@ def _launch_quantize(x2: torch.Tensor, scale: torch.Tensor | None, bits: int) ->
         block_k = min(1024, next_power_of_2(k))
         block_m = min(next_power_of_2(m), max(1, (8192 if interpreting() else 4096) // block_k))
         quant_kernel[(cdiv(m, block_m),)](
-            x2, q, scale, m, k, x2.stride(0), q.stride(0),
-            QMAX=2 ** (bits - 1) - 1, AMAX_FLOOR=AMAX_FLOOR, PER_TOKEN=per_token,
-            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
+            x2,
+            q,
+            scale,
+            m,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            QMAX=2 ** (bits - 1) - 1,
+            AMAX_FLOOR=AMAX_FLOOR,
+            PER_TOKEN=per_token,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
     return q, scale
 
 
@@ -464,10 +565,19 @@ def quantize_act_triton(x: torch.Tensor, scale: torch.Tensor | None, bits: int) 
     return q.reshape(x.shape), (s.reshape(x.shape[:-1]) if scale is None else s.reshape(()).clone())
 
 
-def _launch_gemm(a: torch.Tensor, act_scale: torch.Tensor | None, a_bits: int,
-                 packed_w: torch.Tensor, w_scale: torch.Tensor | None, w_zero: torch.Tensor,
-                 bias: torch.Tensor | None, w_bits: int, in_features: int, out: torch.Tensor,
-                 blocks: GemmBlocks | None) -> torch.Tensor:
+def _launch_gemm(
+    a: torch.Tensor,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    out: torch.Tensor,
+    blocks: GemmBlocks | None,
+) -> torch.Tensor:
     """Launch the GEMM kernel into `out` (M, N): int32 `out` stores acc, a float `out` y. Float `a` is quantised
     in the kernel with the static `act_scale`."""
     _, gemm_kernel = _kernels()
@@ -481,22 +591,44 @@ def _launch_gemm(a: torch.Tensor, act_scale: torch.Tensor | None, a_bits: int,
     dummy = out  # stands in for pointers a constexpr flag leaves unread
     grid = (cdiv(m, blocks.block_m) * cdiv(n, blocks.block_n),)
     gemm_kernel[grid](
-        a, packed_w,
+        a,
+        packed_w,
         dummy if out_acc else act_scale.float().reshape(-1).contiguous(),
         dummy if out_acc else w_scale.float().contiguous(),
         w_zero.to(torch.int32).contiguous(),
         dummy if bias is None else bias.contiguous(),
-        out, m, n, in_features, a.stride(0), packed_w.stride(0), out.stride(0),
-        A_FLOAT=a_float, A_QMAX=2 ** (a_bits - 1) - 1,
+        out,
+        m,
+        n,
+        in_features,
+        a.stride(0),
+        packed_w.stride(0),
+        out.stride(0),
+        A_FLOAT=a_float,
+        A_QMAX=2 ** (a_bits - 1) - 1,
         ACT_PER_TOKEN=act_scale is not None and act_scale.numel() > 1,
-        W_BITS=w_bits, HAS_BIAS=bias is not None, OUT_ACC=out_acc,
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, GROUP_M=blocks.group_m,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=False)
+        W_BITS=w_bits,
+        HAS_BIAS=bias is not None,
+        OUT_ACC=out_acc,
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k,
+        GROUP_M=blocks.group_m,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+        enable_fp_fusion=False,
+    )
     return out
 
 
-def w4a4_acc_triton(q_a: torch.Tensor, packed_w: torch.Tensor, w_zero: torch.Tensor, w_bits: int, in_features: int,
-                    blocks: GemmBlocks | None = None) -> torch.Tensor:
+def w4a4_acc_triton(
+    q_a: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_zero: torch.Tensor,
+    w_bits: int,
+    in_features: int,
+    blocks: GemmBlocks | None = None,
+) -> torch.Tensor:
     """The GEMM kernel's int32 accumulator `acc = q_a @ (q_w - z_w)^T` (the kernel run with `OUT_ACC`); equals
     `w4a4_acc_reference` exactly."""
     n = _check_packed(packed_w, w_bits, in_features)
@@ -504,25 +636,45 @@ def w4a4_acc_triton(q_a: torch.Tensor, packed_w: torch.Tensor, w_zero: torch.Ten
     if w_zero.shape != (n,):
         raise ValueError(f"w_zero must have shape ({n},), got {tuple(w_zero.shape)}")
     out = torch.empty((q_a.shape[0], n), dtype=torch.int32, device=q_a.device)
-    return _launch_gemm(_rows(q_a, in_features), None, 8, packed_w, None, w_zero, None, w_bits, in_features, out,
-                        blocks)
+    return _launch_gemm(
+        _rows(q_a, in_features), None, 8, packed_w, None, w_zero, None, w_bits, in_features, out, blocks
+    )
 
 
-def w4a4_gemm_triton(q_a: torch.Tensor, act_scale: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor,
-                     w_zero: torch.Tensor, bias: torch.Tensor | None, w_bits: int, in_features: int,
-                     out_dtype: torch.dtype, blocks: GemmBlocks | None = None) -> torch.Tensor:
+def w4a4_gemm_triton(
+    q_a: torch.Tensor,
+    act_scale: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_bits: int,
+    in_features: int,
+    out_dtype: torch.dtype,
+    blocks: GemmBlocks | None = None,
+) -> torch.Tensor:
     """Triton `w4a4_gemm_reference`: activation codes (M, K) int8 with scale (1 or M elements) -> y (M, N)."""
     n = _check_weight(packed_w, w_scale, w_zero, bias, w_bits, in_features)
     _check_codes(q_a, act_scale, in_features)
     out = torch.empty((q_a.shape[0], n), dtype=out_dtype, device=q_a.device)
-    return _launch_gemm(_rows(q_a, in_features), act_scale, 8, packed_w, w_scale, w_zero, bias, w_bits,
-                        in_features, out, blocks)
+    return _launch_gemm(
+        _rows(q_a, in_features), act_scale, 8, packed_w, w_scale, w_zero, bias, w_bits, in_features, out, blocks
+    )
 
 
-def w4a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                       bias: torch.Tensor | None, act_scale: torch.Tensor | None, a_bits: int, w_bits: int,
-                       in_features: int, blocks: GemmBlocks | None = None, fused: bool | None = None
-                       ) -> torch.Tensor:
+def w4a4_linear_triton(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    in_features: int,
+    blocks: GemmBlocks | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
     """Triton `w4a4_linear_reference`. Per token: `quantize_act_triton`, then the code GEMM. A static scale: the
     same two passes, or with `fused` the float-input kernel that quantises the A tiles in registers (default:
     `fuse_static_quant`). The codes, hence the outputs, are identical either way."""
@@ -534,8 +686,19 @@ def w4a4_linear_triton(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.T
         fused = act_scale is not None and fuse_static_quant(x2.shape[0], n, in_features, x.device)
     if fused:
         out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-        y = _launch_gemm(x2, act_scale.detach().float().reshape(1), a_bits, packed_w, w_scale, w_zero, bias, w_bits,
-                         in_features, out, blocks)
+        y = _launch_gemm(
+            x2,
+            act_scale.detach().float().reshape(1),
+            a_bits,
+            packed_w,
+            w_scale,
+            w_zero,
+            bias,
+            w_bits,
+            in_features,
+            out,
+            blocks,
+        )
     else:
         q, s = _launch_quantize(x2, act_scale, a_bits)
         y = w4a4_gemm_triton(q, s, packed_w, w_scale, w_zero, bias, w_bits, in_features, x.dtype, blocks)
@@ -563,9 +726,17 @@ def _(x, scale, bits):
 
 
 @torch.library.custom_op(f"{LIBRARY}::w4a4_linear", mutates_args=())
-def w4a4_linear(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                bias: torch.Tensor | None, act_scale: torch.Tensor | None, a_bits: int, w_bits: int,
-                in_features: int) -> torch.Tensor:
+def w4a4_linear(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    a_bits: int,
+    w_bits: int,
+    in_features: int,
+) -> torch.Tensor:
     """W4A4 (or W4A8/W8A4/W8A8) linear on float x (..., K) -> (..., N) in x's dtype; see the module docstring.
 
     Args:
@@ -623,10 +794,20 @@ def _conv_in_features(x: torch.Tensor, kernel_size) -> int:
     return x.shape[1] * kh * kw
 
 
-def w4a4_conv2d(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                bias: torch.Tensor | None, act_scale: torch.Tensor | None, *, a_bits: int, w_bits: int,
-                kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
-                padding: int | tuple[int, int] = 0) -> torch.Tensor:
+def w4a4_conv2d(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    *,
+    a_bits: int,
+    w_bits: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+) -> torch.Tensor:
     """Conv2d (groups=1, dilation 1) through `w4a4_linear`: 1x1 on channels-last pixels, else im2col.
 
     `packed_w` holds the codes of the weight flattened to (N, C*kh*kw). A per-token scale (`act_scale=None`) is
@@ -638,10 +819,20 @@ def w4a4_conv2d(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, 
     return y.transpose(1, 2).reshape(x.shape[0], -1, ho, wo)
 
 
-def fake_quant_conv2d(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                      bias: torch.Tensor | None, act_scale: torch.Tensor | None, *, a_bits: int, w_bits: int,
-                      kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
-                      padding: int | tuple[int, int] = 0) -> torch.Tensor:
+def fake_quant_conv2d(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    *,
+    a_bits: int,
+    w_bits: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+) -> torch.Tensor:
     """Float simulation of `w4a4_conv2d`. A static scale quantises x elementwise, so this is an ordinary
     `F.conv2d` of the fake-quantised x (padding zeros quantise to 0); per-token scales belong to im2col rows, so
     that case is the fake-quant linear over the unfolded patches."""
@@ -650,8 +841,13 @@ def fake_quant_conv2d(x: torch.Tensor, packed_w: torch.Tensor, w_scale: torch.Te
     if act_scale is not None:
         w_hat = dequantize_weight(unpack_weight_codes(packed_w, w_bits, k), w_scale, w_zero)
         w_hat = w_hat.reshape(packed_w.shape[0], x.shape[1], *_pair(kernel_size))
-        y = F.conv2d(fake_quant_act(x, act_scale, a_bits), w_hat, None if bias is None else bias.float(),
-                     _pair(stride), _pair(padding))
+        y = F.conv2d(
+            fake_quant_act(x, act_scale, a_bits),
+            w_hat,
+            None if bias is None else bias.float(),
+            _pair(stride),
+            _pair(padding),
+        )
         return y.to(x.dtype)
     tokens, ho, wo = _conv_tokens(x, kernel_size, stride, padding)
     y = fake_quant_linear(tokens, packed_w, w_scale, w_zero, bias, None, a_bits, w_bits, k)

@@ -71,7 +71,8 @@ def unet_example_inputs(
         time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32)
         inputs["added_cond_kwargs"] = {
             "text_embeds": make(batch, text_embeds_dim),
-            "time_ids": time_ids.to(device=device, dtype=dtype) if torch.device(device).type != "meta"
+            "time_ids": time_ids.to(device=device, dtype=dtype)
+            if torch.device(device).type != "meta"
             else torch.empty(batch, 6, device=device, dtype=dtype),
         }
     if config.get("time_cond_proj_dim") is not None:  # a guidance embedding (LCM, cfg-distill over a range of w)
@@ -79,8 +80,7 @@ def unet_example_inputs(
     return inputs
 
 
-def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8,
-               forward=None) -> int:
+def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8, forward=None) -> int:
     """MACs of one batch-1 U-Net forward at pixel `resolution` (H, W), counted on meta.
 
     `forward(unet, **inputs)` replaces the plain `unet(**inputs)` call (e.g. a
@@ -97,15 +97,22 @@ def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_fac
 
 def vae_decoder_macs(vae: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
     """MACs of decoding one latent for an image of pixel `resolution` (H, W), counted on meta."""
-    latent = torch.empty(1, vae.config.latent_channels, resolution[0] // vae_scale_factor,
-                         resolution[1] // vae_scale_factor, device="meta")
+    latent = torch.empty(
+        1,
+        vae.config.latent_channels,
+        resolution[0] // vae_scale_factor,
+        resolution[1] // vae_scale_factor,
+        device="meta",
+    )
     return _macs_on_meta(VaeDecode(vae), args=(latent,))
 
 
 def _macs_on_meta(call: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> int:
     """MACs of `call(*args, **kwargs)` with meta stand-ins for every parameter and buffer of `call`."""
-    meta_state = {name: torch.empty_like(t, device="meta")
-                  for name, t in list(call.named_parameters()) + list(call.named_buffers())}
+    meta_state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in list(call.named_parameters()) + list(call.named_buffers())
+    }
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         torch.func.functional_call(call, meta_state, args=args, kwargs=kwargs or {}, strict=False)

@@ -62,8 +62,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-_CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                    "padding_mode")
+_CONV_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
 
 
 def _exporting() -> bool:
@@ -87,9 +95,19 @@ class CondConv2d(nn.Module):
     Buffer: `fixed_routing` (N,) or None; loading a state_dict sets or clears it (see the module docstring).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], num_experts: int,
-                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        num_experts: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be at least 1")
@@ -113,15 +131,16 @@ class CondConv2d(nn.Module):
     def reset_parameters(self) -> None:
         """Each expert initialised as `nn.Conv2d` initialises its kernel and bias."""
         for expert in range(self.num_experts):
-            nn.init.kaiming_uniform_(self.weight[expert], a=5 ** 0.5)
+            nn.init.kaiming_uniform_(self.weight[expert], a=5**0.5)
         if self.bias is not None:
             fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / fan_in ** 0.5
+            bound = 1 / fan_in**0.5
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_convs(cls, convs: list[nn.Conv2d], num_experts: int | None = None,
-                   primary_gate: float = 10.0) -> CondConv2d:
+    def from_convs(
+        cls, convs: list[nn.Conv2d], num_experts: int | None = None, primary_gate: float = 10.0
+    ) -> CondConv2d:
         """ME-CondConv inheritance: experts copied from `convs`, routing initialised to select `convs[0]`.
 
         Args:
@@ -144,11 +163,15 @@ class CondConv2d(nn.Module):
         for index, conv in enumerate(convs[1:], start=1):
             for attribute in _CONV_ATTRIBUTES:
                 if getattr(conv, attribute) != getattr(kept, attribute):
-                    raise ValueError(f"convs[{index}].{attribute}={getattr(conv, attribute)!r} differs from "
-                                     f"convs[0].{attribute}={getattr(kept, attribute)!r}")
+                    raise ValueError(
+                        f"convs[{index}].{attribute}={getattr(conv, attribute)!r} differs from "
+                        f"convs[0].{attribute}={getattr(kept, attribute)!r}"
+                    )
             if (conv.bias is None) != (kept.bias is None):
-                raise ValueError(f"convs[{index}] {'has no' if conv.bias is None else 'has a'} bias, convs[0] "
-                                 f"{'has no' if kept.bias is None else 'has a'} bias")
+                raise ValueError(
+                    f"convs[{index}] {'has no' if conv.bias is None else 'has a'} bias, convs[0] "
+                    f"{'has no' if kept.bias is None else 'has a'} bias"
+                )
         if kept.groups != 1:
             raise ValueError(f"CondConv2d supports groups=1 only; the convs have groups={kept.groups}")
         if kept.padding_mode != "zeros":
@@ -158,9 +181,18 @@ class CondConv2d(nn.Module):
             raise ValueError(f"num_experts={num_experts} must be at least 1")
         sources = (list(convs) + [kept] * num_experts)[:num_experts]
 
-        module = cls(kept.in_channels, kept.out_channels, kept.kernel_size, num_experts, stride=kept.stride,
-                     padding=kept.padding, dilation=kept.dilation, bias=kept.bias is not None,
-                     device=kept.weight.device, dtype=kept.weight.dtype)
+        module = cls(
+            kept.in_channels,
+            kept.out_channels,
+            kept.kernel_size,
+            num_experts,
+            stride=kept.stride,
+            padding=kept.padding,
+            dilation=kept.dilation,
+            bias=kept.bias is not None,
+            device=kept.weight.device,
+            dtype=kept.weight.dtype,
+        )
         with torch.no_grad():
             module.weight.copy_(torch.stack([conv.weight.to(kept.weight) for conv in sources]))
             if module.bias is not None:
@@ -170,18 +202,21 @@ class CondConv2d(nn.Module):
             module.routing.bias[0] = primary_gate
         return module
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Make the optional `fixed_routing` buffer follow the state_dict (set if present, None if absent)."""
         key = prefix + "fixed_routing"
         if key in state_dict:
             if self.fixed_routing is None:  # a placeholder the base class then assigns (assign=True) or copies into
-                self.fixed_routing = torch.empty(state_dict[key].shape, dtype=self.weight.dtype,
-                                                 device=self.weight.device)
+                self.fixed_routing = torch.empty(
+                    state_dict[key].shape, dtype=self.weight.dtype, device=self.weight.device
+                )
         elif prefix + "weight" in state_dict:  # this module's full state, saved without fixed routing
             self.fixed_routing = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The routing head: a = sigmoid(FC(GAP(x))), shape (B, N)."""
@@ -200,8 +235,10 @@ class CondConv2d(nn.Module):
         if not exporting:  # under tracing the shapes are traced values; a Python check would warn and bake them in
             shape = tuple(routing_weights.shape)
             if shape not in ((self.num_experts,), (x.shape[0], self.num_experts)):
-                raise ValueError(f"routing weights have shape {shape}, expected "
-                                 f"({x.shape[0]}, {self.num_experts}) or ({self.num_experts},)")
+                raise ValueError(
+                    f"routing weights have shape {shape}, expected "
+                    f"({x.shape[0]}, {self.num_experts}) or ({self.num_experts},)"
+                )
         routing_weights = routing_weights.to(self.weight.dtype)
         if routing_weights.dim() == 1:
             return self.fixed_conv(x, routing_weights)
@@ -218,11 +255,19 @@ class CondConv2d(nn.Module):
     def grouped_conv(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         """Eager form: the B per-sample kernels as one grouped conv (groups=B). `routing_weights`: (B, N)."""
         batch, _, height, width = x.shape
-        weight = (routing_weights @ self.weight.flatten(1)).view(batch * self.out_channels, self.in_channels,
-                                                                 *self.kernel_size)
+        weight = (routing_weights @ self.weight.flatten(1)).view(
+            batch * self.out_channels, self.in_channels, *self.kernel_size
+        )
         bias = (routing_weights @ self.bias).flatten() if self.bias is not None else None
-        y = F.conv2d(x.reshape(1, batch * self.in_channels, height, width), weight, bias, self.stride,
-                     self.padding, self.dilation, groups=batch)
+        y = F.conv2d(
+            x.reshape(1, batch * self.in_channels, height, width),
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            groups=batch,
+        )
         return y.view(batch, self.out_channels, *y.shape[2:])
 
     def stacked_conv(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
@@ -236,8 +281,10 @@ class CondConv2d(nn.Module):
         return (y * routing_weights[:, :, None, None, None]).sum(dim=1)
 
     def extra_repr(self) -> str:
-        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"num_experts={self.num_experts}, stride={self.stride}")
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"num_experts={self.num_experts}, stride={self.stride}"
+        )
         if self.padding != (0, 0):
             text += f", padding={self.padding}"
         if self.dilation != (1, 1):

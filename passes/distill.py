@@ -106,6 +106,7 @@ class FeaturePairs:
     def _hook(self, index: int, side: int):
         def hook(module, args, output):
             self.outputs[index][side] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,8 +128,10 @@ class Distill(Pass):
 
     def requires(self, pipe, config: DistillConfig, ctx: PassContext) -> None:
         if ctx.teacher is None:
-            raise PassError("distill needs a structural pass before it (bk-*, koala-*): there is no teacher to "
-                            "distill from; put distill after the pass it should recover from")
+            raise PassError(
+                "distill needs a structural pass before it (bk-*, koala-*): there is no teacher to "
+                "distill from; put distill after the pass it should recover from"
+            )
         if config.held_out_prompts < 1 or config.num_prompts < 1:
             raise PassError("num_prompts and held_out_prompts must be at least 1")
 
@@ -153,8 +156,9 @@ class Distill(Pass):
             output_kd = F.mse_loss(eps_s, eps_t)
             pairs = features.pairs()
             feature_kd = sum((F.mse_loss(s, t_.detach()) for s, t_ in pairs), torch.zeros((), device=device))
-            loss = (config.task_weight * task + config.output_kd_weight * output_kd
-                    + config.feature_kd_weight * feature_kd)
+            loss = (
+                config.task_weight * task + config.output_kd_weight * output_kd + config.feature_kd_weight * feature_kd
+            )
             return loss, {"task": task, "output_kd": output_kd, "feature_kd": feature_kd}
 
         def held_out_sqnr() -> float:
@@ -177,9 +181,17 @@ class Distill(Pass):
             # The student's structure is part of the key: two recipes with the same teacher and distill config
             # (bk-small vs bk-small-condconv) must not resume each other's checkpoints.
             layout = sorted((name, list(p.shape)) for name, p in student.state_dict().items())
-            result = fit("distill", student, list(student.parameters()), loss_fn, schedule.draw(train.latents),
-                         len(train.latents), ctx, config,
-                         key=[ctx.teacher_key, config.to_dict(), len(train.latents), layout])
+            result = fit(
+                "distill",
+                student,
+                list(student.parameters()),
+                loss_fn,
+                schedule.draw(train.latents),
+                len(train.latents),
+                ctx,
+                config,
+                key=[ctx.teacher_key, config.to_dict(), len(train.latents), layout],
+            )
             pipe.register_modules(unet=result.model)
             student = pipe.unet
             after = held_out_sqnr()
@@ -210,9 +222,18 @@ class Distill(Pass):
                 output_kd = F.mse_loss(model(x_t, t, **kwargs).sample, eps_t)
                 return output_kd, {"output_kd": output_kd}
 
-            fit("incubate", hybrid, params, loss_fn, schedule.draw(train.latents), len(train.latents), ctx, config,
+            fit(
+                "incubate",
+                hybrid,
+                params,
+                loss_fn,
+                schedule.draw(train.latents),
+                len(train.latents),
+                ctx,
+                config,
                 key=[ctx.teacher_key, config.to_dict(), name, sorted(str(k) for k in replaced)],
-                steps=config.incubation_steps)
+                steps=config.incubation_steps,
+            )
 
 
 def incubation_units(student, teacher) -> list[tuple[str, dict, list]]:
@@ -225,14 +246,16 @@ def incubation_units(student, teacher) -> list[tuple[str, dict, list]]:
     """
     n = len(teacher.down_blocks)
     if len(student.down_blocks) != n or len(student.up_blocks) != len(teacher.up_blocks):
-        raise PassError("progressive incubation needs the teacher's number of stages (bk-tiny drops one); "
-                        "set incubation_steps: 0")
+        raise PassError(
+            "progressive incubation needs the teacher's number of stages (bk-tiny drops one); set incubation_steps: 0"
+        )
 
     def same(a, b) -> bool:
         if (a is None) != (b is None):
             return False
-        return a is None or [tuple(p.shape) for p in a.state_dict().values()] == \
-            [tuple(p.shape) for p in b.state_dict().values()]
+        return a is None or [tuple(p.shape) for p in a.state_dict().values()] == [
+            tuple(p.shape) for p in b.state_dict().values()
+        ]
 
     units = []
     for i in range(n):
@@ -240,8 +263,9 @@ def incubation_units(student, teacher) -> list[tuple[str, dict, list]]:
         if same(student.down_blocks[i], teacher.down_blocks[i]) and same(student.up_blocks[j], teacher.up_blocks[j]):
             continue
         params = list(student.down_blocks[i].parameters()) + list(student.up_blocks[j].parameters())
-        units.append((f"stage {i}", {("down_blocks", i): student.down_blocks[i], ("up_blocks", j): student.up_blocks[j]},
-                      params))
+        units.append(
+            (f"stage {i}", {("down_blocks", i): student.down_blocks[i], ("up_blocks", j): student.up_blocks[j]}, params)
+        )
     if not same(student.mid_block, teacher.mid_block):
         params = [] if student.mid_block is None else list(student.mid_block.parameters())
         units.append(("mid_block", {("mid_block", None): student.mid_block}, params))

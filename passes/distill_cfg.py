@@ -73,11 +73,14 @@ class DistillCFGConfig(PassConfig):
     def __post_init__(self):
         if self.guidance_range is not None:
             if len(self.guidance_range) != 2 or not 1.0 <= self.guidance_range[0] < self.guidance_range[1]:
-                raise ValueError(f"guidance_range must be [w_min, w_max] with 1 <= w_min < w_max, got "
-                                 f"{list(self.guidance_range)}")
+                raise ValueError(
+                    f"guidance_range must be [w_min, w_max] with 1 <= w_min < w_max, got {list(self.guidance_range)}"
+                )
             if not self.guidance_range[0] <= self.guidance_scale <= self.guidance_range[1]:
-                raise ValueError(f"guidance_scale={self.guidance_scale} (the artifact's default w) must lie in "
-                                 f"guidance_range {list(self.guidance_range)}")
+                raise ValueError(
+                    f"guidance_scale={self.guidance_scale} (the artifact's default w) must lie in "
+                    f"guidance_range {list(self.guidance_range)}"
+                )
         if self.embedding_dim < 2:
             raise ValueError(f"embedding_dim must be >= 2, got {self.embedding_dim}")
 
@@ -102,8 +105,10 @@ class DistillCFG(Pass):
             raise PassError("this U-Net already takes a guidance embedding (time_cond_proj_dim)")
         if config.guidance_range is not None and ctx.pipeline_defaults.get("feature_cache"):
             # the other order is refused by feature_cache itself; both before any training or export
-            raise PassError("guidance_range adds a guidance embedding (timestep_cond), which the feature cache's "
-                            "split U-Net does not pass; drop deepcache or the range")
+            raise PassError(
+                "guidance_range adds a guidance embedding (timestep_cond), which the feature cache's "
+                "split U-Net does not pass; drop deepcache or the range"
+            )
 
     def run(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> dict[str, float]:
         unet, scheduler = pipe.unet, pipe.scheduler
@@ -126,8 +131,9 @@ class DistillCFG(Pass):
             if not conditional:
                 kwargs["encoder_hidden_states"] = uncond["encoder_hidden_states"].expand(n, -1, -1)
                 if sdxl:
-                    kwargs["added_cond_kwargs"] = dict(kwargs["added_cond_kwargs"],
-                                                       text_embeds=uncond["pooled"].expand(n, -1))
+                    kwargs["added_cond_kwargs"] = dict(
+                        kwargs["added_cond_kwargs"], text_embeds=uncond["pooled"].expand(n, -1)
+                    )
             return kwargs
 
         def guided_target(samples, index, x_t, t, ws):
@@ -177,8 +183,17 @@ class DistillCFG(Pass):
                     add_guidance_embedding(unet, config.embedding_dim)
                     trained.append(unet.time_embedding.cond_proj.weight.requires_grad_(True))
                 before = held_out(after=False)
-                result = fit("cfg", unet, trained, loss_fn, draw_with_w, len(train.latents), ctx, config,
-                             key=[ctx.model_key, config.to_dict()])
+                result = fit(
+                    "cfg",
+                    unet,
+                    trained,
+                    loss_fn,
+                    draw_with_w,
+                    len(train.latents),
+                    ctx,
+                    config,
+                    key=[ctx.model_key, config.to_dict()],
+                )
                 after = held_out(after=True)
                 unet.fuse_lora(lora_scale=1.0)
                 done = True
@@ -190,10 +205,20 @@ class DistillCFG(Pass):
         ctx.pipeline_defaults["guidance_scale"] = w if embedded else 1.0  # embedded: w is an input, no CFG pass
         steps = int(ctx.pipeline_defaults.get("num_inference_steps", 50))
         extra = {"guidance_min": low, "guidance_max": high} if embedded else {}
-        return training_metrics(before, after, result) | extra | {
-            "guidance_scale": w, "nfe_per_step_before": 2.0, "nfe_per_step_after": 1.0,
-            "nfe_per_image_before": 2.0 * steps, "nfe_per_image_after": 1.0 * steps,
-            "psnr_before_db": psnr_before, "psnr_after_db": psnr_after, "psnr_db": psnr_after}
+        return (
+            training_metrics(before, after, result)
+            | extra
+            | {
+                "guidance_scale": w,
+                "nfe_per_step_before": 2.0,
+                "nfe_per_step_after": 1.0,
+                "nfe_per_image_before": 2.0 * steps,
+                "nfe_per_image_after": 1.0 * steps,
+                "psnr_before_db": psnr_before,
+                "psnr_after_db": psnr_after,
+                "psnr_db": psnr_after,
+            }
+        )
 
 
 def guidance_embedding(guidance_scales: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -67,8 +67,22 @@ from sdcompiler.passes.training import fit, lora_student, sqnr_db, teacher_data,
 ADAPTER = "lcm_distill"
 SIGMA_DATA = 0.5
 # LCM-LoRA's target modules: attention, feed-forward, resnet and resampling convolutions, time embedding projections.
-LCM_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_LORA_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 HELD_OUT_DRAWS = 4  # (grid point, noise, w) draws per held-out prompt for the SQNR metric
 
 
@@ -116,17 +130,29 @@ class DistillStepsConfig(PassConfig):
 
     def __post_init__(self) -> None:
         where = "config of pass 'distill_steps'"
-        positive = ("num_ddim_timesteps", "rank", "steps", "batch_size", "num_prompts", "held_out_prompts",
-                    "teacher_steps", "reference_steps", "num_inference_steps")
+        positive = (
+            "num_ddim_timesteps",
+            "rank",
+            "steps",
+            "batch_size",
+            "num_prompts",
+            "held_out_prompts",
+            "teacher_steps",
+            "reference_steps",
+            "num_inference_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
         if not 1.0 <= self.w_min <= self.w_max:
-            raise ConfigError(f"{where}: need 1 <= w_min <= w_max (a guidance range), got w_min={self.w_min}, "
-                              f"w_max={self.w_max}")
+            raise ConfigError(
+                f"{where}: need 1 <= w_min <= w_max (a guidance range), got w_min={self.w_min}, w_max={self.w_max}"
+            )
         if self.num_inference_steps > self.num_ddim_timesteps:
-            raise ConfigError(f"{where}: num_inference_steps={self.num_inference_steps} exceeds the "
-                              f"num_ddim_timesteps={self.num_ddim_timesteps} grid it samples from")
+            raise ConfigError(
+                f"{where}: num_inference_steps={self.num_inference_steps} exceeds the "
+                f"num_ddim_timesteps={self.num_ddim_timesteps} grid it samples from"
+            )
         for name in ("huber_c", "timestep_scaling", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}: {name} must be positive, got {getattr(self, name)}")
@@ -135,10 +161,12 @@ class DistillStepsConfig(PassConfig):
 
     def scheduler_config(self) -> SetSchedulerConfig:
         """The LCM sampler of the result: LCMScheduler on the same grid and scaling, guidance 1."""
-        return SetSchedulerConfig(scheduler="LCMScheduler",
-                                  options={"original_inference_steps": self.num_ddim_timesteps,
-                                           "timestep_scaling": self.timestep_scaling},
-                                  num_inference_steps=self.num_inference_steps, guidance_scale=1.0)
+        return SetSchedulerConfig(
+            scheduler="LCMScheduler",
+            options={"original_inference_steps": self.num_ddim_timesteps, "timestep_scaling": self.timestep_scaling},
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=1.0,
+        )
 
 
 @dataclass
@@ -171,8 +199,8 @@ class ConsistencyParametrization:
     def consistency(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """f(x, t) = c_skip(t) x + c_out(t) x0_hat."""
         scaled = (self.timestep_scaling * t.float()).view(-1, 1, 1, 1)
-        c_skip = SIGMA_DATA ** 2 / (scaled ** 2 + SIGMA_DATA ** 2)
-        c_out = scaled / (scaled ** 2 + SIGMA_DATA ** 2).sqrt()
+        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
         return c_skip * x + c_out * self.x0_and_eps(output, x, t)[0]
 
     def ddim_step(self, x0: torch.Tensor, eps: torch.Tensor, t_end: torch.Tensor) -> torch.Tensor:
@@ -215,8 +243,9 @@ class DistillSteps(Pass):
             raise PassError(f"prediction_type {prediction!r} is not supported; LCD needs epsilon or v_prediction")
         train_steps = pipe.scheduler.config.num_train_timesteps
         if config.num_ddim_timesteps > train_steps:
-            raise PassError(f"num_ddim_timesteps={config.num_ddim_timesteps} exceeds the model's {train_steps} "
-                            "training timesteps")
+            raise PassError(
+                f"num_ddim_timesteps={config.num_ddim_timesteps} exceeds the model's {train_steps} training timesteps"
+            )
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise PassError("this U-Net already takes a guidance embedding (time_cond_proj_dim): it is distilled")
         SetScheduler().requires(pipe, config.scheduler_config(), ctx)
@@ -229,8 +258,9 @@ class DistillSteps(Pass):
         data = teacher_data(pipe, unet, config, ctx, key=ctx.model_key)
         train, held = data.train.to(device), data.held.to(device)
         uncond = {k: v.to(device) for k, v in unconditional_inputs(pipe, 1, sdxl, train).items()}
-        lcd = ConsistencyParametrization(NoiseSchedule.from_scheduler(pipe.scheduler), config.num_ddim_timesteps,
-                                         config.timestep_scaling)
+        lcd = ConsistencyParametrization(
+            NoiseSchedule.from_scheduler(pipe.scheduler), config.num_ddim_timesteps, config.timestep_scaling
+        )
 
         def conditioning(samples: TeacherSamples, index: torch.Tensor, guided: bool) -> dict:
             """U-Net keyword arguments for the batch; with `guided`, the conditional half then the unconditional."""
@@ -244,7 +274,8 @@ class DistillSteps(Pass):
                 added = kwargs["added_cond_kwargs"]
                 out["added_cond_kwargs"] = {
                     "text_embeds": torch.cat([added["text_embeds"], uncond["pooled"].expand(n, -1)]),
-                    "time_ids": added["time_ids"].repeat(2, 1)}
+                    "time_ids": added["time_ids"].repeat(2, 1),
+                }
             return out
 
         def prediction_and_target(student, samples: TeacherSamples, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,9 +297,12 @@ class DistillSteps(Pass):
 
         def draw(indices: torch.Tensor, generator: torch.Generator) -> dict:
             n = len(indices)
-            return {"index": indices, "noise": torch.randn((n, *train.latents.shape[1:]), generator=generator),
-                    "grid_index": torch.randint(0, config.num_ddim_timesteps, (n,), generator=generator),
-                    "w": config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)}
+            return {
+                "index": indices,
+                "noise": torch.randn((n, *train.latents.shape[1:]), generator=generator),
+                "grid_index": torch.randint(0, config.num_ddim_timesteps, (n,), generator=generator),
+                "w": config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator),
+            }
 
         def loss_fn(model, batch):
             prediction, target = prediction_and_target(model, train, batch)
@@ -276,8 +310,12 @@ class DistillSteps(Pass):
             loss = ((prediction.float() - target.float()).pow(2) + c * c).sqrt().mean() - c
             return loss, {"pseudo_huber": loss}
 
-        held_batch = {k: v.to(device) for k, v in draw(torch.arange(len(held.latents)).repeat(HELD_OUT_DRAWS),
-                                                      torch.Generator().manual_seed(ctx.seed + 11)).items()}
+        held_batch = {
+            k: v.to(device)
+            for k, v in draw(
+                torch.arange(len(held.latents)).repeat(HELD_OUT_DRAWS), torch.Generator().manual_seed(ctx.seed + 11)
+            ).items()
+        }
 
         def held_out_sqnr() -> float:
             with torch.no_grad():
@@ -292,8 +330,17 @@ class DistillSteps(Pass):
 
         with lora_student(unet, config.rank, config.target_modules, ADAPTER, ctx.seed) as lora_params:
             sqnr_before = held_out_sqnr()
-            result = fit("lcd", unet, lora_params, loss_fn, draw, len(train.latents), ctx, config,
-                         key=[ctx.model_key, config.to_dict()])
+            result = fit(
+                "lcd",
+                unet,
+                lora_params,
+                loss_fn,
+                draw,
+                len(train.latents),
+                ctx,
+                config,
+                key=[ctx.model_key, config.to_dict()],
+            )
             sqnr_after = held_out_sqnr()
             unet.fuse_lora(lora_scale=1.0)
 
@@ -302,7 +349,9 @@ class DistillSteps(Pass):
         return training_metrics(sqnr_before, sqnr_after, result) | {
             "nfe_per_image_before": config.reference_steps * (2 if config.teacher_guidance > 1 else 1),
             "nfe_per_image_after": config.num_inference_steps,
-            "psnr_before_db": psnr_db(reference, before_images), "psnr_after_db": psnr_after, "psnr_db": psnr_after,
+            "psnr_before_db": psnr_db(reference, before_images),
+            "psnr_after_db": psnr_after,
+            "psnr_db": psnr_after,
         }
 
     def ensures(self, pipe, config: DistillStepsConfig, ctx: PassContext) -> None:

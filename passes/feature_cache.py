@@ -108,11 +108,12 @@ class SplitUNet(torch.nn.Module):
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         encoder_hidden_states = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added
+        )
         return unet.conv_in(sample), emb, encoder_hidden_states
 
     def _upsample_sizes(self, sample) -> bool:
-        factor = 2 ** self.unet.num_upsamplers
+        factor = 2**self.unet.num_upsamplers
         return any(dim % factor != 0 for dim in sample.shape[-2:])
 
     @staticmethod
@@ -135,11 +136,16 @@ class SplitUNet(torch.nn.Module):
         unet = self.unet
         for i in indices:
             block = unet.up_blocks[i]
-            res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             size = skips[-1].shape[2:] if forward_size and i < len(unet.up_blocks) - 1 else None
             if getattr(block, "has_cross_attention", False):
-                hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res,
-                               encoder_hidden_states=context, upsample_size=size)
+                hidden = block(
+                    hidden_states=hidden,
+                    temb=emb,
+                    res_hidden_states_tuple=res,
+                    encoder_hidden_states=context,
+                    upsample_size=size,
+                )
             else:
                 hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
         return hidden, skips
@@ -175,14 +181,11 @@ class SplitUNet(torch.nn.Module):
         hidden, emb, context = self._prologue(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         skips = (hidden,)
         for i in range(self.branch + 1):
-            hidden, outputs = self._down(self.unet.down_blocks[i], hidden, emb, context,
-                                         downsample=i < self.branch)
+            hidden, outputs = self._down(self.unet.down_blocks[i], hidden, emb, context, downsample=i < self.branch)
             skips += outputs
         n = len(self.unet.up_blocks)
         hidden, _ = self._up(range(n - 1 - self.branch, n), deep, skips, emb, context, forward_size)
         return self._epilogue(hidden)
-
-
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,10 @@ class FeatureCache(Pass):
         if len(pipe.unet.up_blocks) != len(pipe.unet.down_blocks):
             raise PassError("feature_cache needs a U-Net with as many up as down blocks")
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
-            raise PassError("feature_cache: the split U-Net does not pass a guidance embedding (timestep_cond), "
-                            "which this U-Net takes (time_cond_proj_dim); drop deepcache for this model")
+            raise PassError(
+                "feature_cache: the split U-Net does not pass a guidance embedding (timestep_cond), "
+                "which this U-Net takes (time_cond_proj_dim); drop deepcache for this model"
+            )
 
     def run(self, pipe, config: FeatureCacheConfig, ctx: PassContext) -> dict[str, float]:
         ctx.pipeline_defaults["feature_cache"] = config.to_dict()

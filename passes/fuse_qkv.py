@@ -33,8 +33,11 @@ def _stack(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
     first = linears[0]
     has_bias = first.bias is not None
     fused = torch.nn.Linear(
-        first.in_features, sum(l.out_features for l in linears), bias=has_bias,
-        device=first.weight.device, dtype=first.weight.dtype,
+        first.in_features,
+        sum(l.out_features for l in linears),
+        bias=has_bias,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
     )
     with torch.no_grad():
         fused.weight.copy_(torch.cat([l.weight for l in linears]))

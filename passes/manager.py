@@ -105,7 +105,7 @@ class PassManager:
 
     def _teacher_needed_after(self, index: int) -> bool:
         """A later pass needs a teacher, and no training pass in between takes this one."""
-        for step in self.steps[index + 1:]:
+        for step in self.steps[index + 1 :]:
             if step.pass_.needs_teacher:
                 return True
         return False

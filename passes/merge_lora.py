@@ -41,8 +41,10 @@ class MergeLoRAConfig(PassConfig):
                 raise PassError(f"each entry of 'loras' needs 'path' (and optionally 'scale'); got {dict(entry)}")
             entries.append((str(entry["path"]), float(entry.get("scale", 1.0))))
         if not entries:
-            raise PassError("merge_lora needs 'path' or 'loras': the LoRA file(s) to merge "
-                            "(with a preset: {preset: lcm-lora, path: FILE})")
+            raise PassError(
+                "merge_lora needs 'path' or 'loras': the LoRA file(s) to merge "
+                "(with a preset: {preset: lcm-lora, path: FILE})"
+            )
         return entries
 
 
@@ -70,9 +72,11 @@ class MergeLoRA(Pass):
     runtime_loras = True
     config_class = MergeLoRAConfig
     stage = "merge"
-    description = ("fuse LoRA files (diffusers/peft or kohya/A1111 layouts, via diffusers' loader) into the U-Net "
-                   "and text encoders with per-LoRA scales: `{\"pass\": \"merge_lora\", \"loras\": "
-                   "[{\"path\": \"a.safetensors\", \"scale\": 0.8}]}`; must precede structural passes")
+    description = (
+        "fuse LoRA files (diffusers/peft or kohya/A1111 layouts, via diffusers' loader) into the U-Net "
+        'and text encoders with per-LoRA scales: `{"pass": "merge_lora", "loras": '
+        '[{"path": "a.safetensors", "scale": 0.8}]}`; must precede structural passes'
+    )
 
     def requires(self, pipe, config: MergeLoRAConfig, ctx: PassContext) -> None:
         check_lora_files(config.items())
@@ -111,12 +115,14 @@ def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, di
                     pipe.load_lora_weights(path, adapter_name=name)
             except (ValueError, RuntimeError, KeyError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                raise PassError(f"LoRA {path} does not fit this {arch} model ({first}); "
-                                "check it was made for this architecture") from None
+                raise PassError(
+                    f"LoRA {path} does not fit this {arch} model ({first}); check it was made for this architecture"
+                ) from None
             attached = _adapter_layers(pipe.unet, name)
             if attached == 0:
-                raise PassError(f"LoRA {path} attaches to no module of this {arch} U-Net "
-                                "(made for another architecture?)")
+                raise PassError(
+                    f"LoRA {path} attaches to no module of this {arch} U-Net (made for another architecture?)"
+                )
             layers += attached
             names.append(name)
             scales.append(scale)
@@ -126,8 +132,9 @@ def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, di
                 continue
             wrapped = [n for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
             params = dict(module.named_parameters())
-            touched[component] = [f"{n}.{kind}" for n in wrapped for kind in ("weight", "bias")
-                                  if f"{n}.base_layer.{kind}" in params]
+            touched[component] = [
+                f"{n}.{kind}" for n in wrapped for kind in ("weight", "bias") if f"{n}.base_layer.{kind}" in params
+            ]
         pipe.set_adapters(names, adapter_weights=scales)
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0, safe_fusing=False)  # in place
     finally:

@@ -51,8 +51,14 @@ class UNetForExport(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         named = dict(zip(self.extra, rest))
         added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                         timestep_cond=named.get("timestep_cond"), return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            timestep_cond=named.get("timestep_cond"),
+            return_dict=False,
+        )[0]
 
 
 class CachedUNetForExport(torch.nn.Module):
@@ -60,7 +66,6 @@ class CachedUNetForExport(torch.nn.Module):
 
     def __init__(self, unet, branch: int, shallow: bool):
         super().__init__()
-        
 
         self.split, self.shallow = SplitUNet(unet, branch), shallow
 
@@ -78,8 +83,11 @@ class TextEncoderForExport(torch.nn.Module):
 
     def forward(self, input_ids):
         out = self.model(input_ids, output_hidden_states=self.hidden_states, return_dict=True)
-        first = [out.text_embeds, out.last_hidden_state] if hasattr(out, "text_embeds") else [
-            out.last_hidden_state, out.pooler_output]
+        first = (
+            [out.text_embeds, out.last_hidden_state]
+            if hasattr(out, "text_embeds")
+            else [out.last_hidden_state, out.pooler_output]
+        )
         return tuple(first) + (tuple(out.hidden_states) if self.hidden_states else ())
 
 
@@ -108,8 +116,14 @@ class OnnxExport:
     dtype: torch.dtype
 
 
-def component_exports(pipe, spec: ArchSpec, precision: str = "fp32", vae_precision: str = "fp32",
-                      vae_encoder: bool = True, cache: CacheSettings | None = None) -> list[OnnxExport]:
+def component_exports(
+    pipe,
+    spec: ArchSpec,
+    precision: str = "fp32",
+    vae_precision: str = "fp32",
+    vae_encoder: bool = True,
+    cache: CacheSettings | None = None,
+) -> list[OnnxExport]:
     """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
     full graph returning the deep features and the `unet_shallow` graph), VAE decoder, VAE encoder
     (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision` ("fp32" | "fp16").
@@ -121,20 +135,28 @@ def component_exports(pipe, spec: ArchSpec, precision: str = "fp32", vae_precisi
     for name in spec.text_encoders:
         encoder = getattr(pipe, name)
         hidden = spec.is_sdxl
-        first = ["text_embeds", "last_hidden_state"] if "WithProjection" in type(encoder).__name__ else [
-            "last_hidden_state", "pooler_output"]
+        first = (
+            ["text_embeds", "last_hidden_state"]
+            if "WithProjection" in type(encoder).__name__
+            else ["last_hidden_state", "pooler_output"]
+        )
         layers = encoder.config.num_hidden_layers
         outputs = first + ([f"hidden_states.{i}" for i in range(layers + 1)] if hidden else [])
         ids = torch.randint(0, encoder.config.vocab_size, (2, 77), generator=generator)
         seq = {0: "batch_size", 1: "sequence_length"}
         axes = {"input_ids": seq} | {o: (batch if o in ("pooler_output", "text_embeds") else seq) for o in outputs}
-        exports.append(OnnxExport(name, TextEncoderForExport(encoder, hidden), (ids,), ["input_ids"], outputs, axes, dtype))
+        exports.append(
+            OnnxExport(name, TextEncoderForExport(encoder, hidden), (ids,), ["input_ids"], outputs, axes, dtype)
+        )
 
     inputs = unet_example_inputs(pipe.unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=generator)
     args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
     names = ["sample", "timestep", "encoder_hidden_states"]
-    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    axes = {
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+        "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+        "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+    }
     if spec.is_sdxl:
         args += [inputs["added_cond_kwargs"]["text_embeds"], inputs["added_cond_kwargs"]["time_ids"]]
         names += ["text_embeds", "time_ids"]
@@ -144,29 +166,47 @@ def component_exports(pipe, spec: ArchSpec, precision: str = "fp32", vae_precisi
         names.append("timestep_cond")
         axes |= {"timestep_cond": batch}
     if cache is None:
-        exports.append(OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"],
-                               axes, dtype))
+        exports.append(
+            OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
+        )
     else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
         deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
         full = CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
-        exports.append(OnnxExport("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes,
-                               dtype))
+        exports.append(
+            OnnxExport("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes, dtype)
+        )
         with torch.no_grad():
             deep = full(*args)[1]
-        exports.append(OnnxExport("unet_shallow", CachedUNetForExport(pipe.unet, cache.branch, shallow=True),
-                               (*args, deep), [*names, "deep_features"], ["out_sample"], axes | deep_axes, dtype))
+        exports.append(
+            OnnxExport(
+                "unet_shallow",
+                CachedUNetForExport(pipe.unet, cache.branch, shallow=True),
+                (*args, deep),
+                [*names, "deep_features"],
+                ["out_sample"],
+                axes | deep_axes,
+                dtype,
+            )
+        )
 
     latent = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=generator)
-    axes = {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
-            "sample": {0: "batch_size", 2: "height", 3: "width"}}
-    exports.append(OnnxExport("vae_decoder", VaeDecode(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype))
+    axes = {
+        "latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+    }
+    exports.append(
+        OnnxExport("vae_decoder", VaeDecode(pipe.vae), (latent,), ["latent_sample"], ["sample"], axes, vae_dtype)
+    )
     if vae_encoder:
         pixels = torch.rand(1, 3, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, generator=generator) * 2 - 1
         output = "latent_parameters" if type(pipe.vae).__name__ == "AutoencoderKL" else "latent_sample"  # tiny VAE
-        axes = {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
-                output: {0: "batch_size", 2: "latent_height", 3: "latent_width"}}
-        exports.append(OnnxExport("vae_encoder", VaeEncoderForExport(pipe.vae), (pixels,), ["sample"], [output], axes,
-                               vae_dtype))
+        axes = {
+            "sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"},
+            output: {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+        }
+        exports.append(
+            OnnxExport("vae_encoder", VaeEncoderForExport(pipe.vae), (pixels,), ["sample"], [output], axes, vae_dtype)
+        )
     return exports
 
 
@@ -188,16 +228,32 @@ def export_model(export: OnnxExport, folder: Path, opset: int) -> Path:
         raw = Path(tmp) / "model.onnx"
         try:
             with torch.no_grad():
-                torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
-                                  input_names=export.input_names, output_names=export.output_names,
-                                  dynamic_axes=export.dynamic_axes, do_constant_folding=True)
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=export.input_names,
+                    output_names=export.output_names,
+                    dynamic_axes=export.dynamic_axes,
+                    do_constant_folding=True,
+                )
         except Exception as exc:  # the exporter raises many types; name the component
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LoweringError(f"ONNX export of {export.name} failed: {first}; rerun with --debug for the trace") from exc
+            raise LoweringError(
+                f"ONNX export of {export.name} failed: {first}; rerun with --debug for the trace"
+            ) from exc
         if nbytes > EXTERNAL_DATA_BYTES:  # the TorchScript exporter wrote one file per tensor: gather them
             model = onnx.load(str(raw))
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data", size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location="model.onnx.data",
+                size_threshold=1024,
+            )
             del model
         else:
             shutil.move(str(raw), target)

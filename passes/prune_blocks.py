@@ -68,8 +68,9 @@ class PruneBlocksConfig(PassConfig):
     condconv_primary_gate: float = 10.0  # routing bias +g for the kept expert, -g for the others
 
 
-def condconv_plan(teacher: torch.nn.Module, student: torch.nn.Module, stage_offset: int,
-                  num_experts: int) -> dict[str, list[str]]:
+def condconv_plan(
+    teacher: torch.nn.Module, student: torch.nn.Module, stage_offset: int, num_experts: int
+) -> dict[str, list[str]]:
     """Student conv name -> teacher conv names of its extra experts (usable, at most N-1, in order).
 
     The rule is the module docstring's; it reads only names and shapes, so it gives the same plan for
@@ -94,8 +95,10 @@ def condconv_plan(teacher: torch.nn.Module, student: torch.nn.Module, stage_offs
         t = i + stage_offset
         n_s, t_resnets = len(block.resnets), teacher.up_blocks[t].resnets
         if len(t_resnets) > n_s and n_s >= 2:  # student n_s - 1 <- teacher's last; n_s - 2 precedes the removed
-            add(f"up_blocks.{i}.resnets.{n_s - 2}.conv2",
-                conv2s(f"up_blocks.{t}", t_resnets, range(n_s - 1, len(t_resnets) - 1)))
+            add(
+                f"up_blocks.{i}.resnets.{n_s - 2}.conv2",
+                conv2s(f"up_blocks.{t}", t_resnets, range(n_s - 1, len(t_resnets) - 1)),
+            )
     if student.mid_block is None and teacher.mid_block is not None:
         add(last_target, conv2s("mid_block", teacher.mid_block.resnets, range(len(teacher.mid_block.resnets))))
     if stage_offset:
@@ -111,20 +114,25 @@ def condconv_plan(teacher: torch.nn.Module, student: torch.nn.Module, stage_offs
         kept = student.get_submodule(target)
         usable = [name for name in sources if _same_conv(kept, teacher.get_submodule(name))]
         if usable:
-            plan[target] = usable[:num_experts - 1]
+            plan[target] = usable[: num_experts - 1]
     return plan
 
 
 def _same_conv(kept: torch.nn.Module, other: torch.nn.Module) -> bool:
     from sdcompiler.passes.condconv import _CONV_ATTRIBUTES
 
-    return (isinstance(kept, torch.nn.Conv2d) and isinstance(other, torch.nn.Conv2d)
-            and kept.weight.shape == other.weight.shape and (kept.bias is None) == (other.bias is None)
-            and all(getattr(kept, a) == getattr(other, a) for a in _CONV_ATTRIBUTES))
+    return (
+        isinstance(kept, torch.nn.Conv2d)
+        and isinstance(other, torch.nn.Conv2d)
+        and kept.weight.shape == other.weight.shape
+        and (kept.bias is None) == (other.bias is None)
+        and all(getattr(kept, a) == getattr(other, a) for a in _CONV_ATTRIBUTES)
+    )
 
 
-def apply_condconv(teacher: torch.nn.Module, student: torch.nn.Module, stage_offset: int, num_experts: int,
-                   primary_gate: float = 10.0) -> dict[str, float]:
+def apply_condconv(
+    teacher: torch.nn.Module, student: torch.nn.Module, stage_offset: int, num_experts: int, primary_gate: float = 10.0
+) -> dict[str, float]:
     """Replace the planned student convs by `CondConv2d.from_convs` of the kept and the teacher's convs.
 
     On meta U-Nets (rebuild) this makes the same modules with meta parameters.
@@ -135,14 +143,20 @@ def apply_condconv(teacher: torch.nn.Module, student: torch.nn.Module, stage_off
     added = 0
     for target, sources in plan.items():
         kept = student.get_submodule(target)
-        module = CondConv2d.from_convs([kept, *(teacher.get_submodule(name) for name in sources)],
-                                       num_experts=num_experts, primary_gate=primary_gate)
+        module = CondConv2d.from_convs(
+            [kept, *(teacher.get_submodule(name) for name in sources)],
+            num_experts=num_experts,
+            primary_gate=primary_gate,
+        )
         module.train(kept.training).requires_grad_(kept.weight.requires_grad)
         parent, _, attribute = target.rpartition(".")
         setattr(student.get_submodule(parent), attribute, module)
         added += sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in kept.parameters())
-    return {"condconv_modules": len(plan), "condconv_params": added,
-            "condconv_inherited_experts": sum(len(s) for s in plan.values())}
+    return {
+        "condconv_modules": len(plan),
+        "condconv_params": added,
+        "condconv_inherited_experts": sum(len(s) for s in plan.values()),
+    }
 
 
 def _offset(config: PruneBlocksConfig) -> int:
@@ -158,8 +172,9 @@ class PruneBlocks(Pass):
     description = "BK-SDM block removal with weight inheritance (bk-base / bk-small / bk-tiny)"
 
     def _config(self, pipe, config: PruneBlocksConfig) -> dict:
-        return student_config(dict(pipe.unet.config), config.layers_per_block, config.drop_mid_block,
-                              config.drop_deepest_stage)
+        return student_config(
+            dict(pipe.unet.config), config.layers_per_block, config.drop_mid_block, config.drop_deepest_stage
+        )
 
     def requires(self, pipe, config: PruneBlocksConfig, ctx: PassContext) -> None:
         if config.drop_mid_block and pipe.unet.mid_block is None:
@@ -172,8 +187,9 @@ class PruneBlocks(Pass):
         teacher = pipe.unet
         metrics = restructure(pipe, self._config(pipe, config), _offset(config), inherit=inherit)
         if config.condconv_experts:  # on meta U-Nets (rebuild) this makes the same modules without weights
-            metrics |= apply_condconv(teacher, pipe.unet, _offset(config), config.condconv_experts,
-                                      config.condconv_primary_gate)
+            metrics |= apply_condconv(
+                teacher, pipe.unet, _offset(config), config.condconv_experts, config.condconv_primary_gate
+            )
         return metrics
 
     def run(self, pipe, config: PruneBlocksConfig, ctx: PassContext) -> dict[str, float]:

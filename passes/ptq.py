@@ -68,12 +68,12 @@ import torch
 from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.base import Pass, PassContext, QuantizedUNet, register_pass
 from sdcompiler.passes.config import PassConfig
-from sdcompiler.passes.training import sqnr_db
 from sdcompiler.passes.errors import PassError, require
 from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
 from sdcompiler.passes.teacher_data import Trajectories, load_prompts, teacher_trajectories
+from sdcompiler.passes.training import sqnr_db
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes
@@ -114,13 +114,17 @@ class PtqConfig(PassConfig):
         if self.level not in MODELOPT_LEVELS:
             raise ValueError(f"level must be one of {', '.join(f'{v:g}' for v in MODELOPT_LEVELS)}, got {self.level:g}")
         if self.level >= 4 and self.precision != "fp8":
-            raise ValueError("level 4 quantizes attention (fused FP8 MHA), which TensorRT runs in fp8 only: "
-                             "use precision 'fp8', or level 3")
+            raise ValueError(
+                "level 4 quantizes attention (fused FP8 MHA), which TensorRT runs in fp8 only: "
+                "use precision 'fp8', or level 3"
+            )
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] (or null), got {self.smoothquant_alpha}")
         if self.precision == "fp8" and self.backend == "onnxruntime":
-            raise ValueError("precision 'fp8' exports trt:: Q/DQ ops that ONNX Runtime cannot load: use backend "
-                             "'modelopt' with target tensorrt, or precision 'int8'")
+            raise ValueError(
+                "precision 'fp8' exports trt:: Q/DQ ops that ONNX Runtime cannot load: use backend "
+                "'modelopt' with target tensorrt, or precision 'int8'"
+            )
 
     def backend_for(self, target: str) -> str:
         """The backend this config runs with when compiling for `target`."""
@@ -157,8 +161,9 @@ def simplify_graph(source: Path, target: Path) -> None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
     if source.with_name(source.name + ".data").exists():
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         target.name + ".data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", target.name + ".data"
+        )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -181,11 +186,16 @@ def excluded_nodes(model, patterns: tuple[str, ...]) -> list[str]:
 
 def _feed(data: Trajectories, step: int, row: int) -> dict[str, np.ndarray]:
     """One U-Net input of the trajectories as an ONNX Runtime feed (batch 1)."""
-    feed = {"sample": data.samples[step, row:row + 1].numpy(),
-            "timestep": np.asarray(data.timesteps[step].item(), dtype=np.float32),
-            "encoder_hidden_states": data.context[row:row + 1].numpy()}
+    feed = {
+        "sample": data.samples[step, row : row + 1].numpy(),
+        "timestep": np.asarray(data.timesteps[step].item(), dtype=np.float32),
+        "encoder_hidden_states": data.context[row : row + 1].numpy(),
+    }
     if data.text_embeds is not None:
-        feed |= {"text_embeds": data.text_embeds[row:row + 1].numpy(), "time_ids": data.time_ids[row:row + 1].numpy()}
+        feed |= {
+            "text_embeds": data.text_embeds[row : row + 1].numpy(),
+            "time_ids": data.time_ids[row : row + 1].numpy(),
+        }
     return feed
 
 
@@ -242,20 +252,33 @@ def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqCo
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
             quantize_static(
-                str(source), str(target), _reader(calib), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
-                reduce_range=config.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded, use_external_data_format=large,
+                str(source),
+                str(target),
+                _reader(calib),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(config.op_types),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                use_external_data_format=large,
                 calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
                 extra_options=extra,
             )
     finally:
         root.removeFilter(hint)
     return {
-        "format": "QDQ", "activation_type": "uint8", "weight_type": "int8", "per_channel": config.per_channel,
-        "reduce_range": config.reduce_range, "calibration": config.calibration,
+        "format": "QDQ",
+        "activation_type": "uint8",
+        "weight_type": "int8",
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "calibration": config.calibration,
         "percentile": config.percentile if config.calibration == "percentile" else None,
-        "op_types": list(config.op_types), "excluded_nodes": len(excluded), "calibration_inputs": len(_feeds(calib)),
+        "op_types": list(config.op_types),
+        "excluded_nodes": len(excluded),
+        "calibration_inputs": len(_feeds(calib)),
     }
 
 
@@ -271,17 +294,30 @@ def eps_sqnr(unet, graph: Path, data: Trajectories) -> float:
         for step, row in _feeds(data):
             feed = _feed(data, step, row)
             estimate.append(torch.from_numpy(session.run(["out_sample"], feed)[0]))
-            added = None if data.text_embeds is None else {"text_embeds": torch.from_numpy(feed["text_embeds"]),
-                                                           "time_ids": torch.from_numpy(feed["time_ids"])}
-            reference.append(unet(torch.from_numpy(feed["sample"]), data.timesteps[step],
-                                  torch.from_numpy(feed["encoder_hidden_states"]), added_cond_kwargs=added).sample)
+            added = (
+                None
+                if data.text_embeds is None
+                else {
+                    "text_embeds": torch.from_numpy(feed["text_embeds"]),
+                    "time_ids": torch.from_numpy(feed["time_ids"]),
+                }
+            )
+            reference.append(
+                unet(
+                    torch.from_numpy(feed["sample"]),
+                    data.timesteps[step],
+                    torch.from_numpy(feed["encoder_hidden_states"]),
+                    added_cond_kwargs=added,
+                ).sample
+            )
     return sqnr_db(torch.cat(reference), torch.cat(estimate))
 
 
 def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
     versions = {p: version(p) for p in ("torch", "onnx", "onnxruntime")}
-    text = json.dumps([FORMAT_VERSION, ctx.model_key, config.to_dict(), ctx.seed, resolution, OPSET, versions],
-                      sort_keys=True)
+    text = json.dumps(
+        [FORMAT_VERSION, ctx.model_key, config.to_dict(), ctx.seed, resolution, OPSET, versions], sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -291,8 +327,10 @@ class Ptq(Pass):
     config_class = PtqConfig
     stage = "quantize"
     targets = ("onnx", "tensorrt")
-    description = ("post-training static quantization: INT8 QDQ for ONNX Runtime (U8 activations, S8 per-channel "
-                   "weights); INT8 / FP8 Q/DQ through nvidia-modelopt for TensorRT")
+    description = (
+        "post-training static quantization: INT8 QDQ for ONNX Runtime (U8 activations, S8 per-channel "
+        "weights); INT8 / FP8 Q/DQ through nvidia-modelopt for TensorRT"
+    )
 
     def supported_targets(self, config: PtqConfig) -> tuple[str, ...]:
         # each backend's graph runs on one target only: ONNX Runtime's U8 QDQ is not TensorRT's symmetric
@@ -307,13 +345,17 @@ class Ptq(Pass):
         if ctx.products.unet_quantization is not None:
             raise PassError("the U-Net is already quantized")
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
-            raise PassError("ptq calibrates on inputs without a guidance embedding (timestep_cond), which this U-Net "
-                            "takes (time_cond_proj_dim); quantize a model without one")
+            raise PassError(
+                "ptq calibrates on inputs without a guidance embedding (timestep_cond), which this U-Net "
+                "takes (time_cond_proj_dim); quantize a model without one"
+            )
         backend = config.backend_for(ctx.target)
         if backend == "modelopt":
             if config.calibration == "entropy":
-                raise PassError("calibration 'entropy' is ONNX Runtime's; the modelopt backend (target tensorrt) "
-                                "offers 'minmax' and 'percentile'")
+                raise PassError(
+                    "calibration 'entropy' is ONNX Runtime's; the modelopt backend (target tensorrt) "
+                    "offers 'minmax' and 'percentile'"
+                )
             require("modelopt.torch.quantization", "modelopt", "ptq for target tensorrt (and fp8)")
         else:
             require("onnxruntime", "cpu", "ptq int8 for target onnx")  # or [gpu]: onnxruntime-gpu
@@ -330,13 +372,20 @@ class Ptq(Pass):
         ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
         return record["metrics"]
 
-    def _trajectories(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int) -> tuple[Trajectories, Trajectories]:
+    def _trajectories(
+        self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
+    ) -> tuple[Trajectories, Trajectories]:
         """Calibration trajectories (seed) and held-out ones (seed + 1, other prompts), cached."""
         prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
-        common = dict(steps=config.calib_steps, guidance=config.guidance_scale, resolution=resolution,
-                      cache_dir=ctx.cache_dir, model_key=ctx.model_key)
+        common = dict(
+            steps=config.calib_steps,
+            guidance=config.guidance_scale,
+            resolution=resolution,
+            cache_dir=ctx.cache_dir,
+            model_key=ctx.model_key,
+        )
         calib = teacher_trajectories(pipe, prompts[: config.calib_prompts], seed=ctx.seed, **common)
-        held = teacher_trajectories(pipe, prompts[config.calib_prompts:], seed=ctx.seed + 1, **common)
+        held = teacher_trajectories(pipe, prompts[config.calib_prompts :], seed=ctx.seed + 1, **common)
         return calib, held
 
     def _quantize(self, pipe, config: PtqConfig, ctx: PassContext, resolution: int, folder: Path) -> None:
@@ -351,9 +400,11 @@ class Ptq(Pass):
             simplify_graph(exported, work / "model.onnx")
             settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config)
             shutil.rmtree(work)  # the float graph: up to 10 GB (SDXL) that the SQNR session does not need
-            metrics = {"sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held),
-                       "calibration_inputs": settings["calibration_inputs"],
-                       "excluded_nodes": settings["excluded_nodes"]}
+            metrics = {
+                "sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held),
+                "calibration_inputs": settings["calibration_inputs"],
+                "excluded_nodes": settings["excluded_nodes"],
+            }
             (result / "metrics.json").write_text(json.dumps({"metrics": metrics, "settings": settings}, indent=2))
             with contextlib.suppress(OSError):  # another compile finished the same key first: keep its folder
                 os.rename(result, folder)
@@ -365,22 +416,39 @@ class Ptq(Pass):
         calib, held = self._trajectories(pipe, config, ctx, resolution)
         unet = pipe.unet
         exclude = config.excluded("modelopt")
-        quant = mo.quant_config(unet, config.precision, config.level, exclude, smoothquant_alpha=config.smoothquant_alpha,
-                                calibration=config.calibration, percentile=config.percentile)
+        quant = mo.quant_config(
+            unet,
+            config.precision,
+            config.level,
+            exclude,
+            smoothquant_alpha=config.smoothquant_alpha,
+            calibration=config.calibration,
+            percentile=config.percentile,
+        )
         label = (lambda text: f"ptq {config.precision} {text}") if ctx.show_progress else (lambda text: None)
         reference = held.eps(unet, label("reference"))
         mo.quantize(unet, quant, lambda model: calib.eps(model, label("calibrate")))
         estimate = held.eps(unet, label("measure"))
         layers = quant["layers"]
         settings = {
-            "backend": "modelopt", "modelopt": version("nvidia-modelopt"), "precision": config.precision,
-            "level": config.level, "weights": "per-channel" if config.precision == "int8" else "per-tensor",
-            "activations": "per-tensor", "algorithm": quant["algorithm"], "calibration": config.calibration,
+            "backend": "modelopt",
+            "modelopt": version("nvidia-modelopt"),
+            "precision": config.precision,
+            "level": config.level,
+            "weights": "per-channel" if config.precision == "int8" else "per-tensor",
+            "activations": "per-tensor",
+            "algorithm": quant["algorithm"],
+            "calibration": config.calibration,
             "percentile": config.percentile if config.calibration == "percentile" else None,
-            "quantized_layers": len(layers), "quantized_attention": config.level >= 4, "exclude": list(exclude),
+            "quantized_layers": len(layers),
+            "quantized_attention": config.level >= 4,
+            "exclude": list(exclude),
             "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",
         }
         ctx.products.unet_quantization = QuantizedUNet("modelopt", config.precision, settings)
-        return {"sqnr_db": sqnr_db(reference, estimate),
-                "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],
-                "quantized_layers": len(layers), "quantizers": len(mo.quantizers(unet))}
+        return {
+            "sqnr_db": sqnr_db(reference, estimate),
+            "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],
+            "quantized_layers": len(layers),
+            "quantizers": len(mo.quantizers(unet)),
+        }

@@ -60,8 +60,7 @@ def selected_layers(unet: torch.nn.Module, level: float, exclude: Iterable[str])
             layers[name] = "conv"
         elif isinstance(module, torch.nn.Linear):
             leaf = name.rsplit(".", 1)[-1]
-            if (level >= 3 or (level >= 2 and ".ff.net." in f".{name}.")
-                    or (level >= 2.5 and leaf in QKV)):
+            if level >= 3 or (level >= 2 and ".ff.net." in f".{name}.") or (level >= 2.5 and leaf in QKV):
                 layers[name] = "linear"
     return layers
 
@@ -71,8 +70,11 @@ def attention_modules(unet: torch.nn.Module, exclude: Iterable[str]) -> list[str
     from diffusers.models.attention_processor import Attention
 
     exclude = tuple(exclude)
-    return [name for name, module in unet.named_modules()
-            if isinstance(module, Attention) and not module_excluded(name, exclude)]
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and not module_excluded(name, exclude)
+    ]
 
 
 def make_percentile_calibrator(percentile: float) -> tuple[type, tuple, dict]:
@@ -122,8 +124,16 @@ class QuantizerNames:
         return f"QuantizerNames({len(self.names)} quantizers)"
 
 
-def quant_config(unet: torch.nn.Module, precision: str, level: float, exclude: Iterable[str], *,
-                 smoothquant_alpha: float | None, calibration: str, percentile: float) -> dict[str, Any]:
+def quant_config(
+    unet: torch.nn.Module,
+    precision: str,
+    level: float,
+    exclude: Iterable[str],
+    *,
+    smoothquant_alpha: float | None,
+    calibration: str,
+    percentile: float,
+) -> dict[str, Any]:
     """What `quantize` applies: `groups` [(quantizer names, quantizer attributes)] and the calibration
     `algorithm` (modelopt's "max", or {"method": "smoothquant", "alpha": ...}); `layers`: `selected_layers`."""
     bits = 8 if precision == "int8" else (4, 3)

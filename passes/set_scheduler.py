@@ -30,8 +30,13 @@ from sdcompiler.passes.errors import ConfigError, PassError
 
 # Shown when a name is unknown; any diffusers SchedulerMixin class is accepted.
 COMMON_SCHEDULERS = (
-    "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
-    "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+    "UniPCMultistepScheduler",
 )
 
 
@@ -97,10 +102,17 @@ def scheduler_class(name: str, where: str = "set_scheduler") -> type:
         raise ConfigError(f"{where}: scheduler {name!r} needs {' and '.join(extras)}; pip install {' '.join(extras)}")
     names = [n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("Flax")]
     close = difflib.get_close_matches(name, names, n=3)
-    hint = f"did you mean {', '.join(close[:-1])} or {close[-1]}? " if len(close) > 1 else \
-        f"did you mean {close[0]}? " if close else ""
-    raise ConfigError(f"{where}: unknown scheduler {name!r}; {hint}any diffusers scheduler class works, "
-                      f"e.g. {', '.join(COMMON_SCHEDULERS)}")
+    hint = (
+        f"did you mean {', '.join(close[:-1])} or {close[-1]}? "
+        if len(close) > 1
+        else f"did you mean {close[0]}? "
+        if close
+        else ""
+    )
+    raise ConfigError(
+        f"{where}: unknown scheduler {name!r}; {hint}any diffusers scheduler class works, "
+        f"e.g. {', '.join(COMMON_SCHEDULERS)}"
+    )
 
 
 def scheduler_config_keys(cls: type) -> set[str]:
@@ -125,7 +137,7 @@ def build_scheduler(pipe, config: SetSchedulerConfig):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @register_pass
@@ -149,8 +161,11 @@ class SetScheduler(Pass):
             elif config.num_inference_steps is not None:
                 trial.set_timesteps(config.num_inference_steps)
         except Exception as exc:  # noqa: BLE001
-            what = f"timesteps {list(config.timesteps)}" if config.timesteps is not None \
+            what = (
+                f"timesteps {list(config.timesteps)}"
+                if config.timesteps is not None
                 else f"num_inference_steps={config.num_inference_steps}"
+            )
             raise PassError(f"{config.scheduler} cannot schedule {what}: {_first_line(exc)}") from None
 
     def run(self, pipe, config: SetSchedulerConfig, ctx: PassContext) -> dict[str, float]:

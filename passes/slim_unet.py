@@ -32,8 +32,12 @@ class SlimUNet(Pass):
     description = "KOALA slimming: one pair per encoder stage, shallower transformers (koala-1b / koala-700m)"
 
     def _config(self, pipe, config: SlimUNetConfig) -> dict:
-        return student_config(dict(pipe.unet.config), config.layers_per_block, config.drop_mid_block,
-                              transformer_depth=config.transformer_depth)
+        return student_config(
+            dict(pipe.unet.config),
+            config.layers_per_block,
+            config.drop_mid_block,
+            transformer_depth=config.transformer_depth,
+        )
 
     def requires(self, pipe, config: SlimUNetConfig, ctx: PassContext) -> None:
         self._config(pipe, config)

@@ -42,8 +42,13 @@ from diffusers import UNet2DConditionModel
 from sdcompiler.passes.errors import PassError
 
 
-def student_config(teacher: dict[str, Any], layers_per_block: int | None, drop_mid_block: bool,
-                   drop_deepest_stage: bool = False, transformer_depth: tuple[int, ...] | None = None) -> dict:
+def student_config(
+    teacher: dict[str, Any],
+    layers_per_block: int | None,
+    drop_mid_block: bool,
+    drop_deepest_stage: bool = False,
+    transformer_depth: tuple[int, ...] | None = None,
+) -> dict:
     """The pruned U-Net's diffusers config, derived from the teacher's."""
     config = {k: v for k, v in teacher.items() if not k.startswith("_")}
     stages = len(config["down_block_types"])
@@ -61,19 +66,29 @@ def student_config(teacher: dict[str, Any], layers_per_block: int | None, drop_m
         if len(transformer_depth) != stages:
             raise PassError(f"transformer_depth has {len(transformer_depth)} entries for {stages} stages")
         if any(s < 1 or s > t for s, t in zip(transformer_depth, teacher_depth)):
-            raise PassError(f"transformer_depth {list(transformer_depth)} must lie between 1 and the teacher's "
-                            f"{teacher_depth} per stage")
+            raise PassError(
+                f"transformer_depth {list(transformer_depth)} must lie between 1 and the teacher's "
+                f"{teacher_depth} per stage"
+            )
         config["transformer_layers_per_block"] = list(transformer_depth)
         config.pop("reverse_transformer_layers_per_block", None)
     if drop_deepest_stage:
         if config["down_block_types"][-1] != "DownBlock2D" or config["up_block_types"][0] != "UpBlock2D":
-            raise PassError("drop_deepest_stage removes an attention-free deepest stage (SD 1.x/2.x); "
-                            f"this U-Net's is {config['down_block_types'][-1]}")
+            raise PassError(
+                "drop_deepest_stage removes an attention-free deepest stage (SD 1.x/2.x); "
+                f"this U-Net's is {config['down_block_types'][-1]}"
+            )
         for key in ("block_out_channels", "down_block_types"):
             config[key] = list(config[key])[:-1]
         config["up_block_types"] = list(config["up_block_types"])[1:]
-        for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "layers_per_block",
-                    "cross_attention_dim", "only_cross_attention"):
+        for key in (
+            "attention_head_dim",
+            "num_attention_heads",
+            "transformer_layers_per_block",
+            "layers_per_block",
+            "cross_attention_dim",
+            "only_cross_attention",
+        ):
             if isinstance(config.get(key), (list, tuple)):
                 config[key] = list(config[key])[:-1]
     return config
@@ -88,8 +103,11 @@ _STAGE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(.*)$")
 
 
 def _transformer_depths(unet: torch.nn.Module) -> dict[str, int]:
-    return {name: len(module.transformer_blocks) for name, module in unet.named_modules()
-            if hasattr(module, "transformer_blocks")}
+    return {
+        name: len(module.transformer_blocks)
+        for name, module in unet.named_modules()
+        if hasattr(module, "transformer_blocks")
+    }
 
 
 def teacher_key_map(teacher: torch.nn.Module, student: torch.nn.Module, stage_offset: int) -> dict[str, str]:
@@ -153,8 +171,9 @@ def restructure(pipe, config: dict[str, Any], stage_offset: int, inherit: bool) 
         if source not in source_state:
             raise PassError(f"no teacher tensor {source} for student {key}")
         if source_state[source].shape != shape:
-            raise PassError(f"teacher {source} {tuple(source_state[source].shape)} does not fit student {key} "
-                            f"{tuple(shape)}")
+            raise PassError(
+                f"teacher {source} {tuple(source_state[source].shape)} does not fit student {key} {tuple(shape)}"
+            )
         state[key] = source_state[source]
     student.load_state_dict(state, strict=True, assign=True)
     student.train(teacher.training)

@@ -82,8 +82,16 @@ class GRIAttnProcessor:
         self.global_pool = global_pool  # 0: no global tokens
         self.feature_size: tuple | None = None
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise PassError("GRI attention replaces self-attention only (no context, no mask)")
         if self.feature_size is None:
@@ -121,8 +129,7 @@ class GRIAttnProcessor:
 
         def pool(t):
             grid = t.transpose(2, 3).reshape(batch, nheads * head_dim, height, width)
-            pooled = F.avg_pool2d(grid, self.global_pool, self.global_pool, ceil_mode=True,
-                                  count_include_pad=False)
+            pooled = F.avg_pool2d(grid, self.global_pool, self.global_pool, ceil_mode=True, count_include_pad=False)
             return pooled.reshape(batch, nheads, head_dim, -1).transpose(2, 3)
 
         return pool(key), pool(value)
@@ -162,8 +169,10 @@ def select_blocks(unet, config: SwapAttentionConfig) -> dict[str, int]:
         for name in config.blocks:
             block = unet.get_submodule(name) if _valid_block_name(unet, name) else None
             if block is None or not _transformers(block):
-                raise ConfigError(f"swap_attention: block {name!r} does not exist or has no transformer; "
-                                  f"blocks with attention: {', '.join(_attention_blocks(unet))}")
+                raise ConfigError(
+                    f"swap_attention: block {name!r} does not exist or has no transformer; "
+                    f"blocks with attention: {', '.join(_attention_blocks(unet))}"
+                )
             chosen[name] = _block_level(unet, name)
         return chosen
     levels = {name: _block_level(unet, name) for name in _attention_blocks(unet)}

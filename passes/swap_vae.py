@@ -32,16 +32,20 @@ class SwapVAEConfig(PassConfig):
 
 def _check_folder(path: str) -> dict:
     if not path:
-        raise PassError("swap_vae needs 'path': a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd); "
-                        "with the preset: {preset: taesd, path: FOLDER}")
+        raise PassError(
+            "swap_vae needs 'path': a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd); "
+            "with the preset: {preset: taesd, path: FOLDER}"
+        )
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PassError(f"VAE folder {folder} has no config.json; pass a diffusers AutoencoderTiny folder")
     config = json.loads(config_file.read_text())
     if config.get("_class_name") != "AutoencoderTiny":
-        raise PassError(f"VAE folder {folder} holds a {config.get('_class_name')!r}, not an AutoencoderTiny "
-                        "(TAESD); the full VAE is the checkpoint's own")
+        raise PassError(
+            f"VAE folder {folder} holds a {config.get('_class_name')!r}, not an AutoencoderTiny "
+            "(TAESD); the full VAE is the checkpoint's own"
+        )
     if not any(folder.glob("*.safetensors")):
         raise PassError(f"VAE folder {folder} has no .safetensors weights; pickle files can run code: convert them")
     return config
@@ -59,8 +63,10 @@ class SwapVAE(Pass):
         tiny = _check_folder(config.path)
         channels = pipe.vae.config.latent_channels
         if tiny.get("latent_channels", 4) != channels:
-            raise PassError(f"the tiny VAE in {config.path} has {tiny.get('latent_channels', 4)} latent channels and "
-                            f"this {ctx.arch} model {channels}; use the tiny VAE made for this model family")
+            raise PassError(
+                f"the tiny VAE in {config.path} has {tiny.get('latent_channels', 4)} latent channels and "
+                f"this {ctx.arch} model {channels}; use the tiny VAE made for this model family"
+            )
 
     def run(self, pipe, config: SwapVAEConfig, ctx: PassContext) -> dict[str, float]:
         from diffusers import AutoencoderTiny
@@ -74,5 +80,9 @@ class SwapVAE(Pass):
             raise PassError(f"cannot load the tiny VAE in {config.path}: {first}") from None
         pipe.vae = vae.to(dtype=pipe.vae.dtype)
         after = count_params(vae), vae_decoder_macs(vae, ctx.macs_resolution, factor)
-        return {"vae_params_before": float(before[0]), "vae_params_after": float(after[0]),
-                "vae_decoder_macs_before": float(before[1]), "vae_decoder_macs_after": float(after[1])}
+        return {
+            "vae_params_before": float(before[0]),
+            "vae_params_after": float(after[0]),
+            "vae_decoder_macs_before": float(before[1]),
+            "vae_decoder_macs_after": float(after[1]),
+        }

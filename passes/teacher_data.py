@@ -57,8 +57,10 @@ class TeacherSamples:
     def split(self, n: int) -> tuple["TeacherSamples", "TeacherSamples"]:
         """The first n prompts (training) and the rest (held out)."""
         tensors = self.tensors()
-        return (TeacherSamples(**{k: v[:n] for k, v in tensors.items()}),
-                TeacherSamples(**{k: v[n:] for k, v in tensors.items()}))
+        return (
+            TeacherSamples(**{k: v[:n] for k, v in tensors.items()}),
+            TeacherSamples(**{k: v[n:] for k, v in tensors.items()}),
+        )
 
     def unet_kwargs(self, index: torch.Tensor | slice) -> dict:
         kwargs = {"encoder_hidden_states": self.text_embeds[index]}
@@ -77,8 +79,9 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler) -> "NoiseSchedule":
-        return cls(scheduler.alphas_cumprod.float(),
-                   scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
+        return cls(
+            scheduler.alphas_cumprod.float(), scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        )
 
     @property
     def num_timesteps(self) -> int:
@@ -92,9 +95,14 @@ class NoiseSchedule:
 
     def draw(self, latents: torch.Tensor):
         """The trainer's draw function: sample indices plus per-sample noise and uniform timesteps."""
+
         def draw(indices: torch.Tensor, generator: torch.Generator) -> dict:
-            return {"index": indices, "noise": torch.randn(latents[indices].shape, generator=generator),
-                    "t": torch.randint(0, self.num_timesteps, (len(indices),), generator=generator)}
+            return {
+                "index": indices,
+                "noise": torch.randn(latents[indices].shape, generator=generator),
+                "t": torch.randint(0, self.num_timesteps, (len(indices),), generator=generator),
+            }
+
         return draw
 
     def held_out(self, latents: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +123,18 @@ class TeacherRun:
     unet_inputs: list[dict] | None = None
 
 
-def sample_teacher(pipe, prompts: list[str], *, resolution: int, steps: int, guidance: float, seed: int,
-                   teacher: torch.nn.Module | None = None, batch: int = 4, record_inputs: bool = False) -> TeacherRun:
+def sample_teacher(
+    pipe,
+    prompts: list[str],
+    *,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    teacher: torch.nn.Module | None = None,
+    batch: int = 4,
+    record_inputs: bool = False,
+) -> TeacherRun:
     """The one teacher sampler of every training and calibration pass: the pipeline samples `prompts` (CFG at
     `guidance`, `steps` steps, the chunk starting at prompt i seeded with `seed + i`) with `teacher` in place
     of its U-Net (default: the U-Net it has), returning the final latents, the prompt embeddings and, with
@@ -130,47 +148,78 @@ def sample_teacher(pipe, prompts: list[str], *, resolution: int, steps: int, gui
 
     def hook(module, args, kwargs):
         added = kwargs.get("added_cond_kwargs") or {}
-        records.append({"sample": args[0].detach().float().cpu(), "timestep": args[1],
-                        "context": kwargs["encoder_hidden_states"].detach().float().cpu(),
-                        "text_embeds": added.get("text_embeds"), "time_ids": added.get("time_ids")})
+        records.append(
+            {
+                "sample": args[0].detach().float().cpu(),
+                "timestep": args[1],
+                "context": kwargs["encoder_hidden_states"].detach().float().cpu(),
+                "text_embeds": added.get("text_embeds"),
+                "time_ids": added.get("time_ids"),
+            }
+        )
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True) if record_inputs else None
     try:
         pipe.set_progress_bar_config(disable=True)
         for start in range(0, len(prompts), batch):
-            chunk = prompts[start:start + batch]
+            chunk = prompts[start : start + batch]
             generator = torch.Generator().manual_seed(seed + start)
             with torch.no_grad():
-                latents = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                               width=resolution, generator=generator, output_type="latent").images
-                encoded = pipe.encode_prompt(chunk, device=latents.device, num_images_per_prompt=1,
-                                             do_classifier_free_guidance=False)
+                latents = pipe(
+                    chunk,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                    output_type="latent",
+                ).images
+                encoded = pipe.encode_prompt(
+                    chunk, device=latents.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
             parts["latents"].append(latents.float().cpu())
             parts["text_embeds"].append(encoded[0].float().cpu())
             if sdxl:
                 parts["pooled"].append(encoded[2].float().cpu())
-                parts["time_ids"].append(torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
-                                                      dtype=torch.float32).repeat(len(chunk), 1))
+                parts["time_ids"].append(
+                    torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(
+                        len(chunk), 1
+                    )
+                )
     finally:
         if handle is not None:
             handle.remove()
         if teacher is not None:
             pipe.register_modules(unet=student)
-    return TeacherRun(**{k: torch.cat(v) for k, v in parts.items() if v}, unet_inputs=records if record_inputs else None)
+    return TeacherRun(
+        **{k: torch.cat(v) for k, v in parts.items() if v}, unet_inputs=records if record_inputs else None
+    )
 
 
-def teacher_samples(pipe, teacher: torch.nn.Module, prompts: list[str], *, resolution: int, steps: int,
-                    guidance: float, seed: int, cache_dir: Path, teacher_key: str,
-                    batch: int = 4) -> TeacherSamples:
+def teacher_samples(
+    pipe,
+    teacher: torch.nn.Module,
+    prompts: list[str],
+    *,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    cache_dir: Path,
+    teacher_key: str,
+    batch: int = 4,
+) -> TeacherSamples:
     """Text embeddings and teacher-sampled latents for `prompts` (distillation data), from the cache when
     possible."""
-    key = hashlib.sha256(json.dumps([teacher_key, prompts, resolution, steps, guidance, seed,
-                                     type(pipe.scheduler).__name__]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps([teacher_key, prompts, resolution, steps, guidance, seed, type(pipe.scheduler).__name__]).encode()
+    ).hexdigest()[:24]
     file = Path(cache_dir) / "teacher-data" / f"{key}.safetensors"
     if file.exists():
         return TeacherSamples(**_load(file))
-    run = sample_teacher(pipe, prompts, resolution=resolution, steps=steps, guidance=guidance, seed=seed,
-                         teacher=teacher, batch=batch)
+    run = sample_teacher(
+        pipe, prompts, resolution=resolution, steps=steps, guidance=guidance, seed=seed, teacher=teacher, batch=batch
+    )
     samples = TeacherSamples(run.text_embeds, run.latents, run.pooled, run.time_ids)
     _save(file, samples.tensors())
     return samples
@@ -203,8 +252,11 @@ class Trajectories:
     time_ids: torch.Tensor | None = None  # SDXL (B, 6)
 
     def inputs(self, step: torch.Tensor, rows: torch.Tensor) -> dict:
-        kwargs = {"sample": self.samples[step, rows], "timestep": self.timesteps[step],
-                  "encoder_hidden_states": self.context[rows]}
+        kwargs = {
+            "sample": self.samples[step, rows],
+            "timestep": self.timesteps[step],
+            "encoder_hidden_states": self.context[rows],
+        }
         if self.text_embeds is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds[rows], "time_ids": self.time_ids[rows]}
         return kwargs
@@ -228,26 +280,45 @@ class Trajectories:
         return torch.cat(out)
 
 
-def teacher_trajectories(pipe, prompts: list[str], *, steps: int, guidance: float, resolution: int, seed: int,
-                         cache_dir: Path, model_key: str) -> Trajectories:
+def teacher_trajectories(
+    pipe,
+    prompts: list[str],
+    *,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    seed: int,
+    cache_dir: Path,
+    model_key: str,
+) -> Trajectories:
     """Every U-Net input while the (float) pipeline samples `prompts` (calibration data of quest_w4a4 and ptq),
     at `steps` timesteps spread over the trajectory; cached by content hash."""
-    key = hashlib.sha256(json.dumps([model_key, prompts, steps, guidance, resolution, seed,
-                                     type(pipe.scheduler).__name__, "trajectories-v1"]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            [model_key, prompts, steps, guidance, resolution, seed, type(pipe.scheduler).__name__, "trajectories-v1"]
+        ).encode()
+    ).hexdigest()[:24]
     file = Path(cache_dir) / "calibration" / f"{key}.safetensors"
     if file.exists():
         return Trajectories(**_load(file))
     # all prompts in one chunk (seeded `seed`): the CFG batch of every recorded call holds every prompt
-    records = sample_teacher(pipe, prompts, resolution=resolution, steps=steps, guidance=guidance, seed=seed,
-                             batch=len(prompts), record_inputs=True).unet_inputs
+    records = sample_teacher(
+        pipe,
+        prompts,
+        resolution=resolution,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        batch=len(prompts),
+        record_inputs=True,
+    ).unet_inputs
     if not records or records[0]["sample"].shape[0] != 2 * len(prompts):
         raise PassError("calibration needs classifier-free guidance sampling (guidance_scale > 1)")
     unique: dict[float, dict] = {}  # PNDM, e.g., visits one timestep twice: keep its first visit
     for record in records:
         unique.setdefault(float(torch.as_tensor(record["timestep"]).reshape(-1)[0]), record)
     if len(unique) < steps:
-        raise PassError(f"the scheduler visited {len(unique)} distinct timesteps for {steps} steps; "
-                        "lower calib_steps")
+        raise PassError(f"the scheduler visited {len(unique)} distinct timesteps for {steps} steps; lower calib_steps")
     keep = torch.linspace(0, len(unique) - 1, steps).round().long().tolist()
     records = [list(unique.values())[i] for i in keep]
     first = records[0]
@@ -266,8 +337,10 @@ def teacher_trajectories(pipe, prompts: list[str], *, steps: int, guidance: floa
 def unconditional_inputs(pipe, count: int, sdxl: bool, like: TeacherSamples) -> dict:
     """The unconditional inputs the runtime would use: "" for SD, zeros for SDXL (force_zeros_for_empty_prompt)."""
     if sdxl and pipe.config.get("force_zeros_for_empty_prompt", True):
-        return {"encoder_hidden_states": torch.zeros_like(like.text_embeds[:1]).expand(count, -1, -1),
-                "pooled": torch.zeros_like(like.pooled[:1]).expand(count, -1)}
+        return {
+            "encoder_hidden_states": torch.zeros_like(like.text_embeds[:1]).expand(count, -1, -1),
+            "pooled": torch.zeros_like(like.pooled[:1]).expand(count, -1),
+        }
     with torch.no_grad():
         encoded = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
     out = {"encoder_hidden_states": encoded[0].float().expand(count, -1, -1)}
@@ -295,6 +368,12 @@ class HeldOutImages:
         generators = [torch.Generator().manual_seed(self.seed + 7919 + i) for i in range(len(self.prompts))]
         self.pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return self.pipe(self.prompts, num_inference_steps=steps, guidance_scale=guidance,
-                             height=self.resolution, width=self.resolution, generator=generators,
-                             output_type="np").images
+            return self.pipe(
+                self.prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=self.resolution,
+                width=self.resolution,
+                generator=generators,
+                output_type="np",
+            ).images

@@ -47,8 +47,9 @@ class TrainerSettings:
     def micro_batch(self, world: int) -> int:
         per_step = self.batch_size // (self.grad_accum * world)
         if per_step * self.grad_accum * world != self.batch_size or per_step == 0:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum} "
-                             f"x processes={world}")
+            raise ValueError(
+                f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum} x processes={world}"
+            )
         return per_step
 
 
@@ -64,9 +65,19 @@ class TrainResult:
 class Trainer:
     """Minimise `loss_fn` over `params` of `model`; the model is updated in place."""
 
-    def __init__(self, model: torch.nn.Module, params: Iterable[torch.nn.Parameter], loss_fn: LossFn,
-                 draw: DrawFn, num_samples: int, settings: TrainerSettings, *,
-                 checkpoint_dir: Path | None = None, show_progress: bool = True, cpu: bool | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Iterable[torch.nn.Parameter],
+        loss_fn: LossFn,
+        draw: DrawFn,
+        num_samples: int,
+        settings: TrainerSettings,
+        *,
+        checkpoint_dir: Path | None = None,
+        show_progress: bool = True,
+        cpu: bool | None = None,
+    ):
         from accelerate import Accelerator
 
         self.settings = settings
@@ -74,8 +85,11 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.show_progress = show_progress
         cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=settings.mixed_precision if not cpu else "no",
-                                       gradient_accumulation_steps=settings.grad_accum)
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=settings.mixed_precision if not cpu else "no",
+            gradient_accumulation_steps=settings.grad_accum,
+        )
         params = list(params)  # parameters, or optimizer parameter groups (dicts with their own "lr")
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
@@ -101,7 +115,7 @@ class Trainer:
         device = self.accelerator.device
         for m in range(self.settings.grad_accum):
             start = (m * self.world + rank) * micro
-            yield {k: v[start:start + micro].to(device) for k, v in batch.items()}
+            yield {k: v[start : start + micro].to(device) for k, v in batch.items()}
 
     def fit(self) -> TrainResult:
         import time
@@ -113,8 +127,13 @@ class Trainer:
         terms: list[dict[str, float]] = []
         first = self._resume(losses, terms)
         self.model.train()
-        bar = tqdm(range(first, self.settings.steps), initial=first, total=self.settings.steps, desc="train",
-                   disable=not self.show_progress or not self.accelerator.is_main_process)
+        bar = tqdm(
+            range(first, self.settings.steps),
+            initial=first,
+            total=self.settings.steps,
+            desc="train",
+            disable=not self.show_progress or not self.accelerator.is_main_process,
+        )
         for step in bar:
             step_loss, step_terms = torch.zeros((), device=self.accelerator.device), {}
             for micro in self._micro_batches(self._global_batch(step)):
@@ -143,7 +162,8 @@ class Trainer:
 
     def _settings_key(self) -> dict:
         return {k: v for k, v in asdict(self.settings).items() if k != "checkpoint_every"} | {
-            "num_samples": self.num_samples}
+            "num_samples": self.num_samples
+        }
 
     def _save(self, step: int, losses: list[float], terms: list[dict]) -> None:
         folder = self.checkpoint_dir / f"step-{step:06d}"

@@ -54,11 +54,12 @@ class TeacherData:
 
     @property
     def held_prompts(self) -> list[str]:
-        return self.prompts[self.num_train:]
+        return self.prompts[self.num_train :]
 
 
-def teacher_data(pipe, teacher: torch.nn.Module, config: PassConfig, ctx: PassContext, *, key: str,
-                 guidance: float | None = None) -> TeacherData:
+def teacher_data(
+    pipe, teacher: torch.nn.Module, config: PassConfig, ctx: PassContext, *, key: str, guidance: float | None = None
+) -> TeacherData:
     """Prompts -> the teacher's own samples (cached by content hash) -> training / held-out split.
 
     Reads from `config`: `num_prompts`, `held_out_prompts`, `prompts_file`, `resolution` (default: the
@@ -68,20 +69,31 @@ def teacher_data(pipe, teacher: torch.nn.Module, config: PassConfig, ctx: PassCo
     wanted = config.num_prompts + config.held_out_prompts
     prompts = load_prompts(config.prompts_file)
     if len(prompts) < wanted:
-        raise PassError(f"{wanted} prompts needed (num_prompts={config.num_prompts} + held_out_prompts="
-                        f"{config.held_out_prompts}), the prompt list has {len(prompts)}; give a longer prompts_file")
+        raise PassError(
+            f"{wanted} prompts needed (num_prompts={config.num_prompts} + held_out_prompts="
+            f"{config.held_out_prompts}), the prompt list has {len(prompts)}; give a longer prompts_file"
+        )
     prompts = prompts[:wanted]
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    samples = teacher_samples(pipe, teacher, prompts, resolution=resolution, steps=config.teacher_steps,
-                              guidance=config.teacher_guidance if guidance is None else guidance, seed=ctx.seed,
-                              cache_dir=ctx.cache_dir, teacher_key=key)
+    samples = teacher_samples(
+        pipe,
+        teacher,
+        prompts,
+        resolution=resolution,
+        steps=config.teacher_steps,
+        guidance=config.teacher_guidance if guidance is None else guidance,
+        seed=ctx.seed,
+        cache_dir=ctx.cache_dir,
+        teacher_key=key,
+    )
     train, held = samples.split(config.num_prompts)
     return TeacherData(train, held, prompts, config.num_prompts)
 
 
 @contextlib.contextmanager
-def lora_student(unet, rank: int, target_modules: Sequence[str], adapter_name: str,
-                 seed: int) -> Iterator[list[torch.nn.Parameter]]:
+def lora_student(
+    unet, rank: int, target_modules: Sequence[str], adapter_name: str, seed: int
+) -> Iterator[list[torch.nn.Parameter]]:
     """A LoRA on `unet` (B = 0: the student starts as the base model) whose parameters are yielded for
     training; fuse it with `unet.fuse_lora()` inside the block to keep it. On exit the adapter is unloaded
     and the U-Net is frozen in eval mode, whatever happened.
@@ -95,11 +107,15 @@ def lora_student(unet, rank: int, target_modules: Sequence[str], adapter_name: s
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules),
-                                        init_lora_weights=True), adapter_name=adapter_name)
+            unet.add_adapter(
+                LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=True),
+                adapter_name=adapter_name,
+            )
     except ValueError as exc:
-        raise PassError(f"the LoRA attaches to none of target_modules {list(target_modules)} in this U-Net "
-                        f"({str(exc).splitlines()[0][:200]})") from None
+        raise PassError(
+            f"the LoRA attaches to none of target_modules {list(target_modules)} in this U-Net "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
     try:
         yield [p for n, p in unet.named_parameters() if "lora_" in n]
     finally:
@@ -108,9 +124,20 @@ def lora_student(unet, rank: int, target_modules: Sequence[str], adapter_name: s
         unet.eval()
 
 
-def fit(kind: str, model: torch.nn.Module, params, loss_fn: LossFn, draw: DrawFn, num_samples: int,
-        ctx: PassContext, config: PassConfig, *, key: Sequence[Any], steps: int | None = None,
-        **settings: Any) -> TrainResult:
+def fit(
+    kind: str,
+    model: torch.nn.Module,
+    params,
+    loss_fn: LossFn,
+    draw: DrawFn,
+    num_samples: int,
+    ctx: PassContext,
+    config: PassConfig,
+    *,
+    key: Sequence[Any],
+    steps: int | None = None,
+    **settings: Any,
+) -> TrainResult:
     """Train `params` of `model` (in place) with the shared trainer; returns its `TrainResult`, whose `model`
     is the trained module unwrapped from any distributed wrapper.
 
@@ -125,13 +152,22 @@ def fit(kind: str, model: torch.nn.Module, params, loss_fn: LossFn, draw: DrawFn
     """
     names = {f.name for f in fields(config)}
     from_config = {name: getattr(config, name) for name in _CONFIG_SETTINGS if name in names}
-    trainer_settings = TrainerSettings(steps=config.steps if steps is None else steps, seed=ctx.seed,
-                                       **from_config | settings)
+    trainer_settings = TrainerSettings(
+        steps=config.steps if steps is None else steps, seed=ctx.seed, **from_config | settings
+    )
     run_key = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:20]
     device = next(model.parameters()).device
-    trainer = Trainer(model, params, loss_fn, draw, num_samples, trainer_settings,
-                      checkpoint_dir=ctx.cache_dir / "train" / f"{kind}-{run_key}", show_progress=ctx.show_progress,
-                      cpu=device.type == "cpu")
+    trainer = Trainer(
+        model,
+        params,
+        loss_fn,
+        draw,
+        num_samples,
+        trainer_settings,
+        checkpoint_dir=ctx.cache_dir / "train" / f"{kind}-{run_key}",
+        show_progress=ctx.show_progress,
+        cpu=device.type == "cpu",
+    )
     result = trainer.fit()
     result.model = trainer.accelerator.unwrap_model(trainer.model)
     return result
@@ -140,6 +176,11 @@ def fit(kind: str, model: torch.nn.Module, params, loss_fn: LossFn, draw: DrawFn
 def training_metrics(before: float, after: float, result: TrainResult) -> dict[str, float]:
     """The metrics every training pass records: held-out SQNR before and after, the loss curve's ends, the
     steps run, and the step a resumed run started from."""
-    return {"sqnr_before_db": before, "sqnr_after_db": after, "loss_first": result.losses[0],
-            "loss_last": result.losses[-1], "train_steps": len(result.losses),
-            "resumed_from_step": result.resumed_from}
+    return {
+        "sqnr_before_db": before,
+        "sqnr_after_db": after,
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
+        "train_steps": len(result.losses),
+        "resumed_from_step": result.resumed_from,
+    }

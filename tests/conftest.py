@@ -87,9 +87,9 @@ def compiled(tiny_checkpoint, tmp_path_factory):
         key = (arch, target, _recipe_key(recipe))
         if key not in built:
             out = root / f"{arch}-{target}-{len(built)}"
-            built[key] = compile_pipeline(tiny_checkpoint(arch), recipe=recipe, target=target, output_dir=out,
-                                          device="cpu")
+            built[key] = compile_pipeline(
+                tiny_checkpoint(arch), recipe=recipe, target=target, output_dir=out, device="cpu"
+            )
         return built[key]
 
     return get
-

@@ -58,15 +58,17 @@ class _Recorder:
         def call(*args, **kwargs):
             recorded = [f"<{a.kind}>" if isinstance(a, _Recorder) else a for a in (*args, *kwargs.values())]
             fake.calls.append((f"{kind}.{name}", *recorded))
-            results = {"create_network": lambda: _Recorder(fake, "network"),
-                       "create_builder_config": lambda: _Recorder(fake, "config"),
-                       "create_optimization_profile": lambda: _Recorder(fake, "profile"),
-                       "create_timing_cache": lambda: _Recorder(fake, "timing_cache"),
-                       "get_timing_cache": lambda: _Recorder(fake, "timing_cache"),
-                       "serialize": lambda: b"timings",
-                       "parse_from_file": lambda: fake.parses,
-                       "get_error": lambda: "node 7 (Conv): unsupported\ndata type",
-                       "build_serialized_network": lambda: b"engine" if fake.builds else None}
+            results = {
+                "create_network": lambda: _Recorder(fake, "network"),
+                "create_builder_config": lambda: _Recorder(fake, "config"),
+                "create_optimization_profile": lambda: _Recorder(fake, "profile"),
+                "create_timing_cache": lambda: _Recorder(fake, "timing_cache"),
+                "get_timing_cache": lambda: _Recorder(fake, "timing_cache"),
+                "serialize": lambda: b"timings",
+                "parse_from_file": lambda: fake.parses,
+                "get_error": lambda: "node 7 (Conv): unsupported\ndata type",
+                "build_serialized_network": lambda: b"engine" if fake.builds else None,
+            }
             return results.get(name, lambda: None)()
 
         return call

@@ -11,12 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from sdcompiler.loading import load_checkpoint
 
-
 # What kohya's LoRA / LoCon trainers target: attention, the transformer's projections and feed-forward, the resnets'
 # convolutions and time projection, the resamplers; in the text encoders, attention and MLP. (Only the first two
 # transformer blocks of SDXL's 10-deep stage: every kind of module in every block, at a third of the load time.)
-UNET_MODULES = (r".*(transformer_blocks\.[01]\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
-                r"|proj_in|proj_out|conv1|conv2|time_emb_proj|conv_shortcut|(down|up)samplers\.0\.conv)")
+UNET_MODULES = (
+    r".*(transformer_blocks\.[01]\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+    r"|proj_in|proj_out|conv1|conv2|time_emb_proj|conv_shortcut|(down|up)samplers\.0\.conv)"
+)
 TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ENCODERS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 RANK, ALPHA = 4, 8  # alpha != rank: the alpha / rank factor has to be read from the file, not assumed
@@ -36,8 +37,12 @@ def make_full_lora(checkpoint: Path, out: Path, seed: int) -> Path:
     with torch.random.fork_rng(devices=[]):  # peft draws A and B from the global generator
         torch.manual_seed(seed)
         for name in ("unet", *ENCODERS["sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"]):
-            config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False,
-                                target_modules=UNET_MODULES if name == "unet" else TEXT_MODULES)
+            config = LoraConfig(
+                r=RANK,
+                lora_alpha=ALPHA,
+                init_lora_weights=False,
+                target_modules=UNET_MODULES if name == "unet" else TEXT_MODULES,
+            )
             getattr(pipe, name).add_adapter(config)
             layers[f"{name}_lora_layers"] = get_peft_model_state_dict(getattr(pipe, name))
             metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
@@ -49,8 +54,12 @@ def _sgm_module(module: str, layers_per_block: int) -> str:
     """A diffusers U-Net module path as kohya names it for SDXL, which it trains on the sgm (LDM) U-Net:
     down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in, resnets.0.conv1 -> in_layers.2, ..."""
     per_block = layers_per_block + 1
-    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-              "conv_shortcut": "skip_connection"}
+    resnet = {
+        "conv1": "in_layers.2",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    }
 
     def inner(kind: str, rest: str) -> str:
         if kind == "attentions":
@@ -75,8 +84,11 @@ def _sgm_module(module: str, layers_per_block: int) -> str:
 def to_kohya(file: Path, out: Path, arch: str, layers_per_block: int) -> Path:
     """The same LoRA in the kohya / A1111 layout: lora_unet_* / lora_te_* (SDXL: lora_te1_*, lora_te2_* and sgm
     U-Net names) with .lora_down.weight, .lora_up.weight and .alpha."""
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_" if arch == "sd15" else "lora_te1_",
-                "text_encoder_2": "lora_te2_"}
+    prefixes = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te_" if arch == "sd15" else "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
     kohya = {}
     for key, value in load_file(str(file)).items():
         component, rest = key.split(".", 1)

@@ -77,12 +77,16 @@ class Target:
             return recorded
         fixed = sorted(set(options) - set(self.load_options))
         if fixed and not self.load_options:
-            raise ConfigError(f"target {self.name!r} takes no load-time options (got {', '.join(fixed)}); its "
-                              "settings are fixed when the artifact is compiled")
+            raise ConfigError(
+                f"target {self.name!r} takes no load-time options (got {', '.join(fixed)}); its "
+                "settings are fixed when the artifact is compiled"
+            )
         if fixed:
             allowed = ", ".join(self.load_options) or "none"
-            raise ConfigError(f"option(s) {', '.join(fixed)} of target {self.name!r} are fixed when the artifact is "
-                              f"compiled (load-time options: {allowed}); recompile with --option to change them")
+            raise ConfigError(
+                f"option(s) {', '.join(fixed)} of target {self.name!r} are fixed when the artifact is "
+                f"compiled (load-time options: {allowed}); recompile with --option to change them"
+            )
         return self.config_class.from_dict(recorded | dict(options), owner=f"target {self.name}").to_dict()
 
     def lower(self, pipe, out: Path, config: PassConfig, ctx: LowerContext) -> list[StageRecord]:
@@ -99,11 +103,19 @@ class Target:
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         """Refuse LoRAs this artifact cannot switch at run time (`CompiledPipeline.set_loras`); changes nothing."""
-        raise ConfigError(f"LoRAs switch at run time on torch artifacts only, and this one targets {self.name!r}; "
-                          "merge them at compile time instead (pass merge_lora, before any structural pass)")
+        raise ConfigError(
+            f"LoRAs switch at run time on torch artifacts only, and this one targets {self.name!r}; "
+            "merge them at compile time instead (pass merge_lora, before any structural pass)"
+        )
 
-    def switch_loras(self, components, root: Path, manifest: dict[str, Any], loras: list[tuple[str, float]],
-                     touched: dict[str, list[str]]) -> dict[str, list[str]]:
+    def switch_loras(
+        self,
+        components,
+        root: Path,
+        manifest: dict[str, Any],
+        loras: list[tuple[str, float]],
+        touched: dict[str, list[str]],
+    ) -> dict[str, list[str]]:
         """Replace the LoRAs fused at run time (the parameters in `touched`) with `loras`; returns the parameters
         changed. On an error the artifact's own weights are back."""
         raise NotImplementedError

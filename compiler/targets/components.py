@@ -20,8 +20,17 @@ from sdcompiler.passes.onnx_export import vae_encoding
 from sdcompiler.sampling import Components, TextEncoding
 
 
-def make_components(root: Path, manifest: dict[str, Any], text_encoders, unet, decode,
-                    modules: dict | None = None, feature_cache=None, pipeline=None, encode_image=None) -> Components:
+def make_components(
+    root: Path,
+    manifest: dict[str, Any],
+    text_encoders,
+    unet,
+    decode,
+    modules: dict | None = None,
+    feature_cache=None,
+    pipeline=None,
+    encode_image=None,
+) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
     spec = get_arch(manifest["arch"])
@@ -77,6 +86,7 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
 
 def torch_vae_decoder(vae: torch.nn.Module, device: str):
     """The sampling loop's decoder: latents (already divided by the scaling factor) -> images in [-1, 1]."""
+
     def decode(latents: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return vae.decode(latents.to(device, vae.dtype), return_dict=False)[0].float().cpu()
@@ -87,6 +97,7 @@ def torch_vae_decoder(vae: torch.nn.Module, device: str):
 def torch_vae_encoder(vae: torch.nn.Module, device: str):
     """Image-to-image's encoder: images in [-1, 1] -> the VAE posterior's parameters (mean, log-variance), or
     the latents themselves for a VAE without a posterior (AutoencoderTiny)."""
+
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return vae_encoding(vae.encode(images.to(device, vae.dtype))).float().cpu()
@@ -127,7 +138,7 @@ def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode
         run_full, run_shallow = compiled(run_full, compile_mode), compiled(run_shallow, compile_mode)
 
     def prepare(sample, text_embeds, time_ids, embeds):
-        cast = (lambda x: None if x is None else x.to(device, dtype))
+        cast = lambda x: None if x is None else x.to(device, dtype)
         return cast(sample), cast(embeds), cast(text_embeds), cast(time_ids)
 
     def full(sample, timestep, embeds, text_embeds=None, time_ids=None):
@@ -171,8 +182,14 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
 
     def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, timestep_cond=timestep_cond,
-                    return_dict=False)[0]
+        return unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
 
     if cuda_graphs:
         from sdcompiler.cuda_graphs import GraphedCallable
@@ -184,12 +201,13 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         forward = compiled(forward, compile_mode)
 
     def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
-        cast = (lambda x: None if x is None else x.to(device, dtype))
+        cast = lambda x: None if x is None else x.to(device, dtype)
         # the timestep as a device tensor: a CUDA graph replays whatever the buffer holds
         t = torch.as_tensor(timestep, dtype=torch.float32).to(device) if cuda_graphs else timestep
         with torch.inference_mode():
-            out = forward(cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids),
-                          cast(timestep_cond))
+            out = forward(
+                cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids), cast(timestep_cond)
+            )
         return out.float().cpu()
 
     return run
@@ -248,21 +266,36 @@ def ort_text_encoder(model: OrtModel, sdxl: bool):
 def ort_unet(model: OrtModel):
     def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
-        return model(["out_sample"], sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                     text_embeds=text_embeds, time_ids=time_ids, timestep_cond=timestep_cond)["out_sample"]
+        return model(
+            ["out_sample"],
+            sample=sample,
+            timestep=t,
+            encoder_hidden_states=encoder_hidden_states,
+            text_embeds=text_embeds,
+            time_ids=time_ids,
+            timestep_cond=timestep_cond,
+        )["out_sample"]
 
     return run
 
 
 def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
     """FeatureCache over the U-Net graph (second output: deep features) and the shallow-branch graph."""
+
     def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
-        return dict(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                    text_embeds=text_embeds, time_ids=time_ids)
+        return dict(
+            sample=sample,
+            timestep=t,
+            encoder_hidden_states=encoder_hidden_states,
+            text_embeds=text_embeds,
+            time_ids=time_ids,
+        )
 
     def full(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        out = unet(["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids))
+        out = unet(
+            ["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        )
         return out["out_sample"], out["deep_features"]
 
     def run_shallow(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, deep=None):

@@ -31,11 +31,17 @@ from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig, QuantizedUNet
 from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
-from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 from sdcompiler.targets.components import (
-    OrtModel, cache_settings, make_components, ort_feature_cache, ort_text_encoder, ort_unet, ort_vae_decoder,
+    OrtModel,
+    cache_settings,
+    make_components,
+    ort_feature_cache,
+    ort_text_encoder,
+    ort_unet,
+    ort_vae_decoder,
     ort_vae_encoder,
 )
+from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 
 # Relative tolerance of the export check: |onnx - torch|max / max(1, |torch|max).
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
@@ -69,12 +75,16 @@ def verify_model(export: OnnxExport, path: Path) -> dict[str, float]:
         signal += ref.float().pow(2).sum().item()
         noise += (got[name] - ref.float()).pow(2).sum().item()
     del session
-    return {"max_abs_error": error, "relative_error": error / scale,
-            "sqnr_db": 10 * math.log10(max(signal, 1e-20) / max(noise, 1e-20))}
+    return {
+        "max_abs_error": error,
+        "relative_error": error / scale,
+        "sqnr_db": 10 * math.log10(max(signal, 1e-20) / max(noise, 1e-20)),
+    }
 
 
-def check_verified(name: str, result: Mapping[str, float], precision: str, quantized: bool,
-                   graph: str = "ONNX") -> None:
+def check_verified(
+    name: str, result: Mapping[str, float], precision: str, quantized: bool, graph: str = "ONNX"
+) -> None:
     """Raise when `verify_model`'s `result` shows the graph disagreeing with its torch module.
 
     A float graph must stay within `TOLERANCE[precision]`; a quantized U-Net (int8 Q/DQ) only above
@@ -83,11 +93,15 @@ def check_verified(name: str, result: Mapping[str, float], precision: str, quant
     """
     if quantized:
         if result["sqnr_db"] < MIN_SQNR_DB:
-            raise LoweringError(f"the int8 {graph} U-Net disagrees with torch (SQNR {result['sqnr_db']:.1f} dB < "
-                                f"{MIN_SQNR_DB:.0f} dB on the export inputs); report the model")
+            raise LoweringError(
+                f"the int8 {graph} U-Net disagrees with torch (SQNR {result['sqnr_db']:.1f} dB < "
+                f"{MIN_SQNR_DB:.0f} dB on the export inputs); report the model"
+            )
     elif result["relative_error"] > TOLERANCE[precision]:
-        raise LoweringError(f"{graph} {name} disagrees with torch (relative error {result['relative_error']:.2e} "
-                            f"> {TOLERANCE[precision]:.0e} at {precision}); try precision='fp32' or report the model")
+        raise LoweringError(
+            f"{graph} {name} disagrees with torch (relative error {result['relative_error']:.2e} "
+            f"> {TOLERANCE[precision]:.0e} at {precision}); try precision='fp32' or report the model"
+        )
 
 
 def install_quantized_unet(source: Path, folder: Path, export: OnnxExport) -> dict[str, Any]:
@@ -103,19 +117,26 @@ def install_quantized_unet(source: Path, folder: Path, export: OnnxExport) -> di
     expected = ([(name, a.dim()) for name, a in zip(export.input_names, args)], list(export.output_names))
     quantized = onnx.load(str(source / "model.onnx"), load_external_data=False)
     weights = {t.name for t in quantized.graph.initializer}
-    got = ([(i.name, len(i.type.tensor_type.shape.dim)) for i in quantized.graph.input if i.name not in weights],
-           [o.name for o in quantized.graph.output])
+    got = (
+        [(i.name, len(i.type.tensor_type.shape.dim)) for i in quantized.graph.input if i.name not in weights],
+        [o.name for o in quantized.graph.output],
+    )
     if got != expected:
-        raise LoweringError(f"the ptq pass's int8 U-Net has inputs/outputs {got}, the exported U-Net would have "
-                            f"{expected}; the two exports drifted apart: report this")
+        raise LoweringError(
+            f"the ptq pass's int8 U-Net has inputs/outputs {got}, the exported U-Net would have "
+            f"{expected}; the two exports drifted apart: report this"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     for file in folder.glob("model.onnx*"):
         file.unlink()
     for file in sorted(source.glob("model.onnx*")):
         shutil.copyfile(file, folder / file.name)
     ops = [node.op_type for node in quantized.graph.node]
-    return {"files": sorted(p.name for p in folder.iterdir()), "quantize_linear": ops.count("QuantizeLinear"),
-            "dequantize_linear": ops.count("DequantizeLinear")}
+    return {
+        "files": sorted(p.name for p in folder.iterdir()),
+        "quantize_linear": ops.count("QuantizeLinear"),
+        "dequantize_linear": ops.count("DequantizeLinear"),
+    }
 
 
 class OnnxTarget(Target):
@@ -126,16 +147,23 @@ class OnnxTarget(Target):
     def lower(self, pipe, out: Path, config: OnnxTargetConfig, ctx: LowerContext) -> list[StageRecord]:
         quantized = ctx.products.unet_quantization  # left by the ptq pass
         if quantized is not None and quantized.backend != "onnxruntime":
-            raise LoweringError(f"the onnx target runs ONNX Runtime's int8 graphs, not a {quantized.backend} "
-                                f"{quantized.precision} U-Net; use ptq backend onnxruntime or target tensorrt")
+            raise LoweringError(
+                f"the onnx target runs ONNX Runtime's int8 graphs, not a {quantized.backend} "
+                f"{quantized.precision} U-Net; use ptq backend onnxruntime or target tensorrt"
+            )
         cache = cache_settings({"defaults": ctx.defaults})
         if quantized is not None and cache is not None:
-            raise LoweringError("the onnx target cannot split a ptq int8 U-Net for feature_cache yet; "
-                                "drop one of the two passes")
+            raise LoweringError(
+                "the onnx target cannot split a ptq int8 U-Net for feature_cache yet; drop one of the two passes"
+            )
         exports = component_exports(pipe, ctx.arch, config.precision, config.vae_precision, config.vae_encoder, cache)
         records: list[StageRecord] = []
-        settings = {"opset": config.opset, "exporter": "torchscript", "precision": config.precision,
-                    "vae_precision": config.vae_precision}
+        settings = {
+            "opset": config.opset,
+            "exporter": "torchscript",
+            "precision": config.precision,
+            "vae_precision": config.vae_precision,
+        }
         replaced = {"unet": "replaced by the ptq pass's graph (quantize_onnx)"} if quantized is not None else None
         paths = export_onnx_stage(records, pipe, out, exports, ctx, settings, config.opset, replaced=replaced)
         if quantized is not None:
@@ -146,19 +174,27 @@ class OnnxTarget(Target):
 
     def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
         # each graph as it lies in the artifact: model.onnx [+ one external-data file]
-        return [(onnx_model_spec(name, root / name / "model.onnx"),
-                 [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()])
-                for name in served_components(manifest)]
+        return [
+            (
+                onnx_model_spec(name, root / name / "model.onnx"),
+                [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()],
+            )
+            for name in served_components(manifest)
+        ]
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         from sdcompiler import knobs
 
         spec = get_arch(manifest["arch"])
         if providers is None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+            providers = (
+                ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+            )
         threads = knobs.num_threads()
-        encoders = [ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
-                    for n in spec.text_encoders]
+        encoders = [
+            ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
+            for n in spec.text_encoders
+        ]
         unet_model = OrtModel(root / "unet" / "model.onnx", providers, threads)
         decode = ort_vae_decoder(OrtModel(root / "vae_decoder" / "model.onnx", providers, threads))
         encoder_file = root / "vae_encoder" / "model.onnx"  # absent in artifacts compiled with vae_encoder=false
@@ -167,13 +203,22 @@ class OnnxTarget(Target):
         if settings is not None:
             shallow = OrtModel(root / "unet_shallow" / "model.onnx", providers, threads)
             cache = ort_feature_cache(unet_model, shallow, settings)
-        return make_components(root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache,
-                               encode_image=encode)
+        return make_components(
+            root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache, encode_image=encode
+        )
 
 
-def export_onnx_stage(records: list[StageRecord], pipe, out: Path, exports: list[OnnxExport], ctx: LowerContext,
-                      settings: dict[str, Any], opset: int, opsets: Mapping[str, int] | None = None,
-                      replaced: Mapping[str, str] | None = None) -> dict[str, Path]:
+def export_onnx_stage(
+    records: list[StageRecord],
+    pipe,
+    out: Path,
+    exports: list[OnnxExport],
+    ctx: LowerContext,
+    settings: dict[str, Any],
+    opset: int,
+    opsets: Mapping[str, int] | None = None,
+    replaced: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
     """Stage `export_onnx`: each export to `<out>/<name>/model.onnx`, then the component configs and the
     pipeline files (tokenizers, scheduler, `model_index.json`) of optimum's diffusers layout.
 
@@ -210,22 +255,34 @@ def export_onnx_stage(records: list[StageRecord], pipe, out: Path, exports: list
             paths[export.name] = export_model(export, folder, opsets.get(export.name, opset))
             stage.results[export.name] = sorted(p.name for p in folder.iterdir())
         write_component_configs(pipe, out, ctx)
-        write_pipeline_files(pipe, out, {n: [type(getattr(pipe, n)).__module__.split(".")[0],
-                                             type(getattr(pipe, n)).__name__]
-                                         for n in (*ctx.arch.text_encoders, "unet", "vae")})
+        write_pipeline_files(
+            pipe,
+            out,
+            {
+                n: [type(getattr(pipe, n)).__module__.split(".")[0], type(getattr(pipe, n)).__name__]
+                for n in (*ctx.arch.text_encoders, "unet", "vae")
+            },
+        )
     return paths
 
 
-def _quantize_onnx_stage(records: list[StageRecord], out: Path, exports: list[OnnxExport],
-                         quantized: QuantizedUNet) -> None:
+def _quantize_onnx_stage(
+    records: list[StageRecord], out: Path, exports: list[OnnxExport], quantized: QuantizedUNet
+) -> None:
     """Stage `quantize_onnx`: the ptq pass's int8 U-Net graph in place of the float export it replaces."""
     with Stage(records, "quantize_onnx", quantized.settings) as stage:
         unet_export = next(e for e in exports if e.name == "unet")
         stage.results["unet"] = install_quantized_unet(quantized.onnx_folder, out / "unet", unet_export)
 
 
-def _verify_stage(records: list[StageRecord], exports: list[OnnxExport], paths: Mapping[str, Path],
-                  config: OnnxTargetConfig, int8_unet: bool, ctx: LowerContext) -> None:
+def _verify_stage(
+    records: list[StageRecord],
+    exports: list[OnnxExport],
+    paths: Mapping[str, Path],
+    config: OnnxTargetConfig,
+    int8_unet: bool,
+    ctx: LowerContext,
+) -> None:
     """Stage `verify`: each graph vs its torch module on the export inputs in ONNX Runtime (CPU)."""
     from tqdm.auto import tqdm
 

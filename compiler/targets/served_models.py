@@ -46,30 +46,47 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
         """Inverse of `dataclasses.asdict` (how models.json stores specs)."""
+
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["optional"]) for t in items)
 
-        return cls(**{**data, "inputs": tensors(data["inputs"]), "outputs": tensors(data["outputs"]),
-                      "profiles": tuple(data["profiles"])})
+        return cls(
+            **{
+                **data,
+                "inputs": tensors(data["inputs"]),
+                "outputs": tensors(data["outputs"]),
+                "profiles": tuple(data["profiles"]),
+            }
+        )
 
 
 def onnx_model_spec(name: str, path: Path) -> ModelSpec:
     """Inputs and outputs of an ONNX file as Triton sees them (graph only: external data is not read)."""
     import onnx
 
-    types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-             onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT64: "TYPE_INT64",
-             onnx.TensorProto.INT32: "TYPE_INT32"}
+    types = {
+        onnx.TensorProto.FLOAT: "TYPE_FP32",
+        onnx.TensorProto.FLOAT16: "TYPE_FP16",
+        onnx.TensorProto.DOUBLE: "TYPE_FP64",
+        onnx.TensorProto.INT64: "TYPE_INT64",
+        onnx.TensorProto.INT32: "TYPE_INT32",
+    }
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}  # older exporters list weights as graph inputs
 
     def tensor(value) -> TensorSpec:
         t = value.type.tensor_type
         if t.elem_type not in types:
-            raise ArtifactError(f"{path}: {value.name} has ONNX type {onnx.TensorProto.DataType.Name(t.elem_type)}, "
-                                f"which export-server does not serve; recompile with --precision fp32 or fp16")
+            raise ArtifactError(
+                f"{path}: {value.name} has ONNX type {onnx.TensorProto.DataType.Name(t.elem_type)}, "
+                f"which export-server does not serve; recompile with --precision fp32 or fp16"
+            )
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         return TensorSpec(value.name, types[t.elem_type], shape)
 
-    return ModelSpec(name, inputs=tuple(tensor(v) for v in graph.input if v.name not in initializers),
-                     outputs=tuple(tensor(v) for v in graph.output), platform="onnxruntime_onnx")
+    return ModelSpec(
+        name,
+        inputs=tuple(tensor(v) for v in graph.input if v.name not in initializers),
+        outputs=tuple(tensor(v) for v in graph.output),
+        platform="onnxruntime_onnx",
+    )

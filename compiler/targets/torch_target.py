@@ -37,11 +37,16 @@ from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
-from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.passes import PassConfig
+from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.components import (
-    cache_settings, make_components, torch_feature_cache, torch_text_encoder, torch_unet, torch_vae_decoder,
+    cache_settings,
+    make_components,
+    torch_feature_cache,
+    torch_text_encoder,
+    torch_unet,
+    torch_vae_decoder,
     torch_vae_encoder,
 )
 
@@ -59,8 +64,10 @@ class TorchTargetConfig(PassConfig):
 
     def __post_init__(self):
         if self.compile and self.cuda_graphs:
-            raise ValueError("cuda_graphs and compile exclude each other; for CUDA graphs under torch.compile use "
-                             "compile_mode='reduce-overhead' (inductor's own graphs) with cuda_graphs=false")
+            raise ValueError(
+                "cuda_graphs and compile exclude each other; for CUDA graphs under torch.compile use "
+                "compile_mode='reduce-overhead' (inductor's own graphs) with cuda_graphs=false"
+            )
 
 
 class TorchTarget(Target):
@@ -79,11 +86,16 @@ class TorchTarget(Target):
                 getattr(pipe, name).to(torch.float32)
             pipe.vae.save_pretrained(out / "vae", safe_serialization=True)  # VAE stays fp32
             (out / "unet").mkdir()
-            (out / "unet" / "config.json").write_text(json.dumps(
-                {k: v for k, v in ctx.source_unet_config.items() if k != "_name_or_path"}, indent=2, sort_keys=True))
+            (out / "unet" / "config.json").write_text(
+                json.dumps(
+                    {k: v for k, v in ctx.source_unet_config.items() if k != "_name_or_path"}, indent=2, sort_keys=True
+                )
+            )
             packed = pack_quantized(pipe.unet)  # QuEST: packed integer weights instead of float ones
-            state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
-                     for k, v in pipe.unet.state_dict().items()}
+            state = {
+                k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+                for k, v in pipe.unet.state_dict().items()
+            }
             save_file(state, str(out / UNET_WEIGHTS), metadata={"format": "pt"})
             for config_file in [out / n / "config.json" for n in (*ctx.arch.text_encoders, "vae")]:
                 scrub_source_path(config_file)
@@ -106,7 +118,7 @@ class TorchTarget(Target):
         config = manifest["lowering"]["config"]
         pipe = rebuild_pipeline(root, manifest, device, dtype)
         for name in (*spec.text_encoders, "unet", "vae"):  # inference only; and a LoRA switch (peft freezes the
-            getattr(pipe, name).requires_grad_(False)      # layers it wraps) must not change what dynamo guards
+            getattr(pipe, name).requires_grad_(False)  # layers it wraps) must not change what dynamo guards
         graphs = device == "cuda" and config.get("cuda_graphs", False)
         if graphs and config.get("fused_kernels", True) and triton_available():
             lower_unet(pipe.unet)
@@ -119,23 +131,39 @@ class TorchTarget(Target):
         if settings is not None:
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
-        return make_components(root, manifest, encoders, unet, torch_vae_decoder(pipe.vae, device), modules, cache,
-                               pipeline=pipe, encode_image=torch_vae_encoder(pipe.vae, device))
+        return make_components(
+            root,
+            manifest,
+            encoders,
+            unet,
+            torch_vae_decoder(pipe.vae, device),
+            modules,
+            cache,
+            pipeline=pipe,
+            encode_image=torch_vae_encoder(pipe.vae, device),
+        )
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
-        from sdcompiler.passes.merge_lora import check_lora_files
-
         from sdcompiler.passes import get_pass
+        from sdcompiler.passes.merge_lora import check_lora_files
 
         blocked = sorted({p["name"] for p in manifest["passes"] if not get_pass(p["name"]).runtime_loras})
         if loras and blocked:
-            raise ConfigError(f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
-                              "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
-                              "compile time (merge_lora before those passes)")
+            raise ConfigError(
+                f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
+                "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
+                "compile time (merge_lora before those passes)"
+            )
         check_lora_files(loras)
 
-    def switch_loras(self, components, root: Path, manifest: dict[str, Any], loras: list[tuple[str, float]],
-                     touched: dict[str, list[str]]) -> dict[str, list[str]]:
+    def switch_loras(
+        self,
+        components,
+        root: Path,
+        manifest: dict[str, Any],
+        loras: list[tuple[str, float]],
+        touched: dict[str, list[str]],
+    ) -> dict[str, list[str]]:
         """Restore the parameters the previous LoRAs changed from the artifact's files, then fuse `loras`, all in
         place: CUDA graphs and torch.compile'd code keep running (no recapture, no recompile)."""
         from sdcompiler.passes.merge_lora import fuse_loras
@@ -148,8 +176,14 @@ class TorchTarget(Target):
             _, changed = fuse_loras(pipe, loras, manifest["arch"])
         except Exception:
             # a LoRA that did not fit may have left earlier ones fused: back to the artifact's weights
-            restore_weights(pipe, root, {name: [n for n, _ in getattr(pipe, name).named_parameters()]
-                                         for name in ("unet", *get_arch(manifest["arch"]).text_encoders)})
+            restore_weights(
+                pipe,
+                root,
+                {
+                    name: [n for n, _ in getattr(pipe, name).named_parameters()]
+                    for name in ("unet", *get_arch(manifest["arch"]).text_encoders)
+                },
+            )
             raise
         return changed
 
@@ -215,7 +249,9 @@ def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", 
         pipe.unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise ArtifactError(f"U-Net weights in {root} do not match the rebuilt structure ({first}); recompile") from None
+        raise ArtifactError(
+            f"U-Net weights in {root} do not match the rebuilt structure ({first}); recompile"
+        ) from None
     leftover = [n for n, p in pipe.unet.named_parameters() if p.is_meta]
     if leftover:
         raise ArtifactError(f"U-Net parameters {leftover[:3]} have no stored weights in {root}; recompile")

@@ -19,7 +19,6 @@ trajectory input, against the float model's eps computed once (`trajectory_eps`,
 
 from __future__ import annotations
 
-
 import torch
 
 from sdcompiler.kernels.w4a4 import minmax_weight_params
@@ -28,7 +27,6 @@ from sdcompiler.passes.quest.modules import act_quantizers, quantized_layers
 from sdcompiler.passes.quest.scheme import search_act_scale, search_weight_range
 from sdcompiler.passes.teacher_data import Trajectories
 from sdcompiler.passes.training import sqnr_db
-
 
 # --- calibration -----------------------------------------------------------------------------------
 
@@ -47,6 +45,7 @@ def collect_act_stats(unet, data: Trajectories, sample_size: int = 4096, seed: i
             x = args[0].detach().float().abs().flatten()
             pick = torch.randint(0, x.numel(), (min(sample_size, x.numel()),), generator=generator)
             stats[name][current["step"]] = (float(x.max()), x[pick])
+
         handles.append(quantizer.register_forward_pre_hook(hook))
     state = unet.quant_state
     state.enabled = False
@@ -85,13 +84,15 @@ def set_act_scales(unet, stats: dict, *, timewise: bool, search: bool, grid: int
         with torch.no_grad():
             if timewise:
                 for i, (absmax, values) in enumerate(per_step):
-                    quantizer.scale[i] = search_act_scale(absmax, values, quantizer.bits, grid) if search \
-                        else max(absmax, 1e-8) / top
+                    quantizer.scale[i] = (
+                        search_act_scale(absmax, values, quantizer.bits, grid) if search else max(absmax, 1e-8) / top
+                    )
             else:
                 absmax = max(entry[0] for entry in per_step)
                 values = torch.cat([entry[1] for entry in per_step])
-                quantizer.scale.fill_(search_act_scale(absmax, values, quantizer.bits, grid) if search
-                                      else max(absmax, 1e-8) / top)
+                quantizer.scale.fill_(
+                    search_act_scale(absmax, values, quantizer.bits, grid) if search else max(absmax, 1e-8) / top
+                )
 
 
 def trajectory_eps(unet, data: Trajectories, quantized: bool) -> torch.Tensor:

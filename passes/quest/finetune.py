@@ -23,8 +23,9 @@ from sdcompiler.passes.teacher_data import Trajectories
 from sdcompiler.passes.training import fit
 
 
-def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config: QuestConfig, steps: int,
-                   ctx: PassContext, tag: str) -> list[float]:
+def finetune_stage(
+    unet, data: Trajectories, weights: list, scales: list, config: QuestConfig, steps: int, ctx: PassContext, tag: str
+) -> list[float]:
     """Train `weights` (lr) and `scales` (scale_lr) so the quantized U-Net matches the float one."""
     if steps == 0 or not (weights or scales):
         return []
@@ -59,11 +60,24 @@ def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config
         layer_loss = layer_loss / max(1, len(layers))
         return eps_loss + layer_loss, {"eps_mse": eps_loss.detach(), "layer_mse": torch.as_tensor(layer_loss).detach()}
 
-    groups = [{"params": [p for _, p in weights], "lr": config.lr}, {"params": [p for _, p in scales],
-                                                                    "lr": config.scale_lr}]
+    groups = [
+        {"params": [p for _, p in weights], "lr": config.lr},
+        {"params": [p for _, p in scales], "lr": config.scale_lr},
+    ]
     try:
-        result = fit("quest", unet, [g for g in groups if g["params"]], loss_fn, draw, len(data.timesteps) * num_rows,
-                     ctx, config, key=[ctx.model_key, config.to_dict(), tag], steps=steps, max_grad_norm=None)
+        result = fit(
+            "quest",
+            unet,
+            [g for g in groups if g["params"]],
+            loss_fn,
+            draw,
+            len(data.timesteps) * num_rows,
+            ctx,
+            config,
+            key=[ctx.model_key, config.to_dict(), tag],
+            steps=steps,
+            max_grad_norm=None,
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -75,4 +89,3 @@ def finetune_stage(unet, data: Trajectories, weights: list, scales: list, config
             for _, scale in scales:
                 scale.clamp_(min=1e-8)
     return result.losses
-

@@ -25,12 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from sdcompiler.kernels.w4a4 import (
-    pack_weight_codes, packed_width, per_token_scale, quantize_weight, w4a4_conv2d, w4a4_linear,
+    pack_weight_codes,
+    packed_width,
+    per_token_scale,
+    quantize_weight,
+    w4a4_conv2d,
+    w4a4_linear,
 )
 from sdcompiler.passes.errors import PassError
 from sdcompiler.passes.quest.config import QuestConfig
 from sdcompiler.passes.quest.scheme import ste_fake_quant_act, ste_fake_quant_probs, ste_fake_quant_weight
-
 
 # --- time context and quantizers -------------------------------------------------------------------
 
@@ -113,18 +117,22 @@ class QuantConv2d(torch.nn.Conv2d):
         if self.act.dynamic and self.act.state.enabled and self.kernel_size != (1, 1):
             return self._dynamic_patches(x)
         if self.split:
-            x = torch.cat([self.act(x[:, :self.split]), self.act_skip(x[:, self.split:])], dim=1)
+            x = torch.cat([self.act(x[:, : self.split]), self.act_skip(x[:, self.split :])], dim=1)
         else:
             x = self.act(x)  # identity while quantization is off (calibration hooks still see x)
         if not self.act.state.enabled:
             return self._conv_forward(x, _float_weight(self), self.bias)
-        return self._conv_forward(x, ste_fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits),
-                                  self.bias)
+        return self._conv_forward(
+            x, ste_fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits), self.bias
+        )
 
     def _dynamic_patches(self, x):
         w = ste_fake_quant_weight(self.weight, self.w_scale, self.w_zero, self.w_bits)
-        halves = [(slice(0, self.split), self.act), (slice(self.split, None), self.act_skip)] if self.split \
+        halves = (
+            [(slice(0, self.split), self.act), (slice(self.split, None), self.act_skip)]
+            if self.split
             else [(slice(None), self.act)]
+        )
         out = 0
         for channels, quantizer in halves:
             patches = F.unfold(x[:, channels], self.kernel_size, padding=self.padding, stride=self.stride)
@@ -141,8 +149,9 @@ class QuantAttnProcessor:
     def __init__(self, q: ActQuantizer, k: ActQuantizer, v: ActQuantizer, prob_bits: int):
         self.q, self.k, self.v, self.prob_bits = q, k, v, prob_bits
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             raise PassError("quantized attention supports plain (self/cross) attention only")
         residual = hidden_states
@@ -171,8 +180,11 @@ class QuantAttnProcessor:
 def _skip_split(unet) -> dict[str, int]:
     """Decoder ResNets reading [h, skip]: module name -> number of channels of h."""
     splits = {}
-    previous = unet.mid_block.resnets[-1].out_channels if unet.mid_block is not None else \
-        unet.down_blocks[-1].resnets[-1].out_channels
+    previous = (
+        unet.mid_block.resnets[-1].out_channels
+        if unet.mid_block is not None
+        else unet.down_blocks[-1].resnets[-1].out_channels
+    )
     for j, block in enumerate(unet.up_blocks):
         for i, resnet in enumerate(block.resnets):
             hidden = previous if i == 0 else resnet.out_channels
@@ -222,6 +234,7 @@ def quantize_modules(unet, config: QuestConfig) -> QuantState:
 def _timestep_hook(state: QuantState):
     def hook(module, args, kwargs):
         state.set_timestep(args[1] if len(args) > 1 else kwargs["timestep"])
+
     return hook
 
 
@@ -241,9 +254,21 @@ class PackedQuantLinear(torch.nn.Module):
     (Triton on CUDA, the integer reference elsewhere): the same integers as the fake-quant model."""
 
     def forward(self, x):
-        return _per_timestep(self.act, x, lambda x, scale: w4a4_linear(
-            x, self.weight_packed, self.w_scale, self.w_zero, self.bias, scale, self.act.bits, self.w_bits,
-            self.in_features))
+        return _per_timestep(
+            self.act,
+            x,
+            lambda x, scale: w4a4_linear(
+                x,
+                self.weight_packed,
+                self.w_scale,
+                self.w_zero,
+                self.bias,
+                scale,
+                self.act.bits,
+                self.w_bits,
+                self.in_features,
+            ),
+        )
 
 
 class PackedQuantConv2d(torch.nn.Module):
@@ -252,16 +277,28 @@ class PackedQuantConv2d(torch.nn.Module):
 
     def forward(self, x):
         def conv(x, scale, packed, quantizer, bias):
-            return w4a4_conv2d(x, packed, self.w_scale, self.w_zero, bias, scale, a_bits=quantizer.bits,
-                               w_bits=self.w_bits, kernel_size=self.kernel_size, stride=self.stride,
-                               padding=self.padding)
+            return w4a4_conv2d(
+                x,
+                packed,
+                self.w_scale,
+                self.w_zero,
+                bias,
+                scale,
+                a_bits=quantizer.bits,
+                w_bits=self.w_bits,
+                kernel_size=self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+            )
 
         if not self.split:
             return _per_timestep(self.act, x, lambda x, s: conv(x, s, self.weight_packed, self.act, self.bias))
-        main = _per_timestep(self.act, x[:, :self.split],
-                             lambda x, s: conv(x, s, self.weight_packed, self.act, self.bias))
-        skip = _per_timestep(self.act_skip, x[:, self.split:],
-                             lambda x, s: conv(x, s, self.weight_packed_skip, self.act_skip, None))
+        main = _per_timestep(
+            self.act, x[:, : self.split], lambda x, s: conv(x, s, self.weight_packed, self.act, self.bias)
+        )
+        skip = _per_timestep(
+            self.act_skip, x[:, self.split :], lambda x, s: conv(x, s, self.weight_packed_skip, self.act_skip, None)
+        )
         return main + skip
 
 
@@ -317,4 +354,3 @@ def pack_quantized(unet, from_weights: bool = True) -> int:
         layer.w_zero = layer.w_zero.to(torch.int32)
         count += 1
     return count
-

@@ -23,12 +23,21 @@ import torch
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.errors import PassError
 from sdcompiler.passes.quest.calibration import (
-    collect_act_stats, eps_sqnr, set_act_scales, set_weight_ranges, trajectory_eps,
+    collect_act_stats,
+    eps_sqnr,
+    set_act_scales,
+    set_weight_ranges,
+    trajectory_eps,
 )
 from sdcompiler.passes.quest.config import QuestConfig
 from sdcompiler.passes.quest.finetune import finetune_stage
 from sdcompiler.passes.quest.modules import (
-    ActQuantizer, QuantConv2d, QuantLinear, pack_quantized, quantize_modules, quantized_layers,
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    pack_quantized,
+    quantize_modules,
+    quantized_layers,
 )
 from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
 
@@ -52,10 +61,15 @@ class QuestW4A4(Pass):
         unet = pipe.unet
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
         prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
-        common = dict(steps=config.calib_steps, guidance=config.guidance_scale, resolution=resolution,
-                      cache_dir=ctx.cache_dir, model_key=ctx.model_key)
+        common = dict(
+            steps=config.calib_steps,
+            guidance=config.guidance_scale,
+            resolution=resolution,
+            cache_dir=ctx.cache_dir,
+            model_key=ctx.model_key,
+        )
         calib = teacher_trajectories(pipe, prompts[: config.calib_prompts], seed=ctx.seed, **common)
-        held = teacher_trajectories(pipe, prompts[config.calib_prompts:], seed=ctx.seed + 1, **common)
+        held = teacher_trajectories(pipe, prompts[config.calib_prompts :], seed=ctx.seed + 1, **common)
 
         quantize_modules(unet, config)
         unet.quant_timesteps.copy_(calib.timesteps)
@@ -70,17 +84,30 @@ class QuestW4A4(Pass):
         set_weight_ranges(unet, search=True, grid=grid)
         set_act_scales(unet, stats, timewise=not config.dynamic_tokens, search=True, grid=grid)
         sqnr_calibrated = eps_sqnr(unet, held, reference)
-        metrics = {"sqnr_rtn_db": sqnr_rtn, "sqnr_calibrated_db": sqnr_calibrated,
-                   "quantized_layers": len(quantized_layers(unet)),
-                   "calibrated_timesteps": len(calib.timesteps)}
+        metrics = {
+            "sqnr_rtn_db": sqnr_rtn,
+            "sqnr_calibrated_db": sqnr_calibrated,
+            "quantized_layers": len(quantized_layers(unet)),
+            "calibrated_timesteps": len(calib.timesteps),
+        }
         if config.finetune:
             named = dict(unet.named_parameters())
-            scales = [] if config.dynamic_tokens else [(n, p) for n, p in named.items() if n.endswith(".scale")
-                                                       and isinstance(unet.get_submodule(n[:-6]), ActQuantizer)]
+            scales = (
+                []
+                if config.dynamic_tokens
+                else [
+                    (n, p)
+                    for n, p in named.items()
+                    if n.endswith(".scale") and isinstance(unet.get_submodule(n[:-6]), ActQuantizer)
+                ]
+            )
             temb = [(n, p) for n, p in named.items() if n.endswith("time_emb_proj.weight")]
             temb_scales = [(n, p) for n, p in scales if "time_emb_proj" in n]
-            ffn = [(n, p) for n, p in named.items() if ".ff.net." in n and n.endswith(".weight")
-                   and isinstance(unet.get_submodule(n[:-7]), QuantLinear)]
+            ffn = [
+                (n, p)
+                for n, p in named.items()
+                if ".ff.net." in n and n.endswith(".weight") and isinstance(unet.get_submodule(n[:-7]), QuantLinear)
+            ]
             trained = [p for _, p in temb + ffn + scales]
             calibrated = [p.detach().clone() for p in trained]
             losses1 = finetune_stage(unet, calib, temb, temb_scales, config, config.stage1_steps, ctx, "stage1")
@@ -91,9 +118,12 @@ class QuestW4A4(Pass):
                 with torch.no_grad():
                     for param, value in zip(trained, calibrated):
                         param.copy_(value)
-            metrics |= {"sqnr_finetuned_db": sqnr_finetuned, "finetune_kept": float(kept),
-                        "stage1_loss_last": losses1[-1] if losses1 else 0.0,
-                        "stage2_loss_last": losses2[-1] if losses2 else 0.0}
+            metrics |= {
+                "sqnr_finetuned_db": sqnr_finetuned,
+                "finetune_kept": float(kept),
+                "stage1_loss_last": losses1[-1] if losses1 else 0.0,
+                "stage2_loss_last": losses2[-1] if losses2 else 0.0,
+            }
         # the deployed model's held-out eps SQNR: the finetuned one, or the calibrated one it did not beat
         # (measured again: the restore must give back exactly the calibrated model)
         kept = metrics.get("finetune_kept", 0.0) == 1.0

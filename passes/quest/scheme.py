@@ -40,7 +40,7 @@ def ste_fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     """s (q - z) per output channel (dim 0) of w, any shape; straight-through rounding (trains w)."""
     shape = (-1,) + (1,) * (w.dim() - 1)
     s, z = scale.view(shape), zero.view(shape)
-    q = torch.clamp(round_ste(w / s) + z, 0, 2 ** bits - 1)
+    q = torch.clamp(round_ste(w / s) + z, 0, 2**bits - 1)
     return s * (q - z)
 
 
@@ -54,7 +54,7 @@ def ste_fake_quant_act(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
 
 def ste_fake_quant_probs(probs: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned probabilities in [0, 1] on the grid 1 / (2^b - 1); straight-through rounding."""
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     return round_ste(probs * levels) / levels
 
 

@@ -40,11 +40,21 @@ def test_replay_equals_eager_and_recaptures_per_signature():
 def _small_unet(diffusers):
     """A two-stage fp16 U-Net on the GPU (seed 0): every block kind the lowering and compiling touch."""
     torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
-        norm_num_groups=32, sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).cuda().half().eval()
+    return (
+        diffusers.UNet2DConditionModel(
+            block_out_channels=(64, 128),
+            layers_per_block=1,
+            cross_attention_dim=64,
+            attention_head_dim=4,
+            norm_num_groups=32,
+            sample_size=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        .cuda()
+        .half()
+        .eval()
+    )
 
 
 def test_lowered_and_graphed_unet_matches_eager():

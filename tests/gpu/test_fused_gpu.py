@@ -42,8 +42,11 @@ def _check_group_norm_silu(x, weight, bias, groups=32, apply_silu=True, toleranc
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 960, 64, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 960, 64, 64)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_group_norm_silu_sd_shapes(dtype, shape, channels_last):
     _check_group_norm_silu(*_gn_inputs(shape, dtype, channels_last))
@@ -54,8 +57,9 @@ def test_group_norm_silu_sdxl_1024_latent(channels_last):
     _check_group_norm_silu(*_gn_inputs((2, 320, 128, 128), torch.float16, channels_last))
 
 
-@pytest.mark.parametrize("shape", [(2, 320, 6, 5), (1, 640, 8, 8), (2, 320, 30), (3, 96, 7, 9)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 320, 6, 5), (1, 640, 8, 8), (2, 320, 30), (3, 96, 7, 9)], ids=lambda s: "x".join(map(str, s))
+)
 def test_group_norm_silu_odd_shapes(shape):
     _check_group_norm_silu(*_gn_inputs(shape, torch.float16, False), apply_silu=len(shape) == 4)
 
@@ -66,8 +70,9 @@ def test_group_norm_silu_off_centre_fp32():
     _check_group_norm_silu(x, weight, bias, tolerance=2e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 77, 2 * 40)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 77, 2 * 40)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_geglu_sd_shapes(dtype, shape):
     h = (torch.randn(shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda") * 2).to(dtype)

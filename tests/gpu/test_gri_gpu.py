@@ -1,6 +1,6 @@
 """GRI attention Triton kernel on CUDA at Stable Diffusion shapes, against the reference computed in fp32.
 
-    python -m pytest tests/gpu/test_gri_gpu.py --confcutdir=tests/gpu -q
+python -m pytest tests/gpu/test_gri_gpu.py --confcutdir=tests/gpu -q
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def test_triton_fp32_non_contiguous_ragged():
     batch, heads, height, width, window, num_global, head_dim = 1, 4, 30, 22, 8, 5, 40
     gen = torch.Generator(device="cuda").manual_seed(1)
     n = height * width
-    q, k, v = (torch.randn(batch, n, heads, head_dim, generator=gen, device="cuda").transpose(1, 2)
-               for _ in range(3))
-    k_global, v_global = (torch.randn(batch, num_global, heads, head_dim, generator=gen, device="cuda")
-                          .transpose(1, 2) for _ in range(2))
+    q, k, v = (torch.randn(batch, n, heads, head_dim, generator=gen, device="cuda").transpose(1, 2) for _ in range(3))
+    k_global, v_global = (
+        torch.randn(batch, num_global, heads, head_dim, generator=gen, device="cuda").transpose(1, 2) for _ in range(2)
+    )
     out = gri_attention_triton(q, k, v, k_global, v_global, height, width, window)
     expected = gri_attention_reference(q, k, v, k_global, v_global, height, width, window)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)  # fp32 inputs: full-precision dots

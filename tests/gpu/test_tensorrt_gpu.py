@@ -25,8 +25,8 @@ from sdcompiler import compile_pipeline, load_compiled  # noqa: E402
 from sdcompiler.compile import compile_artifact  # noqa: E402
 from sdcompiler.errors import PipelineArgumentError  # noqa: E402
 from sdcompiler.targets.tensorrt import runtime as trt_runtime  # noqa: E402
-from sdcompiler.targets.tensorrt.runtime import TrtModel  # noqa: E402
 from sdcompiler.targets.tensorrt.build import OPTIMIZED, compute_capability, plan_filename  # noqa: E402
+from sdcompiler.targets.tensorrt.runtime import TrtModel  # noqa: E402
 from sdcompiler.testing import make_checkpoint  # noqa: E402
 
 CALL = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
@@ -49,8 +49,9 @@ def checkpoint(workdir):
 @pytest.fixture(scope="module")
 def artifact(workdir, checkpoint):
     """fp32 engines, so the images can be compared with ONNX Runtime's closely."""
-    return compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "fp32",
-                            target_options={"precision": "fp32"})
+    return compile_artifact(
+        checkpoint, target="tensorrt", output_dir=workdir / "fp32", target_options={"precision": "fp32"}
+    )
 
 
 def _images(pipe, prompt="a red cube"):
@@ -76,8 +77,9 @@ def test_engines_run_and_match_onnx_runtime(artifact, checkpoint, workdir):
 
 
 def test_second_compile_hits_the_engine_cache(artifact, checkpoint, workdir):
-    again = compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "fp32-again",
-                             target_options={"precision": "fp32"})
+    again = compile_artifact(
+        checkpoint, target="tensorrt", output_dir=workdir / "fp32-again", target_options={"precision": "fp32"}
+    )
     first, second = _build_record(artifact), _build_record(again)
     for name in ("text_encoder", "unet", "vae_decoder"):
         assert second[name]["cache"] == "hit" and second[name]["key"] == first[name]["key"]
@@ -108,8 +110,12 @@ def test_load_rebuilds_for_another_gpu_and_another_tensorrt(artifact, workdir, m
 
 
 def test_static_engines_replay_cuda_graphs(artifact, checkpoint, workdir, monkeypatch):
-    static = compile_artifact(checkpoint, target="tensorrt", output_dir=workdir / "static",
-                              target_options={"precision": "fp32", "static": True})
+    static = compile_artifact(
+        checkpoint,
+        target="tensorrt",
+        output_dir=workdir / "static",
+        target_options={"precision": "fp32", "static": True},
+    )
     replays = []
     replay = TrtModel._replay
     monkeypatch.setattr(TrtModel, "_replay", lambda self, feed: replays.append(self.name) or replay(self, feed))
@@ -128,8 +134,9 @@ def test_quantized_engines_from_the_ptq_pass(preset, checkpoint, workdir, artifa
     if preset == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 engines need compute capability >= 8.9")
     recipe = [{"preset": preset, "calib_prompts": 1, "calib_steps": 2, "resolution": 128}]
-    root = compile_artifact(checkpoint, recipe=recipe, target="tensorrt", output_dir=workdir / preset,
-                            target_options={"precision": "fp16"})
+    root = compile_artifact(
+        checkpoint, recipe=recipe, target="tensorrt", output_dir=workdir / preset, target_options={"precision": "fp16"}
+    )
     manifest = json.loads((root / "manifest.json").read_text())
     (record,) = manifest["passes"]
     assert record["metrics"]["sqnr_db"] > 15.0

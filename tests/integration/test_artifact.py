@@ -17,8 +17,18 @@ from sdcompiler.errors import ArtifactError, ConfigError, LoweringError
 from sdcompiler.loading import checkpoint_sha256
 
 FLOAT, INT64 = 1, 7  # onnx.TensorProto element types
-MANIFEST_KEYS = {"schema_version", "sdcompiler_version", "source", "arch", "recipe", "passes", "lowering", "target",
-                 "files", "versions"}
+MANIFEST_KEYS = {
+    "schema_version",
+    "sdcompiler_version",
+    "source",
+    "arch",
+    "recipe",
+    "passes",
+    "lowering",
+    "target",
+    "files",
+    "versions",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -40,10 +50,20 @@ def _run(pipe, **kwargs) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_onnx_artifact_layout(compiled, arch):
     root = compiled(arch, "onnx").root
-    expected = {"manifest.json", "model_index.json", "unet/model.onnx", "unet/config.json",
-                "text_encoder/model.onnx", "text_encoder/config.json", "vae_decoder/model.onnx",
-                "vae_decoder/config.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-                "tokenizer/merges.txt", "scheduler/scheduler_config.json"}
+    expected = {
+        "manifest.json",
+        "model_index.json",
+        "unet/model.onnx",
+        "unet/config.json",
+        "text_encoder/model.onnx",
+        "text_encoder/config.json",
+        "vae_decoder/model.onnx",
+        "vae_decoder/config.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+    }
     if arch == "sdxl":
         expected |= {"text_encoder_2/model.onnx", "text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json"}
     tree = _tree(root)
@@ -121,8 +141,10 @@ def _signature(path: Path):
     model = onnx.load(str(path), load_external_data=False)
 
     def describe(values):
-        return {v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-                for v in values}
+        return {
+            v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+            for v in values
+        }
 
     inputs = describe(model.graph.input)
     names = [v.name for v in model.graph.input]
@@ -181,13 +203,20 @@ def test_optimum_loads_the_onnx_artifact(compiled, arch):
 
 def test_torch_artifact_layout_and_pre_pass_unet_config(compiled, tiny_checkpoint):
     root = compiled("sd15", "torch", "fuse-qkv").root
-    assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-            "text_encoder/config.json", "model_index.json", "scheduler/scheduler_config.json",
-            "tokenizer/vocab.json"} <= _tree(root)
+    assert {
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+    } <= _tree(root)
     stored = json.loads((root / "unet" / "config.json").read_text())
     source = json.loads((tiny_checkpoint("sd15") / "unet" / "config.json").read_text())
     assert {k: v for k, v in stored.items() if not k.startswith("_")} == {
-        k: v for k, v in source.items() if not k.startswith("_")}
+        k: v for k, v in source.items() if not k.startswith("_")
+    }
     from safetensors import safe_open
 
     with safe_open(str(root / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -299,8 +328,9 @@ def test_bad_target_and_target_options_fail_before_work(tiny_checkpoint, tmp_pat
     with pytest.raises(ConfigError, match="bogus"):
         compile_pipeline(tiny_checkpoint("sd15"), target="onnx", target_options={"bogus": 1}, output_dir=tmp_path / "b")
     with pytest.raises(ConfigError, match="precision"):
-        compile_pipeline(tiny_checkpoint("sd15"), target="torch", target_options={"precision": "int3"},
-                         output_dir=tmp_path / "c")
+        compile_pipeline(
+            tiny_checkpoint("sd15"), target="torch", target_options={"precision": "int3"}, output_dir=tmp_path / "c"
+        )
     assert list(tmp_path.iterdir()) == []
 
 

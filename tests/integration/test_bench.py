@@ -119,8 +119,12 @@ def test_same_model_report_structure(same_model_report, ckpt):
         assert len(subject.calls) == 2
         assert summary["num_inference_steps"] == STEPS and summary["guidance_scale"] == 7.5
         totals = [c["total"] for c in subject.calls]
-        assert summary["seconds_per_call"] == {"median": statistics.median(totals), "min": min(totals),
-                                               "max": max(totals), "n": 2}
+        assert summary["seconds_per_call"] == {
+            "median": statistics.median(totals),
+            "min": min(totals),
+            "max": max(totals),
+            "n": 2,
+        }
         assert summary["seconds_per_call"]["median"] > 0
         assert summary["seconds_per_image"] == pytest.approx(statistics.median(totals))
         assert summary["images_per_second"] == pytest.approx(1 / statistics.median(totals))
@@ -133,10 +137,12 @@ def test_same_model_report_structure(same_model_report, ckpt):
         assert set(stages) == {"text_encoder", "unet", "vae_decoder", "other"}
         assert all(v >= 0 for v in stages.values())
         assert stages["text_encoder"] + stages["unet"] + stages["vae_decoder"] <= (
-            summary["seconds_per_call"]["median"] + 1e-9)
+            summary["seconds_per_call"]["median"] + 1e-9
+        )
         assert summary["unet_calls"] == expected_calls and summary["shallow_unet_calls"] == 0
         assert summary["seconds_per_unet_call"] == pytest.approx(
-            statistics.median(c["unet"] / expected_calls for c in subject.calls))
+            statistics.median(c["unet"] / expected_calls for c in subject.calls)
+        )
         assert summary["disk_bytes"] > 0
 
     cand, base = data["subjects"]["candidate"], data["subjects"]["baseline"]
@@ -174,8 +180,16 @@ def test_markdown_table(same_model_report, ckpt):
 
 
 def test_without_baseline_no_speedup_or_quality(artifacts):
-    report = benchmark(artifacts("none"), num_inference_steps=1, repeats=1, warmup=1, height=64, width=64,
-                       prompts=PROMPTS, num_images_per_prompt=2)
+    report = benchmark(
+        artifacts("none"),
+        num_inference_steps=1,
+        repeats=1,
+        warmup=1,
+        height=64,
+        width=64,
+        prompts=PROMPTS,
+        num_images_per_prompt=2,
+    )
     data = report.to_dict()
     assert list(data["subjects"]) == ["candidate"]
     assert "speedup" not in data and "unet_call_speedup" not in data
@@ -183,7 +197,8 @@ def test_without_baseline_no_speedup_or_quality(artifacts):
     assert data["settings"]["images_per_call"] == 4
     assert report.subjects[0].images.shape == (4, 64, 64, 3)
     assert data["subjects"]["candidate"]["seconds_per_image"] == pytest.approx(
-        data["subjects"]["candidate"]["seconds_per_call"]["median"] / 4)
+        data["subjects"]["candidate"]["seconds_per_call"]["median"] / 4
+    )
     assert len(report.subjects[0].calls) == 1  # warm-up calls are not recorded
     text = report.markdown()
     assert "speed-up" not in text and "quality:" not in text and "| | candidate |" in text
@@ -235,8 +250,9 @@ def test_deepcache_counts_full_and_shallow_calls(artifacts, ckpt):
     # shallow steps approximate the full U-Net: close to, but not exactly, the checkpoint's images
     assert 0 < cached.quality["ssim"] < 1 and cached.quality["psnr_db"] < 150
 
-    uncached = benchmark(pipe, ckpt, num_inference_steps=steps, repeats=1, warmup=0, height=64, width=64,
-                         feature_cache=False)
+    uncached = benchmark(
+        pipe, ckpt, num_inference_steps=steps, repeats=1, warmup=0, height=64, width=64, feature_cache=False
+    )
     summary = uncached.to_dict()["subjects"]["candidate"]
     assert summary["unet_calls"] == n and summary["shallow_unet_calls"] == 0
     assert uncached.settings["feature_cache"] is False
@@ -262,8 +278,9 @@ def test_each_subject_runs_its_own_default_steps_and_guidance(artifacts, ckpt):
     assert report.subjects[0].images.shape == report.subjects[1].images.shape == (1, 64, 64, 3)
     assert "| steps / guidance | 4 / 1 | 50 / 7.5 |" in report.markdown()
     # an explicit step count / guidance overrides both subjects' defaults
-    report = benchmark(folder, ckpt, num_inference_steps=1, guidance_scale=2.0, repeats=1, warmup=0,
-                       height=64, width=64)
+    report = benchmark(
+        folder, ckpt, num_inference_steps=1, guidance_scale=2.0, repeats=1, warmup=0, height=64, width=64
+    )
     data = report.to_dict()["subjects"]
     for name, folder_ in (("candidate", folder), ("baseline", ckpt)):
         assert (data[name]["num_inference_steps"], data[name]["guidance_scale"]) == (1, 2.0)
@@ -272,11 +289,19 @@ def test_each_subject_runs_its_own_default_steps_and_guidance(artifacts, ckpt):
 
 def test_recorded_timesteps_are_used_unless_steps_are_given(ckpt, tmp_path):
     import diffusers
+
     from sdcompiler import compile_pipeline
 
     recorded = [999, 599, 199]  # on LCM's 50-step grid, unlike LCMScheduler's own 3-step schedule
-    recipe = [{"pass": "set_scheduler", "scheduler": "LCMScheduler", "options": {"original_inference_steps": 50},
-               "timesteps": recorded, "guidance_scale": 1.0}]
+    recipe = [
+        {
+            "pass": "set_scheduler",
+            "scheduler": "LCMScheduler",
+            "options": {"original_inference_steps": 50},
+            "timesteps": recorded,
+            "guidance_scale": 1.0,
+        }
+    ]
     pipe = compile_pipeline(ckpt, recipe=recipe, target="torch", output_dir=tmp_path / "art", device="cpu")
     seen: list[int] = []
     unet = pipe.components.unet
@@ -306,7 +331,7 @@ def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
     n, h, w, ch = x.shape
     size = min(11, h, w)
     coords = np.arange(size) - (size - 1) / 2
-    g = np.exp(-coords**2 / (2 * 1.5**2))
+    g = np.exp(-(coords**2) / (2 * 1.5**2))
     win = np.outer(g, g)
     win /= win.sum()
     c1, c2 = 0.01**2, 0.03**2
@@ -315,7 +340,7 @@ def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
         for c in range(ch):
             for i in range(h - size + 1):
                 for j in range(w - size + 1):
-                    px, py = x[b, i:i + size, j:j + size, c], y[b, i:i + size, j:j + size, c]
+                    px, py = x[b, i : i + size, j : j + size, c], y[b, i : i + size, j : j + size, c]
                     mx, my = (win * px).sum(), (win * py).sum()
                     vx, vy = (win * (px - mx) ** 2).sum(), (win * (py - my) ** 2).sum()
                     cov = (win * (px - mx) * (py - my)).sum()
@@ -367,16 +392,30 @@ def _clip_parts(ckpt: Path, seed: int):
 
     tokenizer = CLIPTokenizer.from_pretrained(ckpt / "tokenizer")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(seed)  # seed 2: positive cosines on the images below; seed 0: negative ones
     model = CLIPModel(config).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
     return model, processor
 
 
@@ -414,8 +453,17 @@ def _independent_clip_score(folder: Path, images: np.ndarray, texts: list[str], 
 
 @pytest.fixture(scope="module")
 def clip_report(artifacts, ckpt, clip_folders):
-    return benchmark(artifacts("bk-small"), ckpt, prompts=PROMPTS, num_inference_steps=STEPS, repeats=1, warmup=0,
-                     height=64, width=64, clip_model=clip_folders[0])
+    return benchmark(
+        artifacts("bk-small"),
+        ckpt,
+        prompts=PROMPTS,
+        num_inference_steps=STEPS,
+        repeats=1,
+        warmup=0,
+        height=64,
+        width=64,
+        clip_model=clip_folders[0],
+    )
 
 
 def test_clip_scores_per_subject(clip_report, clip_folders):
@@ -431,19 +479,37 @@ def test_clip_scores_per_subject(clip_report, clip_folders):
 
 
 def test_clip_score_without_baseline_and_several_images_per_prompt(artifacts, clip_folders):
-    report = benchmark(artifacts("none"), prompts=PROMPTS, num_images_per_prompt=2, num_inference_steps=1,
-                       repeats=1, warmup=0, height=64, width=64, clip_model=clip_folders[0])
+    report = benchmark(
+        artifacts("none"),
+        prompts=PROMPTS,
+        num_images_per_prompt=2,
+        num_inference_steps=1,
+        repeats=1,
+        warmup=0,
+        height=64,
+        width=64,
+        clip_model=clip_folders[0],
+    )
     assert set(report.quality) == {"clip_score_candidate"}
     images = report.subjects[0].images
     assert images.shape == (4, 64, 64, 3)
     texts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]  # images come prompt by prompt
     assert report.quality["clip_score_candidate"] == pytest.approx(
-        _independent_clip_score(clip_folders[0], images, texts), abs=1e-4)
+        _independent_clip_score(clip_folders[0], images, texts), abs=1e-4
+    )
 
 
 def test_negative_cosines_count_as_zero(artifacts, clip_folders):
-    report = benchmark(artifacts("none"), prompts=PROMPTS, num_inference_steps=STEPS, repeats=1, warmup=0,
-                       height=64, width=64, clip_model=clip_folders[2])
+    report = benchmark(
+        artifacts("none"),
+        prompts=PROMPTS,
+        num_inference_steps=STEPS,
+        repeats=1,
+        warmup=0,
+        height=64,
+        width=64,
+        clip_model=clip_folders[2],
+    )
     images = report.subjects[0].images
     assert _independent_clip_score(clip_folders[2], images, PROMPTS, clamp=False) < 0  # this model disagrees
     assert report.quality["clip_score_candidate"] == 0.0
@@ -457,16 +523,33 @@ def test_pickle_clip_folder_is_refused_before_any_pipeline_runs(clip_folders, tm
 
 
 def test_pickle_clip_folder_loads_with_allow_pickle(artifacts, clip_folders, clip_report):
-    report = benchmark(artifacts("none"), prompts=PROMPTS, num_inference_steps=STEPS, repeats=1, warmup=0,
-                       height=64, width=64, clip_model=clip_folders[1], allow_pickle=True)
+    report = benchmark(
+        artifacts("none"),
+        prompts=PROMPTS,
+        num_inference_steps=STEPS,
+        repeats=1,
+        warmup=0,
+        height=64,
+        width=64,
+        clip_model=clip_folders[1],
+        allow_pickle=True,
+    )
     # the same weights as the safetensors folder, and the none artifact's images are the checkpoint's
-    assert report.quality["clip_score_candidate"] == pytest.approx(clip_report.quality["clip_score_baseline"],
-                                                                   abs=1e-4)
+    assert report.quality["clip_score_candidate"] == pytest.approx(clip_report.quality["clip_score_baseline"], abs=1e-4)
 
 
 def test_allow_pickle_still_loads_a_safetensors_clip_folder(artifacts, clip_folders):
-    report = benchmark(artifacts("none"), prompts=PROMPTS[:1], num_inference_steps=1, repeats=1, warmup=0,
-                       height=64, width=64, clip_model=clip_folders[0], allow_pickle=True)
+    report = benchmark(
+        artifacts("none"),
+        prompts=PROMPTS[:1],
+        num_inference_steps=1,
+        repeats=1,
+        warmup=0,
+        height=64,
+        width=64,
+        clip_model=clip_folders[0],
+        allow_pickle=True,
+    )
     assert "clip_score_candidate" in report.quality
 
 
@@ -478,14 +561,17 @@ def test_missing_clip_folder_is_refused(tmp_path):
 # ---------------------------------------------------------------- 7. bad input
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"repeats": 0}, "repeats"),
-    ({"repeats": -2}, "repeats"),
-    ({"repeats": 1.5}, "repeats"),
-    ({"repeats": True}, "repeats"),
-    ({"warmup": -1}, "warmup"),
-    ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"repeats": -2}, "repeats"),
+        ({"repeats": 1.5}, "repeats"),
+        ({"repeats": True}, "repeats"),
+        ({"warmup": -1}, "warmup"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ],
+)
 def test_bad_counts_are_refused(artifacts, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         benchmark(artifacts("none"), **{"repeats": 1, "warmup": 0, **kwargs})
@@ -509,8 +595,27 @@ def test_sdxl_baseline_for_sd15_candidate_is_refused(artifacts, tiny_checkpoint)
 
 def test_cli_bench_writes_report_files_and_images(artifacts, ckpt, same_model_report, tmp_path, capsys):
     j, m, d = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "images"
-    rc = main(["bench", str(artifacts("none")), "--baseline", str(ckpt), "--steps", str(STEPS), "--repeats", "1",
-               "--warmup", "0", "--quiet", "--json", str(j), "--markdown", str(m), "--images", str(d)])
+    rc = main(
+        [
+            "bench",
+            str(artifacts("none")),
+            "--baseline",
+            str(ckpt),
+            "--steps",
+            str(STEPS),
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--quiet",
+            "--json",
+            str(j),
+            "--markdown",
+            str(m),
+            "--images",
+            str(d),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "speed-up" in out and "| | candidate | baseline |" in out
@@ -541,8 +646,24 @@ def test_cli_bench_writes_report_files_and_images(artifacts, ckpt, same_model_re
 @pytest.mark.parametrize("extra", [["--repeats", "0"], ["--height", "60"]])
 def test_cli_bench_bad_call_is_one_line_error(artifacts, ckpt, tmp_path, capsys, extra):
     j = tmp_path / "report.json"
-    rc = main(["bench", str(artifacts("none")), "--baseline", str(ckpt), "--steps", "1", "--warmup", "0",
-               "--repeats", "1", "--quiet", "--json", str(j), *extra])
+    rc = main(
+        [
+            "bench",
+            str(artifacts("none")),
+            "--baseline",
+            str(ckpt),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--quiet",
+            "--json",
+            str(j),
+            *extra,
+        ]
+    )
     assert rc == 1
     err = _one_line_error(capsys)
     assert extra[0].lstrip("-") in err
@@ -585,9 +706,29 @@ def test_cli_bench_prompts_file(artifacts, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red cube\n\na blue sphere\na green bottle\n")
     report = tmp_path / "r.json"
-    code = main(["bench", str(artifacts("none")), "--prompts-file", str(prompts), "--batch-size", "2", "--steps",
-                 "1", "--height", "64", "--width", "64", "--repeats", "1", "--warmup", "0", "--quiet",
-                 "--json", str(report)])
+    code = main(
+        [
+            "bench",
+            str(artifacts("none")),
+            "--prompts-file",
+            str(prompts),
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--quiet",
+            "--json",
+            str(report),
+        ]
+    )
     assert code == 0
     settings = json.loads(report.read_text())["settings"]
     assert settings["prompts"] == ["a red cube", "a blue sphere", "a green bottle"]
@@ -624,8 +765,25 @@ def test_report_check_compares_measured_values(same_model_report):
 
 def test_cli_bench_require_gates_the_exit_status(artifacts, ckpt, tmp_path, capsys):
     j = tmp_path / "report.json"
-    base = ["bench", str(artifacts("none")), "--baseline", str(ckpt), "--steps", "1", "--height", "64", "--width",
-            "64", "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(j)]
+    base = [
+        "bench",
+        str(artifacts("none")),
+        "--baseline",
+        str(ckpt),
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        str(j),
+    ]
     assert main(base + ["--require", "psnr_db>=150", "--require", "ssim>0.99"]) == 0
     capsys.readouterr()
     j.unlink()

@@ -30,7 +30,10 @@ def checkpoint(workdir) -> Path:
 @pytest.fixture(scope="module")
 def artifact(workdir, checkpoint) -> Path:
     out = workdir / "artifact"
-    assert main(["compile", str(checkpoint), "--recipe", "fuse-qkv", "--target", "onnx", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["compile", str(checkpoint), "--recipe", "fuse-qkv", "--target", "onnx", "--out", str(out), "--quiet"])
+        == 0
+    )
     return out
 
 
@@ -50,8 +53,25 @@ def test_compile_writes_artifact_with_manifest(artifact):
 
 def test_generate_writes_png(artifact, workdir, capsys):
     out = workdir / "img.png"
-    rc = main(["generate", str(artifact), "--prompt", "a red cube", "--steps", "2", "--seed", "1",
-               "--height", "64", "--width", "96", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "generate",
+            str(artifact),
+            "--prompt",
+            "a red cube",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     with Image.open(out) as image:
         assert image.size == (96, 64)
@@ -60,8 +80,12 @@ def test_generate_writes_png(artifact, workdir, capsys):
 
 def test_generate_several_images_get_suffixes(artifact, workdir):
     out = workdir / "many.png"
-    assert main(["generate", str(artifact), "--prompt", "a", "--prompt", "b", "--steps", "1", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["generate", str(artifact), "--prompt", "a", "--prompt", "b", "--steps", "1", "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     assert (workdir / "many-0.png").is_file() and (workdir / "many-1.png").is_file()
 
 
@@ -118,8 +142,13 @@ def test_malformed_command_line_is_exit_2():
 
 def test_python_dash_m_entry_point_reports_one_line(workdir):
     env = dict(os.environ, SDCOMPILER_QUIET="1")
-    proc = subprocess.run([sys.executable, "-m", "sdcompiler", "generate", str(workdir / "missing"), "--prompt", "x"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdcompiler", "generate", str(workdir / "missing"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
@@ -139,8 +168,9 @@ def test_fp16_onnx_precision_stays_close_to_fp32(checkpoint, workdir):
     from sdcompiler import compile_pipeline
     from sdcompiler.loading import load_checkpoint
 
-    pipe = compile_pipeline(checkpoint, "none", "onnx", workdir / "fp16", target_options={"precision": "fp16"},
-                            show_progress=False)
+    pipe = compile_pipeline(
+        checkpoint, "none", "onnx", workdir / "fp16", target_options={"precision": "fp16"}, show_progress=False
+    )
     import onnx
 
     unet = onnx.load(str(workdir / "fp16" / "unet" / "model.onnx"))

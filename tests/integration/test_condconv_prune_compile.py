@@ -6,21 +6,13 @@ are in tests/unit/test_condconv_prune.py.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.passes import count_params
-from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
-
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx"])
@@ -87,8 +79,14 @@ def test_distill_sqnr_condconv_vs_pure(tiny_checkpoint, tmp_path, monkeypatch, c
     for preset in ("bk-small", "bk-small-condconv"):
         # separate caches: distill's checkpoint key names the teacher and its config, not the student's structure
         monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / f"cache-{preset}"))
-        artifact = compile_pipeline(tiny_checkpoint("sd15"), [preset, {"pass": "distill", "task_weight": 0.0}],
-                                    "torch", tmp_path / preset, show_progress=False, device="cpu")
+        artifact = compile_pipeline(
+            tiny_checkpoint("sd15"),
+            [preset, {"pass": "distill", "task_weight": 0.0}],
+            "torch",
+            tmp_path / preset,
+            show_progress=False,
+            device="cpu",
+        )
         results[preset] = artifact.manifest["passes"][1]["metrics"]
     with capsys.disabled():
         for preset, metrics in results.items():

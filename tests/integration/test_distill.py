@@ -18,8 +18,9 @@ def _distill_record(pipe) -> dict:
 
 
 def test_distill_raises_student_teacher_sqnr(tiny_checkpoint, tmp_path):
-    pipe = compile_pipeline(tiny_checkpoint("sd15"), ["bk-small", "distill"], "torch", tmp_path / "out",
-                            show_progress=False)
+    pipe = compile_pipeline(
+        tiny_checkpoint("sd15"), ["bk-small", "distill"], "torch", tmp_path / "out", show_progress=False
+    )
     record = _distill_record(pipe)
     metrics = record["metrics"]
     assert metrics["train_steps"] == 40 and metrics["feature_pairs"] >= 6
@@ -68,8 +69,10 @@ def test_prompt_list_and_user_file(tmp_path):
 
 def test_koala_self_attention_kd_pairs_inherited_layers(tiny_checkpoint, tmp_path):
     """feature_kd: attn1 pairs every student self-attention with the teacher layer it inherited."""
-    recipe = ["koala-1b", {"pass": "distill", "feature_kd": "attn1", "steps": 6, "num_prompts": 4,
-                           "checkpoint_every": 0}]
+    recipe = [
+        "koala-1b",
+        {"pass": "distill", "feature_kd": "attn1", "steps": 6, "num_prompts": 4, "checkpoint_every": 0},
+    ]
     pipe = compile_pipeline(tiny_checkpoint("sdxl"), recipe, "torch", tmp_path / "out", show_progress=False)
     metrics = _distill_record(pipe)["metrics"]
     student_attn1 = sum(1 for name, _ in pipe.unet.named_modules() if name.endswith(".attn1"))

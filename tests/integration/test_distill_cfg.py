@@ -15,17 +15,29 @@ from sdcompiler.passes.trainer import Trainer
 from sdcompiler.recipe import resolve_recipe
 
 # A few-second budget for the checks that are about mechanics, not quality.
-SMALL = {"steps": 4, "batch_size": 2, "num_prompts": 2, "held_out_prompts": 1, "teacher_steps": 2,
-         "checkpoint_every": 2}
+SMALL = {
+    "steps": 4,
+    "batch_size": 2,
+    "num_prompts": 2,
+    "held_out_prompts": 1,
+    "teacher_steps": 2,
+    "checkpoint_every": 2,
+}
 
 
 def _run_pass(checkpoint: Path, cache_dir: Path, **overrides) -> tuple[object, dict[str, float]]:
     """The `cfg-distill` preset on a freshly loaded checkpoint, with its own cache (training checkpoints, data)."""
     loaded = load_checkpoint(checkpoint)
-    ctx = PassContext(arch=loaded.arch.name, macs_resolution=(128, 128), cache_dir=cache_dir, show_progress=False,
-                      source_hash=loaded.source["sha256"])
+    ctx = PassContext(
+        arch=loaded.arch.name,
+        macs_resolution=(128, 128),
+        cache_dir=cache_dir,
+        show_progress=False,
+        source_hash=loaded.source["sha256"],
+    )
     (record,) = PassManager(resolve_recipe([{"preset": "cfg-distill", **overrides}]), count_cost=False).run(
-        loaded.pipeline, ctx)
+        loaded.pipeline, ctx
+    )
     return loaded.pipeline, record.metrics
 
 
@@ -34,11 +46,15 @@ def test_distill_cfg_halves_unet_calls_and_approaches_the_guided_teacher(arch, t
     pipe = compile_pipeline(tiny_checkpoint(arch), "cfg-distill", "torch", tmp_path / "out", show_progress=False)
     (record,) = pipe.manifest["passes"]
     metrics = record["metrics"]
-    print(f"{arch} cfg-distill: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
-          f"{metrics['sqnr_after_db']:.2f} dB")
+    print(
+        f"{arch} cfg-distill: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
+        f"{metrics['sqnr_after_db']:.2f} dB"
+    )
     assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
-    print(f"{arch} cfg-distill: image PSNR vs guided teacher {metrics['psnr_before_db']:.2f} -> "
-          f"{metrics['psnr_after_db']:.2f} dB")
+    print(
+        f"{arch} cfg-distill: image PSNR vs guided teacher {metrics['psnr_before_db']:.2f} -> "
+        f"{metrics['psnr_after_db']:.2f} dB"
+    )
     assert metrics["psnr_db"] == metrics["psnr_after_db"] > metrics["psnr_before_db"]
     assert metrics["nfe_per_step_after"] * 2 <= metrics["nfe_per_step_before"]
     assert metrics["nfe_per_image_after"] * 2 <= metrics["nfe_per_image_before"]
@@ -61,8 +77,13 @@ def test_distill_cfg_halves_unet_calls_and_approaches_the_guided_teacher(arch, t
 
 def test_distill_cfg_needs_guidance_above_one(tiny_checkpoint, tmp_path):
     with pytest.raises(PassError, match="no guidance to distill"):
-        compile_pipeline(tiny_checkpoint("sd15"), [{"pass": "distill_cfg", "guidance_scale": 1.0}], "torch",
-                         tmp_path / "out", show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            [{"pass": "distill_cfg", "guidance_scale": 1.0}],
+            "torch",
+            tmp_path / "out",
+            show_progress=False,
+        )
 
 
 def test_interrupted_distill_cfg_resumes_to_the_same_weights(tiny_checkpoint, tmp_path, monkeypatch):
@@ -92,8 +113,12 @@ def test_interrupted_distill_cfg_resumes_to_the_same_weights(tiny_checkpoint, tm
     assert resumed.unet.state_dict().keys() == clean_weights.keys()  # merged: no adapter left in either
     for name, value in resumed.unet.state_dict().items():
         torch.testing.assert_close(value, clean_weights[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert any(not torch.equal(value, weight) for value, weight in zip(
-        clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()))  # it trained
+    assert any(
+        not torch.equal(value, weight)
+        for value, weight in zip(
+            clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()
+        )
+    )  # it trained
 
 
 def test_distill_cfg_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoint, tmp_path):
@@ -101,9 +126,11 @@ def test_distill_cfg_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoi
     pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
     (record,) = pipe.manifest["passes"]
     metrics = record["metrics"]
-    print(f"sd15 cfg-distill w in [2, 8]: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
-          f"{metrics['sqnr_after_db']:.2f} dB, image PSNR at w=5 {metrics['psnr_before_db']:.2f} -> "
-          f"{metrics['psnr_after_db']:.2f} dB")
+    print(
+        f"sd15 cfg-distill w in [2, 8]: eps SQNR vs guided teacher {metrics['sqnr_before_db']:.2f} -> "
+        f"{metrics['sqnr_after_db']:.2f} dB, image PSNR at w=5 {metrics['psnr_before_db']:.2f} -> "
+        f"{metrics['psnr_after_db']:.2f} dB"
+    )
     assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
     assert (metrics["guidance_min"], metrics["guidance_max"]) == (2.0, 8.0)
     assert metrics["nfe_per_image_after"] * 2 <= metrics["nfe_per_image_before"]
@@ -116,7 +143,8 @@ def test_distill_cfg_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoi
     calls = []
     handle = pipe.unet.register_forward_hook(
         lambda module, args, kwargs, output: calls.append((args[0].shape[0], kwargs.get("timestep_cond"))),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
         low = pipe("a red cube", num_inference_steps=3, guidance_scale=3.0, output_type="np").images
         steps = len(calls)
@@ -137,8 +165,9 @@ def test_distill_cfg_over_a_guidance_range_takes_w_as_an_embedding(tiny_checkpoi
     reference.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     ours = pipe("a red cube", num_inference_steps=3, guidance_scale=7.0, latents=latents.clone(), output_type="np")
-    theirs = reference("a red cube", num_inference_steps=3, guidance_scale=7.0, latents=latents.clone(),
-                       output_type="np")
+    theirs = reference(
+        "a red cube", num_inference_steps=3, guidance_scale=7.0, latents=latents.clone(), output_type="np"
+    )
     assert abs(ours.images - theirs.images).max() < 1e-5
 
 
@@ -155,8 +184,9 @@ def test_guidance_range_compiles_to_onnx_with_a_timestep_cond_input(tiny_checkpo
     images = {}
     for name, pipe in (("torch", torch_pipe), ("onnx", onnx_pipe)):
         for w in (3.0, 7.0):
-            images[name, w] = pipe("a red cube", num_inference_steps=3, guidance_scale=w, latents=latents.clone(),
-                                   output_type="np").images
+            images[name, w] = pipe(
+                "a red cube", num_inference_steps=3, guidance_scale=w, latents=latents.clone(), output_type="np"
+            ).images
     for w in (3.0, 7.0):  # the same model in ONNX Runtime: w reaches the graph
         assert abs(images["onnx", w] - images["torch", w]).max() < 1e-3
     assert abs(images["onnx", 3.0] - images["onnx", 7.0]).max() > 1e-3
@@ -165,8 +195,10 @@ def test_guidance_range_compiles_to_onnx_with_a_timestep_cond_input(tiny_checkpo
 def test_guidance_range_settings_and_combinations_are_one_line_errors(tiny_checkpoint, tmp_path):
     from sdcompiler.errors import ConfigError
 
-    for options, match in (({"guidance_range": [8.0, 2.0]}, "1 <= w_min < w_max"),
-                           ({"guidance_range": [2.0, 4.0], "guidance_scale": 5.0}, "must lie in guidance_range")):
+    for options, match in (
+        ({"guidance_range": [8.0, 2.0]}, "1 <= w_min < w_max"),
+        ({"guidance_range": [2.0, 4.0], "guidance_scale": 5.0}, "must lie in guidance_range"),
+    ):
         with pytest.raises((ConfigError, ValueError), match=match):
             resolve_recipe([{"preset": "cfg-distill", **options}])
     small = {"preset": "cfg-distill", "guidance_range": [2.0, 8.0], **SMALL}
@@ -178,6 +210,11 @@ def test_guidance_range_settings_and_combinations_are_one_line_errors(tiny_check
         compile_pipeline(tiny_checkpoint("sd15"), ["deepcache", small], "torch", out, show_progress=False)
     assert "\n" not in str(info.value) and not out.exists()
     with pytest.raises(PassError, match="ptq calibrates on inputs without a guidance embedding"):
-        compile_pipeline(tiny_checkpoint("sd15"), [small, {"preset": "int8", "calib_prompts": 1, "calib_steps": 1}],
-                         "onnx", out, show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            [small, {"preset": "int8", "calib_prompts": 1, "calib_steps": 1}],
+            "onnx",
+            out,
+            show_progress=False,
+        )
     assert not out.exists()

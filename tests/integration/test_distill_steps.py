@@ -15,17 +15,30 @@ from sdcompiler.passes.trainer import Trainer
 from sdcompiler.recipe import resolve_recipe
 
 # A few-second budget for the checks that are about mechanics, not quality.
-SMALL = {"steps": 4, "batch_size": 2, "num_prompts": 2, "held_out_prompts": 1, "teacher_steps": 2,
-         "reference_steps": 2, "checkpoint_every": 2}
+SMALL = {
+    "steps": 4,
+    "batch_size": 2,
+    "num_prompts": 2,
+    "held_out_prompts": 1,
+    "teacher_steps": 2,
+    "reference_steps": 2,
+    "checkpoint_every": 2,
+}
 
 
 def _run_pass(checkpoint: Path, cache_dir: Path, **overrides) -> tuple[object, dict[str, float]]:
     """The `lcm` preset on a freshly loaded checkpoint, with its own cache (training checkpoints, teacher data)."""
     loaded = load_checkpoint(checkpoint)
-    ctx = PassContext(arch=loaded.arch.name, macs_resolution=(128, 128), cache_dir=cache_dir, show_progress=False,
-                      source_hash=loaded.source["sha256"])
+    ctx = PassContext(
+        arch=loaded.arch.name,
+        macs_resolution=(128, 128),
+        cache_dir=cache_dir,
+        show_progress=False,
+        source_hash=loaded.source["sha256"],
+    )
     (record,) = PassManager(resolve_recipe([{"preset": "lcm", **overrides}]), count_cost=False).run(
-        loaded.pipeline, ctx)
+        loaded.pipeline, ctx
+    )
     return loaded.pipeline, record.metrics
 
 
@@ -33,9 +46,11 @@ def test_lcm_student_is_closer_to_the_teacher_than_the_base_model_in_four_steps(
     pipe = compile_pipeline(tiny_checkpoint("sd15"), "lcm", "torch", tmp_path / "out", show_progress=False)
     (record,) = pipe.manifest["passes"]
     metrics = record["metrics"]
-    print(f"sd15 lcm: image PSNR vs the 50-step guided teacher {metrics['psnr_before_db']:.2f} (base, 4 LCM steps) "
-          f"-> {metrics['psnr_after_db']:.2f} dB (distilled); LCD SQNR {metrics['sqnr_before_db']:.2f} -> "
-          f"{metrics['sqnr_after_db']:.2f} dB")
+    print(
+        f"sd15 lcm: image PSNR vs the 50-step guided teacher {metrics['psnr_before_db']:.2f} (base, 4 LCM steps) "
+        f"-> {metrics['psnr_after_db']:.2f} dB (distilled); LCD SQNR {metrics['sqnr_before_db']:.2f} -> "
+        f"{metrics['sqnr_after_db']:.2f} dB"
+    )
     assert metrics["psnr_after_db"] > metrics["psnr_before_db"]
     assert metrics["psnr_db"] == metrics["psnr_after_db"]
     assert metrics["sqnr_after_db"] > metrics["sqnr_before_db"]
@@ -81,21 +96,33 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tiny_checkpoint, t
     clean_weights = clean.unet.state_dict()
     for name, value in resumed.unet.state_dict().items():
         torch.testing.assert_close(value, clean_weights[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert any(not torch.equal(value, weight) for value, weight in zip(
-        clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()))  # it trained
+    assert any(
+        not torch.equal(value, weight)
+        for value, weight in zip(
+            clean_weights.values(), load_checkpoint(checkpoint).pipeline.unet.state_dict().values()
+        )
+    )  # it trained
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"w_min": 10.0, "w_max": 5.0}, "w_min <= w_max"),
-    ({"num_inference_steps": 8, "num_ddim_timesteps": 4}, "exceeds the num_ddim_timesteps"),
-    ({"rank": 0}, "rank must be at least 1"),
-    ({"huber_c": -1.0}, "huber_c must be positive"),
-    ({"stpes": 10}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"w_min": 10.0, "w_max": 5.0}, "w_min <= w_max"),
+        ({"num_inference_steps": 8, "num_ddim_timesteps": 4}, "exceeds the num_ddim_timesteps"),
+        ({"rank": 0}, "rank must be at least 1"),
+        ({"huber_c": -1.0}, "huber_c must be positive"),
+        ({"stpes": 10}, "unknown key"),
+    ],
+)
 def test_bad_config_is_a_one_line_config_error_before_any_work(override, message, tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=message) as info:
-        compile_pipeline(tiny_checkpoint("sd15"), [{"pass": "distill_steps", **override}], "torch", tmp_path / "out",
-                         show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            [{"pass": "distill_steps", **override}],
+            "torch",
+            tmp_path / "out",
+            show_progress=False,
+        )
     assert "\n" not in str(info.value) and "distill_steps" in str(info.value)
     assert not (tmp_path / "out").exists()
 

@@ -24,19 +24,22 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from sdcompiler import serving
-from sdcompiler.targets.tensorrt import tensorrt_model_spec
 from sdcompiler.cli import main
 from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.sampling import generate
 from sdcompiler.serving import ModelSpec, TensorSpec, bls_components, export_server, model_config
+from sdcompiler.targets.tensorrt import tensorrt_model_spec
 
 CASES = {  # (arch, recipe) -> the component models its repository serves
     ("sd15", "none"): ["text_encoder", "unet", "vae_decoder"],
     ("sdxl", "none"): ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
     ("sd15", "deepcache"): ["text_encoder", "unet", "unet_shallow", "vae_decoder"],
 }
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
-                  onnx.TensorProto.INT64: "TYPE_INT64"}
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+}
 TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64}
 KIND_GPU, KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_GPU, model_config_pb2.ModelInstanceGroup.KIND_CPU
 PIPELINE_INPUTS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "height", "width"]
@@ -69,10 +72,17 @@ def parse_text(text: str):
 def onnx_io(path: Path):
     """[(name, Triton type, shape with -1 for dynamic)] of the graph's inputs and outputs, read with onnx."""
     graph = onnx.load(str(path), load_external_data=False).graph
+
     def tensors(values):
-        return [(v.name, ONNX_TO_TRITON[v.type.tensor_type.elem_type],
-                 [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim])
-                for v in values]
+        return [
+            (
+                v.name,
+                ONNX_TO_TRITON[v.type.tensor_type.elem_type],
+                [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim],
+            )
+            for v in values
+        ]
+
     return tensors(graph.input), tensors(graph.output)
 
 
@@ -111,14 +121,20 @@ def test_every_config_parses_and_matches_the_onnx_graphs(repos, arch, recipe):
     assert [t.optional for t in pipeline.input] == [False] + [True] * 6
     assert type_name(pipeline.input[0].data_type) == "TYPE_STRING"
     assert [(o.name, type_name(o.data_type), list(o.dims)) for o in pipeline.output] == [
-        ("image", "TYPE_UINT8", [-1, -1, -1, 3])]
+        ("image", "TYPE_UINT8", [-1, -1, -1, 3])
+    ]
     assert [g.kind for g in pipeline.instance_group] == [KIND_CPU]
     env = {k: v.string_value for k, v in pipeline.parameters.items()}
     assert env == ({"EXECUTION_ENV_PATH": "$$TRITON_MODEL_DIRECTORY/env.tar.gz"} if recipe == "deepcache" else {})
     served = repo / "pipeline" / "1"
     assert json.loads((served / "manifest.json").read_text()) == pipe.manifest
-    for name in ("model.py", "models.json", "model_index.json", "scheduler/scheduler_config.json",
-                 *(f"{t}/vocab.json" for t in ("tokenizer", "tokenizer_2")[: 1 + (arch == "sdxl")])):
+    for name in (
+        "model.py",
+        "models.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        *(f"{t}/vocab.json" for t in ("tokenizer", "tokenizer_2")[: 1 + (arch == "sdxl")]),
+    ):
         assert (served / name).is_file(), name
 
 
@@ -144,8 +160,9 @@ def triton_infer(repo: Path):
         if model_name not in sessions:
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
-            sessions[model_name] = ort.InferenceSession(str(repo / model_name / "1" / "model.onnx"), options,
-                                                        providers=["CPUExecutionProvider"])
+            sessions[model_name] = ort.InferenceSession(
+                str(repo / model_name / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
         session = sessions[model_name]
         scalar = {i.name for i in session.get_inputs() if not i.shape}
         # the ONNX Runtime backend feeds a one-element tensor to a 0-d model input as a scalar
@@ -158,8 +175,14 @@ def triton_infer(repo: Path):
 
 
 REQUESTS = {  # what each case asks for: CFG with a negative prompt, SDXL's zeroed negatives, a cached trajectory
-    ("sd15", "none"): dict(prompt=["a red cube", "a blue ball"], negative_prompt=["blurry", "dark"],
-                           num_inference_steps=3, guidance_scale=5.0, height=64, width=48),
+    ("sd15", "none"): dict(
+        prompt=["a red cube", "a blue ball"],
+        negative_prompt=["blurry", "dark"],
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=64,
+        width=48,
+    ),
     ("sdxl", "none"): dict(prompt=["a red cube"], num_inference_steps=2, guidance_scale=5.0, height=48, width=64),
     ("sd15", "deepcache"): dict(prompt=["a red cube"], num_inference_steps=4, guidance_scale=7.5, height=64, width=64),
 }
@@ -245,15 +268,26 @@ def test_generated_model_py_serves_uint8_images_and_one_line_errors(repos, monke
     def client_request(**inputs):
         return pb.InferenceRequest("pipeline", ["image"], [pb.Tensor(n, a) for n, a in inputs.items()], ("cpu", 0))
 
-    good = client_request(prompt=np.array([b"a red cube", b"a blue ball"], dtype=object),
-                          num_inference_steps=np.array([2], np.int32), guidance_scale=np.array([5.0], np.float32),
-                          seed=np.array([11], np.int64), height=np.array([64], np.int32),
-                          width=np.array([48], np.int32))
+    good = client_request(
+        prompt=np.array([b"a red cube", b"a blue ball"], dtype=object),
+        num_inference_steps=np.array([2], np.int32),
+        guidance_scale=np.array([5.0], np.float32),
+        seed=np.array([11], np.int64),
+        height=np.array([64], np.int32),
+        width=np.array([48], np.int32),
+    )
     bad = client_request(prompt=np.array([b"a red cube"], dtype=object), height=np.array([60], np.int32))
     answers = model.execute([good, bad])
 
-    expected = pipe(["a red cube", "a blue ball"], num_inference_steps=2, guidance_scale=5.0, height=64, width=48,
-                    generator=torch.Generator().manual_seed(11), output_type="np").images
+    expected = pipe(
+        ["a red cube", "a blue ball"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=64,
+        width=48,
+        generator=torch.Generator().manual_seed(11),
+        output_type="np",
+    ).images
     image = answers[0].outputs["image"].as_numpy()
     assert image.dtype == np.uint8 and image.shape == (2, 64, 48, 3)
     assert np.abs(image.astype(int) - (expected * 255).round().astype(int)).max() <= 1
@@ -264,13 +298,20 @@ def test_generated_model_py_serves_uint8_images_and_one_line_errors(repos, monke
 def test_tensorrt_plan_config_from_a_description():
     """cc_model_filenames and optimization profiles, for the tensorrt target to come (no engine files needed)."""
     unet = ModelSpec(
-        "unet", platform="tensorrt_plan",
-        inputs=(TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)), TensorSpec("timestep", "TYPE_FP32", ()),
-                TensorSpec("encoder_hidden_states", "TYPE_FP16", (-1, 77, 768))),
+        "unet",
+        platform="tensorrt_plan",
+        inputs=(
+            TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)),
+            TensorSpec("timestep", "TYPE_FP32", ()),
+            TensorSpec("encoder_hidden_states", "TYPE_FP16", (-1, 77, 768)),
+        ),
         outputs=(TensorSpec("out_sample", "TYPE_FP16", (-1, 4, -1, -1)),),
-        cc_model_filenames={"8.0": "model_sm80.plan", "9.0": "model_sm90.plan"}, profiles=("0", "1"))
-    config = text_format.Parse(model_config(unet, max_batch_size=8, kind="GPU", instance_count=2),
-                               model_config_pb2.ModelConfig())
+        cc_model_filenames={"8.0": "model_sm80.plan", "9.0": "model_sm90.plan"},
+        profiles=("0", "1"),
+    )
+    config = text_format.Parse(
+        model_config(unet, max_batch_size=8, kind="GPU", instance_count=2), model_config_pb2.ModelConfig()
+    )
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 0
     assert dict(config.cc_model_filenames) == {"8.0": "model_sm80.plan", "9.0": "model_sm90.plan"}
     (group,) = config.instance_group
@@ -278,12 +319,16 @@ def test_tensorrt_plan_config_from_a_description():
     assert [list(t.dims) for t in config.input] == [[-1, 4, -1, -1], [1], [-1, 77, 768]]
     assert [type_name(t.data_type) for t in config.input] == ["TYPE_FP16", "TYPE_FP32", "TYPE_FP16"]
 
-    encoder = ModelSpec("text_encoder", platform="tensorrt_plan",
-                        inputs=(TensorSpec("input_ids", "TYPE_INT32", (-1, 77)),),
-                        outputs=(TensorSpec("last_hidden_state", "TYPE_FP16", (-1, 77, 768)),),
-                        cc_model_filenames={"8.9": "model_sm89.plan"})
-    config = text_format.Parse(model_config(encoder, max_batch_size=16, kind="GPU", instance_count=1),
-                               model_config_pb2.ModelConfig())
+    encoder = ModelSpec(
+        "text_encoder",
+        platform="tensorrt_plan",
+        inputs=(TensorSpec("input_ids", "TYPE_INT32", (-1, 77)),),
+        outputs=(TensorSpec("last_hidden_state", "TYPE_FP16", (-1, 77, 768)),),
+        cc_model_filenames={"8.9": "model_sm89.plan"},
+    )
+    config = text_format.Parse(
+        model_config(encoder, max_batch_size=16, kind="GPU", instance_count=1), model_config_pb2.ModelConfig()
+    )
     assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
     assert [list(t.dims) for t in (*config.input, *config.output)] == [[77], [77, 768]]
     assert not config.instance_group[0].profile
@@ -341,8 +386,24 @@ def test_failed_export_leaves_nothing_and_keeps_an_old_repository(compiled, tmp_
 def test_cli_export_server(compiled, tmp_path, capsys):
     artifact = compiled("sd15", "onnx", "none").root
     out = tmp_path / "repo"
-    assert main(["export-server", str(artifact), "--out", str(out), "--kind", "CPU", "--instances", "2",
-                 "--max-batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export-server",
+                str(artifact),
+                "--out",
+                str(out),
+                "--kind",
+                "CPU",
+                "--instances",
+                "2",
+                "--max-batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "tritonserver --model-repository" in capsys.readouterr().out
     config = parse_config(out / "vae_decoder" / "config.pbtxt")
     assert config.max_batch_size == 4
@@ -376,8 +437,13 @@ def tensorrt_artifact(tiny_checkpoint, tmp_path_factory):
     patch.setattr(tt, "compute_capability", lambda: "9.0")
     try:
         out = tmp_path_factory.mktemp("trt") / "artifact"
-        compile_artifact(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, show_progress=False,
-                         target_options={"verify": False, "batch_size": [1, 2, 4]})
+        compile_artifact(
+            tiny_checkpoint("sd15"),
+            target="tensorrt",
+            output_dir=out,
+            show_progress=False,
+            target_options={"verify": False, "batch_size": [1, 2, 4]},
+        )
     finally:
         patch.undo()
     return out
@@ -401,7 +467,9 @@ def test_tensorrt_artifact_serves_its_engines(tensorrt_artifact, tmp_path):
     assert parse_config(repo / "text_encoder" / "config.pbtxt").max_batch_size == 4
     assert parse_config(repo / "vae_decoder" / "config.pbtxt").max_batch_size == 4
     unet = parse_config(repo / "unet" / "config.pbtxt")
-    assert unet.max_batch_size == 0 and {i.name: i.data_type for i in unet.input}["sample"] == model_config_pb2.TYPE_FP16
+    assert (
+        unet.max_batch_size == 0 and {i.name: i.data_type for i in unet.input}["sample"] == model_config_pb2.TYPE_FP16
+    )
 
 
 def test_tensorrt_static_engines_do_not_batch_and_need_gpu_instances(tensorrt_artifact, tmp_path):

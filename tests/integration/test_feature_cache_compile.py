@@ -15,7 +15,6 @@ import torch
 from sdcompiler.errors import ConfigError, PassError
 
 
-
 def test_bad_configs(tiny_checkpoint):
     from sdcompiler import compile_pipeline
 
@@ -38,9 +37,11 @@ def test_torch_target_runs_full_and_shallow_unet_calls_per_plan(compiled, arch):
     n = _timesteps(pipe, steps)
     calls = {"conv_in": 0, "mid_block": 0, "deep": 0}
     unet = pipe.unet
-    hooks = [unet.conv_in.register_forward_hook(lambda *a: calls.__setitem__("conv_in", calls["conv_in"] + 1)),
-             unet.mid_block.register_forward_hook(lambda *a: calls.__setitem__("mid_block", calls["mid_block"] + 1)),
-             unet.down_blocks[1].resnets[0].register_forward_hook(lambda *a: calls.__setitem__("deep", calls["deep"] + 1))]
+    hooks = [
+        unet.conv_in.register_forward_hook(lambda *a: calls.__setitem__("conv_in", calls["conv_in"] + 1)),
+        unet.mid_block.register_forward_hook(lambda *a: calls.__setitem__("mid_block", calls["mid_block"] + 1)),
+        unet.down_blocks[1].resnets[0].register_forward_hook(lambda *a: calls.__setitem__("deep", calls["deep"] + 1)),
+    ]
     try:
         pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent")
     finally:
@@ -53,7 +54,8 @@ def test_torch_target_runs_full_and_shallow_unet_calls_per_plan(compiled, arch):
     assert metrics["full_calls_per_image"] == 2 * math.ceil(metrics["steps"] / 3)
     assert metrics["macs_per_image_after"] == 2 * (
         metrics["unet_macs_full"] * math.ceil(metrics["steps"] / 3)
-        + metrics["unet_macs_shallow"] * (metrics["steps"] - math.ceil(metrics["steps"] / 3)))
+        + metrics["unet_macs_shallow"] * (metrics["steps"] - math.ceil(metrics["steps"] / 3))
+    )
     assert 0 < metrics["unet_macs_shallow"] < metrics["unet_macs_full"]
     assert metrics["macs_per_image_after"] < metrics["macs_per_image_before"]
 
@@ -69,14 +71,22 @@ def test_onnx_target_exports_the_shallow_graph_and_matches_torch(compiled):
         def wrapped(*args, **kwargs):
             counts[kind] += 1
             return fn(*args, **kwargs)
+
         return wrapped
 
     cache.full, cache.shallow = count("full", full), count("shallow", shallow)
     try:
         steps = 7
         n = _timesteps(onnx_pipe, steps)
-        run = lambda pipe, **kw: pipe("a cat", num_inference_steps=steps, output_type="np",  # noqa: E731
-                                      generator=torch.Generator().manual_seed(0), **kw).images
+        run = lambda pipe, **kw: (
+            pipe(
+                "a cat",
+                num_inference_steps=steps,
+                output_type="np",  # noqa: E731
+                generator=torch.Generator().manual_seed(0),
+                **kw,
+            ).images
+        )
         cached = run(onnx_pipe)
         assert counts == {"full": math.ceil(n / 3), "shallow": n - math.ceil(n / 3)}
         np.testing.assert_allclose(cached, run(torch_pipe), atol=2e-3)

@@ -18,8 +18,10 @@ def _require_free_disk(path, gigabytes: float) -> None:
     the machine's state, not a defect of the compiler, and must not turn the whole suite red."""
     free = shutil.disk_usage(path).free / 1e9
     if free < gigabytes:
-        pytest.skip(f"needs ~{gigabytes:.0f} GB free disk for the full-size checkpoint and artifact, "
-                    f"{free:.1f} GB free at {path}")
+        pytest.skip(
+            f"needs ~{gigabytes:.0f} GB free disk for the full-size checkpoint and artifact, "
+            f"{free:.1f} GB free at {path}"
+        )
 
 
 @pytest.mark.slow
@@ -29,8 +31,9 @@ def test_bk_small_full_sd15_compiles_with_published_parameter_count(tmp_path):
 
     _require_free_disk(tmp_path, 8)
     checkpoint = make_checkpoint(tmp_path / "sd15-full", "sd15", "full", seed=0)
-    pipe = compile_pipeline(checkpoint, recipe="bk-small", target="torch", output_dir=tmp_path / "out",
-                            show_progress=False)
+    pipe = compile_pipeline(
+        checkpoint, recipe="bk-small", target="torch", output_dir=tmp_path / "out", show_progress=False
+    )
     (record,) = pipe.manifest["passes"]
     assert record["params_before"] == 859_520_964
     assert record["params_after"] == 482_346_884  # BK-SDM-Small: 0.49B published (1.6% off)
@@ -46,8 +49,9 @@ def test_koala_700m_full_sdxl_compiles_with_published_parameter_count(tmp_path):
 
     _require_free_disk(tmp_path, 22)
     checkpoint = make_checkpoint(tmp_path / "sdxl-full", "sdxl", "full", seed=0)
-    pipe = compile_pipeline(checkpoint, recipe="koala-700m", target="torch", output_dir=tmp_path / "out",
-                            show_progress=False)
+    pipe = compile_pipeline(
+        checkpoint, recipe="koala-700m", target="torch", output_dir=tmp_path / "out", show_progress=False
+    )
     (record,) = pipe.manifest["passes"]
     assert record["params_before"] == 2_567_463_684
     assert record["params_after"] == 782_822_724  # KOALA-700M

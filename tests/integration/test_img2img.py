@@ -66,12 +66,15 @@ def test_img2img_image_formats_and_resizing(compiled):
     image = _image(seed=2)
     array = np.asarray(image).astype(np.float32) / 255
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
-    outputs = [pipe("a cat", image=x, strength=0.5, generator=torch.Generator().manual_seed(0), **CALL).images
-               for x in (image, array[None], tensor)]
+    outputs = [
+        pipe("a cat", image=x, strength=0.5, generator=torch.Generator().manual_seed(0), **CALL).images
+        for x in (image, array[None], tensor)
+    ]
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
     np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
-    small = pipe("a cat", image=image, height=64, width=64, strength=0.5, generator=torch.Generator().manual_seed(0),
-                 **CALL).images
+    small = pipe(
+        "a cat", image=image, height=64, width=64, strength=0.5, generator=torch.Generator().manual_seed(0), **CALL
+    ).images
     assert small.shape == (1, 64, 64, 3)
 
 
@@ -81,8 +84,9 @@ def test_img2img_with_feature_cache(compiled, tiny_checkpoint):
     kwargs = dict(image=image, strength=0.8, num_inference_steps=10, output_type="np")
     cached = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     full = pipe("a cat", generator=torch.Generator().manual_seed(0), feature_cache=False, **kwargs).images
-    want = _reference(tiny_checkpoint("sd15"), "sd15")("a cat", generator=torch.Generator().manual_seed(0),
-                                                       **kwargs).images
+    want = _reference(tiny_checkpoint("sd15"), "sd15")(
+        "a cat", generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
     assert np.abs(full - want).max() < 1e-3  # without the cache: diffusers exactly
     assert 0 < np.abs(cached - full).max() < 0.2  # the cache changes the result, a little
 
@@ -101,8 +105,14 @@ def test_img2img_errors(compiled, tiny_checkpoint, tmp_path):
         with pytest.raises(PipelineArgumentError, match=match):
             pipe("a cat", **(CALL | kwargs))
     # an onnx artifact compiled without the VAE encoder says how to get one
-    out = compile_pipeline(tiny_checkpoint("sd15"), "none", "onnx", tmp_path / "no-encoder", show_progress=False,
-                           target_options={"vae_encoder": False})
+    out = compile_pipeline(
+        tiny_checkpoint("sd15"),
+        "none",
+        "onnx",
+        tmp_path / "no-encoder",
+        show_progress=False,
+        target_options={"vae_encoder": False},
+    )
     assert not (out.root / "vae_encoder").exists()
     with pytest.raises(PipelineArgumentError, match="no VAE encoder"):
         load_compiled(out.root, device="cpu")("a cat", image=image, **CALL)
@@ -124,8 +134,13 @@ def test_generate_cli_image(compiled, tmp_path, capsys):
     _image(seed=4).save(source)
     common = ["generate", str(pipe.root), "--prompt", "a cat", "--steps", "4", "--device", "cpu", "--seed", "0"]
     assert main(common + ["--image", str(source), "--strength", "0.5", "--out", str(tmp_path / "out.png")]) == 0
-    want = pipe("a cat", image=Image.open(source), strength=0.5, num_inference_steps=4,
-                generator=torch.Generator().manual_seed(0)).images[0]
+    want = pipe(
+        "a cat",
+        image=Image.open(source),
+        strength=0.5,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want))
     capsys.readouterr()
     assert main(common + ["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")]) == 1

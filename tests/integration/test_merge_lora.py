@@ -16,6 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lora_files import ENCODERS
+from lora_files import make_full_lora as _make_full_lora
+from lora_files import to_kohya as _to_kohya
 from safetensors.torch import load_file
 
 from sdcompiler import compile_pipeline
@@ -23,8 +26,6 @@ from sdcompiler.errors import PassError, RecipeError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, PassManager
 from sdcompiler.recipe import resolve_recipe
-
-from lora_files import ENCODERS, make_full_lora as _make_full_lora, to_kohya as _to_kohya
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CALL = dict(num_inference_steps=2, output_type="np")
@@ -39,25 +40,31 @@ def _make_lora(checkpoint: Path, out: Path, seed: int, rank: int = 4) -> Path:
     unet = load_checkpoint(checkpoint).pipeline.unet
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
-                                              safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
     return out / "pytorch_lora_weights.safetensors"
 
 
 def _model_inputs(pipe, arch: str) -> dict:
     """Fixed random U-Net inputs and token ids for every text encoder."""
     generator = torch.Generator().manual_seed(0)
-    unet = {"sample": torch.randn(2, 4, 16, 16, generator=generator), "timestep": torch.tensor([999, 10]),
-            "encoder_hidden_states": torch.randn(2, 8, pipe.unet.config.cross_attention_dim, generator=generator)}
+    unet = {
+        "sample": torch.randn(2, 4, 16, 16, generator=generator),
+        "timestep": torch.tensor([999, 10]),
+        "encoder_hidden_states": torch.randn(2, 8, pipe.unet.config.cross_attention_dim, generator=generator),
+    }
     if arch == "sdxl":
-        unet["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim,
-                                                                generator=generator),
-                                     "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}
+        unet["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=generator),
+            "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
+        }
     tokens = {}
     for name in ENCODERS[arch]:
         tokenizer = pipe.tokenizer_2 if name == "text_encoder_2" else pipe.tokenizer
-        tokens[name] = tokenizer(["a cat", "a red cube"], padding="max_length", max_length=tokenizer.model_max_length,
-                                 return_tensors="pt").input_ids
+        tokens[name] = tokenizer(
+            ["a cat", "a red cube"], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
     return {"unet": unet, "tokens": tokens}
 
 
@@ -91,12 +98,18 @@ def lora_files(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("target", ["onnx", "torch"])
 def test_merged_lora_matches_diffusers_lora_pipeline(target, tiny_checkpoint, lora_files, tmp_path):
     ckpt = tiny_checkpoint("sd15")
-    compiled = compile_pipeline(ckpt, [{"pass": "merge_lora", "path": str(lora_files["a"]), "scale": 0.7}], target,
-                                tmp_path / "out", show_progress=False)
+    compiled = compile_pipeline(
+        ckpt,
+        [{"pass": "merge_lora", "path": str(lora_files["a"]), "scale": 0.7}],
+        target,
+        tmp_path / "out",
+        show_progress=False,
+    )
     assert compiled.manifest["passes"][0]["metrics"]["unet_lora_layers"] > 0
     got = compiled("a cat", generator=torch.Generator().manual_seed(0), **CALL).images
-    want = _reference(ckpt, [(lora_files["a"], 0.7)])("a cat", generator=torch.Generator().manual_seed(0),
-                                                       **CALL).images
+    want = _reference(ckpt, [(lora_files["a"], 0.7)])(
+        "a cat", generator=torch.Generator().manual_seed(0), **CALL
+    ).images
     base = load_checkpoint(ckpt).pipeline("a cat", generator=torch.Generator().manual_seed(0), **CALL).images
     assert np.abs(got - want).max() < 1e-3
     assert np.abs(got - base).max() > 1e-2  # the LoRA changed the model
@@ -118,8 +131,10 @@ def lora_layouts(tiny_checkpoint, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"lora_layouts_{arch}")
         peft_file = _make_full_lora(checkpoint, root / "diffusers", seed=3)
         pipe = load_checkpoint(checkpoint).pipeline
-        files = {"diffusers": peft_file,
-                 "kohya": _to_kohya(peft_file, root / "kohya.safetensors", arch, pipe.unet.config.layers_per_block)}
+        files = {
+            "diffusers": peft_file,
+            "kohya": _to_kohya(peft_file, root / "kohya.safetensors", arch, pipe.unet.config.layers_per_block),
+        }
         inputs = _model_inputs(pipe, arch)
         modules = {name: getattr(pipe, name) for name in ("unet", *ENCODERS[arch])}
         outputs = {"base": _model_outputs(modules, inputs)}
@@ -133,15 +148,22 @@ def lora_layouts(tiny_checkpoint, tmp_path_factory):
             return outputs[layout, scale]
 
         unet_modules = {key.split(".lora_", 1)[0] for key in load_file(str(peft_file)) if key.startswith("unet.")}
-        built[arch] = SimpleNamespace(checkpoint=checkpoint, files=files, inputs=inputs, base=outputs["base"],
-                                      reference=reference, unet_modules=len(unet_modules))
+        built[arch] = SimpleNamespace(
+            checkpoint=checkpoint,
+            files=files,
+            inputs=inputs,
+            base=outputs["base"],
+            reference=reference,
+            unet_modules=len(unet_modules),
+        )
         return built[arch]
 
     return get
 
 
-@pytest.mark.parametrize("arch,layout,scale", [("sd15", "diffusers", 0.6), ("sd15", "kohya", 1.0),
-                                               ("sdxl", "kohya", 1.3)])
+@pytest.mark.parametrize(
+    "arch,layout,scale", [("sd15", "diffusers", 0.6), ("sd15", "kohya", 1.0), ("sdxl", "kohya", 1.3)]
+)
 def test_fused_lora_matches_the_unfused_diffusers_lora(arch, layout, scale, lora_layouts, tmp_path):
     """Acceptance: the merge_lora pass (fused) == diffusers' unfused `load_lora_weights` path of the same file,
     max abs error < 1e-4, for the U-Net and every text encoder; a kohya file gives what its peft twin gives.
@@ -179,21 +201,32 @@ def test_several_loras_with_their_own_scales(tiny_checkpoint, lora_files, tmp_pa
 
 def test_lora_for_another_architecture_is_refused(tiny_checkpoint, lora_files, tmp_path):
     with pytest.raises(PassError, match="another architecture|does not fit"):
-        compile_pipeline(tiny_checkpoint("sdxl"), [{"pass": "merge_lora", "path": str(lora_files["a"])}], "torch",
-                         tmp_path / "out", show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sdxl"),
+            [{"pass": "merge_lora", "path": str(lora_files["a"])}],
+            "torch",
+            tmp_path / "out",
+            show_progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_lora_inputs(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("sd15")
     with pytest.raises(PassError, match="does not exist"):
-        compile_pipeline(ckpt, [{"pass": "merge_lora", "path": str(tmp_path / "none.safetensors")}], "torch",
-                         tmp_path / "o1", show_progress=False)
+        compile_pipeline(
+            ckpt,
+            [{"pass": "merge_lora", "path": str(tmp_path / "none.safetensors")}],
+            "torch",
+            tmp_path / "o1",
+            show_progress=False,
+        )
     pickle = tmp_path / "lora.bin"
     torch.save({}, pickle)
     with pytest.raises(PassError, match="not .safetensors"):
-        compile_pipeline(ckpt, [{"pass": "merge_lora", "path": str(pickle)}], "torch", tmp_path / "o2",
-                         show_progress=False)
+        compile_pipeline(
+            ckpt, [{"pass": "merge_lora", "path": str(pickle)}], "torch", tmp_path / "o2", show_progress=False
+        )
     with pytest.raises(PassError, match="needs 'path' or 'loras'"):
         compile_pipeline(ckpt, [{"pass": "merge_lora"}], "torch", tmp_path / "o3", show_progress=False)
 
@@ -209,14 +242,16 @@ def test_lcm_lora_composite_preset(tiny_checkpoint, lora_files, tmp_path):
     from diffusers import LCMScheduler
 
     ckpt = tiny_checkpoint("sd15")
-    compiled = compile_pipeline(ckpt, [{"preset": "lcm-lora", "path": str(lora_files["a"])}], "onnx",
-                                tmp_path / "out", show_progress=False)
+    compiled = compile_pipeline(
+        ckpt, [{"preset": "lcm-lora", "path": str(lora_files["a"])}], "onnx", tmp_path / "out", show_progress=False
+    )
     assert [r["name"] for r in compiled.manifest["passes"]] == ["merge_lora", "set_scheduler"]
     assert compiled.manifest["defaults"]["num_inference_steps"] == 4
     assert compiled.manifest["defaults"]["guidance_scale"] == 1.0
     got = compiled("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
     reference = _reference(ckpt, [(lora_files["a"], 1.0)])
     reference.scheduler = LCMScheduler.from_config(reference.scheduler.config, original_inference_steps=50)
-    want = reference("a cat", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-                     output_type="np").images
+    want = reference(
+        "a cat", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert np.abs(got - want).max() < 1e-3

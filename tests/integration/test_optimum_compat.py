@@ -28,8 +28,11 @@ pytest.importorskip("onnxruntime")
 from sdcompiler import load_compiled  # noqa: E402
 
 ARCHS = ("sd15", "sdxl", "sd21")
-ORT_CLASS = {"sd15": "ORTStableDiffusionPipeline", "sd21": "ORTStableDiffusionPipeline",
-             "sdxl": "ORTStableDiffusionXLPipeline"}
+ORT_CLASS = {
+    "sd15": "ORTStableDiffusionPipeline",
+    "sd21": "ORTStableDiffusionPipeline",
+    "sdxl": "ORTStableDiffusionXLPipeline",
+}
 PROMPTS = ["a red cube on a wooden table", "a blue ball in the grass"]
 NEGATIVE = ["blurry", "low quality, watermark"]
 CALL = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
@@ -38,8 +41,9 @@ OPTIMUM_LOGGER = "optimum.onnxruntime.modeling_diffusion"
 
 
 def _run(pipe, negative_prompt):
-    return pipe(prompt=PROMPTS, negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(0),
-                **CALL).images
+    return pipe(
+        prompt=PROMPTS, negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(0), **CALL
+    ).images
 
 
 def _optimum_pipeline(artifact):
@@ -109,6 +113,9 @@ def test_optimum_images_match_ours_and_diffusers(case, diffusers_images, negativ
     assert np.isfinite(theirs).all()
     # not a degenerate image (a constant image would match trivially)
     assert theirs.std() > 1e-3 and np.abs(theirs[0] - theirs[1]).max() > 1e-3
-    errors = {"optimum vs ours": np.abs(theirs - ours).max(), "optimum vs diffusers": np.abs(theirs - reference).max(),
-              "ours vs diffusers": np.abs(ours - reference).max()}
+    errors = {
+        "optimum vs ours": np.abs(theirs - ours).max(),
+        "optimum vs diffusers": np.abs(theirs - reference).max(),
+        "ours vs diffusers": np.abs(ours - reference).max(),
+    }
     assert max(errors.values()) < TOLERANCE, errors

@@ -10,6 +10,7 @@ import copy
 import json
 
 import pytest
+import stub_passes  # noqa: E402,F401  (registers the _test_passes_* passes)
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
@@ -24,9 +25,6 @@ from sdcompiler.passes import (
     unet_example_inputs,
 )
 from sdcompiler.passes.fuse_qkv import FuseQKVConfig
-
-import stub_passes  # noqa: E402,F401  (registers the _test_passes_* passes)
-
 
 
 class _Pipe:
@@ -51,7 +49,9 @@ def _ctx() -> PassContext:
     import tempfile
     from pathlib import Path
 
-    return PassContext(arch="sd15", macs_resolution=(128, 128), cache_dir=Path(tempfile.gettempdir()), show_progress=False)
+    return PassContext(
+        arch="sd15", macs_resolution=(128, 128), cache_dir=Path(tempfile.gettempdir()), show_progress=False
+    )
 
 
 def _step(name: str, **config) -> PassStep:

@@ -98,8 +98,13 @@ def test_two_compiles_give_the_same_unet_bytes(int8, tiny_checkpoint, tmp_path, 
 
     # a fresh cache: trajectories, export, calibration and quantization all run again
     monkeypatch.setenv("SDCOMPILER_CACHE_DIR", str(tmp_path / "cache"))
-    root = compile_artifact(tiny_checkpoint("sd15"), recipe=RECIPE, target="onnx", output_dir=tmp_path / "again",
-                            target_options={"verify": False})
+    root = compile_artifact(
+        tiny_checkpoint("sd15"),
+        recipe=RECIPE,
+        target="onnx",
+        output_dir=tmp_path / "again",
+        target_options={"verify": False},
+    )
     files = json.loads((root / "manifest.json").read_text())["files"]
     assert files["unet/model.onnx"] == int8.manifest["files"]["unet/model.onnx"]
 
@@ -125,15 +130,18 @@ def test_torch_target_is_refused_up_front(tiny_checkpoint, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("item, error", [
-    ({"pass": "ptq", "calib_prompt": 2}, ConfigError),  # unknown key
-    ({"pass": "ptq", "calibration": "kl"}, ConfigError),
-    ({"pass": "ptq", "precision": "int4"}, ConfigError),
-    ({"pass": "ptq", "percentile": 20.0}, ConfigError),
-    ({"pass": "ptq", "guidance_scale": 1.0}, ConfigError),
-    ({"pass": "ptq", "op_types": []}, ConfigError),
-    ({"preset": "int8", "levels": 3}, RecipeError),  # not a key of the preset's pass
-])
+@pytest.mark.parametrize(
+    "item, error",
+    [
+        ({"pass": "ptq", "calib_prompt": 2}, ConfigError),  # unknown key
+        ({"pass": "ptq", "calibration": "kl"}, ConfigError),
+        ({"pass": "ptq", "precision": "int4"}, ConfigError),
+        ({"pass": "ptq", "percentile": 20.0}, ConfigError),
+        ({"pass": "ptq", "guidance_scale": 1.0}, ConfigError),
+        ({"pass": "ptq", "op_types": []}, ConfigError),
+        ({"preset": "int8", "levels": 3}, RecipeError),  # not a key of the preset's pass
+    ],
+)
 def test_bad_configs_are_rejected(item, error):
     from sdcompiler.recipe import resolve_recipe
 
@@ -148,9 +156,14 @@ def test_exclude_patterns_match_module_scopes():
     from sdcompiler.passes.ptq import excluded_nodes, module_path
 
     assert module_path("/unet/down_blocks.0/resnets.0/conv1/Conv") == "down_blocks.0.resnets.0.conv1"
-    names = ["/unet/conv_in/Conv", "/unet/time_embedding/linear_1/Gemm",
-             "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm", "/unet/down_blocks.0/resnets.0/conv1/Conv",
-             "/unet/conv_norm_out/InstanceNormalization", "Constant_3"]
+    names = [
+        "/unet/conv_in/Conv",
+        "/unet/time_embedding/linear_1/Gemm",
+        "/unet/down_blocks.0/resnets.0/time_emb_proj/Gemm",
+        "/unet/down_blocks.0/resnets.0/conv1/Conv",
+        "/unet/conv_norm_out/InstanceNormalization",
+        "Constant_3",
+    ]
     model = SimpleNamespace(graph=SimpleNamespace(node=[SimpleNamespace(name=n) for n in names]))
     assert excluded_nodes(model, ("conv_in", "time_embedding", "*.time_emb_proj")) == names[:3]
 
@@ -160,8 +173,11 @@ class _ToyUNet(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.conv2, self.proj = torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1), \
-            torch.nn.Linear(32, 16)
+        self.conv1, self.conv2, self.proj = (
+            torch.nn.Conv2d(4, 16, 3, padding=1),
+            torch.nn.Conv2d(16, 4, 1),
+            torch.nn.Linear(32, 16),
+        )
 
     def forward(self, sample, timestep, encoder_hidden_states):
         context = self.proj(encoder_hidden_states).mean(1)[:, :, None, None]
@@ -174,18 +190,28 @@ def test_calibration_methods(calibration, tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from sdcompiler.passes.training import sqnr_db
     from sdcompiler.passes.ptq import PtqConfig, quantize_unet
     from sdcompiler.passes.teacher_data import Trajectories
+    from sdcompiler.passes.training import sqnr_db
 
     generator = torch.Generator().manual_seed(0)
-    data = Trajectories(samples=torch.randn(2, 3, 4, 16, 16, generator=generator),
-                        timesteps=torch.tensor([900.0, 300.0]), context=torch.randn(3, 77, 32, generator=generator))
+    data = Trajectories(
+        samples=torch.randn(2, 3, 4, 16, 16, generator=generator),
+        timesteps=torch.tensor([900.0, 300.0]),
+        context=torch.randn(3, 77, 32, generator=generator),
+    )
     data.samples[0, 0, 0, 0, 0] = 40.0  # one outlier in 6144 values: min-max keeps it, the 99.9th percentile not
     model = _ToyUNet().eval()
     args = (data.samples[1, :1], data.timesteps[1], data.context[:1])
-    torch.onnx.export(model, args, str(tmp_path / "float.onnx"), dynamo=False, opset_version=18,
-                      input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"])
+    torch.onnx.export(
+        model,
+        args,
+        str(tmp_path / "float.onnx"),
+        dynamo=False,
+        opset_version=18,
+        input_names=["sample", "timestep", "encoder_hidden_states"],
+        output_names=["out_sample"],
+    )
     config = PtqConfig(calibration=calibration, percentile=99.9, exclude=())
     settings = quantize_unet(tmp_path / "float.onnx", tmp_path / "int8.onnx", data, config)
     assert settings["calibration"] == calibration and settings["calibration_inputs"] == 6

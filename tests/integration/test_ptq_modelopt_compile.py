@@ -18,10 +18,6 @@ from sdcompiler.errors import LoweringError, MissingDependencyError, PassError  
 from sdcompiler.passes import PassContext, get_pass  # noqa: E402
 from sdcompiler.passes import ptq_modelopt as mo  # noqa: E402
 
-
-
-
-
 SMALL = {"calib_prompts": 1, "calib_steps": 2, "resolution": 128}  # 4 calibration inputs (both CFG halves)
 
 
@@ -34,16 +30,18 @@ def _pipeline(tiny_checkpoint, arch="sd15"):
 def _run(pipe, tmp_path, arch="sd15", ctx=None, **options):
     ptq = get_pass("ptq")
     config = ptq.config_class.from_dict({**SMALL, **options}, owner="ptq")
-    ctx = ctx or PassContext(arch=arch, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
-                             target="tensorrt")
+    ctx = ctx or PassContext(
+        arch=arch, macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False, target="tensorrt"
+    )
     ptq.requires(pipe, config, ctx)
     return ptq.run(pipe, config, ctx)
 
 
 def test_int8_calibrates_every_quantizer_with_smoothquant(tiny_checkpoint, tmp_path):
     pipe = _pipeline(tiny_checkpoint)
-    ctx = PassContext(arch="sd15", macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False,
-                      target="tensorrt")
+    ctx = PassContext(
+        arch="sd15", macs_resolution=(128, 128), cache_dir=tmp_path, show_progress=False, target="tensorrt"
+    )
     metrics = _run(pipe, tmp_path, ctx=ctx)
     print(f"tiny sd15 modelopt int8 level 3: eps SQNR {metrics['sqnr_db']:.2f} dB")
     assert metrics["sqnr_db"] > 15.0
@@ -120,11 +118,17 @@ def test_backends_pick_their_targets(tiny_checkpoint, tmp_path):
     assert config({}, owner="ptq").backend_for("onnx") == "onnxruntime"
     out = tmp_path / "out"
     with pytest.raises(LoweringError, match=r"'ptq'.*target='tensorrt'"):  # refused before loading anything
-        compile_pipeline(tmp_path / "not-loaded", recipe=[{"preset": "int8", "backend": "modelopt"}], target="onnx",
-                         output_dir=out)
+        compile_pipeline(
+            tmp_path / "not-loaded", recipe=[{"preset": "int8", "backend": "modelopt"}], target="onnx", output_dir=out
+        )
     with pytest.raises(PassError, match="'entropy' is ONNX Runtime's"):
-        compile_pipeline(tiny_checkpoint("sd15"), recipe=[{"preset": "int8", "calibration": "entropy"}],
-                         target="tensorrt", output_dir=out, device="cpu")
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            recipe=[{"preset": "int8", "calibration": "entropy"}],
+            target="tensorrt",
+            output_dir=out,
+            device="cpu",
+        )
     assert not out.exists()
 
 
@@ -133,8 +137,8 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
     import onnx
 
     import sdcompiler.targets.tensorrt.target as tt
-    from sdcompiler.targets.tensorrt.build import OPTIMIZED
     from sdcompiler import compile_pipeline
+    from sdcompiler.targets.tensorrt.build import OPTIMIZED
 
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -155,14 +159,23 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
     monkeypatch.setattr(tt, "_verify", record)
     out = tmp_path / "artifact"
     with pytest.raises(MissingDependencyError, match=r"build_engine stage needs 'tensorrt'.*sd-compiler\[tensorrt\]"):
-        compile_pipeline(tiny_checkpoint("sd15"), recipe=[{"preset": preset, **SMALL}], target="tensorrt",
-                         output_dir=out, device="cpu", show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            recipe=[{"preset": preset, **SMALL}],
+            target="tensorrt",
+            output_dir=out,
+            device="cpu",
+            show_progress=False,
+        )
     assert not out.exists()
 
     model = onnx.load(str(kept / OPTIMIZED))
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", tt.QDQ_OPSET)}
-    q_op, dq_op, domain = (("QuantizeLinear", "DequantizeLinear", "") if preset == "int8"
-                           else ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "trt"))
+    q_op, dq_op, domain = (
+        ("QuantizeLinear", "DequantizeLinear", "")
+        if preset == "int8"
+        else ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", "trt")
+    )
     nodes = model.graph.node
     quantize = [n for n in nodes if n.op_type == q_op and n.domain == domain]
     dequantize = [n for n in nodes if n.op_type == dq_op and n.domain == domain]
@@ -177,6 +190,13 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
     assert verified["unet"]["sqnr_db"] > 10.0  # ONNX Runtime runs the Q/DQ graph
     first = (kept / OPTIMIZED).read_bytes()
     with pytest.raises(MissingDependencyError):  # seeded end to end: a second compile exports the same bytes
-        compile_pipeline(tiny_checkpoint("sd15"), recipe=[{"preset": preset, **SMALL}], target="tensorrt",
-                         output_dir=out, device="cpu", show_progress=False, target_options={"verify": False})
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            recipe=[{"preset": preset, **SMALL}],
+            target="tensorrt",
+            output_dir=out,
+            device="cpu",
+            show_progress=False,
+            target_options={"verify": False},
+        )
     assert (kept / OPTIMIZED).read_bytes() == first

@@ -11,10 +11,11 @@ import torch
 
 from sdcompiler.passes import unet_example_inputs
 from sdcompiler.passes.quest.modules import (
-    PackedQuantConv2d, PackedQuantLinear, QuantConv2d, QuantLinear,
+    PackedQuantConv2d,
+    PackedQuantLinear,
+    QuantConv2d,
+    QuantLinear,
 )
-
-
 
 # CPU-sized: 2 calibration prompts x 4 steps, 1 held-out prompt, 10 + 20 finetuning steps
 SMALL = {"calib_prompts": 2, "held_out_prompts": 1, "calib_steps": 4, "stage1_steps": 10, "stage2_steps": 20}
@@ -28,8 +29,9 @@ def quantized(tiny_checkpoint):
 
     def get(arch):
         if arch not in pipes:
-            pipes[arch] = compile_pipeline(tiny_checkpoint(arch), recipe=[{"preset": "quest-w4a4", **SMALL}],
-                                           target="torch")
+            pipes[arch] = compile_pipeline(
+                tiny_checkpoint(arch), recipe=[{"preset": "quest-w4a4", **SMALL}], target="torch"
+            )
         return pipes[arch]
 
     return get
@@ -38,8 +40,10 @@ def quantized(tiny_checkpoint):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_calibration_and_finetuning_beat_rtn(quantized, arch):
     m = quantized(arch).manifest["passes"][0]["metrics"]
-    print(f"{arch}: rtn {m['sqnr_rtn_db']:.2f} dB, calibrated {m['sqnr_calibrated_db']:.2f} dB, "
-          f"finetuned {m['sqnr_finetuned_db']:.2f} dB")
+    print(
+        f"{arch}: rtn {m['sqnr_rtn_db']:.2f} dB, calibrated {m['sqnr_calibrated_db']:.2f} dB, "
+        f"finetuned {m['sqnr_finetuned_db']:.2f} dB"
+    )
     assert m["sqnr_calibrated_db"] >= m["sqnr_rtn_db"] + 3
     if arch == "sd15":  # finetuning pays off here (tiny sd15: calibrated 11.38 dB -> finetuned 11.54 dB)
         assert m["finetune_kept"] == 1.0 and m["sqnr_db"] == m["sqnr_finetuned_db"] > m["sqnr_calibrated_db"]
@@ -49,8 +53,9 @@ def test_calibration_and_finetuning_beat_rtn(quantized, arch):
     assert m["simulated_attention_qkv"] == 1.0 and m["calibrated_timesteps"] == SMALL["calib_steps"]
 
 
-def test_torch_artifact_holds_packed_integer_layers_equal_to_the_fake_quant_model(quantized, tiny_checkpoint,
-                                                                                   compiled, tmp_path):
+def test_torch_artifact_holds_packed_integer_layers_equal_to_the_fake_quant_model(
+    quantized, tiny_checkpoint, compiled, tmp_path
+):
     from sdcompiler.loading import load_checkpoint
     from sdcompiler.passes import PassContext, PassManager
     from sdcompiler.recipe import resolve_recipe

@@ -23,8 +23,15 @@ def _call(pipe, prompt="a red cube", seed=0, **kwargs):
     return pipe(prompt, **(FAST | kwargs), generator=torch.Generator().manual_seed(seed)).images
 
 
-@pytest.mark.parametrize("extra", [{"eta": 0.1}, {"callback": print}, {"prompt_embeds": torch.zeros(1, 77, 32)},
-                                   {"cross_attention_kwargs": {"scale": 0.5}}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"eta": 0.1},
+        {"callback": print},
+        {"prompt_embeds": torch.zeros(1, 77, 32)},
+        {"cross_attention_kwargs": {"scale": 0.5}},
+    ],
+)
 def test_unsupported_argument_is_named(pipe, extra):
     with pytest.raises(PipelineArgumentError) as info:
         pipe("a red cube", **extra)
@@ -37,9 +44,22 @@ def test_unsupported_argument_is_named(pipe, extra):
 
 def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
     # diffusers' text-to-image arguments, its image-to-image ones (image, strength), and the feature-cache switch
-    assert set(SUPPORTED_ARGUMENTS) == {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height",
-                                        "width", "generator", "latents", "num_images_per_prompt", "output_type",
-                                        "timesteps", "feature_cache", "image", "strength"}
+    assert set(SUPPORTED_ARGUMENTS) == {
+        "prompt",
+        "negative_prompt",
+        "num_inference_steps",
+        "guidance_scale",
+        "height",
+        "width",
+        "generator",
+        "latents",
+        "num_images_per_prompt",
+        "output_type",
+        "timesteps",
+        "feature_cache",
+        "image",
+        "strength",
+    }
 
 
 def test_negative_prompt_at_guidance_one_warns(pipe):
@@ -97,8 +117,10 @@ def test_single_negative_prompt_is_broadcast(pipe):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs", [dict(prompt=None), dict(prompt=3), dict(prompt=["ok", 3]),
-                                    dict(num_images_per_prompt=0), dict(negative_prompt=5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(prompt=None), dict(prompt=3), dict(prompt=["ok", 3]), dict(num_images_per_prompt=0), dict(negative_prompt=5)],
+)
 def test_bad_values(pipe, kwargs):
     kwargs = {"prompt": "a red cube"} | kwargs
     with pytest.raises(PipelineArgumentError):
@@ -156,8 +178,16 @@ def test_guidance_scale_1_skips_the_unconditional_batch(pipe, monkeypatch):
     _call(pipe, ["a red cube", "a fox"], guidance_scale=5.0, output_type="np", height=64, width=64)
     assert batches == [4] * _n_calls(pipe, 2)  # unconditional + conditional
     batches.clear()
-    _call(pipe, "a red cube", guidance_scale=3.0, num_images_per_prompt=3, num_inference_steps=3, output_type="latent",
-          height=64, width=64)
+    _call(
+        pipe,
+        "a red cube",
+        guidance_scale=3.0,
+        num_images_per_prompt=3,
+        num_inference_steps=3,
+        output_type="latent",
+        height=64,
+        width=64,
+    )
     assert batches == [6] * _n_calls(pipe, 3)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from lora_files import make_full_lora, to_kohya
+
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import ConfigError, PassError, PipelineArgumentError
 
@@ -24,8 +24,11 @@ def _images(pipe, **overrides):
 
 def _pointers(pipe) -> dict[str, int]:
     modules = pipe.components.modules
-    return {f"{component}.{name}": p.data_ptr() for component in ("unet", "text_encoder")
-            for name, p in modules[component].named_parameters()}
+    return {
+        f"{component}.{name}": p.data_ptr()
+        for component in ("unet", "text_encoder")
+        for name, p in modules[component].named_parameters()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,12 @@ def loras(tiny_checkpoint, tmp_path_factory):
     ckpt = tiny_checkpoint("sd15")
     first = make_full_lora(ckpt, root / "a", seed=5)
     layers = load_compiled_unet_layers(ckpt)
-    return {"a": first, "b": make_full_lora(ckpt, root / "b", seed=6),
-            "a_kohya": to_kohya(first, root / "a_kohya.safetensors", "sd15", layers),
-            "sdxl": make_full_lora(tiny_checkpoint("sdxl"), root / "xl", seed=7)}
+    return {
+        "a": first,
+        "b": make_full_lora(ckpt, root / "b", seed=6),
+        "a_kohya": to_kohya(first, root / "a_kohya.safetensors", "sd15", layers),
+        "sdxl": make_full_lora(tiny_checkpoint("sdxl"), root / "xl", seed=7),
+    }
 
 
 def load_compiled_unet_layers(ckpt) -> int:
@@ -54,10 +60,10 @@ def merged(tiny_checkpoint, loras, tmp_path_factory):
     def get(items, after=()):
         key = (tuple(items), tuple(after))
         if key not in built:
-            recipe = [{"pass": "merge_lora", "loras": [{"path": str(loras[n]), "scale": s} for n, s in items]},
-                      *after]
-            pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", root / str(len(built)),
-                                    show_progress=False)
+            recipe = [{"pass": "merge_lora", "loras": [{"path": str(loras[n]), "scale": s} for n, s in items]}, *after]
+            pipe = compile_pipeline(
+                tiny_checkpoint("sd15"), recipe, "torch", root / str(len(built)), show_progress=False
+            )
             built[key] = _images(load_compiled(pipe.root, device="cpu"))
         return built[key]
 
@@ -127,10 +133,12 @@ def test_refusals_change_nothing(compiled, loras, tmp_path):
     with_a = _images(pipe)
     pickle_file = tmp_path / "lora.bin"
     pickle_file.write_bytes(b"not a safetensors file")
-    for bad, error, match in ((tmp_path / "missing.safetensors", PassError, "does not exist"),
-                              (pickle_file, PassError, "not .safetensors"),
-                              (42, PipelineArgumentError, "each LoRA must be"),
-                              ({"path": loras["b"], "weight": 1}, PipelineArgumentError, "each LoRA must be")):
+    for bad, error, match in (
+        (tmp_path / "missing.safetensors", PassError, "does not exist"),
+        (pickle_file, PassError, "not .safetensors"),
+        (42, PipelineArgumentError, "each LoRA must be"),
+        ({"path": loras["b"], "weight": 1}, PipelineArgumentError, "each LoRA must be"),
+    ):
         with pytest.raises(error, match=match):
             pipe.set_loras([bad])
         assert pipe.loras == [(str(loras["a"]), 1.0)]
@@ -158,15 +166,35 @@ def test_generate_cli_fuses_loras(compiled, loras, tmp_path, capsys):
     from sdcompiler.cli import main
 
     root = str(compiled("sd15", "torch", "none").root)
-    common = ["generate", root, "--prompt", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--device",
-              "cpu", "--seed", "0"]
+    common = [
+        "generate",
+        root,
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+    ]
     assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
     assert main(common + ["--lora", f"{loras['a']}:0.7", "--out", str(tmp_path / "lora.png")]) == 0
     assert main(common + ["--lora", str(loras["a"]), "--out", str(tmp_path / "lora1.png")]) == 0
     pipe = load_compiled(root, device="cpu")
     pipe.set_loras([(loras["a"], 0.7)])
-    want = pipe("a cat", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0),
-                output_type="pil").images[0]
+    want = pipe(
+        "a cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
+    ).images[0]
     images = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "lora", "lora1")}
     np.testing.assert_array_equal(images["lora"], np.asarray(want))
     assert np.abs(images["lora"].astype(int) - images["plain"]).max() > 0

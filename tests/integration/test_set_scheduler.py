@@ -24,10 +24,23 @@ from sdcompiler.recipe import resolve_recipe
 
 TOLERANCE = 1e-3
 PROMPTS = ["a red cube on a table", "a watercolor fox in the snow"]
-DPM = [{"pass": "set_scheduler", "scheduler": "DPMSolverMultistepScheduler",
-        "options": {"algorithm_type": "dpmsolver++"}, "num_inference_steps": 3, "guidance_scale": 4.0}]
-EULER_A = [{"pass": "set_scheduler", "scheduler": "EulerAncestralDiscreteScheduler",
-            "num_inference_steps": 3, "guidance_scale": 5.0}]
+DPM = [
+    {
+        "pass": "set_scheduler",
+        "scheduler": "DPMSolverMultistepScheduler",
+        "options": {"algorithm_type": "dpmsolver++"},
+        "num_inference_steps": 3,
+        "guidance_scale": 4.0,
+    }
+]
+EULER_A = [
+    {
+        "pass": "set_scheduler",
+        "scheduler": "EulerAncestralDiscreteScheduler",
+        "num_inference_steps": 3,
+        "guidance_scale": 5.0,
+    }
+]
 LCM_TIMESTEPS = [999, 759, 499, 259]
 
 
@@ -46,8 +59,13 @@ def diffusers_images(tiny_checkpoint):
         original = pipe.scheduler
         pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config, **options)
         try:
-            return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
-                        generator=torch.Generator().manual_seed(0), output_type="np").images
+            return pipe(
+                PROMPTS,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
         finally:
             pipe.scheduler = original
 
@@ -117,27 +135,43 @@ def test_sdxl_euler_ancestral_matches_diffusers(compiled, diffusers_images):
 
 
 def test_explicit_timesteps_recorded(compiled):
-    recipe = [{"pass": "set_scheduler", "scheduler": "LCMScheduler", "options": {"original_inference_steps": 50},
-               "timesteps": LCM_TIMESTEPS, "guidance_scale": 1.0}]
+    recipe = [
+        {
+            "pass": "set_scheduler",
+            "scheduler": "LCMScheduler",
+            "options": {"original_inference_steps": 50},
+            "timesteps": LCM_TIMESTEPS,
+            "guidance_scale": 1.0,
+        }
+    ]
     root = compiled("sd15", "torch", recipe).root
     defaults = _read(root, "manifest.json")["defaults"]
     assert defaults == {"num_inference_steps": 4, "guidance_scale": 1.0, "timesteps": LCM_TIMESTEPS}
 
 
-@pytest.mark.parametrize("config, words", [
-    ({"scheduler": "LCMSchedular"}, "unknown scheduler 'LCMSchedular'; did you mean LCMScheduler"),
-    ({"scheduler": "NotAScheduler"}, "unknown scheduler 'NotAScheduler'"),
-    ({"scheduler": "FlaxDDIMScheduler"}, "unknown scheduler 'FlaxDDIMScheduler'"),
-    ({}, "'scheduler' is required"),
-    ({"scheduler": "LCMScheduler", "options": {"original_steps": 50}},
-     "option(s) original_steps is not LCMScheduler config key(s)"),
-    ({"scheduler": "DDIMScheduler", "timesteps": [999, 499]},
-     "DDIMScheduler.set_timesteps takes no explicit timesteps"),
-    ({"scheduler": "LCMScheduler", "timesteps": [999, 499], "num_inference_steps": 4},
-     "disagrees with the 2 timesteps"),
-    ({"scheduler": "LCMScheduler", "options": ["original_inference_steps"]}, "key 'options' must be a mapping"),
-    ({"scheduler": "LCMScheduler", "num_inference_steps": 0}, "num_inference_steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"scheduler": "LCMSchedular"}, "unknown scheduler 'LCMSchedular'; did you mean LCMScheduler"),
+        ({"scheduler": "NotAScheduler"}, "unknown scheduler 'NotAScheduler'"),
+        ({"scheduler": "FlaxDDIMScheduler"}, "unknown scheduler 'FlaxDDIMScheduler'"),
+        ({}, "'scheduler' is required"),
+        (
+            {"scheduler": "LCMScheduler", "options": {"original_steps": 50}},
+            "option(s) original_steps is not LCMScheduler config key(s)",
+        ),
+        (
+            {"scheduler": "DDIMScheduler", "timesteps": [999, 499]},
+            "DDIMScheduler.set_timesteps takes no explicit timesteps",
+        ),
+        (
+            {"scheduler": "LCMScheduler", "timesteps": [999, 499], "num_inference_steps": 4},
+            "disagrees with the 2 timesteps",
+        ),
+        ({"scheduler": "LCMScheduler", "options": ["original_inference_steps"]}, "key 'options' must be a mapping"),
+        ({"scheduler": "LCMScheduler", "num_inference_steps": 0}, "num_inference_steps must be at least 1"),
+    ],
+)
 def test_bad_config_fails_at_resolution(config, words):
     with pytest.raises(ConfigError) as info:
         resolve_recipe([{"pass": "set_scheduler", **config}])
@@ -145,11 +179,16 @@ def test_bad_config_fails_at_resolution(config, words):
     assert words in message and "\n" not in message, message
 
 
-@pytest.mark.parametrize("config, words", [
-    ({"scheduler": "DPMSolverMultistepScheduler", "options": {"algorithm_type": "bogus"}},
-     "DPMSolverMultistepScheduler rejects options {'algorithm_type': 'bogus'}"),
-    ({"scheduler": "LCMScheduler", "timesteps": [1500, 500]}, "LCMScheduler cannot schedule timesteps [1500, 500]"),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (
+            {"scheduler": "DPMSolverMultistepScheduler", "options": {"algorithm_type": "bogus"}},
+            "DPMSolverMultistepScheduler rejects options {'algorithm_type': 'bogus'}",
+        ),
+        ({"scheduler": "LCMScheduler", "timesteps": [1500, 500]}, "LCMScheduler cannot schedule timesteps [1500, 500]"),
+    ],
+)
 def test_bad_values_fail_before_any_change(tiny_checkpoint, tmp_path, config, words):
     out = tmp_path / "artifact"
     with pytest.raises(PassError) as info:
@@ -163,8 +202,15 @@ def test_recorded_explicit_timesteps_drive_the_runtime(tiny_checkpoint, tmp_path
     """A timestep list that set_timesteps(n) would not produce reaches the U-Net, and callers can override it."""
     from sdcompiler import compile_pipeline
 
-    recipe = [{"pass": "set_scheduler", "scheduler": "LCMScheduler", "options": {"original_inference_steps": 50},
-               "timesteps": [999, 700, 300], "guidance_scale": 1.0}]
+    recipe = [
+        {
+            "pass": "set_scheduler",
+            "scheduler": "LCMScheduler",
+            "options": {"original_inference_steps": 50},
+            "timesteps": [999, 700, 300],
+            "guidance_scale": 1.0,
+        }
+    ]
     pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
     seen = []
     unet = pipe.components.unet

@@ -11,26 +11,27 @@ import json
 import numpy as np
 import pytest
 import torch
+from unet_holder import pruned_student
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import count_params
 from sdcompiler.passes.student_unet import student_config
-from unet_holder import pruned_student
 
-
-
-TINY_PRESETS = [("sd15", "bk-base"), ("sd15", "bk-small"), ("sd15", "bk-tiny"), ("sd21", "bk-small"),
-                ("sdxl", "koala-1b"), ("sdxl", "koala-700m")]
-
-
+TINY_PRESETS = [
+    ("sd15", "bk-base"),
+    ("sd15", "bk-small"),
+    ("sd15", "bk-tiny"),
+    ("sd21", "bk-small"),
+    ("sdxl", "koala-1b"),
+    ("sdxl", "koala-700m"),
+]
 
 
 @pytest.fixture(scope="module")
 def teachers(tiny_checkpoint):
     return {arch: load_checkpoint(tiny_checkpoint(arch)).pipeline for arch in ("sd15", "sd21", "sdxl")}
-
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx"])
@@ -49,8 +50,9 @@ def test_every_preset_compiles_reloads_and_generates(arch, preset, target, tiny_
 
 def test_torch_artifact_replays_structural_passes_in_order(tiny_checkpoint, tmp_path):
     """bk-small then fuse-qkv: load_compiled rebuilds both and the weights fit exactly."""
-    compiled = compile_pipeline(tiny_checkpoint("sd15"), ["bk-small", "fuse-qkv"], "torch", tmp_path / "out",
-                                show_progress=False)
+    compiled = compile_pipeline(
+        tiny_checkpoint("sd15"), ["bk-small", "fuse-qkv"], "torch", tmp_path / "out", show_progress=False
+    )
     source = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
     assert source["layers_per_block"] == 2  # the artifact stores the pre-pass config; rebuild derives the rest
     from sdcompiler.targets.torch_target import rebuild_pipeline
@@ -68,6 +70,7 @@ def test_unsuitable_models_are_refused_before_work(teachers, tiny_checkpoint, tm
     with pytest.raises(PassError, match="exceeds the teacher"):
         student_config(dict(teachers["sd15"].unet.config), 3, False)
     with pytest.raises(PassError, match="no mid-block left"):
-        compile_pipeline(tiny_checkpoint("sd15"), ["bk-small", "bk-small"], "torch", tmp_path / "out",
-                         show_progress=False)
+        compile_pipeline(
+            tiny_checkpoint("sd15"), ["bk-small", "bk-small"], "torch", tmp_path / "out", show_progress=False
+        )
     assert not (tmp_path / "out").exists()

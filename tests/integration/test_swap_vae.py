@@ -22,8 +22,11 @@ def _tiny_vae(folder, seed: int, latent_channels: int = 4):
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    vae = AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16, 16, 16, 16),
-                          latent_channels=latent_channels)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        latent_channels=latent_channels,
+    )
     vae.save_pretrained(folder)
     return folder
 
@@ -40,8 +43,13 @@ def artifacts(tiny_checkpoint, taesd, tmp_path_factory):
 
     def get(arch: str, target: str):
         if (arch, target) not in built:
-            built[arch, target] = compile_pipeline(tiny_checkpoint(arch), [{"preset": "taesd", "path": str(taesd)}],
-                                                   target, root / f"{arch}-{target}", show_progress=False)
+            built[arch, target] = compile_pipeline(
+                tiny_checkpoint(arch),
+                [{"preset": "taesd", "path": str(taesd)}],
+                target,
+                root / f"{arch}-{target}",
+                show_progress=False,
+            )
         return built[arch, target]
 
     return get
@@ -65,8 +73,9 @@ def test_tiny_vae_pipeline_matches_diffusers(arch, target, artifacts, tiny_check
     pipe = artifacts(arch, target)
     assert pipe.manifest["model"]["scaling_factor"] == 1.0  # TAESD scales latents itself
     got = pipe(["a cat", "a red cube"], generator=torch.Generator().manual_seed(0), **CALL).images
-    want = _reference(tiny_checkpoint(arch), taesd, arch)(["a cat", "a red cube"],
-                                                          generator=torch.Generator().manual_seed(0), **CALL).images
+    want = _reference(tiny_checkpoint(arch), taesd, arch)(
+        ["a cat", "a red cube"], generator=torch.Generator().manual_seed(0), **CALL
+    ).images
     assert np.abs(got - want).max() < 1e-3 and got.std() > 0
     reloaded = load_compiled(pipe.root, device="cpu")  # the artifact alone rebuilds the tiny VAE
     if target == "torch":
@@ -83,7 +92,8 @@ def test_tiny_vae_img2img_matches_diffusers(target, artifacts, tiny_checkpoint, 
     kwargs = dict(image=image, strength=0.7, **CALL)
     got = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     want = _reference(tiny_checkpoint("sd15"), taesd, "sd15", img2img=True)(
-        "a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+        "a cat", generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
     assert np.abs(got - want).max() < 1e-3
     if target == "onnx":  # the tiny VAE's encoder gives latents, not a posterior: optimum's latent_sample output
         assert pipe.components.encode_image(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 8, 8)
@@ -133,8 +143,9 @@ def test_bad_tiny_vae_folders(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("sd15")
 
     def compile_with(path):
-        return compile_pipeline(ckpt, [{"preset": "taesd", "path": str(path)}], "torch", tmp_path / "out",
-                                show_progress=False)
+        return compile_pipeline(
+            ckpt, [{"preset": "taesd", "path": str(path)}], "torch", tmp_path / "out", show_progress=False
+        )
 
     with pytest.raises(PassError, match="needs 'path'"):
         compile_pipeline(ckpt, "taesd", "torch", tmp_path / "out", show_progress=False)

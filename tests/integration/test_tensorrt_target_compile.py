@@ -16,7 +16,6 @@ from sdcompiler.errors import MissingDependencyError
 from sdcompiler.targets.tensorrt import target as tt
 
 
-
 def test_compile_runs_export_and_optimize_then_names_the_extra(tiny_checkpoint, tmp_path, monkeypatch):
     optimized = []
     optimize = tt.optimize_onnx
@@ -30,8 +29,10 @@ def test_compile_runs_export_and_optimize_then_names_the_extra(tiny_checkpoint, 
     out = tmp_path / "artifact"
     with pytest.raises(MissingDependencyError) as info:
         compile_pipeline(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, device="cpu")
-    assert str(info.value) == ("the tensorrt target's build_engine stage needs 'tensorrt', which is not installed: "
-                               "pip install 'sd-compiler[tensorrt]'")
+    assert str(info.value) == (
+        "the tensorrt target's build_engine stage needs 'tensorrt', which is not installed: "
+        "pip install 'sd-compiler[tensorrt]'"
+    )
     assert optimized == [("text_encoder", True), ("unet", True), ("vae_decoder", True)]
     assert list(tmp_path.iterdir()) == []  # no artifact, no partial staging folder
 

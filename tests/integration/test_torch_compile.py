@@ -62,8 +62,26 @@ def test_generate_cli_passes_load_options(compiled, tmp_path, capsys):
     from sdcompiler.cli import main
 
     artifact = compiled("sd15", "torch", "none")
-    code = main(["generate", str(artifact.root), "--prompt", "a cube", "--steps", "1", "--height", "64", "--width",
-                 "64", "--device", "cpu", "--option", "precision=fp16", "--out", str(tmp_path / "x.png")])
+    code = main(
+        [
+            "generate",
+            str(artifact.root),
+            "--prompt",
+            "a cube",
+            "--steps",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--device",
+            "cpu",
+            "--option",
+            "precision=fp16",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "load-time options" in err[0]

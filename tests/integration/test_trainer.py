@@ -25,8 +25,15 @@ def _run(out: Path, *args: str, processes: int = 1, check: bool = True) -> subpr
     if processes == 1:
         command = [sys.executable, str(JOB)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(JOB)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            str(JOB),
+        ]
     proc = subprocess.run([*command, "--out", str(out), *args], capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -72,14 +79,43 @@ def test_torchrun_compile_with_distill_matches_one_process(tiny_checkpoint, tmp_
     metrics = {}
     for processes in (1, 2):
         out = tmp_path / f"art{processes}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", SDCOMPILER_QUIET="1",
-                   SDCOMPILER_CACHE_DIR=str(tmp_path / f"cache{processes}"))  # no shared checkpoints to resume
-        launcher = [sys.executable] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}"]
-        proc = subprocess.run([*launcher, "-m", "sdcompiler", "compile", ckpt, "--recipe", "bk-small,distill",
-                               "--target", "torch", "--out", str(out)], capture_output=True, text=True, env=env,
-                              timeout=600)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            SDCOMPILER_QUIET="1",
+            SDCOMPILER_CACHE_DIR=str(tmp_path / f"cache{processes}"),
+        )  # no shared checkpoints to resume
+        launcher = (
+            [sys.executable]
+            if processes == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={processes}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}",
+            ]
+        )
+        proc = subprocess.run(
+            [
+                *launcher,
+                "-m",
+                "sdcompiler",
+                "compile",
+                ckpt,
+                "--recipe",
+                "bk-small,distill",
+                "--target",
+                "torch",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         metrics[processes] = json.loads((out / "manifest.json").read_text())["passes"][1]["metrics"]
     assert metrics[2]["resumed_from_step"] == 0

@@ -14,11 +14,21 @@ from sdcompiler.passes.condconv import CondConv2d
 CONV_SHAPES = [(3, 1, 1), (1, 0, 1), (3, 1, 2)]
 
 
-def _convs(count: int, kernel_size: int = 3, padding: int = 1, stride: int = 1, bias: bool = True,
-           in_channels: int = 4, out_channels: int = 6, seed: int = 0) -> list[nn.Conv2d]:
+def _convs(
+    count: int,
+    kernel_size: int = 3,
+    padding: int = 1,
+    stride: int = 1,
+    bias: bool = True,
+    in_channels: int = 4,
+    out_channels: int = 6,
+    seed: int = 0,
+) -> list[nn.Conv2d]:
     torch.manual_seed(seed)
-    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-            for _ in range(count)]
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        for _ in range(count)
+    ]
 
 
 def _random_condconv(num_experts: int = 3, bias: bool = True, stride: int = 1, seed: int = 0) -> CondConv2d:
@@ -74,7 +84,7 @@ def test_grouped_form_matches_a_per_sample_loop(bias, stride):
         for b in range(x.shape[0]):
             kernel = torch.einsum("n,noikl->oikl", gates[b], module.weight)
             bias_b = gates[b] @ module.bias if bias else None
-            reference.append(F.conv2d(x[b:b + 1], kernel, bias_b, module.stride, module.padding))
+            reference.append(F.conv2d(x[b : b + 1], kernel, bias_b, module.stride, module.padding))
         torch.testing.assert_close(module(x), torch.cat(reference), atol=1e-5, rtol=0)
 
 
@@ -106,13 +116,16 @@ def test_from_convs_pads_with_copies_of_the_kept_conv_and_truncates():
     assert truncated.weight.shape == (1, 6, 4, 3, 3) and torch.equal(truncated.weight[0], convs[0].weight)
 
 
-@pytest.mark.parametrize("other,named", [
-    (nn.Conv2d(4, 8, 3, padding=1), "out_channels"),
-    (nn.Conv2d(4, 6, 1), "kernel_size"),
-    (nn.Conv2d(4, 6, 3, padding=1, stride=2), "stride"),
-    (nn.Conv2d(4, 6, 3, padding=1, bias=False), "bias"),
-    (nn.Linear(4, 6), "Linear"),
-])
+@pytest.mark.parametrize(
+    "other,named",
+    [
+        (nn.Conv2d(4, 8, 3, padding=1), "out_channels"),
+        (nn.Conv2d(4, 6, 1), "kernel_size"),
+        (nn.Conv2d(4, 6, 3, padding=1, stride=2), "stride"),
+        (nn.Conv2d(4, 6, 3, padding=1, bias=False), "bias"),
+        (nn.Linear(4, 6), "Linear"),
+    ],
+)
 def test_from_convs_rejects_mismatched_convs(other, named):
     with pytest.raises(ValueError, match=named):
         CondConv2d.from_convs([nn.Conv2d(4, 6, 3, padding=1), other])
@@ -156,12 +169,24 @@ def test_onnx_export_keeps_batch_and_spatial_size_dynamic(tmp_path):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.SiLU(), _random_condconv(stride=2)).eval()
     path = tmp_path / "condconv.onnx"
     with torch.no_grad():
-        torch.onnx.export(model, (_x(batch=2, height=8, width=8),), str(path), dynamo=False, opset_version=18,
-                          input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}})
+        torch.onnx.export(
+            model,
+            (_x(batch=2, height=8, width=8),),
+            str(path),
+            dynamo=False,
+            opset_version=18,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}},
+        )
     graph = onnx.load(str(path)).graph
-    groups = [attribute.i for node in graph.node if node.op_type == "Conv"
-              for attribute in node.attribute if attribute.name == "group"]
+    groups = [
+        attribute.i
+        for node in graph.node
+        if node.op_type == "Conv"
+        for attribute in node.attribute
+        if attribute.name == "group"
+    ]
     assert set(groups) <= {1}  # the expert-stacked form: no batch size baked into a grouped conv
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1

@@ -11,19 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
 from diffusers import UNet2DConditionModel
+from unet_holder import UNetHolder
 
 from sdcompiler.errors import PassError
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import PassContext, count_params
 from sdcompiler.passes.accounting import parameter_layout
 from sdcompiler.recipe import resolve_recipe
-from unet_holder import UNetHolder
-from condconv_expected import EXPECTED_TARGETS, PRESETS, condconvs
-
-
-
-
 
 # SD1.5 U-Net parameters (pure, with 2-expert CondConv): the pure counts are test_student_unet's. The extra
 # parameters are one more expert (C*C*9 + C) and a routing head (2 C + 2) per replaced conv2 of width C:
@@ -33,8 +29,6 @@ FULL_SIZE = {
     "bk-small": (482_346_884, 550_566_420),
     "bk-tiny": (323_384_964, 362_105_616),
 }
-
-
 
 
 def _ctx() -> PassContext:
@@ -57,8 +51,6 @@ def _full_meta_unet() -> UNet2DConditionModel:
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +100,13 @@ def test_experts_are_the_kept_and_the_removed_convs(teacher):
 
 def test_more_experts_take_mid_block_and_deepest_stage_candidates(teacher):
     """bk-tiny, 4 experts: the last down stage's conv gets its removed resnet, then the mid-block's conv2s."""
-    recipe = {"pass": "prune_blocks", "layers_per_block": 1, "drop_mid_block": True, "drop_deepest_stage": True,
-              "condconv_experts": 4}
+    recipe = {
+        "pass": "prune_blocks",
+        "layers_per_block": 1,
+        "drop_mid_block": True,
+        "drop_deepest_stage": True,
+        "condconv_experts": 4,
+    }
     cond, metrics = _student(teacher, recipe)
     t = teacher.state_dict()
     last = cond.get_submodule("down_blocks.2.resnets.0.conv2")
@@ -150,8 +147,10 @@ def test_full_size_condconv_parameter_counts(preset, capsys):
     metrics = _apply(pipe, f"{preset}-condconv")
     counted = count_params(pipe.unet)
     with capsys.disabled():
-        print(f"\nSD1.5 {preset}: pure {pure_count:,} -> {preset}-condconv {counted:,} "
-              f"(+{metrics['condconv_params']:,} in {metrics['condconv_modules']} CondConv2d)")
+        print(
+            f"\nSD1.5 {preset}: pure {pure_count:,} -> {preset}-condconv {counted:,} "
+            f"(+{metrics['condconv_params']:,} in {metrics['condconv_modules']} CondConv2d)"
+        )
     assert counted == cond_count > pure_count
     assert counted == pure_count + metrics["condconv_params"]
     assert set(condconvs(pipe.unet)) == EXPECTED_TARGETS[preset]

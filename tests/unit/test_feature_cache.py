@@ -10,9 +10,8 @@ import math
 import pytest
 import torch
 
-from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
 from sdcompiler.passes import unet_example_inputs
-
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
 
 
 def _unet(tiny_checkpoint, arch):
@@ -46,8 +45,13 @@ def test_split_unet_full_and_shallow_equal_the_unet(tiny_checkpoint, arch, laten
     unet = _unet(tiny_checkpoint, arch)
     inputs = unet_example_inputs(unet, 2, (latent, latent), generator=torch.Generator().manual_seed(1))
     added = inputs.get("added_cond_kwargs") or {}
-    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], added.get("text_embeds"),
-            added.get("time_ids"))
+    args = (
+        inputs["sample"],
+        inputs["timestep"],
+        inputs["encoder_hidden_states"],
+        added.get("text_embeds"),
+        added.get("time_ids"),
+    )
     with torch.no_grad():
         expected = unet(**inputs, return_dict=False)[0]
         for branch in range(len(unet.down_blocks) - 1):
@@ -57,4 +61,4 @@ def test_split_unet_full_and_shallow_equal_the_unet(tiny_checkpoint, arch, laten
             # the shallow branch from the same step's deep features is the whole U-Net again
             torch.testing.assert_close(split.shallow(*args, deep=deep), expected, rtol=0, atol=0)
             # deep features: the input of up block n-1-branch, at the resolution of down block `branch`
-            assert deep.shape[-2:] == (math.ceil(latent / 2 ** branch),) * 2
+            assert deep.shape[-2:] == (math.ceil(latent / 2**branch),) * 2

@@ -21,8 +21,9 @@ from sdcompiler.kernels.groupnorm_silu import group_norm_silu, group_norm_silu_r
 from sdcompiler.kernels.lowering import KINDS, FusedGEGLU, FusedResnetBlock2D, lower_unet, unlower_unet
 from sdcompiler.passes.accounting import count_macs, unet_example_inputs
 
-needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton runs on CPU tensors only under "
-                                       "TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(
+    not interpreting(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+)
 
 
 @pytest.fixture
@@ -158,7 +159,11 @@ def test_ops_dispatch_to_reference_when_triton_disabled(monkeypatch, reference_o
     h = torch.randn(2, 3, 80)
     torch.testing.assert_close(geglu(h), geglu_reference(h))
     assert (gn_triton, gn_reference, geglu_triton_calls, geglu_reference_calls) == (
-        [], ["group_norm_silu_reference"], [], ["geglu_reference"])
+        [],
+        ["group_norm_silu_reference"],
+        [],
+        ["geglu_reference"],
+    )
 
 
 @needs_interpreter
@@ -245,9 +250,16 @@ def _non_pow2_unet():
     """Two stages of 40 / 80 channels in 4 groups: 10 and 20 channels per group; GEGLU inner 160 and 320."""
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(40, 80),
-        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(40, 80),
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
     ).eval()
 
 
@@ -273,8 +285,7 @@ _RESNET_VARIANTS = {
     "shortcut-conv": dict(in_channels=20, out_channels=40, temb_channels=16, groups=2),
     "no-temb-scaled": dict(in_channels=20, temb_channels=None, groups=2, output_scale_factor=2.0),
     "skip-time-act": dict(in_channels=20, temb_channels=16, groups=2, groups_out=4, skip_time_act=True, eps=1e-5),
-    "forced-shortcut": dict(in_channels=20, temb_channels=16, groups=2, use_in_shortcut=True,
-                            conv_shortcut_bias=False),
+    "forced-shortcut": dict(in_channels=20, temb_channels=16, groups=2, use_in_shortcut=True, conv_shortcut_bias=False),
 }
 
 
@@ -296,14 +307,16 @@ def test_lowering_leaves_other_variants_and_kinds_alone():
     from diffusers.models.resnet import ResnetBlock2D
 
     torch.manual_seed(0)
-    blocks = torch.nn.ModuleList([
-        ResnetBlock2D(in_channels=8, groups=2, time_embedding_norm="scale_shift"),
-        ResnetBlock2D(in_channels=8, groups=2, up=True),
-        ResnetBlock2D(in_channels=8, groups=2, down=True),
-        ResnetBlock2D(in_channels=8, groups=2, non_linearity="mish"),
-        ResnetBlock2D(in_channels=8, groups=2),
-        GEGLU(8, 16),
-    ])
+    blocks = torch.nn.ModuleList(
+        [
+            ResnetBlock2D(in_channels=8, groups=2, time_embedding_norm="scale_shift"),
+            ResnetBlock2D(in_channels=8, groups=2, up=True),
+            ResnetBlock2D(in_channels=8, groups=2, down=True),
+            ResnetBlock2D(in_channels=8, groups=2, non_linearity="mish"),
+            ResnetBlock2D(in_channels=8, groups=2),
+            GEGLU(8, 16),
+        ]
+    )
     assert lower_unet(blocks, kinds=("geglu",)) == {"geglu": 1}
     assert [type(b) for b in blocks] == [ResnetBlock2D] * 5 + [FusedGEGLU]
     assert lower_unet(blocks) == {"group_norm_silu": 1, "geglu": 1}

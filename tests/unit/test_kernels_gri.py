@@ -32,8 +32,7 @@ def dense_gri(q, k, v, k_global, v_global, height, width, window):
     tile = (rows // window) * width + cols // window  # unique per tile (width >= tiles per row)
     same_tile = tile[:, None] == tile[None, :]
     mask = torch.cat([same_tile, torch.ones(height * width, k_global.shape[2], dtype=torch.bool)], dim=1)
-    return F.scaled_dot_product_attention(q, torch.cat([k, k_global], 2), torch.cat([v, v_global], 2),
-                                          attn_mask=mask)
+    return F.scaled_dot_product_attention(q, torch.cat([k, k_global], 2), torch.cat([v, v_global], 2), attn_mask=mask)
 
 
 # (batch, heads, height, width, window, num_global, head_dim): ragged edges on both axes, G = 0 and G > 0,
@@ -76,8 +75,9 @@ def test_triton_non_contiguous_inputs_and_scale():
     n = height * width
     # Attention layers produce (B, N, heads, d) and view it as (B, heads, N, d): strided, not contiguous.
     q, k, v = (torch.randn(batch, n, heads, head_dim, generator=gen).transpose(1, 2) for _ in range(3))
-    k_global, v_global = (torch.randn(batch, num_global, heads, head_dim, generator=gen).transpose(1, 2)
-                          for _ in range(2))
+    k_global, v_global = (
+        torch.randn(batch, num_global, heads, head_dim, generator=gen).transpose(1, 2) for _ in range(2)
+    )
     assert not q.is_contiguous() and not k_global.is_contiguous()
     out = gri_module.gri_attention_triton(q, k, v, k_global, v_global, height, width, window, 0.3)
     expected = gri_attention_reference(q, k, v, k_global, v_global, height, width, window, 0.3)
@@ -89,19 +89,25 @@ def test_window_covering_the_map_is_full_attention(window):
     height, width = 5, 4
     q, k, v, k_global, v_global = make_inputs(1, 2, height, width, 0, 40)
     full = F.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(gri_attention_reference(q, k, v, k_global, v_global, height, width, window), full,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gri_attention_reference(q, k, v, k_global, v_global, height, width, window), full, atol=1e-5, rtol=1e-5
+    )
     pytest.importorskip("triton")
-    torch.testing.assert_close(gri_module.gri_attention_triton(q, k, v, k_global, v_global, height, width, window),
-                               full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gri_module.gri_attention_triton(q, k, v, k_global, v_global, height, width, window), full, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}h{}_{}x{}_w{}_G{}_d{}".format(*c))
 def test_sdpa_path_matches_reference(case):
     batch, heads, height, width, window, num_global, head_dim = case
     inputs = make_inputs(batch, heads, height, width, num_global, head_dim, seed=5)
-    torch.testing.assert_close(gri_attention_sdpa(*inputs, height, width, window),
-                               gri_attention_reference(*inputs, height, width, window), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gri_attention_sdpa(*inputs, height, width, window),
+        gri_attention_reference(*inputs, height, width, window),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_op_dispatch_on_cpu(monkeypatch):
@@ -170,8 +176,9 @@ class TinyGRIBlock(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)
         q, k, v = self.qkv(tokens).reshape(batch, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         pooled = F.avg_pool2d(x, 4).flatten(2).transpose(1, 2)
-        k_global, v_global = self.kv_global(pooled).reshape(batch, -1, 2, self.heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        k_global, v_global = (
+            self.kv_global(pooled).reshape(batch, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         return gri_attention_reference(q, k, v, k_global, v_global, height, width, self.window)
 
 
@@ -183,9 +190,16 @@ def test_reference_exports_to_onnx_with_dynamic_map_size(tmp_path):
     with warnings.catch_warnings():
         # A TracerWarning means some size was frozen to the 10 x 10 example: make it fail here, not at 7 x 13.
         warnings.simplefilter("error", torch.jit.TracerWarning)
-        torch.onnx.export(block, (torch.randn(1, 8, 10, 10),), str(path), dynamo=False, opset_version=18,
-                          input_names=["x"], output_names=["out"],
-                          dynamic_axes={"x": {2: "height", 3: "width"}, "out": {2: "tokens"}})
+        torch.onnx.export(
+            block,
+            (torch.randn(1, 8, 10, 10),),
+            str(path),
+            dynamo=False,
+            opset_version=18,
+            input_names=["x"],
+            output_names=["out"],
+            dynamic_axes={"x": {2: "height", 3: "width"}, "out": {2: "tokens"}},
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for height, width in [(16, 16), (7, 13)]:
         x = torch.randn(1, 8, height, width)

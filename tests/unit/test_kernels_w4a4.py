@@ -214,8 +214,7 @@ def test_opcheck(monkeypatch):
     packed, scale, zero, bias, _ = make_layer(24, 33, 4)
     x = torch.randn(5, 33, generator=_gen(7))
     torch.library.opcheck(torch.ops.sdcompiler.w4a4_linear, (x, packed, scale, zero, bias, None, 4, 4, 33))
-    torch.library.opcheck(torch.ops.sdcompiler.w4a4_linear, (x, packed, scale, zero, None, torch.tensor(0.5), 8, 4,
-                                                             33))
+    torch.library.opcheck(torch.ops.sdcompiler.w4a4_linear, (x, packed, scale, zero, None, torch.tensor(0.5), 8, 4, 33))
     torch.library.opcheck(torch.ops.sdcompiler.quantize_act, (x, None, 4))
     torch.library.opcheck(torch.ops.sdcompiler.quantize_act, (x, torch.tensor(0.5), 8))
 
@@ -232,8 +231,16 @@ def test_flop_counting_on_meta():
     packed, scale, zero, bias, _ = make_layer(16, 8 * 9, 4)
     x = torch.randn(2, 8, 10, 10, device="meta")
     with FlopCounterMode(display=False) as counter:
-        y = w4a4.w4a4_conv2d(x, *[t.to("meta") for t in (packed, scale, zero, bias)], torch.tensor(0.5, device="meta"),
-                             a_bits=4, w_bits=4, kernel_size=3, stride=2, padding=1)
+        y = w4a4.w4a4_conv2d(
+            x,
+            *[t.to("meta") for t in (packed, scale, zero, bias)],
+            torch.tensor(0.5, device="meta"),
+            a_bits=4,
+            w_bits=4,
+            kernel_size=3,
+            stride=2,
+            padding=1,
+        )
     assert y.shape == (2, 16, 5, 5)
     assert counter.get_total_flops() == 2 * (2 * 25) * 16 * (8 * 9)
 

@@ -14,8 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"compiler": "sdcompiler", "passes": "sdcompiler.passes", "kernels": "sdcompiler.kernels"}
 # what each layer may import of ours (a module name prefix); the compiler layer may import everything
-ALLOWED = {"sdcompiler.passes": ("sdcompiler.passes", "sdcompiler.kernels"),
-           "sdcompiler.kernels": ("sdcompiler.kernels",)}
+ALLOWED = {
+    "sdcompiler.passes": ("sdcompiler.passes", "sdcompiler.kernels"),
+    "sdcompiler.kernels": ("sdcompiler.kernels",),
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -34,7 +36,8 @@ def _type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _import_nodes(tree: ast.AST):

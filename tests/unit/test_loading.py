@@ -28,12 +28,23 @@ ARCHS = ("sd15", "sd21", "sdxl")
 
 # --- original-layout (CompVis / SGM) state dicts from diffusers pipelines -------------------------------------
 
-_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+_RESNET = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
 _VAE_SHORTCUT = [("conv_shortcut", "nin_shortcut")]
 _VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-_OPEN_CLIP = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
-              ("self_attn.out_proj", "attn.out_proj")]
+_OPEN_CLIP = [
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+    ("self_attn.out_proj", "attn.out_proj"),
+]
 
 
 def _rename(rest: str, pairs) -> str:
@@ -49,17 +60,23 @@ def _unet_to_ldm(state: dict, config) -> dict:
     direct = {**MAP["unet"]["layers"], **MAP["unet"]["addition_embed_type"]}
     up_with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
     rules = [
-        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda b, i, r: f"input_blocks.{1 + b * n + i}.0.{_rename(r, _RESNET)}"),
+        (
+            r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda b, i, r: f"input_blocks.{1 + b * n + i}.0.{_rename(r, _RESNET)}",
+        ),
         (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda b, i, r: f"input_blocks.{1 + b * n + i}.1.{r}"),
         (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", lambda b, r: f"input_blocks.{b * n + n}.0.op.{r}"),
         (r"mid_block\.resnets\.(\d+)\.(.+)", lambda i, r: f"middle_block.{2 * i}.{_rename(r, _RESNET)}"),
         (r"mid_block\.attentions\.0\.(.+)", lambda r: f"middle_block.1.{r}"),
-        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda b, i, r: f"output_blocks.{b * n + i}.0.{_rename(r, _RESNET)}"),
+        (
+            r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda b, i, r: f"output_blocks.{b * n + i}.0.{_rename(r, _RESNET)}",
+        ),
         (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda b, i, r: f"output_blocks.{b * n + i}.1.{r}"),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
-         lambda b, r: f"output_blocks.{b * n + n - 1}.{2 if b in up_with_attention else 1}.conv.{r}"),
+        (
+            r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+            lambda b, r: f"output_blocks.{b * n + n - 1}.{2 if b in up_with_attention else 1}.conv.{r}",
+        ),
     ]
     return {"model.diffusion_model." + (direct.get(k) or _apply(rules, k)): v for k, v in state.items()}
 
@@ -69,18 +86,30 @@ def _vae_to_ldm(state: dict, config) -> dict:
 
     last = len(config["up_block_types"]) - 1  # the original decoder numbers its stages bottom-up
     rules = [
-        (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
-         lambda part, i, r: f"{part}.mid.block_{i + 1}.{_rename(r, _VAE_SHORTCUT)}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
-         lambda part, r: f"{part}.mid.attn_1.{_rename(r, _VAE_ATTENTION)}"),
-        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda b, i, r: f"encoder.down.{b}.block.{i}.{_rename(r, _VAE_SHORTCUT)}"),
-        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
-         lambda b, r: f"encoder.down.{b}.downsample.conv.{r}"),
-        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-         lambda b, i, r: f"decoder.up.{last - b}.block.{i}.{_rename(r, _VAE_SHORTCUT)}"),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
-         lambda b, r: f"decoder.up.{last - b}.upsample.conv.{r}"),
+        (
+            r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)",
+            lambda part, i, r: f"{part}.mid.block_{i + 1}.{_rename(r, _VAE_SHORTCUT)}",
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
+            lambda part, r: f"{part}.mid.attn_1.{_rename(r, _VAE_ATTENTION)}",
+        ),
+        (
+            r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda b, i, r: f"encoder.down.{b}.block.{i}.{_rename(r, _VAE_SHORTCUT)}",
+        ),
+        (
+            r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+            lambda b, r: f"encoder.down.{b}.downsample.conv.{r}",
+        ),
+        (
+            r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+            lambda b, i, r: f"decoder.up.{last - b}.block.{i}.{_rename(r, _VAE_SHORTCUT)}",
+        ),
+        (
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+            lambda b, r: f"decoder.up.{last - b}.upsample.conv.{r}",
+        ),
     ]
     out = {}
     for key, value in state.items():
@@ -102,10 +131,15 @@ def _open_clip_to_ldm(state: dict, prefix: str) -> dict:
         elif key == "text_projection.weight":
             out[prefix + "text_projection"] = value.T.contiguous()
         else:
-            out[prefix + {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-                          "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                          "text_model.final_layer_norm.weight": "ln_final.weight",
-                          "text_model.final_layer_norm.bias": "ln_final.bias"}[key]] = value
+            out[
+                prefix
+                + {
+                    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight",
+                    "text_model.final_layer_norm.bias": "ln_final.bias",
+                }[key]
+            ] = value
     return out
 
 
@@ -188,8 +222,12 @@ def _unet_outputs(pipe) -> torch.Tensor:
     extra = {}
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+        extra = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(1, pooled, generator=generator),
+                "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]]),
+            }
+        }
     with torch.no_grad():
         return unet(sample, torch.tensor([500]), context, **extra).sample
 
@@ -202,8 +240,11 @@ def test_diffusers_folder_arch_and_source(tiny, arch):
     loaded = load_checkpoint(tiny[arch])
     assert loaded.arch.name == arch
     assert type(loaded.pipeline).__name__ == loaded.arch.pipeline_class
-    assert loaded.source == {"path": str(tiny[arch].resolve()), "kind": "diffusers",
-                             "sha256": checkpoint_sha256(tiny[arch])}
+    assert loaded.source == {
+        "path": str(tiny[arch].resolve()),
+        "kind": "diffusers",
+        "sha256": checkpoint_sha256(tiny[arch]),
+    }
     params = list(loaded.pipeline.unet.parameters())
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
     assert not loaded.pipeline.unet.training and not loaded.pipeline.text_encoder.training
@@ -215,18 +256,24 @@ def test_diffusers_folder_arch_and_source(tiny, arch):
 
 
 def test_prediction_type_override(tiny):
-    assert load_checkpoint(tiny["sd15"], prediction_type="v_prediction").pipeline.scheduler.config.prediction_type \
+    assert (
+        load_checkpoint(tiny["sd15"], prediction_type="v_prediction").pipeline.scheduler.config.prediction_type
         == "v_prediction"
-    assert load_checkpoint(tiny["sd21"], prediction_type="epsilon").pipeline.scheduler.config.prediction_type \
-        == "epsilon"
+    )
+    assert (
+        load_checkpoint(tiny["sd21"], prediction_type="epsilon").pipeline.scheduler.config.prediction_type == "epsilon"
+    )
     assert "unknown prediction_type" in _error(tiny["sd15"], prediction_type="x0")
 
 
 def test_folder_listing_safety_checker_loads_without_it(tiny, tmp_path):
     folder = shutil.copytree(tiny["sd15"], tmp_path / "sd15")
     index = json.loads((folder / "model_index.json").read_text())
-    index |= {"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-              "feature_extractor": ["transformers", "CLIPImageProcessor"], "requires_safety_checker": True}
+    index |= {
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "requires_safety_checker": True,
+    }
     (folder / "model_index.json").write_text(json.dumps(index))  # listed, but its folders are absent
     assert load_checkpoint(folder).pipeline.safety_checker is None
 
@@ -325,8 +372,9 @@ def test_pickle_refused_then_accepted(single_file, tmp_path):
     assert "allow_pickle=True (CLI: --allow-pickle)" in message
     loaded = load_checkpoint(ckpt, allow_pickle=True, config=configs)
     assert loaded.arch.name == "sd15" and loaded.source["kind"] == "single_file"
-    torch.testing.assert_close(_unet_outputs(loaded.pipeline), _unet_outputs(load_checkpoint(folder).pipeline),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _unet_outputs(loaded.pipeline), _unet_outputs(load_checkpoint(folder).pipeline), atol=1e-5, rtol=0
+    )
 
 
 def test_unsupported_suffix_and_config_misuse(tiny, tmp_path):

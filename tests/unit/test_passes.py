@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import pytest
+import stub_passes  # noqa: E402,F401  (registers the _test_passes_* passes)
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -28,9 +29,6 @@ from sdcompiler.passes import (
     register_pass,
 )
 from sdcompiler.passes.fuse_qkv import FuseQKVConfig
-
-import stub_passes  # noqa: E402,F401  (registers the _test_passes_* passes)
-
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,10 @@ def test_wrong_type_is_config_error(data):
         FuseQKVConfig.from_dict(data, owner="fuse_qkv")
 
 
-@pytest.mark.parametrize("data, key", [({"ratio": "half"}, "ratio"), ({"steps": 2.5}, "steps"), ({"steps": True}, "steps"),
-                                       ({"mode": 3}, "mode")])
+@pytest.mark.parametrize(
+    "data, key",
+    [({"ratio": "half"}, "ratio"), ({"steps": 2.5}, "steps"), ({"steps": True}, "steps"), ({"mode": 3}, "mode")],
+)
 def test_wrong_scalar_types(data, key):
     with pytest.raises(ConfigError, match=key):
         _TypedConfig.from_dict(data, owner="typed")
@@ -114,8 +114,14 @@ def test_register_pass_rejects_duplicates_and_unknown_stages():
     assert "_test_passes_bad_stage" not in available_passes()
 
 
-@pytest.mark.parametrize("names", [("_test_passes_quantize", "fuse_qkv"), ("fuse_qkv", "_test_passes_merge"),
-                                   ("_test_passes_quantize", "_test_passes_merge")])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("_test_passes_quantize", "fuse_qkv"),
+        ("fuse_qkv", "_test_passes_merge"),
+        ("_test_passes_quantize", "_test_passes_merge"),
+    ],
+)
 def test_check_order_rejects_and_names_both_passes(names):
     steps = [_step(n) for n in names]
     with pytest.raises(RecipeError) as info:
@@ -138,7 +144,9 @@ def test_recipe_resolution_applies_ordering_rules():
     with pytest.raises(RecipeError, match="_test_passes_quantize"):
         resolve_recipe([{"pass": "_test_passes_quantize"}, "fuse-qkv"])
     assert [s.name for s in resolve_recipe(["fuse-qkv", {"pass": "_test_passes_quantize"}])] == [
-        "fuse_qkv", "_test_passes_quantize"]
+        "fuse_qkv",
+        "_test_passes_quantize",
+    ]
 
 
 def _meta_unet(arch: str):

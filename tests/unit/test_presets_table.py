@@ -21,7 +21,7 @@ def _readme_table() -> str:
     text = README.read_text()
     start = text.index(BEGIN)
     start = text.index("\n", start) + 1  # the begin marker's line ends after its comment
-    return text[start:text.index(END, start)].strip("\n") + "\n"
+    return text[start : text.index(END, start)].strip("\n") + "\n"
 
 
 def test_every_preset_names_registered_passes_and_has_a_description():
@@ -36,7 +36,8 @@ def test_every_preset_names_registered_passes_and_has_a_description():
 def test_readme_embeds_the_generated_presets_table():
     assert _readme_table() == presets_table(), (
         "README.md's presets table differs from the generated one: run `sdcompiler presets --markdown` and paste "
-        f"its output between the `{BEGIN} ...` and `{END}` markers (edit descriptions in compiler/presets/*.yaml)")
+        f"its output between the `{BEGIN} ...` and `{END}` markers (edit descriptions in compiler/presets/*.yaml)"
+    )
 
 
 def test_table_lists_every_preset_once_and_every_builtin_pass():

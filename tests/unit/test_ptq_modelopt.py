@@ -12,7 +12,6 @@ opset 19, then the one-line error naming the [tensorrt] extra and no artifact.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -20,9 +19,6 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is no
 
 from sdcompiler.passes import get_pass  # noqa: E402
 from sdcompiler.passes import ptq_modelopt as mo  # noqa: E402
-
-
-
 
 
 def _pipeline(tiny_checkpoint, arch="sd15"):
@@ -36,13 +32,19 @@ def test_levels_follow_the_tensorrt_demo(tiny_checkpoint):
     levels = {level: mo.selected_layers(unet, level, mo.DEFAULT_EXCLUDE) for level in (1.0, 2.0, 2.5, 3.0)}
     convs = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
     linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    excluded = {n for n in convs | linears
-                if n.startswith(("time_embedding", "conv_in", "conv_out")) or n.endswith(("time_emb_proj", "conv_shortcut"))}
+    excluded = {
+        n
+        for n in convs | linears
+        if n.startswith(("time_embedding", "conv_in", "conv_out")) or n.endswith(("time_emb_proj", "conv_shortcut"))
+    }
     assert excluded and {n for n in excluded if n.endswith("conv_shortcut")}
     assert set(levels[1.0]) == convs - excluded and set(levels[1.0].values()) == {"conv"}
     feed_forward = {n for n in linears if ".ff.net." in n}
-    qkv = {n for n in linears if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k",
-                                             "attn2.to_v"))}
+    qkv = {
+        n
+        for n in linears
+        if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v"))
+    }
     assert feed_forward and qkv
     assert set(levels[2.0]) == set(levels[1.0]) | feed_forward
     assert set(levels[2.5]) == set(levels[2.0]) | qkv
@@ -71,12 +73,15 @@ def test_percentile_calibrator_matches_torch_quantile():
     assert calibrator.compute_amax() is None
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"level": 4.0}, "level 4 quantizes attention"),
-    ({"level": 5.0}, "level must be one of 1, 2, 2.5, 3, 4"),
-    ({"precision": "fp8", "backend": "onnxruntime"}, "ONNX Runtime cannot load"),
-    ({"smoothquant_alpha": 1.5}, "smoothquant_alpha must be in"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"level": 4.0}, "level 4 quantizes attention"),
+        ({"level": 5.0}, "level must be one of 1, 2, 2.5, 3, 4"),
+        ({"precision": "fp8", "backend": "onnxruntime"}, "ONNX Runtime cannot load"),
+        ({"smoothquant_alpha": 1.5}, "smoothquant_alpha must be in"),
+    ],
+)
 def test_invalid_settings_are_one_line_errors(options, match):
     with pytest.raises(Exception, match=match) as info:
         get_pass("ptq").config_class.from_dict(options, owner="ptq")

@@ -14,7 +14,6 @@ from sdcompiler.passes.quest.modules import ActQuantizer, QuantState, _skip_spli
 from sdcompiler.passes.quest.scheme import search_weight_range, ste_fake_quant_act, ste_fake_quant_weight
 
 
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weight_scheme_is_the_kernels_scheme(bits):
     w = torch.randn(24, 3, 3, 3, generator=torch.Generator().manual_seed(0))
@@ -30,8 +29,7 @@ def test_weight_scheme_is_the_kernels_scheme(bits):
 def test_activation_scheme_is_the_kernels_scheme(bits):
     x = torch.randn(6, 10, 40, generator=torch.Generator().manual_seed(1)) * 3
     scale = torch.tensor(0.37)
-    torch.testing.assert_close(ste_fake_quant_act(x, scale, bits), w4a4.fake_quant_act(x, scale, bits), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(ste_fake_quant_act(x, scale, bits), w4a4.fake_quant_act(x, scale, bits), rtol=0, atol=0)
     state = QuantState(torch.nn.Module())
     dynamic = ActQuantizer(state, bits, 1, dynamic=True, token_dim=-1)
     torch.testing.assert_close(dynamic(x), w4a4.fake_quant_act(x, None, bits), rtol=0, atol=0)

@@ -38,8 +38,16 @@ def test_empty_recipes(recipe):
     assert resolve_recipe(recipe) == []
 
 
-@pytest.mark.parametrize("recipe", ["fuse-qkv", ["fuse-qkv"], [{"preset": "fuse-qkv"}], [{"pass": "fuse_qkv"}],
-                                    {"version": 1, "passes": ["fuse-qkv"]}])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "fuse-qkv",
+        ["fuse-qkv"],
+        [{"preset": "fuse-qkv"}],
+        [{"pass": "fuse_qkv"}],
+        {"version": 1, "passes": ["fuse-qkv"]},
+    ],
+)
 def test_forms_of_the_same_recipe(recipe):
     assert resolve_recipe(recipe) == FUSE_DEFAULT
 
@@ -61,8 +69,11 @@ def test_yaml_list_file(tmp_path):
 
 
 def test_yaml_mapping_file(tmp_path):
-    path = _write(tmp_path, "version: 1\ndescription: mine\npasses:\n  - preset: fuse-qkv\n    cross_attention: false\n",
-                  "recipe.yml")
+    path = _write(
+        tmp_path,
+        "version: 1\ndescription: mine\npasses:\n  - preset: fuse-qkv\n    cross_attention: false\n",
+        "recipe.yml",
+    )
     assert resolve_recipe(path) == FUSE_SELF_ONLY
 
 
@@ -142,8 +153,15 @@ def test_recipe_of_wrong_type():
         resolve_recipe(3.5)
 
 
-@pytest.mark.parametrize("recipe", ["none", "fuse-qkv", [{"preset": "fuse-qkv", "cross_attention": False}],
-                                    [{"pass": "fuse_qkv", "self_attention": False}]])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "none",
+        "fuse-qkv",
+        [{"preset": "fuse-qkv", "cross_attention": False}],
+        [{"pass": "fuse_qkv", "self_attention": False}],
+    ],
+)
 def test_recipe_to_manifest_round_trip(recipe, tmp_path):
     import json
 

@@ -11,12 +11,10 @@ from importlib import resources
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from unet_holder import UNetHolder, apply_preset, pruned_student
 
 from sdcompiler.loading import load_checkpoint
 from sdcompiler.passes import count_params
-from unet_holder import UNetHolder, apply_preset, pruned_student
-
-
 
 # Published U-Net sizes: BK-SDM 0.58B / 0.49B / 0.33B (SD v1.4), KOALA 1,161M / 782M (SDXL).
 FULL_SIZE = {
@@ -28,13 +26,11 @@ FULL_SIZE = {
 }
 
 
-
 def _full_meta_unet(arch: str) -> UNet2DConditionModel:
     path = resources.files("sdcompiler") / "configs" / arch / "unet" / "config.json"
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
-
 
 
 @pytest.mark.parametrize("arch,preset", list(FULL_SIZE))
@@ -51,7 +47,6 @@ def test_full_size_parameter_counts_match_published(arch, preset):
 @pytest.fixture(scope="module")
 def teachers(tiny_checkpoint):
     return {arch: load_checkpoint(tiny_checkpoint(arch)).pipeline for arch in ("sd15", "sd21", "sdxl")}
-
 
 
 def test_bk_base_keeps_first_down_pair_and_outer_up_pairs(teachers):

@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+from gri_processors import gri_modules, reference_kernels  # noqa: F401  (reference_kernels: autouse fixture)
 
 from sdcompiler.errors import ConfigError
 from sdcompiler.kernels.gri_attention import gri_macs
 from sdcompiler.passes import count_macs, count_params, unet_example_inputs
 from sdcompiler.passes.swap_attention import SwapAttentionConfig, apply_gri, resolve_geometry
-from gri_processors import gri_modules, reference_kernels  # noqa: F401  (reference_kernels: autouse fixture)
-
 
 
 def _unet(tiny_checkpoint, arch):
@@ -28,10 +27,6 @@ def _output(unet, latent=16, seed=3):
     inputs = unet_example_inputs(unet, 2, (latent, latent), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return unet(**inputs, return_dict=False)[0]
-
-
-
-
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -43,5 +43,13 @@ def test_serving_targets_describe_their_models_and_the_rest_do_not():
 
 def test_run_time_loras_stay_possible_only_after_passes_that_keep_names_and_float_weights():
     allowed = {name for name in available_passes() if not name.startswith("_") and get_pass(name).runtime_loras}
-    assert allowed == {"merge_lora", "set_scheduler", "distill_cfg", "distill_steps", "feature_cache",
-                       "swap_attention", "distill", "swap_vae"}
+    assert allowed == {
+        "merge_lora",
+        "set_scheduler",
+        "distill_cfg",
+        "distill_steps",
+        "feature_cache",
+        "swap_attention",
+        "distill",
+        "swap_vae",
+    }

@@ -18,23 +18,32 @@ import logging
 import onnx
 import pytest
 import torch
+from fake_tensorrt import FakeTensorRT
 
 from sdcompiler.errors import ConfigError, LoweringError
+from sdcompiler.passes.onnx_export import export_model
 from sdcompiler.serving import ModelSpec, TensorSpec, model_config
 from sdcompiler.targets import LowerContext, get_target
+from sdcompiler.targets.components import OrtModel
 from sdcompiler.targets.tensorrt import runtime as trt_runtime
 from sdcompiler.targets.tensorrt import target as trt_target
 from sdcompiler.targets.tensorrt.build import (
-    OPTIMIZED, EngineBuild, build_serialized_engine, cached_engine, engine_cache_key, optimize_onnx, plan_filename,
+    OPTIMIZED,
+    EngineBuild,
+    build_serialized_engine,
+    cached_engine,
+    engine_cache_key,
+    optimize_onnx,
+    plan_filename,
 )
 from sdcompiler.targets.tensorrt.config import (
-    PRECISIONS, ModelSizes, TensorRTTargetConfig, dimension_ranges, onnx_input_dims, profile_shapes,
+    PRECISIONS,
+    ModelSizes,
+    TensorRTTargetConfig,
+    dimension_ranges,
+    onnx_input_dims,
+    profile_shapes,
 )
-from sdcompiler.targets.components import OrtModel
-from sdcompiler.passes.onnx_export import export_model
-from fake_tensorrt import FakeTensorRT
-
-
 
 SD15, SDXL = ModelSizes(8, 512), ModelSizes(8, 1024)
 
@@ -47,7 +56,12 @@ def test_default_ranges_for_sd15_and_sdxl():
     sd15 = dimension_ranges(_config(), SD15)
     assert sd15 == {
         "text_encoder": {"batch_size": (1, 1, 4), "sequence_length": (77, 77, 77)},
-        "unet": {"batch_size": (1, 2, 8), "sequence_length": (77, 77, 77), "height": (32, 64, 96), "width": (32, 64, 96)},
+        "unet": {
+            "batch_size": (1, 2, 8),
+            "sequence_length": (77, 77, 77),
+            "height": (32, 64, 96),
+            "width": (32, 64, 96),
+        },
         "vae_decoder": {"batch_size": (1, 1, 4), "latent_height": (32, 64, 96), "latent_width": (32, 64, 96)},
     }  # pixels 256 / 512 / 768; the U-Net's batch doubled for classifier-free guidance
     sdxl = dimension_ranges(_config(), SDXL)
@@ -57,12 +71,20 @@ def test_default_ranges_for_sd15_and_sdxl():
 def test_custom_ranges_without_guidance_and_static_mode():
     config = _config(batch_size=[1, 2, 8], height=[256, 512, 1024], width=[512, 768, 1024])
     ranges = dimension_ranges(config, ModelSizes(8, 512, guidance=False))
-    assert ranges["unet"] == {"batch_size": (1, 2, 16), "sequence_length": (77, 77, 77),
-                              "height": (32, 64, 128), "width": (64, 96, 128)}
+    assert ranges["unet"] == {
+        "batch_size": (1, 2, 16),
+        "sequence_length": (77, 77, 77),
+        "height": (32, 64, 128),
+        "width": (64, 96, 128),
+    }
     assert ranges["text_encoder"]["batch_size"] == (1, 2, 8)
     static = dimension_ranges(_config(static=True), SD15)
-    assert static["unet"] == {"batch_size": (2, 2, 2), "sequence_length": (77, 77, 77),
-                              "height": (64, 64, 64), "width": (64, 64, 64)}
+    assert static["unet"] == {
+        "batch_size": (2, 2, 2),
+        "sequence_length": (77, 77, 77),
+        "height": (64, 64, 64),
+        "width": (64, 64, 64),
+    }
     assert all(r[0] == r[1] == r[2] for dims in static.values() for r in dims.values())
 
 
@@ -72,9 +94,13 @@ def test_ranges_must_be_multiples_of_the_vae_factor():
 
 
 def test_profile_shapes_follow_the_named_dimensions():
-    sdxl_unet = {"sample": ["batch_size", 4, "height", "width"], "timestep": [],
-                 "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
-                 "text_embeds": ["batch_size", 1280], "time_ids": ["batch_size", 6]}
+    sdxl_unet = {
+        "sample": ["batch_size", 4, "height", "width"],
+        "timestep": [],
+        "encoder_hidden_states": ["batch_size", "sequence_length", 2048],
+        "text_embeds": ["batch_size", 1280],
+        "time_ids": ["batch_size", 6],
+    }
     profile = profile_shapes(sdxl_unet, dimension_ranges(_config(), SDXL)["unet"])
     assert profile == {
         "sample": ((1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 192, 192)),
@@ -86,17 +112,20 @@ def test_profile_shapes_follow_the_named_dimensions():
         profile_shapes({"deep": ["batch_size", 8, "deep_height", 4]}, {"batch_size": (1, 1, 1)})
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"precision": "int8"}, "add preset .int8. to the recipe and keep precision .fp16."),
-    ({"precision": "fp8"}, "Q/DQ U-Net graph that the ptq pass makes: add preset .fp8."),
-    ({"precision": "fp64"}, "must be one of"),
-    ({"batch_size": [2, 1, 4]}, "min <= opt <= max"),
-    ({"height": [256, 512]}, r"\[min, opt, max\]"),
-    ({"width": [0, 512, 768]}, "0 < min"),
-    ({"builder_optimization_level": 6}, "0..5"),
-    ({"workspace_gb": 0}, "workspace_gb must be > 0"),
-    ({"workspace": 4}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"precision": "int8"}, "add preset .int8. to the recipe and keep precision .fp16."),
+        ({"precision": "fp8"}, "Q/DQ U-Net graph that the ptq pass makes: add preset .fp8."),
+        ({"precision": "fp64"}, "must be one of"),
+        ({"batch_size": [2, 1, 4]}, "min <= opt <= max"),
+        ({"height": [256, 512]}, r"\[min, opt, max\]"),
+        ({"width": [0, 512, 768]}, "0 < min"),
+        ({"builder_optimization_level": 6}, "0..5"),
+        ({"workspace_gb": 0}, "workspace_gb must be > 0"),
+        ({"workspace": 4}, "unknown key"),
+    ],
+)
 def test_invalid_settings_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as info:
         get_target("tensorrt").config_class.from_dict(options, owner="target tensorrt")
@@ -120,16 +149,22 @@ def test_engine_cache_key_changes_with_each_input_and_only_then():
 
 def test_plan_names_are_the_ones_serving_maps_compute_capabilities_to():
     assert plan_filename("9.0") == "model_sm90.plan" and plan_filename("12.0") == "model_sm120.plan"
-    spec = ModelSpec("unet", (TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)),),
-                     (TensorSpec("out_sample", "TYPE_FP16", (-1, 4, -1, -1)),), platform="tensorrt_plan",
-                     cc_model_filenames={cc: plan_filename(cc) for cc in ("8.9", "9.0")})
+    spec = ModelSpec(
+        "unet",
+        (TensorSpec("sample", "TYPE_FP16", (-1, 4, -1, -1)),),
+        (TensorSpec("out_sample", "TYPE_FP16", (-1, 4, -1, -1)),),
+        platform="tensorrt_plan",
+        cc_model_filenames={cc: plan_filename(cc) for cc in ("8.9", "9.0")},
+    )
     text = model_config(spec, max_batch_size=0, kind="GPU", instance_count=1)
     assert 'cc_model_filenames { key: "9.0" value: "model_sm90.plan" }' in text
 
 
 def _build(**options) -> EngineBuild:
-    profile = {"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
-               "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32))}
+    profile = {
+        "sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 24, 24)),
+        "encoder_hidden_states": ((1, 77, 32), (2, 77, 32), (8, 77, 32)),
+    }
     return EngineBuild(profile, **options)
 
 
@@ -137,8 +172,9 @@ def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(t
     fake = FakeTensorRT()
     timing = tmp_path / "timing.cache"
     timing.write_bytes(b"earlier timings")
-    plan = build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=4,
-                                                                                 builder_optimization_level=5), timing)
+    plan = build_serialized_engine(
+        fake, tmp_path / "model.opt.onnx", _build(workspace_gb=4, builder_optimization_level=5), timing
+    )
     assert plan == b"engine"
     assert fake.calls == [
         ("builder.create_network", 1 << 1),
@@ -165,17 +201,22 @@ def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(t
     assert ("config.create_timing_cache", b"") in fake.calls  # no cache file yet: an empty cache
 
 
-@pytest.mark.parametrize("fake, match", [
-    (FakeTensorRT(parses=False), "could not parse .*node 7 \\(Conv\\): unsupported data type"),
-    (FakeTensorRT(builds=False), "could not build an engine"),
-])
+@pytest.mark.parametrize(
+    "fake, match",
+    [
+        (FakeTensorRT(parses=False), "could not parse .*node 7 \\(Conv\\): unsupported data type"),
+        (FakeTensorRT(builds=False), "could not build an engine"),
+    ],
+)
 def test_builder_failures_are_one_line_errors_with_a_repro_command(tmp_path, fake, match):
     with pytest.raises(LoweringError, match=match) as info:
         build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(workspace_gb=2), tmp_path / "t.cache")
     message = str(info.value)
     assert "\n" not in message
-    assert (f"trtexec --onnx={tmp_path / 'model.opt.onnx'} --stronglyTyped --minShapes=sample:1x4x8x8,"
-            "encoder_hidden_states:1x77x32 --optShapes=sample:2x4x16x16,") in message
+    assert (
+        f"trtexec --onnx={tmp_path / 'model.opt.onnx'} --stronglyTyped --minShapes=sample:1x4x8x8,"
+        "encoder_hidden_states:1x77x32 --optShapes=sample:2x4x16x16,"
+    ) in message
     assert "--builderOptimizationLevel=3 --memPoolSize=workspace:2048" in message
 
 
@@ -206,8 +247,9 @@ def test_load_rebuilds_for_another_gpu_or_tensorrt_version(tmp_path, monkeypatch
     (tmp_path / "unet" / OPTIMIZED).write_bytes(b"graph")
     (tmp_path / "unet" / "model_sm90.plan").write_bytes(b"plan for sm90")
     fake = FakeTensorRT()
-    built = json.loads(json.dumps({"compute_capability": "9.0", "tensorrt": fake.__version__,
-                                   "unet": {"build": _build().to_dict()}}))  # as the manifest stores it
+    built = json.loads(
+        json.dumps({"compute_capability": "9.0", "tensorrt": fake.__version__, "unet": {"build": _build().to_dict()}})
+    )  # as the manifest stores it
 
     monkeypatch.setattr(trt_runtime, "compute_capability", lambda: "9.0")
     assert trt_runtime._engine_bytes(fake, tmp_path, "unet", built) == b"plan for sm90"
@@ -245,11 +287,14 @@ def exported(tiny_sd15, tmp_path_factory):
     return graphs
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({}, ["fp16", "fp16", "fp32"]),
-    ({"precision": "bf16"}, ["fp32", "bf16", "fp32"]),  # the TorchScript exporter fails on bf16 CLIP graphs
-    ({"precision": "fp32", "vae_precision": "fp16"}, ["fp32", "fp32", "fp16"]),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, ["fp16", "fp16", "fp32"]),
+        ({"precision": "bf16"}, ["fp32", "bf16", "fp32"]),  # the TorchScript exporter fails on bf16 CLIP graphs
+        ({"precision": "fp32", "vae_precision": "fp16"}, ["fp32", "fp32", "fp16"]),
+    ],
+)
 def test_precision_sets_each_exported_graphs_type(tiny_sd15, options, expected):
     exports = trt_target._component_exports(tiny_sd15.pipeline, tiny_sd15.arch, _config(**options))
     assert [e.name for e in exports] == ["text_encoder", "unet", "vae_decoder"]
@@ -270,8 +315,11 @@ def test_optimized_graphs_run_in_onnx_runtime_and_match_the_exports(exported):
         onnx.checker.check_model(onnx.load(str(optimized)), full_check=True)
         inputs = dict(zip(export.input_names, export.args))
         if export.name == "unet":  # another batch and a latent size unlike the traced one: still dynamic
-            inputs = {"sample": torch.randn(1, 4, 12, 16), "timestep": torch.tensor(500.0),
-                      "encoder_hidden_states": torch.randn(1, 77, inputs["encoder_hidden_states"].shape[-1])}
+            inputs = {
+                "sample": torch.randn(1, 4, 12, 16),
+                "timestep": torch.tensor(500.0),
+                "encoder_hidden_states": torch.randn(1, 77, inputs["encoder_hidden_states"].shape[-1]),
+            }
         expected = OrtModel(raw, ["CPUExecutionProvider"])(**inputs)
         got = OrtModel(optimized, ["CPUExecutionProvider"])(**inputs)
         for name in export.output_names:
@@ -291,8 +339,14 @@ def test_profile_from_the_optimized_unet_graph(exported):
 def test_graphs_with_external_data_stay_external(exported, tmp_path):
     (export, raw, _, _) = [item for item in exported if item[0].name == "vae_decoder"][0]
     big = tmp_path / "model.onnx"
-    onnx.save_model(onnx.load(str(raw)), str(big), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(raw)),
+        str(big),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     report = optimize_onnx(big, tmp_path / OPTIMIZED)
     assert report["files"] == [OPTIMIZED, OPTIMIZED + ".data"]
     assert not list(tmp_path.glob(".inferred-*"))

@@ -70,17 +70,32 @@ def optimize_onnx(source: Path, target: Path) -> dict[str, Any]:
         graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
-    onnx.save_model(model, str(target), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=target.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=target.name + ".data",
+        size_threshold=1024,
+    )
     del model
     onnx.shape_inference.infer_shapes_path(str(target), str(target))
     optimized = len(onnx.load(str(target), load_external_data=False).graph.node)
-    return {"nodes_before": nodes, "nodes_after": optimized,
-            "files": sorted(p.name for p in target.parent.glob(target.name + "*"))}
+    return {
+        "nodes_before": nodes,
+        "nodes_after": optimized,
+        "files": sorted(p.name for p in target.parent.glob(target.name + "*")),
+    }
 
 
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear",
-           "TRT_INT4QuantizeLinear", "TRT_INT4DequantizeLinear"}
+QDQ_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "TRT_FP8QuantizeLinear",
+    "TRT_FP8DequantizeLinear",
+    "TRT_INT4QuantizeLinear",
+    "TRT_INT4DequantizeLinear",
+}
 
 
 def _is_qdq(node) -> bool:
@@ -117,9 +132,13 @@ class EngineBuild:
     builder_optimization_level: int = 3
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": ENGINE_FORMAT, "strongly_typed": True, "workspace_gb": self.workspace_gb,
-                "builder_optimization_level": self.builder_optimization_level,
-                "profile": {name: [list(s) for s in shapes] for name, shapes in sorted(self.profile.items())}}
+        return {
+            "format": ENGINE_FORMAT,
+            "strongly_typed": True,
+            "workspace_gb": self.workspace_gb,
+            "builder_optimization_level": self.builder_optimization_level,
+            "profile": {name: [list(s) for s in shapes] for name, shapes in sorted(self.profile.items())},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EngineBuild":
@@ -142,8 +161,10 @@ def build_serialized_engine(trt, onnx_path: Path, build: EngineBuild, timing_cac
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors))
-        raise LoweringError(f"TensorRT could not parse {onnx_path}: {errors or 'no parser error recorded'}; "
-                            f"reproduce with: {trtexec_command(onnx_path, build)}")
+        raise LoweringError(
+            f"TensorRT could not parse {onnx_path}: {errors or 'no parser error recorded'}; "
+            f"reproduce with: {trtexec_command(onnx_path, build)}"
+        )
     config = builder.create_builder_config()
     if build.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(build.workspace_gb * (1 << 30)))
@@ -156,20 +177,25 @@ def build_serialized_engine(trt, onnx_path: Path, build: EngineBuild, timing_cac
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise LoweringError(f"TensorRT could not build an engine from {onnx_path} (its log is above); "
-                            f"reproduce with: {trtexec_command(onnx_path, build)}")
+        raise LoweringError(
+            f"TensorRT could not build an engine from {onnx_path} (its log is above); "
+            f"reproduce with: {trtexec_command(onnx_path, build)}"
+        )
     _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
 def trtexec_command(onnx_path: Path, build: EngineBuild) -> str:
     """The trtexec command line that builds the same engine (for error messages)."""
+
     def shapes(i: int) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, s[i]))}" for name, s in build.profile.items())
 
-    parts = [f"trtexec --onnx={onnx_path} --stronglyTyped",
-             f"--minShapes={shapes(0)} --optShapes={shapes(1)} --maxShapes={shapes(2)}",
-             f"--builderOptimizationLevel={build.builder_optimization_level}"]
+    parts = [
+        f"trtexec --onnx={onnx_path} --stronglyTyped",
+        f"--minShapes={shapes(0)} --optShapes={shapes(1)} --maxShapes={shapes(2)}",
+        f"--builderOptimizationLevel={build.builder_optimization_level}",
+    ]
     if build.workspace_gb is not None:
         parts.append(f"--memPoolSize=workspace:{int(build.workspace_gb * 1024)}")
     return " ".join(parts)
@@ -177,8 +203,10 @@ def trtexec_command(onnx_path: Path, build: EngineBuild) -> str:
 
 def engine_cache_key(onnx_sha256: str, build: Mapping[str, Any], compute_capability: str, tensorrt_version: str) -> str:
     """sha256 over everything an engine depends on: the graph, the build settings, the GPU arch, TensorRT."""
-    blob = json.dumps({"onnx": onnx_sha256, "build": build, "compute_capability": compute_capability,
-                       "tensorrt": tensorrt_version}, sort_keys=True)
+    blob = json.dumps(
+        {"onnx": onnx_sha256, "build": build, "compute_capability": compute_capability, "tensorrt": tensorrt_version},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -216,7 +244,7 @@ def compute_capability() -> str:
 
 
 def plan_filename(compute_capability: str) -> str:
-    """"9.0" -> "model_sm90.plan"."""
+    """ "9.0" -> "model_sm90.plan"."""
     return f"model_sm{compute_capability.replace('.', '')}.plan"
 
 

@@ -41,9 +41,11 @@ class TensorRTTargetConfig(PassConfig):
 
     def __post_init__(self):
         if self.precision in ("int8", "fp8"):
-            raise ValueError(f"{self.precision} engines come from a Q/DQ U-Net graph that the ptq pass makes: add preset "
-                             f"{self.precision!r} to the recipe and keep precision 'fp16' (or 'bf16'), the float type "
-                             "around the Q/DQ ops")
+            raise ValueError(
+                f"{self.precision} engines come from a Q/DQ U-Net graph that the ptq pass makes: add preset "
+                f"{self.precision!r} to the recipe and keep precision 'fp16' (or 'bf16'), the float type "
+                "around the Q/DQ ops"
+            )
         for name in ("batch_size", "height", "width"):
             value = getattr(self, name)
             if value is not None and (len(value) != 3 or not 0 < value[0] <= value[1] <= value[2]):
@@ -82,10 +84,17 @@ def dimension_ranges(config: TensorRTTargetConfig, sizes: ModelSizes) -> dict[st
     text = (sizes.text_length,) * 3
     ranges = {
         "text_encoder": {"batch_size": (1, opt, high), "sequence_length": text},  # prompts: at most the images
-        "unet": {"batch_size": (low, opt * (2 if sizes.guidance else 1), high * 2), "sequence_length": text,
-                 "height": latent["height"], "width": latent["width"]},
-        "vae_decoder": {"batch_size": (low, opt, high), "latent_height": latent["height"],
-                        "latent_width": latent["width"]},
+        "unet": {
+            "batch_size": (low, opt * (2 if sizes.guidance else 1), high * 2),
+            "sequence_length": text,
+            "height": latent["height"],
+            "width": latent["width"],
+        },
+        "vae_decoder": {
+            "batch_size": (low, opt, high),
+            "latent_height": latent["height"],
+            "latent_width": latent["width"],
+        },
     }
     if config.static:
         ranges = {kind: {dim: (r[1],) * 3 for dim, r in dims.items()} for kind, dims in ranges.items()}
@@ -102,8 +111,11 @@ def onnx_input_dims(path: Path) -> dict[str, list[int | str]]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
-    return {i.name: [d.dim_param if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in graph.input if i.name not in weights}
+    return {
+        i.name: [d.dim_param if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+        if i.name not in weights
+    }
 
 
 def profile_shapes(inputs: Mapping[str, list[int | str]], ranges: Mapping[str, Range]) -> dict[str, Shapes]:
@@ -114,7 +126,9 @@ def profile_shapes(inputs: Mapping[str, list[int | str]], ranges: Mapping[str, R
             continue
         unknown = [d for d in dims if isinstance(d, str) and d not in ranges]
         if unknown:
-            raise LoweringError(f"input {name!r} has dynamic dimension(s) {unknown} that the tensorrt target has no "
-                                "range for; report the model")
+            raise LoweringError(
+                f"input {name!r} has dynamic dimension(s) {unknown} that the tensorrt target has no "
+                "range for; report the model"
+            )
         profile[name] = tuple(tuple(ranges[d][i] if isinstance(d, str) else d for d in dims) for i in range(3))
     return profile

@@ -23,7 +23,12 @@ from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError, PipelineArgumentError, require
 from sdcompiler.targets.components import make_components, ort_text_encoder, ort_unet, ort_vae_decoder
 from sdcompiler.targets.tensorrt.build import (
-    OPTIMIZED, EngineBuild, built_engines, cached_engine, compute_capability, plan_filename,
+    OPTIMIZED,
+    EngineBuild,
+    built_engines,
+    cached_engine,
+    compute_capability,
+    plan_filename,
 )
 
 log = logging.getLogger(__name__)
@@ -32,13 +37,17 @@ log = logging.getLogger(__name__)
 def load_components(root: Path, manifest: dict[str, Any], device: str):
     """`sampling.Components` that run the artifact's engines (`Target.load` of the tensorrt target)."""
     if device != "cuda":
-        raise ArtifactError(f"{root} holds TensorRT engines, which run on CUDA GPUs only; load it with "
-                            "device='cuda', or compile with --target onnx for the CPU")
+        raise ArtifactError(
+            f"{root} holds TensorRT engines, which run on CUDA GPUs only; load it with "
+            "device='cuda', or compile with --target onnx for the CPU"
+        )
     trt = require("tensorrt", "tensorrt", "loading a tensorrt artifact")
     spec = get_arch(manifest["arch"])
     built = built_engines(manifest)
-    models = {name: TrtModel(trt, _engine_bytes(trt, root, name, built), name)
-              for name in (*spec.text_encoders, "unet", "vae_decoder")}
+    models = {
+        name: TrtModel(trt, _engine_bytes(trt, root, name, built), name)
+        for name in (*spec.text_encoders, "unet", "vae_decoder")
+    }
     encoders = [ort_text_encoder(models[name], spec.is_sdxl) for name in spec.text_encoders]
     return make_components(root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]))
 
@@ -49,12 +58,21 @@ def _engine_bytes(trt, root: Path, name: str, built: Mapping[str, Any]) -> bytes
     plan = root / name / plan_filename(cc)
     if plan.is_file() and built["compute_capability"] == cc and built["tensorrt"] == version:
         return plan.read_bytes()
-    log.warning("%s: the %s engine was built for compute capability %s with TensorRT %s; this GPU has %s and "
-                "TensorRT is %s: rebuilding it from %s/%s (engine cache: %s)", root, name, built["compute_capability"],
-                built["tensorrt"], cc, version, name, OPTIMIZED, knobs.cache_dir() / "engines")
+    log.warning(
+        "%s: the %s engine was built for compute capability %s with TensorRT %s; this GPU has %s and "
+        "TensorRT is %s: rebuilding it from %s/%s (engine cache: %s)",
+        root,
+        name,
+        built["compute_capability"],
+        built["tensorrt"],
+        cc,
+        version,
+        name,
+        OPTIMIZED,
+        knobs.cache_dir() / "engines",
+    )
     rebuilt, _ = cached_engine(trt, root / name / OPTIMIZED, EngineBuild.from_dict(built[name]["build"]), cc)
     return rebuilt.read_bytes()
-
 
 
 class TrtModel:
@@ -72,21 +90,34 @@ class TrtModel:
             raise ArtifactError(f"TensorRT could not load the {name} engine (its log is above); recompile the artifact")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        types = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-                 trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
-                 trt.DataType.UINT8: torch.uint8, trt.DataType.BOOL: torch.bool}
+        types = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.BF16: torch.bfloat16,
+            trt.DataType.INT32: torch.int32,
+            trt.DataType.INT64: torch.int64,
+            trt.DataType.INT8: torch.int8,
+            trt.DataType.UINT8: torch.uint8,
+            trt.DataType.BOOL: torch.bool,
+        }
         self.dtypes = {n: types[self.engine.get_tensor_dtype(n)] for n in names}
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.profile = {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
-                        for n in self.inputs if -1 in tuple(self.engine.get_tensor_shape(n))}
+        self.profile = {
+            n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+            for n in self.inputs
+            if -1 in tuple(self.engine.get_tensor_shape(n))
+        }
         self.static = all(low == high for low, _, high in self.profile.values())  # one shape: CUDA graphs
         self.stream = torch.cuda.Stream()
         self.graph = None
 
     def __call__(self, outputs: list[str] | None = None, **inputs) -> dict[str, torch.Tensor]:
-        feed = {n: torch.as_tensor(v).to("cuda", self.dtypes[n]).contiguous()
-                for n, v in inputs.items() if n in self.inputs and v is not None}
+        feed = {
+            n: torch.as_tensor(v).to("cuda", self.dtypes[n]).contiguous()
+            for n, v in inputs.items()
+            if n in self.inputs and v is not None
+        }
         if set(feed) != set(self.inputs):
             raise PipelineArgumentError(f"the {self.name} engine takes inputs {self.inputs}, got {sorted(feed)}")
         for name, tensor in feed.items():
@@ -102,7 +133,8 @@ class TrtModel:
             raise PipelineArgumentError(
                 f"{self.name} input '{name}' has shape {list(shape)}, outside the engine's optimization profile "
                 f"(min {list(low)}, max {list(high)}); recompile with target options batch_size / height / width "
-                "that cover it")
+                "that cover it"
+            )
 
     def _bind(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Set the input shapes and addresses; allocate the outputs at the shapes TensorRT infers and bind them."""

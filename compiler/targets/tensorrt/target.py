@@ -41,10 +41,23 @@ from sdcompiler.targets.components import cache_settings
 from sdcompiler.targets.onnx_target import check_verified, export_onnx_stage, served_components, verify_model
 from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 from sdcompiler.targets.tensorrt.build import (
-    OPTIMIZED, EngineBuild, built_engines, cached_engine, compute_capability, optimize_onnx, plan_filename,
+    OPTIMIZED,
+    EngineBuild,
+    built_engines,
+    cached_engine,
+    compute_capability,
+    optimize_onnx,
+    plan_filename,
 )
 from sdcompiler.targets.tensorrt.config import (
-    DTYPES, PRECISIONS, ModelSizes, Range, TensorRTTargetConfig, component_kind, dimension_ranges, onnx_input_dims,
+    DTYPES,
+    PRECISIONS,
+    ModelSizes,
+    Range,
+    TensorRTTargetConfig,
+    component_kind,
+    dimension_ranges,
+    onnx_input_dims,
     profile_shapes,
 )
 from sdcompiler.targets.tensorrt.runtime import load_components
@@ -84,20 +97,27 @@ def _handed_quantization(ctx: LowerContext) -> QuantizedUNet | None:
     """The ptq pass's quantized U-Net, if any; refuses what the target cannot build (before any export)."""
     handed = ctx.products.unet_quantization
     if handed is not None and handed.backend != "modelopt":
-        raise LoweringError(f"the tensorrt target builds from modelopt's Q/DQ U-Net, not a {handed.backend} "
-                            "graph; use ptq backend modelopt (the default for target tensorrt)")
+        raise LoweringError(
+            f"the tensorrt target builds from modelopt's Q/DQ U-Net, not a {handed.backend} "
+            "graph; use ptq backend modelopt (the default for target tensorrt)"
+        )
     if cache_settings({"defaults": ctx.defaults}) is not None:
-        raise LoweringError("the tensorrt target does not build the feature cache's shallow U-Net yet; "
-                            "use target onnx or torch, or drop deepcache")
+        raise LoweringError(
+            "the tensorrt target does not build the feature cache's shallow U-Net yet; "
+            "use target onnx or torch, or drop deepcache"
+        )
     return handed
 
 
 def _model_sizes(pipe, ctx: LowerContext) -> ModelSizes:
     """The facts about the pipeline's model that its optimization profiles derive from."""
     guidance = ctx.defaults.get("guidance_scale", ctx.arch.default_guidance_scale) > 1.0
-    return ModelSizes(pipe.vae_scale_factor, pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                      pipe.tokenizer.model_max_length,
-                      guidance and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None)  # embedded w: no CFG
+    return ModelSizes(
+        pipe.vae_scale_factor,
+        pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        pipe.tokenizer.model_max_length,
+        guidance and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,
+    )  # embedded w: no CFG
 
 
 def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
@@ -108,8 +128,15 @@ def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
     return [dataclasses.replace(e, dtype=DTYPES[precision.get(e.name, text)]) for e in exports]
 
 
-def _export_onnx_stage(records: list[StageRecord], pipe, out: Path, exports: list[OnnxExport],
-                       config: TensorRTTargetConfig, quantization: Mapping[str, Any] | None, ctx: LowerContext) -> None:
+def _export_onnx_stage(
+    records: list[StageRecord],
+    pipe,
+    out: Path,
+    exports: list[OnnxExport],
+    config: TensorRTTargetConfig,
+    quantization: Mapping[str, Any] | None,
+    ctx: LowerContext,
+) -> None:
     """Stage `export_onnx`: the onnx target's, each graph in its precision, a Q/DQ U-Net at `QDQ_OPSET` or later."""
     dtypes = {e.name: PRECISIONS[e.dtype] for e in exports}
     if quantization is not None:  # the ptq pass's Q/DQ: scales in the graph's own float type (strongly typed)
@@ -121,8 +148,14 @@ def _export_onnx_stage(records: list[StageRecord], pipe, out: Path, exports: lis
     export_onnx_stage(records, pipe, out, exports, ctx, settings, config.opset, opsets=opsets)
 
 
-def _optimize_onnx_stage(records: list[StageRecord], out: Path, exports: list[OnnxExport], config: TensorRTTargetConfig,
-                         quantization: Mapping[str, Any] | None, ctx: LowerContext) -> None:
+def _optimize_onnx_stage(
+    records: list[StageRecord],
+    out: Path,
+    exports: list[OnnxExport],
+    config: TensorRTTargetConfig,
+    quantization: Mapping[str, Any] | None,
+    ctx: LowerContext,
+) -> None:
     """Stage `optimize_onnx`: each raw export replaced by its optimized graph (checked against torch with `verify`)."""
     from tqdm.auto import tqdm
 
@@ -137,18 +170,31 @@ def _optimize_onnx_stage(records: list[StageRecord], out: Path, exports: list[On
                 stage.results[export.name]["verify"] = _verify(export, folder / OPTIMIZED, quantized)
 
 
-def _build_engine_stage(records: list[StageRecord], out: Path, exports: list[OnnxExport], config: TensorRTTargetConfig,
-                        ranges: Mapping[str, Mapping[str, Range]], ctx: LowerContext) -> None:
+def _build_engine_stage(
+    records: list[StageRecord],
+    out: Path,
+    exports: list[OnnxExport],
+    config: TensorRTTargetConfig,
+    ranges: Mapping[str, Mapping[str, Range]],
+    ctx: LowerContext,
+) -> None:
     """Stage `build_engine`: one plan per component for this GPU, through the engine cache."""
     from tqdm.auto import tqdm
 
-    settings = {"precision": config.precision, "vae_precision": config.vae_precision, "static": config.static,
-                "workspace_gb": config.workspace_gb, "builder_optimization_level": config.builder_optimization_level}
+    settings = {
+        "precision": config.precision,
+        "vae_precision": config.vae_precision,
+        "static": config.static,
+        "workspace_gb": config.workspace_gb,
+        "builder_optimization_level": config.builder_optimization_level,
+    }
     with Stage(records, "build_engine", settings) as stage:
         trt = require("tensorrt", "tensorrt", "the tensorrt target's build_engine stage")
         if not torch.cuda.is_available():
-            raise LoweringError("building TensorRT engines needs a CUDA GPU and torch sees none; compile on "
-                                "the kind of GPU that will run the artifact, or use target onnx")
+            raise LoweringError(
+                "building TensorRT engines needs a CUDA GPU and torch sees none; compile on "
+                "the kind of GPU that will run the artifact, or use target onnx"
+            )
         cc = compute_capability()
         stage.results.update(compute_capability=cc, tensorrt=trt.__version__)
         for export in tqdm(exports, desc="build engines", disable=not ctx.show_progress):
@@ -157,8 +203,11 @@ def _build_engine_stage(records: list[StageRecord], out: Path, exports: list[Onn
             build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level)
             plan, cache = cached_engine(trt, folder / OPTIMIZED, build, cc)
             shutil.copyfile(plan, folder / plan_filename(cc))
-            stage.results[export.name] = {"file": f"{export.name}/{plan_filename(cc)}", **cache,
-                                          "build": build.to_dict()}
+            stage.results[export.name] = {
+                "file": f"{export.name}/{plan_filename(cc)}",
+                **cache,
+                "build": build.to_dict(),
+            }
 
 
 def _verify(export, path: Path, quantization: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -197,5 +246,11 @@ def tensorrt_model_spec(name: str, folder: Path, build: Mapping) -> ModelSpec:
     limit, reason = high, ""
     if low > 1 or high <= 1:
         limit, reason = 0, f"the engine's optimization profile fixes the batch range to [{low}, {high}]"
-    return dataclasses.replace(spec, platform="tensorrt_plan", cc_model_filenames=plans, profiles=("0",),
-                               batch_limit=limit, unbatched_reason=reason)
+    return dataclasses.replace(
+        spec,
+        platform="tensorrt_plan",
+        cc_model_filenames=plans,
+        profiles=("0",),
+        batch_limit=limit,
+        unbatched_reason=reason,
+    )

@@ -28,7 +28,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1)
+    )
     target = torch.nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
     data = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -45,15 +47,30 @@ def main() -> None:
         loss = torch.nn.functional.mse_loss(net(x), target(x))
         return loss, {"mse": loss}
 
-    settings = TrainerSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-2,
-                               checkpoint_every=args.checkpoint_every, seed=0)
-    trainer = Trainer(model, model.parameters(), loss_fn, draw, len(data), settings,
-                      checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
-                      show_progress=False, cpu=True)
+    settings = TrainerSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=1e-2,
+        checkpoint_every=args.checkpoint_every,
+        seed=0,
+    )
+    trainer = Trainer(
+        model,
+        model.parameters(),
+        loss_fn,
+        draw,
+        len(data),
+        settings,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        show_progress=False,
+        cpu=True,
+    )
     result = trainer.fit()
     if trainer.accelerator.is_main_process:
-        Path(args.out).write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
-                                              "world": trainer.world}))
+        Path(args.out).write_text(
+            json.dumps({"losses": result.losses, "resumed_from": result.resumed_from, "world": trainer.world})
+        )
     if torch.distributed.is_initialized():
         # Leave without tearing gloo down: destroy_process_group can hang when rank 0, which hosts the
         # rendezvous store, exits first, and skipping it lets the C++ runtime abort at exit. All ranks meet
