@@ -1,10 +1,18 @@
 """Artifact folders: written atomically, described by `manifest.json`.
 
-An artifact is built in a temporary sibling folder (`.NAME.partial-*`) and
-renamed into place only once every file and the manifest are written, so a
-crash or an error never leaves a half-written artifact at the destination.
-An existing artifact at the destination is replaced; any other non-empty
-folder is refused.
+An artifact is built in a temporary sibling folder (`.NAME.partial-<pid>-*`)
+and renamed into place only once every file and the manifest are written, so
+a crash or an error never leaves a half-written artifact at the destination.
+An existing artifact at the destination is replaced (moved aside to
+`.NAME.old-<pid>-*`, then removed) only when it is one: its manifest is an
+sd-compiler manifest and every file in the folder is one the manifest lists.
+Anything else that is not empty is refused, so no user file is ever deleted.
+
+A process killed mid-way leaves its staging folder, or (between the two
+renames of a replace) the old artifact moved aside and nothing at the
+destination. The next compile or export into the same destination restores
+the old artifact or removes the debris, with one line on stderr saying so;
+folders whose owning process (the pid in their name) still runs are left alone.
 """
 
 from __future__ import annotations
@@ -12,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +32,10 @@ from sdcompiler.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# a leftover without a pid in its name (written by an older sd-compiler) counts as abandoned after this long
+STALE_SECONDS = 3600
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -33,15 +47,104 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def check_destination(output_dir: Path) -> None:
-    """Fail early (before any work) when `output_dir` holds something that is not an artifact."""
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise ArtifactError(f"output {output_dir} is a file; pass a folder path")
-        if any(output_dir.iterdir()) and not (output_dir / MANIFEST).exists():
-            raise ArtifactError(
-                f"output folder {output_dir} is not empty and is not an sd-compiler artifact; "
-                "pass a new or empty folder"
+    """Fail early (before any work) unless `output_dir` is new, empty, or an artifact (whose own files only)
+    that may be replaced; first restore or clean what an interrupted earlier run left next to it."""
+    recover_interrupted(output_dir)
+    if not output_dir.exists():
+        parent = next((p for p in output_dir.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise ArtifactError(f"cannot create {output_dir}: {parent} is not writable; pass a folder you can write")
+        return
+    if not output_dir.is_dir():
+        raise ArtifactError(f"output {output_dir} is a file; pass a folder path")
+    if not any(output_dir.iterdir()):
+        return
+    if not (output_dir / MANIFEST).is_file():
+        raise ArtifactError(
+            f"output folder {output_dir} is not empty and is not an sd-compiler artifact; pass a new or empty folder"
+        )
+    listed = _listed_files(output_dir / MANIFEST)
+    if listed is None:
+        raise ArtifactError(
+            f"output folder {output_dir} holds a {MANIFEST} that sd-compiler did not write; refusing to replace "
+            "it: pass a new or empty folder"
+        )
+    foreign = [name for name in _files_below(output_dir) if name != MANIFEST and name not in listed]
+    if foreign:
+        raise ArtifactError(
+            f"output folder {output_dir} holds files that are not part of the artifact there "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to replace it: move them "
+            "or pass a new folder"
+        )
+    if not os.access(output_dir.parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot replace {output_dir}: {output_dir.parent} is not writable")
+
+
+def _listed_files(manifest_file: Path) -> set[str] | None:
+    """The files an sd-compiler manifest lists, or None when the file is not an sd-compiler manifest."""
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("schema_version"), int):
+        return None
+    files = manifest.get("files")
+    if not isinstance(manifest.get("sdcompiler_version"), str) or not isinstance(files, dict):
+        return None
+    return {name for name in files if isinstance(name, str)}
+
+
+def _files_below(root: Path) -> list[str]:
+    """Every file and link below `root` (links not followed), as POSIX paths relative to it."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        base = Path(folder)
+        found += [(base / name).relative_to(root).as_posix() for name in files]
+        found += [(base / name).relative_to(root).as_posix() for name in dirs if (base / name).is_symlink()]
+    return sorted(found)
+
+
+def _owner_alive(leftover: Path, kind: str, name: str) -> bool:
+    """Whether the process that made `leftover` (`.NAME.<kind>-<pid>-<random>`) may still be using it."""
+    pid = leftover.name[len(f".{name}.{kind}-") :].split("-", 1)[0]
+    if not pid.isdigit():  # an older sd-compiler's name: abandoned once it is old enough
+        return time.time() - leftover.stat().st_mtime < STALE_SECONDS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def recover_interrupted(output_dir: Path) -> None:
+    """Undo what a killed compile or export left next to `output_dir`: an artifact moved aside by a replace
+    that never finished goes back when nothing is at `output_dir` (otherwise it is removed); abandoned staging
+    folders are removed. Each action is reported on one line (logging, to stderr by default)."""
+    parent, name = output_dir.parent, output_dir.name
+    if not parent.is_dir():
+        return
+    for old in sorted(parent.glob(f".{glob_escape(name)}.old-*")):
+        if not old.is_dir() or _owner_alive(old, "old", name):
+            continue
+        if not output_dir.exists() and not output_dir.is_symlink():
+            old.rename(output_dir)
+            log.warning("restored %s from %s, where an interrupted replace had moved it", output_dir, old.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning(
+                "removed %s, the previous artifact an interrupted replace left next to %s", old.name, output_dir
             )
+    for partial in sorted(parent.glob(f".{glob_escape(name)}.partial-*")):
+        if partial.is_dir() and not _owner_alive(partial, "partial", name):
+            shutil.rmtree(partial, ignore_errors=True)
+            log.warning("removed %s, the staging folder of an interrupted run into %s", partial.name, output_dir)
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob's special characters matched literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 @contextlib.contextmanager
@@ -49,7 +152,8 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
     """Yield a staging folder next to `output_dir`; on success it atomically becomes `output_dir`
     (replacing what was there), on failure it is removed and `output_dir` is left as it was."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    recover_interrupted(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
@@ -57,9 +161,10 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
         yield staging
         old = None
         if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+            suffix = staging.name[len(f".{output_dir.name}.partial-") :]  # <pid>-<random>
+            old = output_dir.with_name(f".{output_dir.name}.old-{suffix}")
             output_dir.rename(old)
-        staging.rename(output_dir)
+        staging.rename(output_dir)  # a kill before this line leaves `old`: recover_interrupted puts it back
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

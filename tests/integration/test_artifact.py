@@ -297,10 +297,13 @@ def test_failed_lowering_keeps_the_existing_artifact(tiny_checkpoint, tmp_path, 
 def test_recompiling_replaces_an_existing_artifact(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     compile_pipeline(tiny_checkpoint("sd15"), target="torch", output_dir=out, device="cpu")
-    (out / "stale.txt").write_text("left over from an older compile")
+    (out / "notes.txt").write_text("a user's file in the artifact folder")
+    with pytest.raises(ArtifactError, match=r"not part of the artifact there \(notes.txt\)"):  # never deleted
+        compile_pipeline(tiny_checkpoint("sd15"), recipe="fuse-qkv", target="torch", output_dir=out, device="cpu")
+    assert (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
     pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe="fuse-qkv", target="torch", output_dir=out, device="cpu")
     assert [p["name"] for p in pipe.manifest["passes"]] == ["fuse_qkv"]
-    assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial- / .old- siblings
     assert [p["name"] for p in load_compiled(out, device="cpu").manifest["passes"]] == ["fuse_qkv"]
 
