@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -192,8 +193,29 @@ def hash_files(root: Path) -> dict[str, str]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest.json` (strict JSON: a NaN or Inf anywhere in it is refused, naming where) with the sha256
+    of every file under `root`."""
+    bad = _nonfinite(manifest)
+    if bad:
+        raise ArtifactError(
+            f"the compile produced a non-finite number at {bad} in the manifest; the checkpoint or a pass "
+            "gave NaN/Inf: check the checkpoint's weights and the pass's settings"
+        )
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": hash_files(root)}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _nonfinite(value: Any, where: str = "") -> str | None:
+    """The key path of the first NaN / Inf float in `value` (nested dicts and lists), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the top level"
+    if isinstance(value, dict):
+        items = ((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next((found for path, item in items if (found := _nonfinite(item, path))), None)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

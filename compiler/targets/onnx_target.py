@@ -68,18 +68,22 @@ def verify_model(export: OnnxExport, path: Path) -> dict[str, float]:
         expected = export.module(*export.args)
     expected = expected if isinstance(expected, tuple) else (expected,)
     got = session(export.output_names, **dict(zip(export.input_names, export.args)))
-    error, scale, signal, noise = 0.0, 1.0, 0.0, 0.0
+    error, scale, signal, noise, nonfinite = 0.0, 1.0, 0.0, 0.0, 0
     for name, ref in zip(export.output_names, expected):
-        error = max(error, (got[name] - ref.float()).abs().max().item())
+        ref, out = ref.float(), got[name]
+        # max() would drop a NaN (max(0.0, nan) is 0.0): count non-finite values on their own
+        nonfinite += int((~torch.isfinite(ref)).sum() + (~torch.isfinite(out)).sum())
+        error = max(error, (out - ref).abs().max().item())
         scale = max(scale, ref.abs().max().item())
-        signal += ref.float().pow(2).sum().item()
-        noise += (got[name] - ref.float()).pow(2).sum().item()
+        signal += ref.pow(2).sum().item()
+        noise += (out - ref).pow(2).sum().item()
     del session
-    return {
+    result = {
         "max_abs_error": error,
         "relative_error": error / scale,
         "sqnr_db": 10 * math.log10(max(signal, 1e-20) / max(noise, 1e-20)),
     }
+    return result | ({"nonfinite_values": nonfinite} if nonfinite else {})
 
 
 def check_verified(
@@ -89,8 +93,13 @@ def check_verified(
 
     A float graph must stay within `TOLERANCE[precision]`; a quantized U-Net (int8 Q/DQ) only above
     `MIN_SQNR_DB`, a floor for a wrong or mis-wired graph: quantization error itself is the ptq pass's
-    measurement, on real trajectories.
+    measurement, on real trajectories. Non-finite outputs (of the graph or of torch itself) fail either way.
     """
+    if result.get("nonfinite_values"):
+        raise LoweringError(
+            f"{graph} {name} gives {result['nonfinite_values']} NaN/Inf values on the export inputs (the torch "
+            "module too, if the checkpoint's weights hold NaN/Inf); check the checkpoint and the passes' metrics"
+        )
     if quantized:
         if result["sqnr_db"] < MIN_SQNR_DB:
             raise LoweringError(
