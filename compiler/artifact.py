@@ -241,11 +241,43 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def confined(root: Path, name: str, what: str = "a file name") -> Path:
+    """`root / name`, refused unless it stays inside `root`: a relative path without `..` that resolves (links
+    followed) below `root`. Every path read from an artifact goes through this, so a tampered manifest or index
+    cannot make a load open /etc/passwd."""
+    relative = Path(name) if isinstance(name, str) else None
+    if relative is None or not name or relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise ArtifactError(f"artifact {root}: {what} {name!r} points outside the artifact; recompile it")
+    path = root / relative
+    base = root.resolve()
+    if path.exists() and not path.resolve().is_relative_to(base):
+        raise ArtifactError(f"artifact {root}: {what} {name!r} links outside the artifact; recompile it")
+    return path
+
+
+# index files that map tensor names to the files holding them (transformers' and diffusers' sharded weights)
+WEIGHT_INDEXES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+
+
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Check that every file listed in the manifest is present.
+    """Check that every file listed in the manifest is present and inside the artifact, and that the weight
+    files sharded-weight indexes name stay inside it too.
 
     Hashes are not recomputed at load (seconds per GB); `sdcompiler inspect` shows them.
     """
-    missing = [name for name in manifest.get("files", {}) if not (root / name).is_file()]
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"artifact {root}: the manifest's files is not a mapping; recompile it")
+    missing = [name for name in files if not confined(root, name).is_file()]
     if missing:
         raise ArtifactError(f"artifact {root} is incomplete: missing {', '.join(missing[:3])}; recompile it")
+    for index in sorted(p for name in WEIGHT_INDEXES for p in root.rglob(name)):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise ArtifactError(
+                f"artifact {root}: {index.relative_to(root)} is not a weight index; recompile it"
+            ) from None
+        where = index.parent.relative_to(root).as_posix()
+        for file in set(weight_map.values()) if isinstance(weight_map, dict) else [weight_map]:
+            confined(index.parent, file, f"the weight file in {where}/{index.name}")

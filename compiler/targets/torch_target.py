@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from sdcompiler.archs import get_arch
+from sdcompiler.artifact import confined
 from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
@@ -201,7 +202,7 @@ def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:
         else:
             index = root / component / "model.safetensors.index.json"
             weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
-            files = {name: root / component / weight_map.get(name, "model.safetensors") for name in params}
+            files = {name: confined(root / component, weight_map.get(name, "model.safetensors")) for name in params}
         current = dict(module.named_parameters())
         with torch.no_grad():
             for file in sorted(set(files.values())):

@@ -1,5 +1,6 @@
 """Output folders lose nothing: only an sd-compiler artifact (its own files and nothing else) is replaced, and a
-run killed at any point leaves debris that the next run into the same folder restores or removes.
+run killed at any point leaves debris that the next run into the same folder restores or removes. Loading reads
+nothing outside the artifact: file names from the manifest and from sharded-weight indexes stay inside it.
 
 These run the artifact functions and the CLI's refusal directly: no model is built.
 """
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from sdcompiler.artifact import check_destination, hash_files, staged_artifact, staged_folder, write_manifest
+from sdcompiler.artifact import (
+    check_destination,
+    hash_files,
+    staged_artifact,
+    staged_folder,
+    verify_files,
+    write_manifest,
+)
 from sdcompiler.cli import main
 from sdcompiler.errors import ArtifactError
 
@@ -149,3 +157,42 @@ def test_a_sigkill_between_the_two_renames_loses_nothing(tmp_path):
         _artifact(staging, "again")
     assert (out / "unet" / "weights.bin").read_text() == "again"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- every path read from an artifact stays inside it ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/hostname", "unet/../../outside.bin", "a\\..\\b", ""])
+def test_manifest_file_names_outside_the_artifact_are_refused(tmp_path, name):
+    root = _artifact(tmp_path / "art")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        verify_files(root, manifest)
+
+
+def test_a_link_out_of_the_artifact_is_refused(tmp_path):
+    root = _artifact(tmp_path / "art")
+    (tmp_path / "secret.txt").write_text("not the artifact's")
+    (root / "unet" / "leak.bin").symlink_to(tmp_path / "secret.txt")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"]["unet/leak.bin"] = "0" * 64
+    with pytest.raises(ArtifactError, match="links outside the artifact"):
+        verify_files(root, manifest)
+
+
+@pytest.mark.parametrize("weight_file", ["../../../etc/passwd", "/etc/hostname"])
+def test_weight_indexes_pointing_outside_are_refused(tmp_path, weight_file):
+    """transformers and diffusers open what a sharded-weight index names: the load checks it first."""
+    root = _artifact(tmp_path / "art")
+    (root / "text_encoder").mkdir()
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001.safetensors", "b.weight": weight_file}}
+    (root / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(index))
+    manifest = json.loads((root / "manifest.json").read_text())
+    with pytest.raises(ArtifactError, match=r"weight file in text_encoder/model.safetensors.index.json"):
+        verify_files(root, manifest)
+
+
+def test_an_intact_artifact_verifies(tmp_path):
+    root = _artifact(tmp_path / "art")
+    verify_files(root, json.loads((root / "manifest.json").read_text()))
