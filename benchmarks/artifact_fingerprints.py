@@ -80,6 +80,9 @@ def main() -> int:
 
     results: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # a cache of its own: teacher data, calibration trajectories and ptq graphs are made by the code under test,
+        # never reused from an earlier run of other code (their cache keys do not name the code)
+        os.environ["SDCOMPILER_CACHE_DIR"] = str(Path(tmp) / "cache")
         ckpt = make_checkpoint(Path(tmp) / "sd15", "sd15", "tiny", seed=0)
         for key, (recipe, target) in (TRAINING_CASES if args.training else CASES).items():
             print(f"compiling {key}", file=sys.stderr, flush=True)

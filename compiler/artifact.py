@@ -18,6 +18,7 @@ folders whose owning process (the pid in their name) still runs are left alone.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -126,7 +127,7 @@ def recover_interrupted(output_dir: Path) -> None:
     parent, name = output_dir.parent, output_dir.name
     if not parent.is_dir():
         return
-    for old in sorted(parent.glob(f".{glob_escape(name)}.old-*")):
+    for old in sorted(parent.glob(f".{glob.escape(name)}.old-*")):
         if not old.is_dir() or _owner_alive(old, "old", name):
             continue
         if not output_dir.exists() and not output_dir.is_symlink():
@@ -137,15 +138,10 @@ def recover_interrupted(output_dir: Path) -> None:
             log.warning(
                 "removed %s, the previous artifact an interrupted replace left next to %s", old.name, output_dir
             )
-    for partial in sorted(parent.glob(f".{glob_escape(name)}.partial-*")):
+    for partial in sorted(parent.glob(f".{glob.escape(name)}.partial-*")):
         if partial.is_dir() and not _owner_alive(partial, "partial", name):
             shutil.rmtree(partial, ignore_errors=True)
             log.warning("removed %s, the staging folder of an interrupted run into %s", partial.name, output_dir)
-
-
-def glob_escape(text: str) -> str:
-    """`text` with glob's special characters matched literally."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 @contextlib.contextmanager

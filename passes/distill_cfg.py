@@ -113,7 +113,6 @@ class DistillCFG(Pass):
     def run(self, pipe, config: DistillCFGConfig, ctx: PassContext) -> dict[str, float]:
         unet, scheduler = pipe.unet, pipe.scheduler
         sdxl = hasattr(pipe, "text_encoder_2")
-        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
         data = teacher_data(pipe, unet, config, ctx, key=ctx.model_key, guidance=config.guidance_scale)
         train, held = data.train, data.held
         uncond = unconditional_inputs(pipe, 1, sdxl, train)
@@ -173,7 +172,7 @@ class DistillCFG(Pass):
                 kwargs = unet_kwargs(held, slice(None), True, len(x_t))
                 return sqnr_db(target, unet(x_t, t, **kwargs, **guidance(ws)).sample)
 
-        images = HeldOutImages(pipe, data.held_prompts, resolution, ctx.seed)
+        images = HeldOutImages(pipe, data.held_prompts, data.resolution, ctx.seed)
         reference = images.sample(config.image_steps, w)  # the guided teacher
         psnr_before = psnr_db(reference, images.sample(config.image_steps, 1.0))  # dropping CFG alone
         done = False

@@ -254,7 +254,6 @@ class DistillSteps(Pass):
         unet = pipe.unet
         device = next(unet.parameters()).device
         sdxl = hasattr(pipe, "text_encoder_2")
-        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
         data = teacher_data(pipe, unet, config, ctx, key=ctx.model_key)
         train, held = data.train.to(device), data.held.to(device)
         uncond = {k: v.to(device) for k, v in unconditional_inputs(pipe, 1, sdxl, train).items()}
@@ -322,7 +321,7 @@ class DistillSteps(Pass):
                 prediction, target = prediction_and_target(unet, held, held_batch)
             return sqnr_db(target, prediction)
 
-        images = HeldOutImages(pipe, data.held_prompts, resolution, ctx.seed)
+        images = HeldOutImages(pipe, data.held_prompts, data.resolution, ctx.seed)
         reference = images.sample(config.reference_steps, config.teacher_guidance)
         lcm = build_scheduler(pipe, config.scheduler_config())
         with _sampler(pipe, lcm):

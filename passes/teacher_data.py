@@ -319,12 +319,12 @@ def teacher_trajectories(
         unique.setdefault(float(torch.as_tensor(record["timestep"]).reshape(-1)[0]), record)
     if len(unique) < steps:
         raise PassError(f"the scheduler visited {len(unique)} distinct timesteps for {steps} steps; lower calib_steps")
-    keep = torch.linspace(0, len(unique) - 1, steps).round().long().tolist()
-    records = [list(unique.values())[i] for i in keep]
-    first = records[0]
+    visited = list(unique.items())
+    chosen = [visited[i] for i in torch.linspace(0, len(visited) - 1, steps).round().long().tolist()]
+    first = chosen[0][1]
     tensors = {
-        "samples": torch.stack([r["sample"] for r in records]),
-        "timesteps": torch.tensor([float(torch.as_tensor(r["timestep"]).reshape(-1)[0]) for r in records]),
+        "samples": torch.stack([record["sample"] for _, record in chosen]),
+        "timesteps": torch.tensor([timestep for timestep, _ in chosen]),
         "context": first["context"],
     }
     if first["text_embeds"] is not None:

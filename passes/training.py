@@ -51,6 +51,7 @@ class TeacherData:
     held: TeacherSamples
     prompts: list[str]  # training prompts, then held-out prompts
     num_train: int
+    resolution: int  # pixels the teacher sampled at
 
     @property
     def held_prompts(self) -> list[str]:
@@ -87,7 +88,7 @@ def teacher_data(
         teacher_key=key,
     )
     train, held = samples.split(config.num_prompts)
-    return TeacherData(train, held, prompts, config.num_prompts)
+    return TeacherData(train, held, prompts, config.num_prompts, resolution)
 
 
 @contextlib.contextmanager

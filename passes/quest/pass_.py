@@ -90,6 +90,7 @@ class QuestW4A4(Pass):
             "quantized_layers": len(quantized_layers(unet)),
             "calibrated_timesteps": len(calib.timesteps),
         }
+        sqnr_deployed = sqnr_calibrated  # the held-out eps SQNR of the model the pass leaves
         if config.finetune:
             named = dict(unet.named_parameters())
             scales = (
@@ -114,20 +115,20 @@ class QuestW4A4(Pass):
             losses2 = finetune_stage(unet, calib, ffn, scales, config, config.stage2_steps, ctx, "stage2")
             sqnr_finetuned = eps_sqnr(unet, held, reference)
             kept = sqnr_finetuned >= sqnr_calibrated
-            if not kept:  # it fit the calibration prompts but lost on the held-out ones: deploy the calibrated model
+            if kept:
+                sqnr_deployed = sqnr_finetuned
+            else:  # it fit the calibration prompts but lost on the held-out ones: deploy the calibrated model
                 with torch.no_grad():
                     for param, value in zip(trained, calibrated):
                         param.copy_(value)
+                sqnr_deployed = eps_sqnr(unet, held, reference)  # measured again: the restore must be exact
             metrics |= {
                 "sqnr_finetuned_db": sqnr_finetuned,
                 "finetune_kept": float(kept),
                 "stage1_loss_last": losses1[-1] if losses1 else 0.0,
                 "stage2_loss_last": losses2[-1] if losses2 else 0.0,
             }
-        # the deployed model's held-out eps SQNR: the finetuned one, or the calibrated one it did not beat
-        # (measured again: the restore must give back exactly the calibrated model)
-        kept = metrics.get("finetune_kept", 0.0) == 1.0
-        metrics["sqnr_db"] = metrics["sqnr_finetuned_db"] if kept else eps_sqnr(unet, held, reference)
+        metrics["sqnr_db"] = sqnr_deployed
         unet.eval()
         # what no kernel implements: fake-quantized in float at deployment too (1 = simulated)
         metrics |= {"simulated_attention_qkv": 1.0, "simulated_attention_probs": 1.0}
