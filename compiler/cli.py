@@ -39,18 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 1
-    except Exception as exc:  # one line for users, the trace for --debug
-        from sdcompiler.errors import SDCompilerError
+    except Exception as exc:
+        return _report_failure(exc, debug)
 
-        if debug:
-            traceback.print_exc()
-        if isinstance(exc, SDCompilerError):
-            message = str(exc)
-        else:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            message = f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+
+def _report_failure(exc: Exception, debug: bool) -> int:
+    """One line for users (the trace too with --debug); exit status 1."""
+    from sdcompiler.errors import SDCompilerError
+
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, SDCompilerError):
+        message = str(exc)
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message = f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def _leave_process_group(code: int) -> None:
