@@ -27,6 +27,8 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +38,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # a leftover without a pid in its name (written by an older sd-compiler) counts as abandoned after this long
 STALE_SECONDS = 3600
+# manifests are a few KB; a bigger one is not ours (and is not read into memory)
+MAX_MANIFEST_BYTES = 16 << 20
 
 log = logging.getLogger(__name__)
 
@@ -223,18 +227,85 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{root} is not an sd-compiler artifact (no {MANIFEST}); compile one with `sdcompiler compile`"
         )
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(
+            f"{file} is {file.stat().st_size / 1e6:.0f} MB, far beyond any manifest sd-compiler writes; recompile "
+            "the artifact"
+        )
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(), parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise ArtifactError(
             f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); recompile the artifact"
         ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{file} is not strict JSON ({exc}); recompile the artifact") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(
+            f"{file} holds a JSON {type(manifest).__name__}, not an sd-compiler manifest; recompile the artifact"
+        )
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ArtifactError(
             f"{file} has schema_version {version!r}; this sd-compiler reads {SCHEMA_VERSION}: recompile"
         )
+    problem = _shape_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{file}: {problem}; the manifest was edited or damaged: recompile the artifact")
+    bad = [name for name, digest in manifest["files"].items() if not _is_sha256(digest)]
+    if bad:
+        raise ArtifactError(f"{file}: the sha256 of {bad[0]!r} is not a sha256 hex digest; recompile the artifact")
     return manifest
+
+
+# what every reader of a manifest relies on (load_compiled, export-server, inspect), and its type
+MANIFEST_KEYS = {
+    "sdcompiler_version": str,
+    "arch": str,
+    "target": str,
+    "source": dict,
+    "passes": list,
+    "lowering": dict,
+    "files": dict,
+}
+PASS_RECORD_KEYS = {
+    "name": str,
+    **dict.fromkeys(("params_before", "params_after", "macs_before", "macs_after"), int),
+    "seconds": (int, float),
+}
+STAGE_KEYS = {"name": str, "seconds": (int, float)}
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a manifest, or None."""
+
+    def wrong(where: str, mapping: Any, keys: dict[str, Any]) -> str | None:
+        if not isinstance(mapping, dict):
+            return f"{where} is a {type(mapping).__name__}, not a mapping"
+        for key, kind in keys.items():
+            value = mapping.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                found = "missing" if key not in mapping else f"a {type(value).__name__}"
+                return f"{f'{where}.' if where else ''}{key} is {found}"
+        return None
+
+    lowering = manifest.get("lowering")
+    checks = [("", manifest, MANIFEST_KEYS)]
+    passes = manifest.get("passes") if isinstance(manifest.get("passes"), list) else []
+    checks += [(f"passes[{i}]", record, PASS_RECORD_KEYS) for i, record in enumerate(passes)]
+    if isinstance(lowering, dict):
+        checks.append(("lowering", lowering, {"config": dict, "stages": list}))
+        stages = lowering.get("stages") if isinstance(lowering.get("stages"), list) else []
+        checks += [(f"lowering.stages[{i}]", stage, STAGE_KEYS) for i, stage in enumerate(stages)]
+    return next((problem for where, mapping, keys in checks if (problem := wrong(where, mapping, keys))), None)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def confined(root: Path, name: str, what: str = "a file name") -> Path:
@@ -255,12 +326,18 @@ def confined(root: Path, name: str, what: str = "a file name") -> Path:
 WEIGHT_INDEXES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Check that every file listed in the manifest is present and inside the artifact, and that the weight
-    files sharded-weight indexes name stay inside it too.
+def verify_files(root: Path, manifest: dict[str, Any], *, hashes: bool = True) -> VerifyReport:
+    """Check an artifact against its manifest before anything is loaded from it; raise an ArtifactError naming the
+    first file that fails.
 
-    Hashes are not recomputed at load (seconds per GB); `sdcompiler inspect` shows them.
+    - every listed file is present and inside the artifact (and so are the weight files that sharded-weight
+      indexes name);
+    - with `hashes` (the default), every listed file's sha256 matches the manifest (files hashed in parallel
+      threads; hashlib releases the GIL, so this runs at disk / memory speed);
+    - every ONNX graph uses only the standard operator domains (plus its own local functions) and keeps its
+      external data inside the artifact.
     """
+    start = time.perf_counter()
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise ArtifactError(f"artifact {root}: the manifest's files is not a mapping; recompile it")
@@ -277,3 +354,83 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
         where = index.parent.relative_to(root).as_posix()
         for file in set(weight_map.values()) if isinstance(weight_map, dict) else [weight_map]:
             confined(index.parent, file, f"the weight file in {where}/{index.name}")
+    size = sum((root / name).stat().st_size for name in files)
+    if hashes:
+        _check_hashes(root, files)
+    graphs = sorted(name for name in files if name.endswith(".onnx"))
+    for name in graphs:
+        check_onnx_graph(root, name, files)
+    return VerifyReport(len(files), size, hashes, len(graphs), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    files: int
+    bytes: int
+    hashed: bool
+    onnx_graphs: int
+    seconds: float
+
+
+def _check_hashes(root: Path, files: dict[str, str]) -> None:
+    names = sorted(files, key=lambda name: -(root / name).stat().st_size)  # biggest first: best balance
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(names, pool.map(lambda name: sha256_file(root / name), names)))
+    changed = [name for name in sorted(files) if digests[name] != files[name]]
+    if changed:
+        raise ArtifactError(
+            f"artifact {root}: {changed[0]} does not match the sha256 in its manifest"
+            f"{f' (and {len(changed) - 1} more file(s))' if len(changed) > 1 else ''}: the file was changed or "
+            "damaged after the compile; recompile or restore the artifact (or load with verify=False / --no-verify "
+            "to skip the check)"
+        )
+
+
+# operator domains ONNX Runtime implements itself; any other domain needs a custom-op library
+ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview"})
+
+
+def check_onnx_graph(root: Path, name: str, files: dict[str, str]) -> None:
+    """Refuse an ONNX graph (`root / name`) whose nodes use an operator domain ONNX Runtime does not implement
+    (a custom-op library would be needed: code from outside the artifact) or whose external data lives outside
+    the artifact or is not a file the manifest lists (and so hashes). Reads the graph only, never the weights."""
+    import onnx
+
+    path = confined(root, name)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / ValueError / google.protobuf errors
+        raise ArtifactError(f"artifact {root}: {name} is not a valid ONNX graph ({exc}); recompile it") from None
+    local = {function.domain for function in model.functions}
+    nodes = [node for graph in _graphs(model.graph) for node in graph.node]
+    nodes += [node for function in model.functions for node in function.node]
+    unknown = sorted({node.domain for node in nodes} - ONNX_DOMAINS - local)
+    if unknown:
+        raise ArtifactError(
+            f"artifact {root}: {name} uses operator domain {unknown[0]!r}, which needs a custom-op library; "
+            "sd-compiler writes none: recompile the artifact"
+        )
+    folder = Path(name).parent
+    for graph in _graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+            relative = (folder / location).as_posix() if location and not Path(location).is_absolute() else location
+            confined(root, relative, f"the external data of {tensor.name!r} in {name},")
+            if relative not in files:
+                raise ArtifactError(
+                    f"artifact {root}: the external data of {tensor.name!r} in {name} ({location}) is not a file "
+                    "its manifest lists; recompile the artifact"
+                )
+
+
+def _graphs(graph) -> Iterator[Any]:
+    """`graph` and every subgraph (If / Loop / Scan bodies) below it."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node or attribute.g.initializer:
+                yield from _graphs(attribute.g)
+            for sub in attribute.graphs:
+                yield from _graphs(sub)

@@ -223,6 +223,7 @@ def benchmark(
     allow_pickle: bool = False,
     options: dict[str, Any] | None = None,
     batch_size: int | None = None,
+    verify: bool = True,
 ) -> BenchReport:
     """Time `candidate` (a CompiledPipeline or an artifact folder) and optionally `baseline` (a
     CompiledPipeline, an artifact folder, or a checkpoint: diffusers folder, .safetensors file, cached HF id).
@@ -233,6 +234,7 @@ def benchmark(
     `{"compile": True}` against the same artifact without them as the baseline.
     `batch_size`: prompts per call (default: all in one call); a repeat then calls each chunk of prompts in
     turn (seed + chunk index), which is how a quality run over a long prompt list fits in memory.
+    `verify`: check artifact folders' files against their manifests' sha256 before loading (as `load_compiled`).
     """
     if not _is_int(repeats) or repeats < 1:
         raise ConfigError(f"repeats={repeats!r}: at least one timed call per subject is needed")
@@ -249,7 +251,16 @@ def benchmark(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = _ClipScorer(clip_model, allow_pickle) if clip_model is not None else None  # fail before timing
     subjects = [
-        _subject("candidate", candidate, device, allow_pickle, num_inference_steps, guidance_scale, options=options)
+        _subject(
+            "candidate",
+            candidate,
+            device,
+            allow_pickle,
+            num_inference_steps,
+            guidance_scale,
+            options=options,
+            verify=verify,
+        )
     ]
     if baseline is not None:
         subjects.append(
@@ -261,6 +272,7 @@ def benchmark(
                 num_inference_steps,
                 guidance_scale,
                 macs_resolution=subjects[0].macs_resolution,
+                verify=verify,
             )
         )
         if subjects[0].components.is_sdxl != subjects[1].components.is_sdxl:
@@ -344,6 +356,7 @@ def _subject(
     guidance: float | None,
     macs_resolution: tuple[int, int] | None = None,
     options: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> Subject:
     from sdcompiler.runtime import CompiledPipeline, load_compiled
 
@@ -356,7 +369,7 @@ def _subject(
             "with load_compiled(dir, options=...) yourself"
         )
     if not isinstance(what, CompiledPipeline) and is_artifact:
-        what = load_compiled(what, device=device, options=options)
+        what = load_compiled(what, device=device, options=options, verify=verify)
     if isinstance(what, CompiledPipeline):
         manifest = what.manifest
         defaults = manifest.get("defaults", {})

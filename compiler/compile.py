@@ -74,6 +74,7 @@ def compile_artifact(
     macs_resolution: tuple[int, int] | None = None,
     show_progress: bool | None = None,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Compile a Stable Diffusion / SDXL checkpoint into an artifact folder (without loading it).
 
@@ -89,6 +90,8 @@ def compile_artifact(
         macs_resolution: pixel (H, W) at which MACs are counted; default: the model's native size.
         show_progress: progress bars (default: on unless SDCOMPILER_QUIET is set).
         seed: seeds everything random in passes.
+        allow_nonfinite: compile weights that hold NaN / Inf (refused by default, naming the tensor: in the
+            checkpoint before any model is built, and in the models the passes leave before lowering).
 
     Returns:
         The artifact folder.
@@ -112,7 +115,7 @@ def compile_artifact(
     output_dir = Path(output_dir)
     check_destination(output_dir)
 
-    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     pipe, spec = loaded.pipeline, loaded.arch
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     macs_resolution = tuple(macs_resolution or (default_size, default_size))
@@ -130,6 +133,8 @@ def compile_artifact(
     start = time.perf_counter()
     records = PassManager(steps).run(pipe, ctx)
     passes_seconds = time.perf_counter() - start
+    if not allow_nonfinite:
+        _refuse_nonfinite_models(pipe, [r.name for r in records])
     if not _is_main_process():  # under accelerate launch / torchrun: training ran on all ranks, rank 0 writes
         return output_dir
 
@@ -163,6 +168,26 @@ def compile_artifact(
         }
         write_manifest(staging, manifest)
     return output_dir
+
+
+def _refuse_nonfinite_models(pipe, passes: list[str]) -> None:
+    """The models the passes leave hold finite weights only (a pass that diverged is named before lowering)."""
+    import torch
+
+    from sdcompiler.loading import first_nonfinite
+
+    for component, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in module.state_dict().items():
+            bad = first_nonfinite(tensor)
+            if bad:
+                after = f"after pass(es) {', '.join(passes)}" if passes else "as loaded"
+                raise LoweringError(
+                    f"the {component} holds {bad} in {name!r} {after}; a pass diverged: check its settings "
+                    "(e.g. a lower learning rate), or pass allow_nonfinite=True (CLI: --allow-nonfinite) to "
+                    "lower it anyway"
+                )
 
 
 def _is_main_process() -> bool:

@@ -68,6 +68,7 @@ def load_checkpoint(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     config: str | os.PathLike | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadedCheckpoint:
     """Load a SD 1.x / 2.x / SDXL checkpoint as a diffusers pipeline (fp32, CPU, eval).
 
@@ -86,6 +87,8 @@ def load_checkpoint(
             and tokenizers replace the shipped config tree of the detected arch
             (for fine-tunes with other widths, or the tiny test checkpoints).
             Weights found in it are used for components the file lacks.
+        allow_nonfinite: load weights holding NaN / Inf. By default such a checkpoint is refused, naming the
+            first such tensor, before any model is built (its images would be NaN: black).
 
     Returns:
         The pipeline, its arch and its source record.
@@ -112,7 +115,7 @@ def load_checkpoint(
 
     where = text
     with _quiet_libraries():
-        pipe, arch = load(path, where, allow_pickle=allow_pickle, config=config)
+        pipe, arch = load(path, where, allow_pickle=allow_pickle, config=config, allow_nonfinite=allow_nonfinite)
     _check_materialized(pipe, where, arch)
     if prediction_type is not None:
         # Re-create rather than patch the config: some schedulers derive state from it at init.
@@ -155,7 +158,7 @@ def _file_sha256(path: Path) -> str:
 # --- folders ----------------------------------------------------------------------------------------------
 
 
-def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = None):
+def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = None, allow_nonfinite: bool = False):
     if not (path / "model_index.json").is_file():
         raise CheckpointError(
             f"{where} is not a diffusers pipeline folder (no model_index.json); "
@@ -165,12 +168,22 @@ def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = No
     arch = detect_arch_from_unet_config(_read_json(path / "unet" / "config.json", where), where=where)
     if not allow_pickle:
         _refuse_pickle_only(path, index, where)
+    components = [path / name for name, entry in index.items() if isinstance(entry, list) and (path / name).is_dir()]
+    if not allow_nonfinite:
+        for file in sorted(f for folder in components for f in folder.glob("*.safetensors")):
+            _refuse_nonfinite_file(file, f"{where}: {file.parent.name}/{file.name}")
     pipeline_class = _pipeline_class(arch)
     with _wrapped(where):
         # use_safetensors=None prefers safetensors and falls back to pickle; True refuses pickle.
         pipe = pipeline_class.from_pretrained(
             path, torch_dtype=torch.float32, use_safetensors=None if allow_pickle else True, **_no_safety(arch)
         )
+    pickled = [folder.name for folder in components if not any(folder.glob("*.safetensors"))]
+    if not allow_nonfinite and pickled:  # weights that came from pickle files were not scanned above
+        for name in pickled:
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                _refuse_nonfinite(module.state_dict().items(), f"{where}: {name}")
     return pipe, arch
 
 
@@ -204,10 +217,14 @@ def _cached_snapshot(repo_id: str) -> Path:
 # --- single files -----------------------------------------------------------------------------------------
 
 
-def _load_file(path: Path, where: str, *, allow_pickle: bool, config: str | os.PathLike | None):
+def _load_file(
+    path: Path, where: str, *, allow_pickle: bool, config: str | os.PathLike | None, allow_nonfinite: bool = False
+):
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         arch = detect_arch_from_keys(_safetensors_keys(path, where), where)
+        if not allow_nonfinite:
+            _refuse_nonfinite_file(path, where)
         return _from_single_file(path, where, arch, config), arch
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -221,6 +238,8 @@ def _load_file(path: Path, where: str, *, allow_pickle: bool, config: str | os.P
         )
     tensors = _unpickle(path, where)
     arch = detect_arch_from_keys(tensors, where)
+    if not allow_nonfinite:
+        _refuse_nonfinite(tensors.items(), where)
     # diffusers unpickles with weights_only=True, which rejects the Lightning objects many .ckpt files
     # carry; the caller allowed pickle, so unpickle fully here and hand diffusers a safetensors copy.
     with tempfile.TemporaryDirectory(prefix="sdcompiler-ckpt-") as tmp:
@@ -311,6 +330,49 @@ def _check_materialized(pipe, where: str, arch: ArchSpec) -> None:
                         f"{where} lacks weights for {name} (e.g. {tensor_name!r}): the file is incomplete "
                         f"or its shapes do not match the {arch.name} configs"
                     )
+
+
+def _refuse_nonfinite_file(path: Path, where: str) -> None:
+    """Refuse a safetensors file holding a NaN / Inf, reading it tensor by tensor (memory-mapped)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            _refuse_nonfinite(((key, handle.get_tensor(key)) for key in handle.keys()), where)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{where} is truncated or corrupt ({_first_line(exc)}): re-download it") from exc
+
+
+def _refuse_nonfinite(tensors, where: str) -> None:
+    """Raise naming the first floating-point tensor (of `(name, tensor)` pairs) that holds a NaN or Inf."""
+    for name, tensor in tensors:
+        bad = first_nonfinite(tensor)
+        if bad:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} holds {bad}, so every image would be NaN (black); use an intact "
+                "checkpoint, or pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway"
+            )
+
+
+def first_nonfinite(tensor: torch.Tensor) -> str | None:
+    """ "N NaN / M Inf value(s)" when a floating-point tensor holds any, else None.
+
+    The common case (all finite) costs one min/max pass (NaN propagates through both, an Inf shows as the min or
+    the max), ~15x faster than `isfinite` on CPU; the counts are computed only for a tensor that has some."""
+    if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+        return None
+    try:
+        low, high = torch.aminmax(tensor)
+    except RuntimeError:  # dtypes without a min/max kernel (e.g. float8 on some builds)
+        tensor = tensor.float()
+        low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    return " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "Inf")) if count) + " value(s)"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -211,6 +211,7 @@ def load_compiled(
     device: str | None = None,
     providers: list[str] | None = None,
     options: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> CompiledPipeline:
     """Load an artifact folder written by `compile_pipeline` / `sdcompiler compile`.
 
@@ -220,12 +221,15 @@ def load_compiled(
         providers: ONNX Runtime execution providers (onnx target), overriding `device`.
         options: target options that only change how the artifact runs, overriding the recorded ones
             (torch target: `compile`, `compile_mode`, `cuda_graphs`, `fused_kernels`); others are refused.
+        verify: check every file's sha256 against the manifest before loading (the default; a few seconds per
+            GB, see `sdcompiler verify`); False skips the hashes for a faster start (presence, confinement and
+            the ONNX graph checks still run).
     """
     from sdcompiler.targets import get_target
 
     root = Path(path).resolve()
     manifest = read_manifest(root)
-    verify_files(root, manifest)
+    verify_files(root, manifest, hashes=verify)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = get_target(manifest["target"])

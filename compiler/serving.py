@@ -189,6 +189,7 @@ def export_server(
     kind: str = "GPU",
     python_env: str | None = None,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Write a Triton Inference Server model repository for a compiled `onnx` or `tensorrt` artifact.
 
@@ -206,6 +207,7 @@ def export_server(
         python_env: the Python backend's EXECUTION_ENV_PATH for the pipeline model (a packed
             environment with sd-compiler); default: the server's own Python.
         overwrite: replace a model repository earlier written by export-server at `out`.
+        verify: check every file of the artifact against its manifest's sha256 first (the default).
 
     Returns:
         The repository folder.
@@ -226,7 +228,7 @@ def export_server(
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
-    verify_files(root, manifest)
+    verify_files(root, manifest, hashes=verify)
     models = target.serving_models(root, manifest)
     specs = [spec for spec, _ in models]
     pipeline = ModelSpec(

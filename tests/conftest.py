@@ -34,6 +34,7 @@ os.environ.setdefault("SDCOMPILER_QUIET", "1")
 os.environ.setdefault("SDCOMPILER_NUM_THREADS", "1")
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="sdcompiler-tests-"))
 os.environ["SDCOMPILER_CACHE_DIR"] = str(_SESSION_ROOT / "cache")
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_SESSION_ROOT / "hypothesis")  # not .hypothesis/ in the checkout
 atexit.register(shutil.rmtree, _SESSION_ROOT, ignore_errors=True)
 
 import torch  # noqa: E402  (after the environment above)
