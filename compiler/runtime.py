@@ -21,7 +21,8 @@ import torch
 
 from sdcompiler import knobs
 from sdcompiler.artifact import read_manifest, verify_files
-from sdcompiler.errors import PipelineArgumentError
+from sdcompiler.errors import ArtifactError, PipelineArgumentError
+from sdcompiler.passes.errors import resolved_path
 from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
@@ -223,7 +224,7 @@ def load_compiled(
     """
     from sdcompiler.targets import get_target
 
-    root = Path(path).resolve()
+    root = resolved_path(path, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     verify_files(root, manifest)
     if device is None:
