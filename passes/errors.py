@@ -73,4 +73,5 @@ def resolved_path(path, error: type[SDCompilerError], fix: str):
     try:
         return Path(path).expanduser().resolve()
     except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError("Symlink loop ..."); later ones OSError
-        raise error(f"{path} {path_problem(path)}; {fix}") from None
+        pass
+    raise error(f"{path} {path_problem(path)}; {fix}")  # outside the except: the library error is no cause
