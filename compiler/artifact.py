@@ -202,19 +202,7 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
         yield staging
-        old = None
-        if output_dir.exists():
-            suffix = staging.name[len(f".{output_dir.name}.partial-") :]  # <pid>-<random>
-            old = output_dir.with_name(f".{output_dir.name}.old-{suffix}")
-            _rename(output_dir, old)
-        try:
-            _rename(staging, output_dir)  # a kill before this line leaves `old`: recover_interrupted puts it back
-        except ArtifactError:
-            if old is not None:
-                old.rename(output_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(staging, output_dir)
     except Exception as exc:
         reason = _disk_failure(exc)
         if reason is None:
@@ -227,15 +215,45 @@ def staged_folder(output_dir: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _rename(source: Path, target: Path) -> None:
-    """A rename of the swap, failing in one line (a folder that became busy or read-only since the checks)."""
-    try:
-        source.rename(target)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ArtifactError(
-            f"cannot move {source.name} to {target} ({reason}); pass another --out (the previous contents stay)"
-        ) from None
+# how often a finished staging folder is swapped in again when other runs into the same folder keep swapping
+# theirs in between our two renames
+SWAP_ATTEMPTS = 20
+
+
+def _swap_in(staging: Path, output_dir: Path) -> None:
+    """Rename `staging` to `output_dir`, moving what is there aside first and removing it after.
+
+    Runs into one folder at once: another run may move the artifact aside, or put its own in place, between
+    our two renames; then ours is swapped in again, so the last run to finish wins and the folder always holds
+    one complete artifact. A kill between the renames leaves `old`, which `recover_interrupted` puts back."""
+    suffix = staging.name[len(f".{output_dir.name}.partial-") :]  # <pid>-<random>
+    old = output_dir.with_name(f".{output_dir.name}.old-{suffix}")
+    for _ in range(SWAP_ATTEMPTS):
+        moved_aside = False
+        if output_dir.exists():
+            try:
+                output_dir.rename(old)
+                moved_aside = True
+            except FileNotFoundError:  # another run moved it aside just now
+                continue
+            except OSError as exc:
+                raise ArtifactError(f"cannot replace {output_dir} ({exc.strerror}); pass another --out") from None
+        try:
+            staging.rename(output_dir)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another run swapped its own in meanwhile
+                if moved_aside:
+                    shutil.rmtree(old, ignore_errors=True)
+                continue
+            if moved_aside:
+                old.rename(output_dir)  # the previous artifact stays
+            raise ArtifactError(
+                f"cannot move the new artifact into {output_dir} ({exc.strerror}); pass another --out"
+            ) from None
+        if moved_aside:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise ArtifactError(f"other runs kept replacing {output_dir} while this one finished; pass another --out")
 
 
 # errors of the disk rather than of the data: where a write fails with one of these, the fix is another folder
