@@ -18,6 +18,7 @@ folders whose owning process (the pid in their name) still runs are left alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sdcompiler.errors import ArtifactError
+from sdcompiler.passes.errors import path_problem, resolved_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,16 +56,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def check_destination(output_dir: Path) -> None:
     """Fail early (before any work) unless `output_dir` is new, empty, or an artifact (whose own files only)
-    that may be replaced; first restore or clean what an interrupted earlier run left next to it."""
+    that may be replaced, and a staging folder can be written next to it; first restore or clean what an
+    interrupted earlier run left next to it."""
+    output_dir = resolved_path(output_dir, ArtifactError, "pass a folder path")
+    check_writable_destination(output_dir)
     recover_interrupted(output_dir)
-    if not output_dir.exists():
-        parent = next((p for p in output_dir.parents if p.exists()), None)
-        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            raise ArtifactError(f"cannot create {output_dir}: {parent} is not writable; pass a folder you can write")
-        return
-    if not output_dir.is_dir():
-        raise ArtifactError(f"output {output_dir} is a file; pass a folder path")
-    if not any(output_dir.iterdir()):
+    if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not (output_dir / MANIFEST).is_file():
         raise ArtifactError(
@@ -82,8 +80,52 @@ def check_destination(output_dir: Path) -> None:
             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to replace it: move them "
             "or pass a new folder"
         )
-    if not os.access(output_dir.parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"cannot replace {output_dir}: {output_dir.parent} is not writable")
+
+
+def check_writable_destination(output_dir: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written the way `staged_folder` writes: a file or
+    special file, a mount point (busy: it cannot be renamed, and a replace renames), a read-only folder, or a
+    place where no staging folder can be created (a read-only or full file system, /proc, a file's path).
+
+    The parent is tested by creating (and removing) an empty staging folder there: permission bits alone miss
+    read-only mounts, immutable folders, and pseudo file systems where even root cannot create entries."""
+    if output_dir.exists() or output_dir.is_symlink():
+        if not output_dir.is_dir():
+            kind = "is a file" if output_dir.is_file() else path_problem(output_dir)
+            raise ArtifactError(f"output {output_dir} {kind}; pass a folder path")
+        if _mount_point(output_dir):
+            raise ArtifactError(
+                f"output {output_dir} is a mount point, which cannot be renamed (the output is swapped in by "
+                "renaming); pass a new folder inside it"
+            )
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise ArtifactError(f"cannot replace {output_dir}: it is read-only; pass a folder you can write")
+    parent = next(p for p in output_dir.parents if p.exists() or p.is_symlink())
+    if not parent.is_dir():
+        raise ArtifactError(
+            f"cannot create {output_dir}: {parent} {path_problem(parent)}, not a folder; pass a folder path"
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=parent)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ArtifactError(
+            f"cannot write {output_dir}: {parent} is not writable ({reason}); pass a folder you can write"
+        ) from None
+    os.rmdir(probe)
+
+
+def _mount_point(folder: Path) -> bool:
+    """Whether `folder` is a mount point, bind mounts of a folder of the same file system included (which
+    `os.path.ismount` misses): a rename of one fails with EBUSY."""
+    if os.path.ismount(folder):
+        return True
+    try:
+        with open("/proc/self/mountinfo") as mounts:  # field 5: the mount point, with spaces as \\040
+            points = {line.split()[4].replace("\\040", " ") for line in mounts if len(line.split()) > 4}
+    except OSError:  # not Linux
+        return False
+    return str(folder) in points
 
 
 def _listed_files(manifest_file: Path) -> set[str] | None:
@@ -151,31 +193,102 @@ def recover_interrupted(output_dir: Path) -> None:
 @contextlib.contextmanager
 def staged_folder(output_dir: Path) -> Iterator[Path]:
     """Yield a staging folder next to `output_dir`; on success it atomically becomes `output_dir`
-    (replacing what was there), on failure it is removed and `output_dir` is left as it was."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
+    (replacing what was there), on failure it is removed and `output_dir` is left as it was.
+
+    A full disk, an exceeded quota or a file system gone read-only, wherever the writing hits it (our code,
+    safetensors, torch, onnx), becomes one `ArtifactError` naming the folder and the fix."""
+    staging = None
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(output_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a serving user other than the compiler's must read it
         yield staging
-        old = None
-        if output_dir.exists():
-            suffix = staging.name[len(f".{output_dir.name}.partial-") :]  # <pid>-<random>
-            old = output_dir.with_name(f".{output_dir.name}.old-{suffix}")
-            output_dir.rename(old)
-        staging.rename(output_dir)  # a kill before this line leaves `old`: recover_interrupted puts it back
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(staging, output_dir)
+    except Exception as exc:
+        reason = _disk_failure(exc)
+        if reason is None:
+            raise
+        raise ArtifactError(
+            f"cannot write {output_dir}: {reason}; free space there or pass another --out (nothing was written)"
+        ) from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# how often a finished staging folder is swapped in again when other runs into the same folder keep swapping
+# theirs in between our two renames
+SWAP_ATTEMPTS = 20
+
+
+def _swap_in(staging: Path, output_dir: Path) -> None:
+    """Rename `staging` to `output_dir`, moving what is there aside first and removing it after.
+
+    Runs into one folder at once: another run may move the artifact aside, or put its own in place, between
+    our two renames; then ours is swapped in again, so the last run to finish wins and the folder always holds
+    one complete artifact. A kill between the renames leaves `old`, which `recover_interrupted` puts back."""
+    suffix = staging.name[len(f".{output_dir.name}.partial-") :]  # <pid>-<random>
+    old = output_dir.with_name(f".{output_dir.name}.old-{suffix}")
+    for _ in range(SWAP_ATTEMPTS):
+        moved_aside = False
+        if output_dir.exists():
+            try:
+                output_dir.rename(old)
+                moved_aside = True
+            except FileNotFoundError:  # another run moved it aside just now
+                continue
+            except OSError as exc:
+                raise ArtifactError(f"cannot replace {output_dir} ({exc.strerror}); pass another --out") from None
+        try:
+            staging.rename(output_dir)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another run swapped its own in meanwhile
+                if moved_aside:
+                    shutil.rmtree(old, ignore_errors=True)
+                continue
+            if moved_aside:
+                old.rename(output_dir)  # the previous artifact stays
+            raise ArtifactError(
+                f"cannot move the new artifact into {output_dir} ({exc.strerror}); pass another --out"
+            ) from None
+        if moved_aside:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise ArtifactError(f"other runs kept replacing {output_dir} while this one finished; pass another --out")
+
+
+# errors of the disk rather than of the data: where a write fails with one of these, the fix is another folder
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _disk_failure(exc: BaseException) -> str | None:
+    """What `DISK_ERRORS` says about `exc` or an exception it was raised from, or None. Libraries that write
+    through their own code (safetensors, torch's zip writer, protobuf) raise their own types; their messages
+    carry the system's text ("No space left on device"), which is matched too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            return DISK_ERRORS[exc.errno]
+        text = str(exc)
+        for number, reason in DISK_ERRORS.items():
+            if os.strerror(number) in text:
+                return reason
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @contextlib.contextmanager
 def staged_artifact(output_dir: str | Path) -> Iterator[Path]:
     """Yield a staging folder; on success (a manifest written) it atomically becomes `output_dir`."""
-    output_dir = Path(output_dir).resolve()
+    output_dir = resolved_path(output_dir, ArtifactError, "pass a folder path")
     check_destination(output_dir)
     with staged_folder(output_dir) as staging:
         yield staging

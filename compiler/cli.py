@@ -259,6 +259,35 @@ def _read_image(path: str):
         ) from None
 
 
+def _check_image_path(out: Path) -> Path:
+    """Refuse an image path `generate` could not write, before generating: a folder, a suffix PIL has no
+    writer for, a path below a file, or a place that cannot be written (tested by creating a file there)."""
+    import tempfile
+
+    from PIL import Image
+
+    from sdcompiler.errors import ArtifactError
+    from sdcompiler.passes.errors import path_problem
+
+    if out.is_dir():
+        raise ArtifactError(f"--out {out} is a folder; pass an image file path such as {out / 'image.png'}")
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ArtifactError(f"--out {out} has no image suffix PIL can write ({out.suffix or 'none'}); use .png or .jpg")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ArtifactError(f"cannot write {out}: it is read-only; pass another --out")
+    parent = next(p for p in out.parents if p.exists() or p.is_symlink())
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {out}: {parent} {path_problem(parent)}, not a folder; pass another --out")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ArtifactError(f"cannot write {out}: {parent} is not writable ({reason}); pass another --out") from None
+    return out
+
+
 def _lora(text: str) -> tuple[str, float]:
     """FILE or FILE:SCALE (the part after the last colon is the scale when it reads as a number)."""
     path, sep, scale = text.rpartition(":")
@@ -318,6 +347,7 @@ def cmd_generate(args) -> int:
 
     from sdcompiler import load_compiled
 
+    out = _check_image_path(Path(args.out))  # before anything is loaded or generated
     pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
     if args.lora:
         pipe.set_loras([_lora(text) for text in args.lora])
@@ -338,11 +368,17 @@ def cmd_generate(args) -> int:
         strength=args.strength,
     ).images
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for image, path in zip(images, paths):
+            image.save(path)
+    except OSError as exc:  # a disk that filled up while generating
+        from sdcompiler.errors import ArtifactError
+
+        raise ArtifactError(
+            f"cannot write {out} ({exc.strerror or type(exc).__name__}); free space or pass another --out"
+        ) from None
     print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
     return 0
 

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from sdcompiler import knobs
 from sdcompiler.archs import ArchSpec, detect_arch_from_keys, detect_arch_from_unet_config, shipped_config_dir
 from sdcompiler.errors import CheckpointError, SDCompilerError
+from sdcompiler.passes.errors import path_problem
 
 if TYPE_CHECKING:
     import diffusers
@@ -43,6 +45,12 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # owner/name with exactly one slash; names ending like a checkpoint file are treated as paths.
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# libraries a pipeline folder's components may come from (model_index.json), the components the compiler drops
+# unread, the ones that hold weights, and their weight files' usual names
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+DROPPED_COMPONENTS = ("safety_checker", "feature_extractor")
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
 _SUPPORTED = "pass a diffusers folder, a .safetensors file or a cached Hugging Face id"
 
 
@@ -106,12 +114,19 @@ def load_checkpoint(
             raise CheckpointError(f"config= applies to single-file checkpoints only, and {text} is a folder")
         kind, shown = ("diffusers" if path.is_dir() else "single_file"), str(path.resolve())
         load = _load_folder if path.is_dir() else _load_file
-    elif _HF_ID.fullmatch(text) and not text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+    elif (
+        _HF_ID.fullmatch(text)
+        and not text.lower().endswith((".safetensors", *PICKLE_SUFFIXES))
+        and not os.path.lexists(path)  # a link that loops or a FIFO at owner/name is a bad path, not an id
+    ):
         if config is not None:
             raise CheckpointError(f"config= applies to single-file checkpoints only, and {text} is a Hugging Face id")
         path, kind, shown, load = _cached_snapshot(text), "hf_cache", text, _load_folder
     else:
-        raise CheckpointError(f"{text} does not exist: {_SUPPORTED}")
+        problem = path_problem(path)
+        if problem == "does not exist":
+            raise CheckpointError(f"{text} does not exist: {_SUPPORTED}")
+        raise CheckpointError(f"{text} {problem}: {_SUPPORTED}")
 
     where = text
     with _quiet_libraries():
@@ -165,10 +180,14 @@ def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = No
             "pass a pipeline folder, a single .safetensors checkpoint or a Hugging Face id"
         )
     index = _read_json(path / "model_index.json", where)
+    _check_component_classes(index, where)
     arch = detect_arch_from_unet_config(_read_json(path / "unet" / "config.json", where), where=where)
     if not allow_pickle:
         _refuse_pickle_only(path, index, where)
-    components = [path / name for name, entry in index.items() if isinstance(entry, list) and (path / name).is_dir()]
+    _check_component_weights(path, index, where)
+    components = [
+        path / name for name in MODEL_COMPONENTS if isinstance(index.get(name), list) and (path / name).is_dir()
+    ]
     if not allow_nonfinite:
         for file in sorted(f for folder in components for f in folder.glob("*.safetensors")):
             _refuse_nonfinite_file(file, f"{where}: {file.parent.name}/{file.name}")
@@ -187,10 +206,48 @@ def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = No
     return pipe, arch
 
 
+def _check_component_classes(index: dict, where: str) -> None:
+    """Every component model_index.json names must be a class of diffusers or transformers: diffusers imports
+    whatever module an entry names and calls what it finds there (`["os", "system"]` would run a command)."""
+    import importlib
+
+    for name, entry in index.items():
+        if name.startswith("_") or name in DROPPED_COMPONENTS or not isinstance(entry, list) or entry == [None, None]:
+            continue
+        library, class_name = entry if len(entry) == 2 else (None, None)
+        allowed = library in COMPONENT_LIBRARIES and isinstance(class_name, str) and class_name.isidentifier()
+        if not allowed or not hasattr(importlib.import_module(library), class_name):
+            shown = ".".join(map(str, entry)) if len(entry) == 2 else json.dumps(entry)
+            raise CheckpointError(
+                f"{where}/model_index.json names {shown} for component {name!r}, which is not a class of "
+                f'{" or ".join(COMPONENT_LIBRARIES)}; fix the entry (e.g. ["diffusers", "UNet2DConditionModel"]) '
+                "or re-save the pipeline with diffusers"
+            )
+
+
+def _check_component_weights(path: Path, index: dict, where: str) -> None:
+    """Each model component model_index.json lists has a folder with a weight file whose header reads; diffusers
+    would otherwise fail deep inside (after logging its own error lines) or name no fix."""
+    for name in MODEL_COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or entry == [None, None]:
+            continue
+        folder = path / name
+        files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+        weights = [f for f in files if f.suffix in (".safetensors", *PICKLE_SUFFIXES) or f.name.endswith(".index.json")]
+        if not weights:
+            raise CheckpointError(
+                f"{where}/{name} has no weight file (e.g. {_WEIGHT_NAMES.get(name, 'model.safetensors')}): "
+                "the folder is incomplete; re-download or re-save the checkpoint"
+            )
+        for file in (f for f in weights if f.suffix == ".safetensors"):
+            _safetensors_keys(file, f"{where}/{name}/{file.name}")
+
+
 def _refuse_pickle_only(path: Path, index: dict, where: str) -> None:
     pickled = []
     for name, entry in index.items():
-        if name in ("safety_checker", "feature_extractor") or not (isinstance(entry, list) and entry[0]):
+        if name in DROPPED_COMPONENTS or not (isinstance(entry, list) and entry[0]):
             continue
         files = [f for f in (path / name).glob("*") if f.is_file()] if (path / name).is_dir() else []
         if not any(f.suffix == ".safetensors" for f in files):
@@ -398,16 +455,24 @@ def _wrapped(where: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """Silence diffusers' loading chatter (fp32 casting notes; progress bars when quiet), then restore."""
+    """Silence diffusers' and transformers' loading chatter (fp32 casting notes, the error lines they log before
+    raising, Python warnings; progress bars when quiet), then restore. What goes wrong reaches the caller as an
+    exception, which `_wrapped` turns into one line."""
     from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
     verbosity, bars_enabled = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
-    dlogging.set_verbosity_error()
+    transformers_verbosity = tlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)
+    tlogging.set_verbosity(tlogging.CRITICAL)
     if knobs.quiet():
         dlogging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         dlogging.set_verbosity(verbosity)
+        tlogging.set_verbosity(transformers_verbosity)
         if bars_enabled:
             dlogging.enable_progress_bar()

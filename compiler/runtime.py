@@ -21,7 +21,8 @@ import torch
 
 from sdcompiler import knobs
 from sdcompiler.artifact import read_manifest, verify_files
-from sdcompiler.errors import PipelineArgumentError
+from sdcompiler.errors import ArtifactError, PipelineArgumentError, SDCompilerError
+from sdcompiler.passes.errors import resolved_path
 from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
@@ -227,7 +228,7 @@ def load_compiled(
     """
     from sdcompiler.targets import get_target
 
-    root = Path(path).resolve()
+    root = resolved_path(path, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     verify_files(root, manifest, hashes=verify)
     if device is None:
@@ -235,5 +236,14 @@ def load_compiled(
     target = get_target(manifest["target"])
     config = target.load_config(manifest, options)
     effective = manifest if not options else {**manifest, "lowering": {**manifest["lowering"], "config": config}}
-    components = target.load(root, effective, device, providers)
+    try:
+        components = target.load(root, effective, device, providers)
+    except SDCompilerError:
+        raise
+    except Exception as exc:  # a weight file whose header or protobuf does not parse, a config that does not read
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ArtifactError(
+            f"artifact {root} could not be loaded ({type(exc).__name__}: {first}): a file in it is damaged; "
+            "recompile it"
+        ) from exc
     return CompiledPipeline(root, manifest, components, device, config)

@@ -52,8 +52,9 @@ from typing import Callable
 
 import numpy as np
 
-from sdcompiler.artifact import MANIFEST, read_manifest, staged_folder, verify_files
+from sdcompiler.artifact import MANIFEST, check_writable_destination, read_manifest, staged_folder, verify_files
 from sdcompiler.errors import ArtifactError, ConfigError
+from sdcompiler.passes.errors import resolved_path
 from sdcompiler.targets.served_models import ModelSpec, TensorSpec
 
 PIPELINE = "pipeline"
@@ -214,7 +215,7 @@ def export_server(
     """
     from sdcompiler.targets import TARGETS, get_target
 
-    root = Path(artifact).resolve()
+    root = resolved_path(artifact, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     target = get_target(manifest["target"])
     if not target.serves_components:
@@ -275,10 +276,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _staged_repository(out: Path, overwrite: bool):
     """A staging folder that becomes `out` on success (`artifact.staged_folder`), after checking that `out`
     is new, empty, or (with `overwrite`) a repository export-server wrote."""
-    out = out.resolve()
+    out = resolved_path(out, ArtifactError, "pass a folder path")
+    check_writable_destination(out)
     if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(f"output {out} is a file; pass a folder path")
         if any(out.iterdir()):
             if not overwrite:
                 raise ArtifactError(

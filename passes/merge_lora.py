@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from sdcompiler.passes.base import Pass, PassContext, register_pass
 from sdcompiler.passes.config import PassConfig
-from sdcompiler.passes.errors import PassError
+from sdcompiler.passes.errors import PassError, path_problem
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,17 @@ def _adapter_layers(module: torch.nn.Module, adapter: str) -> int:
 
 
 @contextlib.contextmanager
-def _diffusers_errors_only():
-    """diffusers logs 'no LoRA keys found' as a warning; we turn that case into an error ourselves."""
+def _library_chatter_captured():
+    """diffusers logs 'no LoRA keys found' as a warning and a misfit LoRA's whole state-dict error (a line per
+    tensor) before raising, and peft warns about target modules the file lacks: keep all of it off stderr. The
+    cases that matter become one-line errors here (the raise carries the reason)."""
     logger = logging.getLogger("diffusers")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logger.setLevel(level)
 
@@ -87,12 +92,29 @@ class MergeLoRA(Pass):
 
 
 def check_lora_files(items: list[tuple[str, float]]) -> None:
+    """Before anything is fused: each file exists, is .safetensors and has a header that reads."""
+    from safetensors import safe_open
+
     for path, _ in items:
         file = Path(path)
         if not file.is_file():
-            raise PassError(f"LoRA file {file} does not exist")
+            raise PassError(f"LoRA file {file} {path_problem(file)}: pass the path of a .safetensors LoRA file")
         if file.suffix != ".safetensors":
             raise PassError(f"LoRA file {file} is not .safetensors; pickle files can run code: convert it first")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError: a broken header, a wrong length, a truncated file
+            raise PassError(f"LoRA file {file} is truncated or corrupt ({_reason(exc)}): re-download it") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line of a library error: its first line, or for torch's multi-line state-dict errors ("Error(s) in
+    loading state_dict ...:" then a line per tensor) the first tensor's line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    first = lines[1] if lines[0].startswith("Error(s) in loading") and len(lines) > 1 else lines[0]
+    more = f" and {len(lines) - 2} more" if lines[0].startswith("Error(s) in loading") and len(lines) > 2 else ""
+    return first[:240].rstrip(".") + more
 
 
 def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, dict[str, list[str]]]:
@@ -111,10 +133,10 @@ def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, di
         for index, (path, scale) in enumerate(items):
             name = f"merge_{index}"
             try:
-                with _diffusers_errors_only():
+                with _library_chatter_captured():
                     pipe.load_lora_weights(path, adapter_name=name)
             except (ValueError, RuntimeError, KeyError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                first = _reason(exc)
                 raise PassError(
                     f"LoRA {path} does not fit this {arch} model ({first}); check it was made for this architecture"
                 ) from None

@@ -303,7 +303,7 @@ def test_broken_folders(tiny, tmp_path):
     missing = shutil.copytree(tiny["sd15"], tmp_path / "missing")
     (missing / "vae/diffusion_pytorch_model.safetensors").unlink()
     message = _error(missing)
-    assert message.startswith(f"could not load {missing}:") and "diffusion_pytorch_model" in message
+    assert message.startswith(f"{missing}/vae has no weight file") and "diffusion_pytorch_model" in message
 
 
 # --- single files ------------------------------------------------------------------------------------------------
