@@ -146,6 +146,8 @@ def check_call(
             f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 turns classifier-free guidance off)"
         )
     _check_steps(num_inference_steps, timesteps)
+    if strength is not None and image is None:
+        raise PipelineArgumentError("strength applies to image-to-image only; pass image too")
     if strength is not None and (not _is_real(strength) or not (0 < strength <= 1)):
         raise PipelineArgumentError(f"strength={strength!r} must be a number in (0, 1] (the share of the schedule run)")
 

@@ -147,8 +147,6 @@ class CompiledPipeline:
             raise PipelineArgumentError(
                 f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
             )
-        if strength is not None and image is None:
-            raise PipelineArgumentError("strength applies to image-to-image only; pass image too")
         check_call(
             self.manifest,
             prompt=prompt,
