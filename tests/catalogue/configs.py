@@ -8,7 +8,6 @@ from pathlib import Path
 
 from catalogue import Case
 
-
 BUILDERS = ("sdcompiler.loading._pipeline_class",)  # the diffusers pipeline class is looked up after the checks
 
 
