@@ -89,13 +89,14 @@ def decode_bytes_per_pixel(vae: torch.nn.Module) -> int:
 
 
 def min_latent_size(unet: torch.nn.Module) -> int:
-    """The smallest latent side the U-Net runs at: each downsampler halves the map, and a module that pools over
-    the map at a level declares the side it needs there (`min_latent_size`, e.g. GRI attention's global pool)."""
-    downsamplers = sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
-    declared = [getattr(m, "min_latent_size", 1) for m in unet.modules()]
-    processors = [getattr(m, "processor", None) for m in unet.modules()]
-    declared += [getattr(p, "min_latent_size", 1) for p in processors if p is not None]
-    return max([2**downsamplers, *[d for d in declared if isinstance(d, int)]])
+    """The smallest latent side the U-Net runs at. Its downsamplers do not bound it (a stride-2 convolution
+    with padding maps a 1-wide map to a 1-wide map; diffusers passes the skip sizes up), but a module that pools
+    over the map declares the latent side it needs (`min_latent_size`, e.g. GRI attention's global pool, which
+    fails below its window with "Kernel size can't be greater than actual input size")."""
+    modules = list(unet.modules())
+    declared = [getattr(m, "min_latent_size", 1) for m in modules]
+    declared += [getattr(getattr(m, "processor", None), "min_latent_size", 1) for m in modules]
+    return max([1, *[d for d in declared if isinstance(d, int)]])
 
 
 def artifact_bytes(root: Path) -> int:
@@ -166,8 +167,8 @@ def check_call(
             raise PipelineArgumentError(f"{name}={shown} must be a positive multiple of {scale}")
         if value < smallest:
             raise PipelineArgumentError(
-                f"{name}={value} is below the {smallest} px this U-Net needs (its latent map is halved "
-                f"{int(math.log2(model.get('min_latent_size', 1)))} times); use {name} >= {smallest}"
+                f"{name}={value} is below the {smallest} px this U-Net needs (a layer pools over "
+                f"{model.get('min_latent_size')} latent pixels); use {name} >= {smallest}"
             )
         if value > largest:
             raise PipelineArgumentError(

@@ -144,7 +144,7 @@ MANIFEST = {
         (dict(strength=float("nan"), image=torch.zeros(1, 3, 128, 128)), ("strength=nan",)),
         (dict(height=100), ("height=100", "multiple of 8")),
         (dict(height=64.0), ("height=64.0",)),
-        (dict(width=32), ("width=32", "64 px")),
+        (dict(width=32), ("width=32", "64 px")),  # the manifest's U-Net pools over 8 latent pixels
         (dict(height=100_000), ("SDCOMPILER_MAX_IMAGE_SIZE",)),
         (dict(num_images_per_prompt=1_000_000), ("SDCOMPILER_MAX_BATCH",)),
         (dict(num_images_per_prompt=True), ("num_images_per_prompt",)),
@@ -195,7 +195,11 @@ def test_unet_parameters_on_meta_match_the_real_count(tiny_checkpoint):
 
     unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint("sd15") / "unet")
     assert unet_parameters(dict(unet.config)) == sum(p.numel() for p in unet.parameters())
-    assert min_latent_size(unet) == 8  # three downsamplers
+    assert min_latent_size(unet) == 1  # plain downsamplers run down to a 1-wide map
+    from sdcompiler.passes.swap_attention import SwapAttentionConfig, apply_gri
+
+    apply_gri(unet, SwapAttentionConfig())
+    assert min_latent_size(unet) == 4  # the global pool: window 4 at the full-resolution level
     wide = dict(unet.config) | {"block_out_channels": [100000] * 4}
     start = time.perf_counter()
     assert unet_parameters(wide) > 10**10
