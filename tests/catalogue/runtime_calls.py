@@ -61,6 +61,8 @@ CASES = [
             str(inputs.artifact("torch", "gri")),
             "--prompt",
             "a cat",
+            "--steps",
+            "2",
             "--height",
             "16",
             "--out",
