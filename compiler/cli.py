@@ -346,26 +346,40 @@ def cmd_generate(args) -> int:
     import torch
 
     from sdcompiler import load_compiled
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.preflight import artifact_bytes, check_call
 
     out = _check_image_path(Path(args.out))  # before anything is loaded or generated
-    pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
-    if args.lora:
-        pipe.set_loras([_lora(text) for text in args.lora])
     image = _read_image(args.image) if args.image else None
-    start = time.perf_counter()
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
+    call = dict(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         height=args.height,
         width=args.width,
         num_images_per_prompt=args.num_images,
+        image=image,
+        strength=args.strength,
+    )
+    # refuse what cannot run before loading anything (the pipeline checks again, with the model loaded)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_call(
+        read_manifest(args.artifact),
+        prompt=args.prompt,
+        device=device,
+        unloaded_bytes=artifact_bytes(Path(args.artifact)),
+        **call,
+    )
+    pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
+    if args.lora:
+        pipe.set_loras([_lora(text) for text in args.lora])
+    start = time.perf_counter()
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pil",
         feature_cache=not args.no_feature_cache,
-        image=image,
-        strength=args.strength,
+        **call,
     ).images
     seconds = time.perf_counter() - start
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]

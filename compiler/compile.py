@@ -22,6 +22,7 @@ from sdcompiler import knobs
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassContext, PassManager
+from sdcompiler.preflight import decode_bytes_per_pixel, min_latent_size
 from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
 from sdcompiler.version import __version__
@@ -162,6 +163,9 @@ def compile_artifact(
                 # a U-Net with a guidance embedding (LCM checkpoints, cfg-distill over a range of w) takes w as
                 # `timestep_cond` and runs without the unconditional pass
                 "guidance_embedding_dim": getattr(pipe.unet.config, "time_cond_proj_dim", None),
+                # preflight of a call (sdcompiler.preflight): the smallest latent side, the decoder's memory
+                "min_latent_size": min_latent_size(pipe.unet),
+                "decode_bytes_per_pixel": decode_bytes_per_pixel(pipe.vae),
             },
             "defaults": defaults,
             "versions": package_versions(),

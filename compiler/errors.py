@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GateError",
+    "GenerationError",
     "LoweringError",
     "MissingDependencyError",
     "PassError",
@@ -40,6 +41,10 @@ class ArtifactError(SDCompilerError):
 
 class PipelineArgumentError(SDCompilerError, TypeError):
     """A compiled pipeline was called with an argument it does not support."""
+
+
+class GenerationError(SDCompilerError):
+    """A generation went wrong while it ran (its latents turned NaN/Inf): stopped instead of writing a black image."""
 
 
 class GateError(SDCompilerError):

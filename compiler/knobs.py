@@ -6,6 +6,10 @@
 | SDCOMPILER_NUM_THREADS  | unset (torch/ORT default)| intra-op threads for torch and ORT        |
 | SDCOMPILER_DEBUG        | 0                        | CLI prints tracebacks (same as --debug)   |
 | SDCOMPILER_QUIET        | 0                        | no progress bars (same as --quiet)        |
+| SDCOMPILER_MAX_STEPS    | 1000                     | most denoising steps one call may ask for |
+| SDCOMPILER_MAX_IMAGE_SIZE | 4096                   | most pixels per image side in one call    |
+| SDCOMPILER_MAX_BATCH    | 64                       | most images (prompts x per prompt) a call |
+| SDCOMPILER_MEMORY_LIMIT | unset (free memory)      | bytes preflight checks may plan for (4G)  |
 """
 
 from __future__ import annotations
@@ -35,3 +39,47 @@ def quiet() -> bool:
 
 def set_quiet(value: bool) -> None:
     os.environ["SDCOMPILER_QUIET"] = "1" if value else "0"
+
+
+def _positive_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        from sdcompiler.errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} must be a positive integer; unset it for the default {default}")
+    return number
+
+
+def max_steps() -> int:
+    return _positive_int("SDCOMPILER_MAX_STEPS", 1000)
+
+
+def max_image_size() -> int:
+    return _positive_int("SDCOMPILER_MAX_IMAGE_SIZE", 4096)
+
+
+def max_batch() -> int:
+    return _positive_int("SDCOMPILER_MAX_BATCH", 64)
+
+
+def memory_limit() -> int | None:
+    """SDCOMPILER_MEMORY_LIMIT in bytes (suffixes K, M, G, T accepted), or None when unset."""
+    value = os.environ.get("SDCOMPILER_MEMORY_LIMIT", "").strip()
+    if not value:
+        return None
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1].upper(), 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value) * scale
+    except ValueError:
+        number = 0
+    if not number >= 1 or number == float("inf"):
+        from sdcompiler.errors import ConfigError
+
+        raise ConfigError(f"SDCOMPILER_MEMORY_LIMIT={value!r} must be a size such as 8G or 500M")
+    return int(number)

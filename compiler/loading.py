@@ -34,6 +34,7 @@ import torch
 from sdcompiler import knobs
 from sdcompiler.archs import ArchSpec, detect_arch_from_keys, detect_arch_from_unet_config, shipped_config_dir
 from sdcompiler.errors import CheckpointError, SDCompilerError
+from sdcompiler.model_configs import check_component_configs
 from sdcompiler.passes.errors import path_problem
 
 if TYPE_CHECKING:
@@ -184,6 +185,7 @@ def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = No
     arch = detect_arch_from_unet_config(_read_json(path / "unet" / "config.json", where), where=where)
     if not allow_pickle:
         _refuse_pickle_only(path, index, where)
+    check_component_configs(path, where)  # before diffusers builds (and allocates) anything
     _check_component_weights(path, index, where)
     components = [
         path / name for name in MODEL_COMPONENTS if isinstance(index.get(name), list) and (path / name).is_dir()
@@ -349,6 +351,7 @@ def _from_single_file(file: Path, where: str, arch: ArchSpec, config: str | os.P
     config_dir = Path(config) if config is not None else shipped_config_dir(arch.name)
     if not (config_dir / "model_index.json").is_file():
         raise CheckpointError(f"config {config_dir} is not a diffusers folder (no model_index.json)")
+    check_component_configs(config_dir, f"config {config_dir}")
     with _wrapped(where):
         return _pipeline_class(arch).from_single_file(
             str(file), config=str(config_dir), torch_dtype=torch.float32, local_files_only=True, **_no_safety(arch)

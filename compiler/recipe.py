@@ -12,6 +12,13 @@ each expands to exactly one pass unless its YAML lists several (composite).
 Resolution validates every config strictly and checks the ordering rules, so
 a bad recipe fails before any work starts.
 
+YAML is read with limits (`read_yaml`): a file of at most 1 MiB, nesting at
+most 64 deep, at most 100,000 nodes once aliases are expanded (a "billion
+laughs" file is refused in milliseconds, not after exhausting memory). A
+mapping recipe may carry `limits: {steps: 50000, ...}`, raising (or
+lowering) the work budgets of `sdcompiler.passes.config.BUDGETS` for its
+passes.
+
 `presets_table()` renders every preset with its pass(es) and YAML
 `description` as the Markdown table README.md embeds (`sdcompiler presets
 --markdown`); a unit test keeps the two equal.
@@ -28,9 +35,87 @@ import yaml
 from sdcompiler.errors import RecipeError
 from sdcompiler.passes import PassStep, available_passes, check_order, get_pass
 from sdcompiler.passes.base import STAGES
+from sdcompiler.passes.config import BUDGETS, check_budget
 
 RecipeLike = Union[str, Path, Sequence[Any], None]
 RECIPE_VERSION = 1
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting limit while composing (deeper input would end in RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise RecipeError(
+                    f"{self.name} nests deeper than {MAX_YAML_DEPTH} levels (line {self.get_mark().line + 1}); "
+                    "flatten the recipe"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file within the limits above; RecipeError (one line) for anything else."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise RecipeError(f"recipe file {path} is {size} bytes, above the {MAX_YAML_BYTES} byte limit; shorten it")
+    loader = _LimitedLoader(path.read_text())
+    loader.name = f"recipe file {path}"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError(f"recipe file {path} is not valid YAML ({first}); fix the file") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node, path: Path) -> None:
+    """Count the nodes the document expands to (an alias counts as the whole node it names) without expanding:
+    each node's size is computed once; an alias cycle or more than MAX_YAML_NODES nodes is refused."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            children = _children(node)
+            sizes[key] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in children))
+            open_nodes.discard(key)
+            if sizes[key] > MAX_YAML_NODES:
+                raise RecipeError(
+                    f"recipe file {path} expands to more than {MAX_YAML_NODES} nodes (aliases included); "
+                    "write the recipe without nested aliases"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise RecipeError(f"recipe file {path} has an alias that contains itself; remove the cycle")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def available_presets() -> list[str]:
@@ -42,7 +127,7 @@ def load_preset(name: str) -> dict[str, Any]:
     path = resources.files("sdcompiler") / "presets" / f"{name}.yaml"
     if not path.is_file():
         raise RecipeError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
-    return _parse_mapping(yaml.safe_load(path.read_text()), f"preset {name!r}")
+    return _parse_mapping(yaml.load(path.read_text(), Loader=_LimitedLoader), f"preset {name!r}")
 
 
 def preset_rows() -> list[tuple[list[str], list[str], str]]:
@@ -93,8 +178,11 @@ def presets_table() -> str:
 
 
 def resolve_recipe(recipe: RecipeLike) -> list[PassStep]:
-    """Resolve any recipe form into validated, order-checked pass steps."""
-    steps = [step for item in _items(recipe) for step in _resolve_item(item)]
+    """Resolve any recipe form into validated, order-checked pass steps within the recipe's work budgets."""
+    items, limits = _items(recipe)
+    steps = [step for item in items for step in _resolve_item(item)]
+    for step in steps:
+        check_budget(step.config, limits, owner=step.name)
     check_order(steps)
     return steps
 
@@ -104,38 +192,37 @@ def recipe_to_manifest(steps: Iterable[PassStep]) -> dict[str, Any]:
     return {"version": RECIPE_VERSION, "passes": [{"pass": s.name, **s.config.to_dict()} for s in steps]}
 
 
-def _items(recipe: RecipeLike) -> list[Any]:
+def _items(recipe: RecipeLike) -> tuple[list[Any], dict[str, int]]:
+    """The recipe's items and its `limits` (empty unless a mapping recipe sets them)."""
     if recipe is None:
-        return []
+        return [], {}
     if isinstance(recipe, (str, Path)):
         text = str(recipe)
         if text.endswith((".yaml", ".yml")) or Path(text).is_file():
             path = Path(text)
             if not path.is_file():
                 raise RecipeError(f"recipe file {path} does not exist; pass a preset name or a YAML path")
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                first = str(exc).splitlines()[0]
-                raise RecipeError(f"recipe file {path} is not valid YAML ({first}); fix the file") from None
+            data = read_yaml(path)
             if isinstance(data, list):
-                return data
-            return _parse_mapping(data, f"recipe file {path}")["passes"]
-        return [text]
+                return data, {}
+            parsed = _parse_mapping(data, f"recipe file {path}")
+            return parsed["passes"], parsed["limits"]
+        return [text], {}
     if isinstance(recipe, Mapping):
-        return _parse_mapping(recipe, "recipe")["passes"]
+        parsed = _parse_mapping(recipe, "recipe")
+        return parsed["passes"], parsed["limits"]
     if isinstance(recipe, Sequence):
-        return list(recipe)
+        return list(recipe), {}
     raise RecipeError(f"a recipe must be a preset name, a YAML path or a list, not {type(recipe).__name__}")
 
 
 def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where} must be a list of passes or a mapping with 'version' and 'passes'")
-    unknown = set(data) - {"version", "passes", "description"}
+    unknown = set(data) - {"version", "passes", "description", "limits"}
     if unknown:
         raise RecipeError(
-            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description"
+            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description, limits"
         )
     version = data.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
@@ -143,7 +230,23 @@ def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
     passes = data.get("passes") or []
     if not isinstance(passes, list):
         raise RecipeError(f"'passes' in {where} must be a list")
-    return {"version": version, "passes": passes, "description": data.get("description", "")}
+    return {
+        "version": version,
+        "passes": passes,
+        "description": data.get("description", ""),
+        "limits": _parse_limits(data.get("limits") or {}, where),
+    }
+
+
+def _parse_limits(limits: Any, where: str) -> dict[str, int]:
+    if not isinstance(limits, Mapping):
+        raise RecipeError(f"'limits' in {where} must be a mapping such as {{steps: 50000}}")
+    for key, value in limits.items():
+        if key not in BUDGETS:
+            raise RecipeError(f"unknown limit {key!r} in {where}; limits: {', '.join(sorted(BUDGETS))}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecipeError(f"limit {key!r} in {where} must be a positive integer, got {value!r}")
+    return dict(limits)
 
 
 def _resolve_item(item: Any) -> list[PassStep]:

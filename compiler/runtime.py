@@ -23,6 +23,7 @@ from sdcompiler import knobs
 from sdcompiler.artifact import read_manifest, verify_files
 from sdcompiler.errors import ArtifactError, PipelineArgumentError, SDCompilerError
 from sdcompiler.passes.errors import resolved_path
+from sdcompiler.preflight import check_call
 from sdcompiler.sampling import Components, generate
 
 SUPPORTED_ARGUMENTS = (
@@ -147,8 +148,21 @@ class CompiledPipeline:
             raise PipelineArgumentError(
                 f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise PipelineArgumentError("num_images_per_prompt must be a positive integer")
+        check_call(
+            self.manifest,
+            prompt=prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            image=image,
+            strength=strength,
+            generator=generator,
+            latents=latents,
+            device=self.device,
+        )
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         if negative_prompt is not None and self.components.guidance_embedding_dim is not None:
@@ -167,8 +181,6 @@ class CompiledPipeline:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         if strength is None:
             strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
-        elif image is None:
-            raise PipelineArgumentError("strength applies to image-to-image only; pass image too")
         try:
             if image is not None:
                 from diffusers.image_processor import VaeImageProcessor

@@ -31,6 +31,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from sdcompiler.errors import GenerationError
+
 
 @dataclass
 class TextEncoding:
@@ -282,6 +284,11 @@ def generate(
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if not torch.isfinite(latents).all():  # one sync per step: never decode NaN into a black image
+            raise GenerationError(
+                f"the latents became NaN/Inf at step {i + 1} of {len(timesteps)} (guidance_scale={guidance_scale}, "
+                f"{c.dtype}): lower guidance_scale, or use fp32 if the artifact runs in lower precision"
+            )
 
     if output_type == "latent":
         return latents

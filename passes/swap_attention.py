@@ -223,7 +223,10 @@ def apply_gri(unet, config: SwapAttentionConfig) -> int:
     for name in blocks:
         for transformer in _transformers(unet.get_submodule(name)):
             for block in transformer.transformer_blocks:
-                block.attn1.set_processor(GRIAttnProcessor(window, pool))
+                processor = GRIAttnProcessor(window, pool)
+                # the global pool needs a feature map at least `pool` wide at this block's level
+                processor.min_latent_size = max(1, pool) << blocks[name]
+                block.attn1.set_processor(processor)
                 swapped += 1
             if not getattr(transformer, "_gri_hooked", False):
                 transformer.register_forward_pre_hook(_record_feature_size, with_kwargs=True)

@@ -18,12 +18,15 @@ from the newest complete one whose settings match. Only the last two are kept.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from sdcompiler.passes.errors import PassError
 
 # draw(indices, generator) -> dict of tensors whose first axis is the sample axis (the global batch)
 DrawFn = Callable[[torch.Tensor, torch.Generator], dict]
@@ -148,6 +151,11 @@ class Trainer:
                 for name, value in parts.items():
                     step_terms[name] = step_terms.get(name, 0.0) + value.detach() / self.settings.grad_accum
             mean = self.accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(mean):  # every process sees the same reduced mean, so all stop here
+                raise PassError(
+                    f"the training loss became {mean} at step {step + 1} of {self.settings.steps} "
+                    f"(lr={self.settings.lr}): lower lr or check the data (no artifact was written)"
+                )
             losses.append(mean)
             terms.append({k: self.accelerator.reduce(v, reduction="mean").item() for k, v in step_terms.items()})
             bar.set_postfix(loss=f"{mean:.4f}")

@@ -56,8 +56,8 @@ class Inputs:
     def checkpoint(self) -> Path:
         return self._request.getfixturevalue("tiny_checkpoint")("sd15")
 
-    def artifact(self, target: str) -> Path:
-        return self._request.getfixturevalue("compiled")("sd15", target=target).root
+    def artifact(self, target: str, recipe: str = "none") -> Path:
+        return self._request.getfixturevalue("compiled")("sd15", target=target, recipe=recipe).root
 
     @property
     def torch_artifact(self) -> Path:

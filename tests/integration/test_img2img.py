@@ -96,7 +96,7 @@ def test_img2img_errors(compiled, tiny_checkpoint, tmp_path):
     image = _image()
     cases = [
         (dict(strength=0.5), "strength applies to image-to-image only"),
-        (dict(image=image, strength=1.5), r"strength=1.5 must be in \[0, 1\]"),
+        (dict(image=image, strength=1.5), r"strength=1.5 must be a number in \(0, 1\]"),
         (dict(image=image, strength=0.1), "leaves no denoising step"),
         (dict(image=image, latents=torch.zeros(1, 4, 16, 16)), "image .* or latents, not both"),
         (dict(image="not an image"), ""),

@@ -214,3 +214,52 @@ def test_manifest_and_repr(pipe, compiled):
     fused = compiled("sd15", "torch", "fuse-qkv")
     assert "fuse_qkv" in repr(fused) and "torch" in repr(fused)
     assert "sdxl" in repr(compiled("sdxl", "onnx"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(latents=np.zeros((1, 4, 16, 16), dtype=np.float32)), ("latents must be a torch.Tensor", "ndarray")),
+        (dict(generator=5), ("generator", "int")),
+        (dict(generator=[torch.Generator()] * 3), ("3 generators", "batch of 1")),
+        (dict(generator=[torch.Generator()] * 2, num_images_per_prompt=3), ("2 generators", "batch of 3")),
+        (dict(image=Image.new("RGB", (3, 3))), ("height=0", "image")),
+        (dict(image=np.zeros((3, 3, 3), dtype=np.float32)), ("height=0",)),
+        (dict(image=torch.zeros(1, 3, 3, 3)), ("height=0",)),
+        (dict(guidance_scale=float("nan")), ("guidance_scale=nan", "finite")),
+        (dict(guidance_scale=float("inf")), ("guidance_scale=inf", "finite")),
+        (dict(height=100_000), ("height=100000", "SDCOMPILER_MAX_IMAGE_SIZE")),
+        (dict(num_images_per_prompt=1_000_000), ("SDCOMPILER_MAX_BATCH",)),
+        (dict(num_inference_steps=10**8), ("SDCOMPILER_MAX_STEPS",)),
+    ],
+)
+def test_python_api_mistakes_are_one_line_argument_errors(pipe, kwargs, words):
+    kwargs = {"num_inference_steps": 2, "output_type": "np"} | kwargs
+    with pytest.raises(PipelineArgumentError) as info:
+        pipe("a red cube", **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_one_generator_per_image_is_accepted(pipe):
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    images = pipe("a red cube", num_images_per_prompt=2, generator=generators, **FAST, output_type="np").images
+    assert images.shape[0] == 2
+
+
+def test_latents_turning_non_finite_stop_naming_the_step(pipe, monkeypatch):
+    from sdcompiler.errors import GenerationError
+
+    unet, calls = pipe.components.unet, []
+
+    def failing_unet(sample, *args):
+        calls.append(1)
+        eps = unet(sample, *args)
+        return eps * float("nan") if len(calls) == 2 else eps
+
+    monkeypatch.setattr(pipe.components, "unet", failing_unet)
+    with pytest.raises(GenerationError) as info:
+        pipe("a red cube", num_inference_steps=4, guidance_scale=5.0, output_type="np", height=64, width=64)
+    message = str(info.value)
+    assert "\n" not in message and "NaN/Inf at step 2 of" in message
+    assert len(calls) == 2  # stopped at once, nothing decoded
