@@ -20,7 +20,7 @@ One scheme, shared bit for bit with the W4A4 kernels (`sdcompiler.kernels.w4a4`,
 - attention: q, k, v fake-quantized at `attn_bits` (time-wise, per tensor) and the softmax
   probabilities at `prob_bits` (unsigned, scale 1 / (2^b - 1)) in every self- and cross-attention
   with diffusers' standard processor; no kernel implements these, so deployment simulates them too
-  (the record's `simulated_attention_*` metrics say so);
+  (a design constant, not a metric: the record's config gives `attn_bits` and `prob_bits`);
 - `conv_in` and `conv_out` (first and last layer) at `first_last_bits`; decoder ResNets read the
   concatenation [h, skip]: their `conv1` and `conv_shortcut` inputs get one quantizer per half
   (`split_skip`); `keep_fp` names modules left in floating point (the time and added embeddings by

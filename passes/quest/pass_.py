@@ -13,6 +13,11 @@ measurable, then hand the fake-quant U-Net to the `torch` target (which packs it
    calibrated weights and scales are restored (`finetune_kept` 0);
 6. `sqnr_db`: the deployed model's held-out eps SQNR.
 
+Every metric is a measurement: a design constant is not recorded as one. The attention's q, k, v and
+softmax probabilities are always fake-quantized in float, at deployment too (no kernel implements them);
+the record's config names their widths (`attn_bits`, `prob_bits`). `stage1_loss_last` /
+`stage2_loss_last` appear only when that finetuning stage ran a step.
+
 `rebuild` re-creates the packed deployment structure at load time.
 """
 
@@ -122,16 +127,13 @@ class QuestW4A4(Pass):
                     for param, value in zip(trained, calibrated):
                         param.copy_(value)
                 sqnr_deployed = eps_sqnr(unet, held, reference)  # measured again: the restore must be exact
-            metrics |= {
-                "sqnr_finetuned_db": sqnr_finetuned,
-                "finetune_kept": float(kept),
-                "stage1_loss_last": losses1[-1] if losses1 else 0.0,
-                "stage2_loss_last": losses2[-1] if losses2 else 0.0,
-            }
+            metrics |= {"sqnr_finetuned_db": sqnr_finetuned, "finetune_kept": float(kept)}
+            # a stage's last loss is a measurement only when the stage ran (0 steps: no loss, no entry)
+            for stage, losses in (("stage1", losses1), ("stage2", losses2)):
+                if losses:
+                    metrics[f"{stage}_loss_last"] = losses[-1]
         metrics["sqnr_db"] = sqnr_deployed
         unet.eval()
-        # what no kernel implements: fake-quantized in float at deployment too (1 = simulated)
-        metrics |= {"simulated_attention_qkv": 1.0, "simulated_attention_probs": 1.0}
         return metrics
 
     def rebuild(self, pipe, config: QuestConfig) -> None:

@@ -93,6 +93,49 @@ def test_onnx_target_exports_the_shallow_graph_and_matches_torch(compiled):
         uncached = run(onnx_pipe, feature_cache=False)
         assert counts["full"] == math.ceil(n / 3)  # feature_cache=False bypasses the cache entirely
         mse = float(((cached - uncached) ** 2).mean())
-        assert 0 < mse and 10 * math.log10(1 / mse) > 20  # close to, but not the same as, the uncached images
+        # close to, but not the same as, the uncached images: achieved 44.8 dB (at 7 steps a cache that never
+        # refreshes is as close, 44.3 dB: test_shallow_steps_reuse_the_latest_deep_features tells them apart)
+        assert 0 < mse and 10 * math.log10(1 / mse) > 43
     finally:
         cache.full, cache.shallow = full, shallow
+
+
+def test_shallow_steps_reuse_the_latest_deep_features(compiled):
+    """Every shallow step gets the deep features of the latest full step (the same tensor), and over a long
+    schedule the cached trajectory stays close to the uncached one: 30 steps, final latents SNR achieved 35.1 dB;
+    a cache that never refreshes after the first step gives 29.8 dB (tests/mutations/feature_cache_stale_deep)."""
+    pipe = compiled("sd15", "torch", "deepcache")
+    cache = pipe.components.feature_cache
+    full, shallow = cache.full, cache.shallow
+    calls = []
+
+    def recording_full(*args):
+        eps, deep = full(*args)
+        calls.append(("full", deep))
+        return eps, deep
+
+    def recording_shallow(sample, timestep, embeds, text_embeds=None, time_ids=None, deep=None):
+        calls.append(("shallow", deep))
+        return shallow(sample, timestep, embeds, text_embeds, time_ids, deep)
+
+    def latents(**kwargs):
+        call = dict(num_inference_steps=30, height=64, width=64, output_type="latent")
+        return pipe("a cat", generator=torch.Generator().manual_seed(0), **call, **kwargs).images
+
+    cache.full, cache.shallow = recording_full, recording_shallow
+    try:
+        cached = latents()
+    finally:
+        cache.full, cache.shallow = full, shallow
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["full" if f else "shallow" for f in cache.plan(len(calls))] and "shallow" in kinds
+    latest = None
+    for kind, deep in calls:
+        if kind == "full":
+            latest = deep
+        else:
+            assert deep is latest, "a shallow step did not get the deep features of the latest full step"
+    uncached = latents(feature_cache=False)
+    snr = 10 * math.log10(float((uncached**2).mean()) / float(((cached - uncached) ** 2).mean()))
+    print(f"tiny sd15 deepcache, 30 steps: final latents SNR {snr:.1f} dB vs uncached")
+    assert snr > 34.0  # achieved 35.1 dB

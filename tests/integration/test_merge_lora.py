@@ -89,8 +89,10 @@ def _reference(checkpoint: Path, loras: list[tuple[Path, float]]):
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_checkpoint, tmp_path_factory):
+    """ "a": U-Net and text encoder (so a compile that fused only the U-Net's part fails the pipeline test); "b":
+    U-Net only, rank 8."""
     root = tmp_path_factory.mktemp("loras")
-    first = _make_lora(tiny_checkpoint("sd15"), root / "a", seed=1)
+    first = _make_full_lora(tiny_checkpoint("sd15"), root / "a", seed=1)
     second = _make_lora(tiny_checkpoint("sd15"), root / "b", seed=2, rank=8)
     return {"a": first, "b": second}
 

@@ -35,19 +35,27 @@ def _freeze(kwargs: dict) -> tuple:
 
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint):
-    """Factory: (arch, **kwargs) -> images of diffusers' eager pipeline on the untouched checkpoint (cached)."""
-    from diffusers import DiffusionPipeline
+    """Factory: (arch, scheduler=None, **kwargs) -> images of diffusers' eager pipeline on the untouched checkpoint
+    (cached); `scheduler`: a diffusers scheduler class name to sample with instead of the checkpoint's."""
+    import diffusers
 
     pipes, images = {}, {}
 
-    def run(arch: str, **kwargs) -> np.ndarray:
-        key = (arch, _freeze(kwargs))
+    def run(arch: str, scheduler: str | None = None, **kwargs) -> np.ndarray:
+        key = (arch, scheduler, _freeze(kwargs))
         if key not in images:
             if arch not in pipes:
-                pipe = DiffusionPipeline.from_pretrained(tiny_checkpoint(arch))
+                pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_checkpoint(arch))
                 pipe.set_progress_bar_config(disable=True)
                 pipes[arch] = pipe
-            images[key] = pipes[arch](**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
+            pipe = pipes[arch]
+            original = pipe.scheduler
+            if scheduler is not None:
+                pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+            try:
+                images[key] = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
+            finally:
+                pipe.scheduler = original
         return images[key]
 
     return run
@@ -136,3 +144,17 @@ def test_no_guidance_matches_diffusers(fresh, reference, target):
     """guidance_scale=1.0: no classifier-free guidance, a batch of one image per prompt (batch 1 through ONNX)."""
     kwargs = dict(prompt="a red cube on a table", num_inference_steps=2, guidance_scale=1.0)
     _assert_close(_run(fresh("sd15", target), **kwargs), reference("sd15", **kwargs), 1, (128, 128))
+
+
+def test_euler_scheduler_matches_diffusers(compiled, reference):
+    """A scheduler whose initial noise is not unit-variance: Euler's init_noise_sigma is sqrt(sigma_max^2 + 1) (1.9
+    at 2 steps of the checkpoints' "leading" spacing), and the initial latents must be scaled by it as diffusers
+    does. PNDM's, the checkpoints' own, is 1: the tests above cannot tell a sampler that skips the scaling
+    (tests/mutations/drop_init_noise_sigma.patch)."""
+    recipe = [{"pass": "set_scheduler", "scheduler": "EulerDiscreteScheduler"}]
+    pipe = load_compiled(compiled("sd15", "torch", recipe).root, device="cpu")
+    scheduler = pipe.components.scheduler_factory()
+    scheduler.set_timesteps(BASE["num_inference_steps"])
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and scheduler.init_noise_sigma > 1.5
+    expected = reference("sd15", scheduler="EulerDiscreteScheduler", **BASE)
+    _assert_close(_run(pipe, **BASE), expected, len(PROMPTS), (128, 128))
