@@ -334,8 +334,11 @@ def _nonfinite(value: Any, where: str = "") -> str | None:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     file = root / MANIFEST
-    if not root.exists():
-        raise ArtifactError(f"artifact folder {root} does not exist; compile one with `sdcompiler compile`")
+    if not root.is_dir():
+        problem = path_problem(root)
+        if problem == "is a regular file":
+            problem = "is a file, not an artifact folder"
+        raise ArtifactError(f"artifact folder {root} {problem}; compile one with `sdcompiler compile`")
     if not file.is_file():
         raise ArtifactError(
             f"{root} is not an sd-compiler artifact (no {MANIFEST}); compile one with `sdcompiler compile`"

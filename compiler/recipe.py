@@ -67,9 +67,14 @@ def read_yaml(path: Path) -> Any:
     size = path.stat().st_size
     if size > MAX_YAML_BYTES:
         raise RecipeError(f"recipe file {path} is {size} bytes, above the {MAX_YAML_BYTES} byte limit; shorten it")
-    loader = _LimitedLoader(path.read_text())
-    loader.name = f"recipe file {path}"
     try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {path} is not readable UTF-8 text ({exc}); fix the file") from None
+    loader = None
+    try:
+        loader = _LimitedLoader(text)  # its reader already refuses control characters
+        loader.name = f"recipe file {path}"
         node = loader.get_single_node()
         if node is None:
             return None
@@ -79,7 +84,8 @@ def read_yaml(path: Path) -> Any:
         first = str(exc).splitlines()[0]
         raise RecipeError(f"recipe file {path} is not valid YAML ({first}); fix the file") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_expanded_size(root: yaml.Node, path: Path) -> None:

@@ -119,7 +119,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
-def run(case: Case, tmp: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[Outcome, dict]:
+def run(case: Case, tmp: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, output) -> tuple[Outcome, dict]:
     """Build the case's inputs, run `sdcompiler` in-process, and return the outcome and the unreached calls."""
     from sdcompiler import cli
 
@@ -146,9 +146,9 @@ def run(case: Case, tmp: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(cli, "_report_failure", capture)
     before = snapshot(tmp)
-    capsys.readouterr()
+    output.readouterr()
     code = cli.main(argv)
-    out = capsys.readouterr()
+    out = output.readouterr()
     written = {"before": before, "after": snapshot(tmp)}
     outcome = Outcome(code, out.out, out.err, raise_site(failure[0]) if failure else None)
     return outcome, {"calls": calls, **written}

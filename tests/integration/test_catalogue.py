@@ -20,18 +20,18 @@ def inputs(request) -> Inputs:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_refused_in_one_line(case, inputs, tmp_path, monkeypatch, capsys):
-    outcome, extra = run(case, tmp_path, inputs, monkeypatch, capsys)
+def test_refused_in_one_line(case, inputs, tmp_path, monkeypatch, capfd):
+    outcome, extra = run(case, tmp_path, inputs, monkeypatch, capfd)
     check_refused(case, outcome, extra)
     SITES[case.name] = outcome.site
 
 
-def test_catalogue_reaches_distinct_checks(inputs, tmp_path_factory, monkeypatch, capsys):
+def test_catalogue_reaches_distinct_checks(inputs, tmp_path_factory, monkeypatch, capfd):
     """Runs after the parametrized cases (file order); cases that did not run in this session run here."""
     for case in CASES:
         if case.name not in SITES:
             with monkeypatch.context() as patch:
-                outcome, _ = run(case, tmp_path_factory.mktemp("case"), inputs, patch, capsys)
+                outcome, _ = run(case, tmp_path_factory.mktemp("case"), inputs, patch, capfd)
             SITES[case.name] = outcome.site
     checks = sorted({site for site in SITES.values() if site})
     assert len(CASES) >= MIN_CASES, f"{len(CASES)} cases"

@@ -109,7 +109,7 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tiny_checkpoint, t
     [
         ({"w_min": 10.0, "w_max": 5.0}, "w_min <= w_max"),
         ({"num_inference_steps": 8, "num_ddim_timesteps": 4}, "exceeds the num_ddim_timesteps"),
-        ({"rank": 0}, "rank must be at least 1"),
+        ({"rank": 0}, "key 'rank' must be >= 1, got 0"),
         ({"huber_c": -1.0}, "huber_c must be positive"),
         ({"stpes": 10}, "unknown key"),
     ],

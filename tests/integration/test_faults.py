@@ -212,8 +212,9 @@ def test_an_injected_enospc_in_the_export_is_one_line_and_leaves_nothing(
     def full(*args, **kwargs):
         raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
 
+    checkpoint = tiny_checkpoint("sd15")  # built (if this test runs first) before the writer breaks
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    code = main(_compile_argv(tiny_checkpoint("sd15"), tmp_path / "out", "none", "torch", "--quiet"))
+    code = main(_compile_argv(checkpoint, tmp_path / "out", "none", "torch", "--quiet"))
     line = _one_line(capsys)
     assert code == 1 and "no space left" in line and "another --out" in line
     assert list(tmp_path.iterdir()) == []

@@ -169,7 +169,7 @@ def test_explicit_timesteps_recorded(compiled):
             "disagrees with the 2 timesteps",
         ),
         ({"scheduler": "LCMScheduler", "options": ["original_inference_steps"]}, "key 'options' must be a mapping"),
-        ({"scheduler": "LCMScheduler", "num_inference_steps": 0}, "num_inference_steps must be at least 1"),
+        ({"scheduler": "LCMScheduler", "num_inference_steps": 0}, "key 'num_inference_steps' must be >= 1, got 0"),
     ],
 )
 def test_bad_config_fails_at_resolution(config, words):

@@ -55,7 +55,7 @@ def read_mutation(patch: Path) -> Mutation:
         if line.startswith(("diff ", "--- ")):
             break
         if match := EXPECT_FAIL.match(line):
-            tests += match.group(1).split()
+            tests.append(match.group(1).strip())  # one node id per line (parametrized ids may hold spaces)
     return Mutation(patch.stem, patch, tuple(tests))
 
 
