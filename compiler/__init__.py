@@ -9,7 +9,23 @@ Importing this package imports neither triton, tensorrt nor modelopt, and
 does not initialise CUDA.
 """
 
+import logging
+
 from sdcompiler.version import __version__
+
+
+def _drop_optimum_distribution_notice(record: logging.LogRecord) -> bool:
+    """False for diffusers' import-time "Multiple distributions found for package optimum" warning.
+
+    optimum-onnx (the [optimum] extra) installs into the `optimum` namespace and depends on `optimum`, so both
+    distributions always provide that package; diffusers warns about it on every import, with nothing to fix.
+    """
+    return not record.getMessage().startswith("Multiple distributions found for package optimum.")
+
+
+# on the logger diffusers creates the record with (a logger's filters see only its own records), before
+# diffusers is imported; other warnings from that module still show
+logging.getLogger("diffusers.utils.import_utils").addFilter(_drop_optimum_distribution_notice)
 
 __all__ = ["__version__", "benchmark", "compile_pipeline", "load_compiled"]
 

@@ -12,7 +12,16 @@ The components are wrapped with timers (every component returns host tensors,
 so a GPU call has finished when its wrapper stops the clock), which splits
 each call into text encoding, U-Net calls, VAE decoding and the rest
 (tokenization, scheduler steps, image conversion). Speed-ups are ratios of
-medians. Quality is measured on the first timed call's images: PSNR and SSIM
+medians.
+
+Both subjects run with one intra-op thread count: SDCOMPILER_NUM_THREADS where
+set, else torch's default, applied to torch and given to ONNX Runtime sessions
+alike (with more threads than free cores, torch's OpenMP barriers wait on
+descheduled threads and an eager baseline's calls vary 10x between repeats).
+The report flags timings it cannot vouch for: a subject whose slowest call
+took over SPREAD_LIMIT times its fastest (the same prompts, so the machine
+changed), or a load average above the core count at the start or the end.
+Quality is measured on the first timed call's images: PSNR and SSIM
 against the baseline's images, and CLIP score per subject with a local CLIP
 model (`clip_model=`, a transformers folder such as openai/clip-vit-large-patch14;
 no machine here has one, so the tests use a tiny random CLIP).
@@ -22,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,10 +43,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sdcompiler import knobs
 from sdcompiler.errors import ConfigError
 from sdcompiler.sampling import Components, generate
 
 STAGES = ("text_encoder", "unet", "vae_decoder", "other")
+SPREAD_LIMIT = 1.5  # slowest / fastest timed call of one subject above which its timings are flagged
 # what a requirement may name: the quality keys need a baseline (PSNR, SSIM) or a CLIP model, the speed-ups a baseline
 GATE_METRICS = (
     "psnr_db",
@@ -76,6 +89,10 @@ class Requirement:
 DEFAULT_PROMPTS = ("a red cube on a wooden table, studio light",)
 
 
+class NoisyTimingWarning(RuntimeWarning):
+    """The timings vary too much between repeats, or the machine was busy: speed-ups may be far off."""
+
+
 @dataclass
 class Subject:
     """One pipeline under measurement."""
@@ -93,6 +110,13 @@ class Subject:
     calls: list[dict[str, float]] = field(default_factory=list)  # per timed call: stage -> seconds, counts
     images: np.ndarray | None = None  # the first timed call's images
 
+    def spread(self) -> float:
+        """Slowest / fastest timed call with the same prompts (the worst chunk of prompts)."""
+        chunks: dict[int, list[float]] = {}
+        for c in self.calls:
+            chunks.setdefault(c.get("chunk", 0), []).append(c["total"])
+        return max(max(t) / min(t) if min(t) > 0 else float("inf") for t in chunks.values())
+
     def summary(self) -> dict[str, Any]:
         totals = [c["total"] for c in self.calls]
         out = {
@@ -100,6 +124,7 @@ class Subject:
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "seconds_per_call": _stats(totals),
+            "spread": self.spread(),
             "seconds_per_image": statistics.median(c["total"] / c["images"] for c in self.calls),
             "images_per_second": 1 / statistics.median(c["total"] / c["images"] for c in self.calls),
             "stages_seconds": {s: statistics.median(c[s] for c in self.calls) for s in STAGES},
@@ -129,7 +154,33 @@ class BenchReport:
             cand, base = (out["subjects"][s.name] for s in self.subjects)
             out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
             out["unet_call_speedup"] = base["seconds_per_unet_call"] / cand["seconds_per_unet_call"]
+        out["timing_warnings"] = self.timing_warnings()
+        out["noisy"] = bool(out["timing_warnings"])
         return out
+
+    def timing_warnings(self) -> list[str]:
+        """Why the timings may be off, one line each (empty: the repeats agree and the machine was not busy)."""
+        lines = []
+        for s in self.subjects:
+            if s.spread() > SPREAD_LIMIT:
+                times = _stats([c["total"] for c in s.calls])
+                lines.append(
+                    f"{s.name} calls took {times['min']:.4g}-{times['max']:.4g} s ({s.spread():.2f}x apart, "
+                    f"over {SPREAD_LIMIT}x)"
+                )
+        cores, load = self.settings.get("cores"), self.settings.get("load_average") or {}
+        busy = {when: value for when, value in load.items() if value is not None and cores and value > cores}
+        if busy:
+            lines.append(
+                "machine busy: load average "
+                + ", ".join(f"{value:.2f} at the {when}" for when, value in busy.items())
+                + f" on {cores} cores"
+            )
+        if lines:
+            lines.append(
+                "timings may be far off: rerun on an idle machine, or with fewer threads (SDCOMPILER_NUM_THREADS=1)"
+            )
+        return lines
 
     def metrics(self) -> dict[str, float]:
         """The values requirements can gate: quality, speed-ups vs the baseline, and the candidate's speed."""
@@ -159,6 +210,7 @@ class BenchReport:
             ("what", [s["label"] for s in subjects]),
             ("steps / guidance", [f"{s['num_inference_steps']} / {s['guidance_scale']:g}" for s in subjects]),
             ("s per call (median, min-max)", [_fmt_stats(s["seconds_per_call"]) for s in subjects]),
+            ("slowest / fastest call", [f"{s['spread']:.3g}" for s in subjects]),
             ("s per image", [f"{s['seconds_per_image']:.4g}" for s in subjects]),
             ("images per s", [f"{s['images_per_second']:.4g}" for s in subjects]),
         ]
@@ -185,11 +237,19 @@ class BenchReport:
         settings = self.settings
         calls = settings["calls_per_repeat"]
         per_repeat = f" x {calls} calls" if calls > 1 else ""
+        machine = ""
+        if "threads" in settings:
+            load = settings.get("load_average") or {}
+            machine = (
+                f"; {settings['threads']} intra-op thread(s) for torch and ONNX Runtime, {settings['cores']} cores"
+            )
+            if load.get("start") is not None and load.get("end") is not None:
+                machine += f", load average {load['start']:.2f} -> {load['end']:.2f}"
         text = [
             f"sdcompiler bench: {settings['images_per_call']} image(s) per call at "
             f"{settings['height']}x{settings['width']}, device {settings['device']}, {settings['warmup']} "
             f"warm-up + {settings['repeats']}{per_repeat} timed calls per subject (alternating), seed "
-            f"{settings['seed']}",
+            f"{settings['seed']}{machine}",
             "",
             *lines,
         ]
@@ -201,6 +261,8 @@ class BenchReport:
             ]
         if self.quality:
             text += ["", "quality: " + ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items())]
+        if data["timing_warnings"]:
+            text += ["", *(f"warning: {line}" for line in data["timing_warnings"])]
         return "\n".join(text) + "\n"
 
 
@@ -249,6 +311,8 @@ def benchmark(
     chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = knobs.apply_num_threads()  # before loading: ONNX Runtime sessions take torch's count
+    load_at_start = _load_average()
     scorer = _ClipScorer(clip_model, allow_pickle) if clip_model is not None else None  # fail before timing
     subjects = [
         _subject(
@@ -294,6 +358,8 @@ def benchmark(
         "seed": seed,
         "device": device,
         "feature_cache": feature_cache,
+        "threads": threads,
+        "cores": os.cpu_count(),
     }
 
     def call(subject: Subject, index: int, record: bool) -> np.ndarray:
@@ -317,6 +383,7 @@ def benchmark(
             timer["total"] = total
             timer["other"] = total - timer["text_encoder"] - timer["unet"] - timer["vae_decoder"]
             timer["images"] = len(images)
+            timer["chunk"] = index
             subject.calls.append(timer)
         return images
 
@@ -333,6 +400,7 @@ def benchmark(
                         subject.images = images if index == 0 else np.concatenate([subject.images, images])
     except (ValueError, TypeError) as exc:  # the sampling loop's argument checks (as the runtime maps them)
         raise ConfigError((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+    settings["load_average"] = {"start": load_at_start, "end": _load_average()}
 
     quality: dict[str, float] = {}
     if len(subjects) == 2:
@@ -344,7 +412,11 @@ def benchmark(
     if scorer is not None:
         for subject in subjects:
             quality[f"clip_score_{subject.name}"] = scorer.score(subject.images, prompts, num_images_per_prompt)
-    return BenchReport(settings, subjects, quality)
+    report = BenchReport(settings, subjects, quality)
+    noise = report.timing_warnings()
+    if noise:
+        warnings.warn("; ".join(noise), NoisyTimingWarning, stacklevel=2)
+    return report
 
 
 def _subject(
@@ -541,6 +613,14 @@ def check_requirements_measurable(requirements: Sequence[Requirement], baseline:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none, e.g. Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -398,8 +398,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from sdcompiler.bench import Requirement, benchmark, check_requirements_measurable
+    import warnings
+
+    from sdcompiler.bench import NoisyTimingWarning, Requirement, benchmark, check_requirements_measurable
     from sdcompiler.errors import GateError
+
+    # the report ends with its "warning:" lines; stderr stays for the one-line error
+    warnings.simplefilter("ignore", NoisyTimingWarning)
 
     requirements = [Requirement.parse(text) for text in args.require]
     check_requirements_measurable(requirements, args.baseline is not None, args.clip_model is not None)

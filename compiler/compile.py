@@ -100,6 +100,7 @@ def compile_artifact(
     from sdcompiler.loading import load_checkpoint
 
     show_progress = (not knobs.quiet()) if show_progress is None else show_progress
+    knobs.apply_num_threads()
     steps = resolve_recipe(recipe)
     lowering = get_target(target)
     for step in steps:

@@ -3,13 +3,18 @@
 | variable                | default                  | meaning                                   |
 |-------------------------|--------------------------|-------------------------------------------|
 | SDCOMPILER_CACHE_DIR    | ~/.cache/sdcompiler      | configs, calibration data, build caches   |
-| SDCOMPILER_NUM_THREADS  | unset (torch/ORT default)| intra-op threads for torch and ORT        |
+| SDCOMPILER_NUM_THREADS  | unset (torch's default)  | intra-op threads for torch and ORT alike  |
 | SDCOMPILER_DEBUG        | 0                        | CLI prints tracebacks (same as --debug)   |
 | SDCOMPILER_QUIET        | 0                        | no progress bars (same as --quiet)        |
 | SDCOMPILER_MAX_STEPS    | 1000                     | most denoising steps one call may ask for |
 | SDCOMPILER_MAX_IMAGE_SIZE | 4096                   | most pixels per image side in one call    |
 | SDCOMPILER_MAX_BATCH    | 64                       | most images (prompts x per prompt) a call |
 | SDCOMPILER_MEMORY_LIMIT | unset (free memory)      | bytes preflight checks may plan for (4G)  |
+
+SDCOMPILER_NUM_THREADS is applied with `torch.set_num_threads` by `compile_pipeline`, `load_compiled` and
+`benchmark`, and ONNX Runtime sessions get the count torch then uses, set or not: one setting for both, so a
+bench of an ONNX artifact against an eager checkpoint compares like with like (torch's default is the
+physical core count, or OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
@@ -25,8 +30,21 @@ def cache_dir() -> Path:
 
 
 def num_threads() -> int | None:
-    value = os.environ.get("SDCOMPILER_NUM_THREADS")
-    return int(value) if value else None
+    """SDCOMPILER_NUM_THREADS, or None when unset."""
+    if not os.environ.get("SDCOMPILER_NUM_THREADS"):
+        return None
+    return _positive_int("SDCOMPILER_NUM_THREADS", 0)
+
+
+def apply_num_threads() -> int:
+    """Set torch's intra-op threads to SDCOMPILER_NUM_THREADS where it is set; the count torch uses now,
+    which ONNX Runtime sessions are given too."""
+    import torch
+
+    threads = num_threads()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def debug() -> bool:

@@ -245,6 +245,7 @@ def load_compiled(
     verify_files(root, manifest, hashes=verify)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    knobs.apply_num_threads()  # SDCOMPILER_NUM_THREADS, for torch and (the target's) ONNX Runtime sessions
     target = get_target(manifest["target"])
     config = target.load_config(manifest, options)
     effective = manifest if not options else {**manifest, "lowering": {**manifest["lowering"], "config": config}}

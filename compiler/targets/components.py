@@ -232,8 +232,8 @@ class OrtModel:
 
         ort = require("onnxruntime", "cpu", "the onnx target")  # or [gpu]: onnxruntime-gpu
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # torch's count by default (SDCOMPILER_NUM_THREADS where set): one setting for both runtimes
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]

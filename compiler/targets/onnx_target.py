@@ -199,7 +199,7 @@ class OnnxTarget(Target):
             providers = (
                 ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
             )
-        threads = knobs.num_threads()
+        threads = knobs.apply_num_threads()  # torch's count: the sampling loop runs torch ops between sessions
         encoders = [
             ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
             for n in spec.text_encoders
