@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model repository folder to write (atomically)")
     p.add_argument("--max-batch-size", type=int, default=8, help="of the batching models (text encoders, VAE)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (per GPU with --kind GPU)")
-    p.add_argument("--kind", choices=["GPU", "CPU"], default="GPU", help="where the component models run")
+    p.add_argument(
+        "--kind", choices=["GPU", "CPU"], help="where the component models run (default: GPU for TensorRT / fp16 ONNX)"
+    )
     p.add_argument("--python-env", help="EXECUTION_ENV_PATH (packed Python environment) for the pipeline model")
     p.add_argument("--overwrite", action="store_true", help="replace a repository written earlier by export-server")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
@@ -479,20 +481,26 @@ def cmd_presets(args) -> int:
 
 
 def cmd_export_server(args) -> int:
-    from sdcompiler.serving import export_server
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.serving import default_kind, export_server
 
+    kind, why = args.kind, "--kind"
+    if kind is None and (Path(args.artifact) / "manifest.json").is_file():
+        kind, why = default_kind(read_manifest(Path(args.artifact)))
+        why += "; --kind to change"
     repo = export_server(
         args.artifact,
         args.out,
         max_batch_size=args.max_batch_size,
         instance_count=args.instances,
-        kind=args.kind,
+        kind=kind,
         python_env=args.python_env,
         overwrite=args.overwrite,
         verify=not args.no_verify,
     )
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
-    print(f"wrote {repo} ({', '.join(models)}); serve it with: tritonserver --model-repository {repo}")
+    print(f"wrote {repo} ({', '.join(models)}); {kind} instances ({why})")
+    print(f"serve it with: tritonserver --model-repository {repo}")
     return 0
 
 

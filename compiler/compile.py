@@ -111,6 +111,7 @@ def compile_artifact(
                 f"(target {target!r} has no kernels for it); use target={supported[0]!r}"
             )
     target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")
+    lowering.check_tools(target_config)  # a missing TensorRT / GPU stops here, not after minutes of export
     if output_dir is None:
         key = json.dumps([str(checkpoint), recipe_to_manifest(steps), target, target_config.to_dict()], sort_keys=True)
         output_dir = knobs.cache_dir() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,6 +1,6 @@
 """Serving export: a Triton Inference Server model repository from a compiled artifact.
 
-    export_server("out/", "repo/", max_batch_size=8, instance_count=1, kind="GPU")
+    export_server("out/", "repo/", max_batch_size=8, instance_count=1, kind="GPU")  # kind None: the artifact's
     tritonserver --model-repository repo/
 
 The repository holds one model per component (for an `onnx` artifact:
@@ -181,13 +181,27 @@ def _quote(text: str) -> str:
 # --- export ----------------------------------------------------------------------------------
 
 
+def default_kind(manifest: dict) -> tuple[str, str]:
+    """Where an artifact's component models run unless told ("GPU" / "CPU"), and why, in words.
+
+    The manifest records no compile device, so the graphs decide: TensorRT plans run on GPUs only; fp16
+    ONNX graphs are made for the CUDA execution provider (ONNX Runtime's CPU kernels run fp16 slowly or
+    not at all); fp32 ONNX graphs are what a CPU compile (the onnx target's default) makes.
+    """
+    if manifest["target"] == "tensorrt":
+        return "GPU", "TensorRT engines run on GPUs only"
+    if manifest["lowering"]["config"].get("precision") == "fp16":
+        return "GPU", "its ONNX graphs are fp16, made for CUDA"
+    return "CPU", "its ONNX graphs are fp32 (the onnx target's CPU default)"
+
+
 def export_server(
     artifact: str | Path,
     out: str | Path,
     *,
     max_batch_size: int = 8,
     instance_count: int = 1,
-    kind: str = "GPU",
+    kind: str | None = None,
     python_env: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
@@ -203,8 +217,8 @@ def export_server(
         max_batch_size: max_batch_size of the models that can batch (text encoders, VAE decoder);
             0 makes every model non-batching.
         instance_count: instances per component model (per GPU for "GPU") and of the pipeline model.
-        kind: "GPU" or "CPU": where the component models run. The pipeline model (the Python loop)
-            always runs on CPU instances.
+        kind: "GPU" or "CPU": where the component models run; None: the artifact's (`default_kind`). The
+            pipeline model (the Python loop) always runs on CPU instances.
         python_env: the Python backend's EXECUTION_ENV_PATH for the pipeline model (a packed
             environment with sd-compiler); default: the server's own Python.
         overwrite: replace a model repository earlier written by export-server at `out`.
@@ -224,6 +238,7 @@ def export_server(
             f"export-server needs an {' or '.join(served)} artifact; {root} was compiled for target "
             f"{manifest['target']!r}: recompile it with --target {' (or '.join(served)}{')' * (len(served) - 1)}"
         )
+    kind = kind or default_kind(manifest)[0]
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):

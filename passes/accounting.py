@@ -95,6 +95,46 @@ def count_macs(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_fac
         return _macs_on_meta(_Call(unet, forward), kwargs=inputs)
 
 
+def activation_bytes(unet: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
+    """Bytes of every tensor one batch-1 fp32 U-Net forward at pixel `resolution` (H, W) produces, on meta.
+
+    An upper bound of what a calibrating ONNX Runtime session holds for one input (its graph returns the
+    tensors it calibrates; its arena keeps the rest): the sum of every op's outputs, plus the attention
+    probabilities (batch x heads x queries x keys) that a fused attention op hides and the exported
+    MatMul / Softmax graph materializes.
+    """
+    latent_hw = (resolution[0] // vae_scale_factor, resolution[1] // vae_scale_factor)
+    inputs = unet_example_inputs(unet, 1, latent_hw, device="meta")
+    meta_state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in list(unet.named_parameters()) + list(unet.named_buffers())
+    }
+    counter = _OutputBytes()
+    with counter, torch.no_grad():
+        torch.func.functional_call(unet, meta_state, args=(), kwargs=inputs, strict=False)
+    return counter.total
+
+
+class _OutputBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes of every op's tensor outputs (views excluded: they share their base's memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        if "scaled_dot_product" in name:  # (B, H, Lq, E) x (B, H, Lk, E): the probabilities the export writes out
+            query, key = args[0], args[1]
+            self.total += 4 * query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+        if "view" not in name and name not in ("t.default", "transpose.int", "permute.default", "expand.default"):
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self.total += tensor.numel() * 4  # fp32, as exported
+        return out
+
+
 def vae_decoder_macs(vae: torch.nn.Module, resolution: tuple[int, int], vae_scale_factor: int = 8) -> int:
     """MACs of decoding one latent for an image of pixel `resolution` (H, W), counted on meta."""
     latent = torch.empty(

@@ -3,6 +3,11 @@
 Ordering rules are data (`ORDERING_RULES`): `(earlier, later, why)` says a
 pass of stage `earlier` may not follow a pass of stage `later`. A violating
 recipe is rejected before any pass runs, naming both passes.
+
+A structural pass that leaves the U-Net's parameters (the same names, shapes and sums) and MACs as they
+were (bk-base on a U-Net that already has one pair per stage) changed nothing: the manager logs a warning
+naming it, and when every pass of the recipe is such a no-op it stops with a one-line `PassError` before
+anything is lowered.
 """
 
 from __future__ import annotations
@@ -10,14 +15,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import torch
 
 from sdcompiler.passes.accounting import count_macs, count_params, parameter_layout
 from sdcompiler.passes.base import Pass, PassContext, PassRecord, check_structure_unchanged, get_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError, RecipeError
+
+logger = logging.getLogger(__name__)
 
 ORDERING_RULES: tuple[tuple[str, str, str], ...] = (
     ("merge", "structural", "LoRA merges need their target modules, which structural passes may remove"),
@@ -62,6 +72,7 @@ class PassManager:
 
     def run(self, pipe, ctx: PassContext, on_step: Callable[[PassStep], None] | None = None) -> list[PassRecord]:
         records: list[PassRecord] = []
+        unchanged: list[str] = []  # structural passes that left the parameters as they were
         params, macs = self._cost(pipe, ctx)
         for index, step in enumerate(self.steps):
             pass_ = step.pass_
@@ -77,6 +88,7 @@ class PassManager:
             except PassError as exc:
                 raise PassError(f"pass {step.name!r} (after {history}) cannot run: {exc}") from None
             layout = parameter_layout(pipe.unet)
+            before = _fingerprint(pipe.unet) if pass_.changes_structure else None
             start = time.perf_counter()
             metrics = pass_.run(pipe, step.config, ctx) or {}
             seconds = time.perf_counter() - start
@@ -86,6 +98,14 @@ class PassManager:
             except PassError as exc:
                 raise PassError(f"pass {step.name!r} (after {history}) broke its guarantee: {exc}") from None
             params_after, macs_after = self._cost(pipe, ctx)
+            if before is not None and macs_after == macs and _fingerprint(pipe.unet) == before:
+                unchanged.append(step.name)
+                logger.warning(
+                    "pass %r changed nothing: the U-Net's parameters (%s) and MACs are as before; its config "
+                    "asks for what this model already is",
+                    step.name,
+                    f"{params_after:,}",
+                )
             records.append(
                 PassRecord(
                     name=step.name,
@@ -101,6 +121,12 @@ class PassManager:
             params, macs = params_after, macs_after
             if pass_.needs_teacher:  # the next structural pass starts a new teacher
                 ctx.teacher, ctx.teacher_key = None, ""
+        if self.steps and len(unchanged) == len(self.steps):
+            raise PassError(
+                f"the recipe changes nothing: {', '.join(map(repr, unchanged))} left this U-Net as it was "
+                f"({params:,} parameters); pick a preset that applies to this model (koala-* for SDXL, bk-* for "
+                "SD 1.x/2.x) or compile with recipe 'none'"
+            )
         return records
 
     def _teacher_needed_after(self, index: int) -> bool:
@@ -114,6 +140,17 @@ class PassManager:
         if not self.count_cost:
             return count_params(pipe.unet), 0
         return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
+
+
+def _fingerprint(unet) -> dict[str, tuple]:
+    """Name -> (shape, sum, sum of squares) of every parameter: equal before and after a pass that changed
+    nothing (a rebuilt U-Net with the same weights included), different when it moved or merged weights."""
+    with torch.no_grad():
+        return {
+            name: (tuple(p.shape), torch.sum(p, dtype=torch.float64).item(), torch.sum(p.double() ** 2).item())
+            for name, p in unet.named_parameters()
+            if not p.is_meta
+        }
 
 
 def _model_key(source_hash: str, before: Sequence[PassStep]) -> str:

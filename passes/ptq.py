@@ -65,6 +65,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sdcompiler.passes.accounting import activation_bytes
 from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.base import Pass, PassContext, QuantizedUNet, register_pass
 from sdcompiler.passes.config import PassConfig
@@ -77,6 +78,7 @@ from sdcompiler.passes.training import sqnr_db
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 FORMAT_VERSION = "ptq-ort-v2"  # bump when the pass's output for the same inputs changes
+DEFAULT_MAX_RESOLUTION = 256  # pixels: calibration size when the config names none (or the native size if less)
 ORT_EXCLUDE = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", "conv_out")
 
 
@@ -92,7 +94,12 @@ class PtqConfig(PassConfig):
     held_out_prompts: int = 1
     calib_steps: int = 4  # sampling steps per trajectory; every visited U-Net input calibrates
     guidance_scale: float = 7.5
-    resolution: int | None = 256  # pixels; calibration and SQNR (null: the model's native size)
+    # pixels; calibration and SQNR (null: the model's native size, at most 256: `calibration_resolution`)
+    resolution: int | None = None
+    # onnxruntime: refuse (before any work) when one calibration input's activations, estimated on meta
+    # (`activation_bytes`), exceed this; ORT holds them all per input, and they grow with resolution^2 (more
+    # with attention)
+    max_calibration_gib: float = 4.0
     per_channel: bool = True  # onnxruntime: one weight scale per output channel (modelopt int8: always)
     reduce_range: bool = True  # onnxruntime: 7-bit weights, no int16 saturation on AVX2 without VNNI
     op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # onnxruntime: the ONNX op types quantized
@@ -118,6 +125,8 @@ class PtqConfig(PassConfig):
                 "level 4 quantizes attention (fused FP8 MHA), which TensorRT runs in fp8 only: "
                 "use precision 'fp8', or level 3"
             )
+        if self.max_calibration_gib <= 0:
+            raise ValueError(f"max_calibration_gib must be > 0, got {self.max_calibration_gib}")
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] (or null), got {self.smoothquant_alpha}")
         if self.precision == "fp8" and self.backend == "onnxruntime":
@@ -136,6 +145,26 @@ class PtqConfig(PassConfig):
         if self.exclude is not None:
             return self.exclude
         return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
+
+
+def calibration_resolution(config: PtqConfig, pipe) -> int:
+    """Pixels the pass calibrates and measures at: `config.resolution`, else the model's native size capped at
+    `DEFAULT_MAX_RESOLUTION` (a full-size model calibrates at 256 px in minutes on a CPU; a tiny one at its
+    own size, not 64x the pixels it was made for)."""
+    if config.resolution is not None:
+        return config.resolution
+    return min(pipe.unet.config.sample_size * pipe.vae_scale_factor, DEFAULT_MAX_RESOLUTION)
+
+
+def check_calibration_memory(pipe, config: PtqConfig, resolution: int) -> None:
+    """Refuse, in one line, a calibration whose per-input activations exceed `config.max_calibration_gib`."""
+    needed = activation_bytes(pipe.unet, (resolution, resolution), pipe.vae_scale_factor) / (1 << 30)
+    if needed > config.max_calibration_gib:
+        raise PassError(
+            f"calibrating at {resolution} px holds about {needed:.1f} GiB of activations per input, more than "
+            f"max_calibration_gib {config.max_calibration_gib:g}; lower 'resolution' (native: "
+            f"{pipe.unet.config.sample_size * pipe.vae_scale_factor} px) or raise 'max_calibration_gib'"
+        )
 
 
 # --- export -------------------------------------------------------------------------------------------
@@ -359,18 +388,19 @@ class Ptq(Pass):
             require("modelopt.torch.quantization", "modelopt", "ptq for target tensorrt (and fp8)")
         else:
             require("onnxruntime", "cpu", "ptq int8 for target onnx")  # or [gpu]: onnxruntime-gpu
+            check_calibration_memory(pipe, config, calibration_resolution(config, pipe))
 
     def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float]:
-        unet = pipe.unet.eval()
-        resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
+        pipe.unet.eval()
+        resolution = calibration_resolution(config, pipe)
         if config.backend_for(ctx.target) == "modelopt":
-            return self._quantize_modelopt(pipe, config, ctx, resolution)
+            return self._quantize_modelopt(pipe, config, ctx, resolution) | {"resolution": resolution}
         folder = ctx.cache_dir / "ptq" / _cache_key(config, ctx, resolution)
         if not (folder / "metrics.json").exists():
             self._quantize(pipe, config, ctx, resolution, folder)
         record = json.loads((folder / "metrics.json").read_text())
         ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
-        return record["metrics"]
+        return record["metrics"] | {"resolution": resolution}
 
     def _trajectories(
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int

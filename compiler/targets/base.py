@@ -89,6 +89,9 @@ class Target:
             )
         return self.config_class.from_dict(recorded | dict(options), owner=f"target {self.name}").to_dict()
 
+    def check_tools(self, config: PassConfig) -> None:
+        """Refuse, before the checkpoint loads, a config whose tools (libraries, devices) this machine lacks."""
+
     def lower(self, pipe, out: Path, config: PassConfig, ctx: LowerContext) -> list[StageRecord]:
         raise NotImplementedError
 

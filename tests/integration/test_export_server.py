@@ -102,7 +102,8 @@ def test_every_config_parses_and_matches_the_onnx_graphs(repos, arch, recipe):
         assert config.name == name and config.platform == "onnxruntime_onnx"
         # the U-Nets' timestep is a 0-d scalar: no batching there; the text encoders and the VAE batch
         assert config.max_batch_size == (0 if name.startswith("unet") else 8)
-        assert [(g.kind, g.count) for g in config.instance_group] == [(KIND_GPU, 1)]
+        # no kind given: an fp32 onnx artifact's models run on CPU instances (serving.default_kind)
+        assert [(g.kind, g.count) for g in config.instance_group] == [(KIND_CPU, 1)]
         inputs, outputs = onnx_io(model)
         for declared, graph in ((config.input, inputs), (config.output, outputs)):
             assert [t.name for t in declared] == [name for name, _, _ in graph]
@@ -481,3 +482,22 @@ def test_tensorrt_static_engines_do_not_batch_and_need_gpu_instances(tensorrt_ar
     with pytest.raises(ConfigError, match="TensorRT plans run only on GPU instances") as info:
         export_server(tensorrt_artifact, tmp_path / "repo", kind="CPU")
     assert "\n" not in str(info.value) and not (tmp_path / "repo").exists()
+
+
+def test_default_kind_follows_the_artifact():
+    from sdcompiler.serving import default_kind
+
+    def manifest(target, precision):
+        return {"target": target, "lowering": {"config": {"precision": precision}}}
+
+    assert default_kind(manifest("onnx", "fp32"))[0] == "CPU"
+    assert default_kind(manifest("onnx", "fp16")) == ("GPU", "its ONNX graphs are fp16, made for CUDA")
+    assert default_kind(manifest("tensorrt", "fp16"))[0] == "GPU"
+
+
+def test_cli_export_server_names_the_default_kind(compiled, tmp_path, capsys):
+    artifact = compiled("sd15", "onnx", "none").root
+    assert main(["export-server", str(artifact), "--out", str(tmp_path / "repo"), "--quiet"]) == 0
+    assert "; CPU instances (its ONNX graphs are fp32" in capsys.readouterr().out
+    config = parse_config(tmp_path / "repo" / "unet" / "config.pbtxt")
+    assert [g.kind for g in config.instance_group] == [KIND_CPU]

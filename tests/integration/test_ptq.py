@@ -21,7 +21,8 @@ import torch
 from sdcompiler.errors import ConfigError, LoweringError, RecipeError
 
 # CPU-sized: 2 prompts x 2 steps (8 calibration inputs: both CFG halves) at the tiny model's native 128 px
-SMALL = {"calib_prompts": 2, "calib_steps": 2, "resolution": 128}
+# (the default resolution: the native size, at most 256)
+SMALL = {"calib_prompts": 2, "calib_steps": 2}
 RECIPE = [{"preset": "int8", **SMALL}]
 
 
@@ -49,6 +50,7 @@ def test_record_has_sqnr_and_stages_name_the_settings(int8):
     assert metrics["sqnr_db"] > 25.0  # achieved 25.97 dB
     assert metrics["calibration_inputs"] == 2 * SMALL["calib_prompts"] * SMALL["calib_steps"]
     assert metrics["excluded_nodes"] > 0
+    assert metrics["resolution"] == 128  # the tiny model's native size, recorded
     stages = {s["name"]: s for s in manifest["lowering"]["stages"]}
     assert list(stages) == ["export_onnx", "quantize_onnx", "verify"]
     assert stages["export_onnx"]["results"]["unet"].startswith("replaced by")  # the float U-Net is not exported twice
@@ -94,7 +96,7 @@ def test_activation_ranges_are_the_min_max_over_every_calibration_input(int8, ti
     from onnx import numpy_helper
 
     from sdcompiler.loading import load_checkpoint
-    from sdcompiler.passes.ptq import PtqConfig, module_path
+    from sdcompiler.passes.ptq import PtqConfig, calibration_resolution, module_path
     from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
 
     graph = _unet_graph(int8).graph
@@ -114,7 +116,7 @@ def test_activation_ranges_are_the_min_max_over_every_calibration_input(int8, ti
         load_prompts()[: config.calib_prompts],
         steps=config.calib_steps,
         guidance=config.guidance_scale,
-        resolution=config.resolution,
+        resolution=calibration_resolution(config, pipe),
         seed=0,  # compile_pipeline's default seed
         cache_dir=tmp_path,
         model_key="independent",

@@ -12,8 +12,9 @@ were not built for. Its modules, each importing only the ones above it:
 - `target`: `TensorRTTarget` (its stages, load and serving models) and `tensorrt_model_spec`.
 
 TensorRT (10 or newer: strongly typed networks, named I/O tensors) is imported lazily
-(`pip install 'sd-compiler[tensorrt]'`); without it the first two stages run and `build_engine` stops
-with an error naming the extra. The engine build and the runtime have not run yet (no machine here has
+(`pip install 'sd-compiler[tensorrt]'`); without it (or without a CUDA GPU) the compile stops before the
+checkpoint loads, with an error naming the extra, unless `engines=false` asks for the optimized ONNX only
+(the load then builds the engines from it). The engine build and the runtime have not run yet (no machine here has
 TensorRT); tests/gpu/test_tensorrt_gpu.py checks them where TensorRT is installed.
 """
 

@@ -38,6 +38,9 @@ class TensorRTTargetConfig(PassConfig):
     builder_optimization_level: int = 3  # 0 (fast build) .. 5 (slow build, best kernels); TensorRT's default 3
     opset: int = OPSET
     verify: bool = True  # each optimized graph vs torch in ONNX Runtime (CPU)
+    # false: no TensorRT at compile, on purpose: the artifact holds the optimized ONNX and each component's
+    # optimization profile (the build_engine stage's record, without plans); loading builds the engines
+    engines: bool = True
 
     def __post_init__(self):
         if self.precision in ("int8", "fp8"):

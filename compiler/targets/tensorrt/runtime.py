@@ -58,6 +58,10 @@ def _engine_bytes(trt, root: Path, name: str, built: Mapping[str, Any]) -> bytes
     plan = root / name / plan_filename(cc)
     if plan.is_file() and built["compute_capability"] == cc and built["tensorrt"] == version:
         return plan.read_bytes()
+    if built["compute_capability"] is None:
+        log.warning("%s: compiled with engines=false: building the %s engine from %s/%s", root, name, name, OPTIMIZED)
+        rebuilt, _ = cached_engine(trt, root / name / OPTIMIZED, EngineBuild.from_dict(built[name]["build"]), cc)
+        return rebuilt.read_bytes()
     log.warning(
         "%s: the %s engine was built for compute capability %s with TensorRT %s; this GPU has %s and "
         "TensorRT is %s: rebuilding it from %s/%s (engine cache: %s)",

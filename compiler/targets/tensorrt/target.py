@@ -19,7 +19,9 @@
    kernels and cannot load `trt::` ops).
 3. `build_engine`: one engine per component, `<component>/model_sm<major><minor>.plan`, built through
    the engine cache (`build.cached_engine`) with the optimization profile `config.dimension_ranges`
-   gives the component's graph inputs.
+   gives the component's graph inputs. With `engines=false` no TensorRT runs: the stage records each
+   component's build (profile, settings) without a plan, and the load builds the engines from the ONNX.
+   `check_tools` refuses a missing TensorRT or GPU before `compile_pipeline` loads the checkpoint.
 
 Loading is `runtime.load_components`; `tensorrt_model_spec` describes an engine to `sdcompiler.serving`.
 """
@@ -33,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcompiler.errors import ArtifactError, LoweringError, require
+from sdcompiler.errors import ArtifactError, LoweringError, MissingDependencyError, require
 from sdcompiler.passes import QuantizedUNet
 from sdcompiler.passes.onnx_export import OnnxExport, component_exports
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target
@@ -70,6 +72,20 @@ class TensorRTTarget(Target):
     config_class = TensorRTTargetConfig
     serves_components = True
 
+    def check_tools(self, config: TensorRTTargetConfig) -> None:
+        if not config.engines:
+            return  # the optimized ONNX only: nothing of TensorRT's runs
+        without = "or compile the optimized ONNX without engines: --option engines=false"
+        try:
+            require("tensorrt", "tensorrt", "the tensorrt target's build_engine stage")
+        except MissingDependencyError as exc:
+            raise MissingDependencyError(f"{exc} ({without})") from None
+        if not torch.cuda.is_available():
+            raise LoweringError(
+                "building TensorRT engines needs a CUDA GPU and torch sees none; compile on the kind of GPU "
+                f"that will run the artifact, use target onnx, {without}"
+            )
+
     def lower(self, pipe, out: Path, config: TensorRTTargetConfig, ctx: LowerContext) -> list[StageRecord]:
         handed = _handed_quantization(ctx)
         exports = _component_exports(pipe, ctx.arch, config)
@@ -83,6 +99,11 @@ class TensorRTTarget(Target):
 
     def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
         built = built_engines(manifest)
+        if built["compute_capability"] is None:
+            raise ArtifactError(
+                f"{root} was compiled with engines=false: it holds the optimized ONNX but no engines to serve; "
+                "recompile on the serving GPU without that option"
+            )
         models = []
         for name in served_components(manifest):
             spec = tensorrt_model_spec(name, root / name, built[name]["build"])
@@ -188,7 +209,16 @@ def _build_engine_stage(
         "workspace_gb": config.workspace_gb,
         "builder_optimization_level": config.builder_optimization_level,
     }
-    with Stage(records, "build_engine", settings) as stage:
+    with Stage(records, "build_engine", settings | {"engines": config.engines}) as stage:
+        if not config.engines:  # each component's build, recorded for the load to build its engine from
+            stage.results.update(compute_capability=None, tensorrt=None)
+            for export in exports:
+                profile = profile_shapes(
+                    onnx_input_dims(out / export.name / OPTIMIZED), ranges[component_kind(export.name)]
+                )
+                build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level)
+                stage.results[export.name] = {"file": None, "build": build.to_dict()}
+            return
         trt = require("tensorrt", "tensorrt", "the tensorrt target's build_engine stage")
         if not torch.cuda.is_available():
             raise LoweringError(
