@@ -22,6 +22,75 @@ from sdcompiler.version import __version__
 DEMO_RECIPES = {"sd15": ["bk-small", "fuse-qkv"], "sd21": ["bk-small", "fuse-qkv"], "sdxl": ["koala-700m", "fuse-qkv"]}
 DEMO_PROMPTS = ("a red cube on a wooden table, studio light",)
 NO_VERIFY = "skip the sha256 check of the artifact's files (faster start; paths and graphs are still checked)"
+TARGETS = {
+    "onnx": "ONNX graphs in optimum's diffusers layout, run by ONNX Runtime (CPU or CUDA); export-server serves them",
+    "torch": "safetensors weights rebuilt into PyTorch modules; torch.compile / CUDA graphs options, run-time LoRAs",
+    "tensorrt": "TensorRT engines built from the ONNX graphs, NVIDIA GPUs only (pip install 'sd-compiler[tensorrt]')",
+}
+RECIPE_HELP = (
+    "presets or passes, comma-chained: NAME or NAME:KEY=VALUE, further KEY=VALUE parts belonging to the item "
+    "before them, values typed as YAML (e.g. bk-small,fuse-qkv / taesd:path=/models/taesd / "
+    "distill:steps=200,lr=1e-5,fuse-qkv); or a YAML recipe file"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is printed (reading the preset
+    files costs every command otherwise)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def _help_epilog() -> str:
+    """The presets (one line each) and the targets, for `sdcompiler --help` and `compile --help`."""
+    lines = ["presets (sdcompiler presets: the passes and full descriptions):"]
+    presets = _preset_summaries()
+    width = max(map(len, presets)) + 2
+    lines += [f"  {name:<{width}}{summary}" for name, summary in presets.items()]
+    lines += ["", "targets (--target):"]
+    lines += [f"  {name:<10}{text}" for name, text in TARGETS.items()]
+    return "\n".join(lines)
+
+
+def _preset_summaries(limit: int = 70) -> dict[str, str]:
+    """Each shipped preset's YAML `description`, shortened (`_shorten`). Read with yaml alone: importing the
+    recipe module would load torch for every `--help`."""
+    from importlib import resources
+
+    import yaml
+
+    folder = resources.files("sdcompiler") / "presets"
+    summaries = {}
+    for file in sorted(folder.iterdir(), key=lambda f: f.name):
+        if file.name.endswith(".yaml"):
+            text = " ".join(str(yaml.safe_load(file.read_text()).get("description", "")).split())
+            summaries[file.name[: -len(".yaml")]] = _shorten(text, limit)
+    return summaries
+
+
+def _shorten(text: str, limit: int) -> str:
+    """The text up to its first ':' or ';', without parenthesized asides, cut to `limit` at a word boundary."""
+    kept, depth, quoted = [], 0, False
+    for char in text:
+        if char == "`":
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+            continue
+        elif not quoted and char == ")" and depth:
+            depth -= 1
+            continue
+        elif not quoted and depth == 0 and char in ":;":
+            break
+        if depth == 0:
+            kept.append(char)
+    text = " ".join("".join(kept).replace(" ,", ",").split())
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,17 +144,33 @@ def _leave_process_group(code: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdcompiler", description="Compress and export Stable Diffusion / SDXL.")
+    parser = _Parser(
+        prog="sdcompiler",
+        description="Compress and export Stable Diffusion / SDXL.",
+        epilog=_help_epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"sdcompiler {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print tracebacks")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compile", parents=[common], help="compile a checkpoint into an artifact folder")
+    p = sub.add_parser(
+        "compile",
+        parents=[common],
+        help="compile a checkpoint into an artifact folder",
+        epilog=_help_epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint", help="diffusers folder, .safetensors file, or cached Hugging Face id")
-    p.add_argument("--recipe", default="none", help="preset name or YAML file; comma-separate presets to chain them")
-    p.add_argument("--target", default="onnx", choices=["onnx", "tensorrt", "torch"])
+    p.add_argument("--recipe", default="none", help=RECIPE_HELP + " (default: none)")
+    p.add_argument(
+        "--target",
+        default="onnx",
+        choices=["onnx", "tensorrt", "torch"],
+        help="onnx (ONNX Runtime, default), torch (PyTorch weights) or tensorrt (NVIDIA engines); see below",
+    )
     p.add_argument("--out", required=True, help="artifact folder to write (atomically)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="target precision (default fp32)")
     p.add_argument(
@@ -191,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="compile a tiny (or your) checkpoint and show what changed")
     p.add_argument("--checkpoint", help="default: a tiny SD1.5 checkpoint built on the fly")
-    p.add_argument("--recipe", help="default: bk-small,fuse-qkv (SD 1.x/2.x) or koala-700m,fuse-qkv (SDXL)")
+    p.add_argument(
+        "--recipe", help="as for compile; default: bk-small,fuse-qkv (SD 1.x/2.x) or koala-700m,fuse-qkv (SDXL)"
+    )
     p.add_argument(
         "--target", default=None, choices=["onnx", "torch"], help="default: onnx if onnxruntime is installed"
     )
@@ -233,11 +320,12 @@ def _resolution(text: str) -> tuple[int, int]:
 
 
 def _recipe(text: str):
-    return (
-        text
-        if text.endswith((".yaml", ".yml")) or "," not in text
-        else [t.strip() for t in text.split(",") if t.strip()]
-    )
+    """`--recipe`: a YAML file as its path, anything else read inline (`sdcompiler.recipe.parse_recipe_text`)."""
+    from sdcompiler.recipe import parse_recipe_text
+
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return text
+    return parse_recipe_text(text)
 
 
 def _target_options(args) -> dict:

@@ -1,11 +1,18 @@
 """Recipes: what the user asks for -> an ordered list of validated pass steps.
 
-A recipe is a preset name, a YAML path, or a list of items. An item is:
+A recipe is a preset name, a YAML path, a list of items, or a single item. An item is:
 - a preset name: `"fuse-qkv"`;
 - a preset with overrides: `{"preset": "fuse-qkv", "cross_attention": False}`
   (each override goes to the preset's pass whose config has that key);
 - a pass with its config: `{"pass": "fuse_qkv", "self_attention": True}`.
-A YAML recipe is such a list, or `{version: 1, passes: [...]}`.
+A YAML recipe is such a list, a single item, or `{version: 1, passes: [...]}`.
+
+A recipe string that is not a YAML path is read inline (`parse_recipe_text`, what
+`--recipe` takes): items separated by commas, each `NAME` or `NAME:KEY=VALUE`,
+where further comma-separated `KEY=VALUE` parts belong to the item before them
+(`distill:steps=200,lr=1e-5,fuse-qkv` is two items). NAME is a preset, or a pass
+when no preset has that name. Values are YAML scalars (`1e-5` is a float,
+`false` a bool); commas inside `[...]`, `{...}` or a quoted value do not split.
 
 Presets are YAML files in `sdcompiler/presets/` of the same mapping form;
 each expands to exactly one pass unless its YAML lists several (composite).
@@ -26,6 +33,7 @@ passes.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -37,7 +45,7 @@ from sdcompiler.passes import PassStep, available_passes, check_order, get_pass
 from sdcompiler.passes.base import STAGES
 from sdcompiler.passes.config import BUDGETS, check_budget
 
-RecipeLike = Union[str, Path, Sequence[Any], None]
+RecipeLike = Union[str, Path, Sequence[Any], Mapping[str, Any], None]
 RECIPE_VERSION = 1
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 64
@@ -198,6 +206,97 @@ def recipe_to_manifest(steps: Iterable[PassStep]) -> dict[str, Any]:
     return {"version": RECIPE_VERSION, "passes": [{"pass": s.name, **s.config.to_dict()} for s in steps]}
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_recipe_text(text: str) -> list[Any]:
+    """An inline recipe (`"bk-small,fuse-qkv"`, `"taesd:path=/models/taesd"`,
+    `"distill:steps=200,lr=1e-5,fuse-qkv"`) as recipe items: a plain NAME stays a preset name, NAME:OPTIONS
+    becomes `{"preset": NAME, ...}` (or `{"pass": NAME, ...}` when NAME is a pass and no preset).
+
+    A comma-separated part is an option of the item before it when its first `=` comes before any `:`,
+    otherwise it starts a new item (so values may hold `:` and `=`: `path=C:/x`, `prompt=a=b`).
+    """
+    items: list[Any] = []
+    current: dict[str, Any] | None = None  # the item whose options the next KEY=VALUE parts extend
+    for part in _split_top_level(text):
+        if not part:
+            continue
+        eq, colon = part.find("="), part.find(":")
+        if eq > 0 and (colon < 0 or eq < colon):
+            if current is None:
+                raise RecipeError(
+                    f"option {part!r} in recipe {text!r} follows no NAME:KEY=VALUE item; "
+                    "write it as PRESET:KEY=VALUE (e.g. taesd:path=/models/taesd)"
+                )
+            _add_option(current, part, text)
+            continue
+        if colon < 0:
+            items.append(part)
+            current = None
+            continue
+        name, first = part[:colon].strip(), part[colon + 1 :].strip()
+        if not name:
+            raise RecipeError(f"item {part!r} in recipe {text!r} has no name before ':'; write NAME:KEY=VALUE")
+        current = {_item_kind(name): name}
+        items.append(current)
+        if first:
+            _add_option(current, first, text)
+    return items
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets and quoted values, each part stripped."""
+    parts, depth, start, quote = [], 0, 0, ""
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"" and text[:i].rstrip()[-1:] in ("=", "[", "{", ",", ":"):  # a YAML quoted value
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _item_kind(name: str) -> str:
+    if name not in available_presets() and name in available_passes():
+        return "pass"
+    return "preset"  # an unknown name fails later with the list of presets
+
+
+def _add_option(item: dict[str, Any], part: str, text: str) -> None:
+    key, _, value = part.partition("=")
+    key = key.strip()
+    if not key or "=" not in part:
+        raise RecipeError(f"option {part!r} in recipe {text!r} must look like KEY=VALUE")
+    if key in item:
+        raise RecipeError(f"option {key!r} appears twice for {next(iter(item.values()))!r} in recipe {text!r}")
+    item[key] = _scalar(value.strip(), part, text)
+
+
+def _scalar(value: str, part: str, text: str) -> Any:
+    """A value typed as YAML; `1e-5` (a string to YAML 1.1, which wants `1.0e-5`) is a float too."""
+    try:
+        typed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError(f"option {part!r} in recipe {text!r} has a value that is not YAML ({first})") from None
+    if isinstance(typed, str) and _FLOAT.fullmatch(typed):
+        return float(typed)
+    return typed
+
+
+def _is_item(data: Any) -> bool:
+    """A mapping that is one recipe item (`{"preset": ...}` / `{"pass": ...}`), not a `{passes: [...]}` recipe."""
+    return isinstance(data, Mapping) and ("preset" in data or "pass" in data)
+
+
 def _items(recipe: RecipeLike) -> tuple[list[Any], dict[str, int]]:
     """The recipe's items and its `limits` (empty unless a mapping recipe sets them)."""
     if recipe is None:
@@ -211,24 +310,34 @@ def _items(recipe: RecipeLike) -> tuple[list[Any], dict[str, int]]:
             data = read_yaml(path)
             if isinstance(data, list):
                 return data, {}
+            if _is_item(data):
+                return [data], {}
             parsed = _parse_mapping(data, f"recipe file {path}")
             return parsed["passes"], parsed["limits"]
-        return [text], {}
+        return parse_recipe_text(text), {}
+    if _is_item(recipe):
+        return [recipe], {}
     if isinstance(recipe, Mapping):
         parsed = _parse_mapping(recipe, "recipe")
         return parsed["passes"], parsed["limits"]
     if isinstance(recipe, Sequence):
         return list(recipe), {}
-    raise RecipeError(f"a recipe must be a preset name, a YAML path or a list, not {type(recipe).__name__}")
+    raise RecipeError(
+        f"a recipe must be a preset name, a YAML path, a list or one item mapping, not {type(recipe).__name__}"
+    )
 
 
 def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{where} must be a list of passes or a mapping with 'version' and 'passes'")
+        raise RecipeError(
+            f"{where} must be a list of passes, one item ({{preset: ...}} / {{pass: ...}}) "
+            "or a mapping with 'version' and 'passes'"
+        )
     unknown = set(data) - {"version", "passes", "description", "limits"}
     if unknown:
         raise RecipeError(
-            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description, limits"
+            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description, limits "
+            "(or one item: a mapping with 'preset' or 'pass')"
         )
     version = data.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:

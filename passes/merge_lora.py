@@ -1,7 +1,8 @@
 """merge_lora: fuse LoRA adapters into the weights, W <- W + scale * (alpha / r) B A.
 
 The files are read by diffusers' own LoRA loader (`load_lora_weights`, which
-converts the kohya / A1111 key layouts and peft/diffusers ones), attached as
+converts the kohya / A1111 key layouts and peft/diffusers ones; given folder and
+`weight_name`, so `HF_HUB_OFFLINE=1` does not stop it at a Hub lookup), attached as
 peft adapters, weighted per LoRA (`set_adapters`), fused (`fuse_lora`, U-Net
 and text encoders alike) and unloaded, so the result is a plain pipeline with
 changed weights and no adapter modules: every later pass and target sees an
@@ -10,7 +11,8 @@ must still exist; an ordering rule).
 
 Only `.safetensors` files are read (a LoRA file is a checkpoint too). A LoRA
 that attaches to no module of this U-Net (made for another architecture, e.g.
-an SD 1.x LoRA on SDXL) or whose shapes do not fit is an error, not a warning.
+an SD 1.x LoRA on SDXL) or whose shapes do not fit is an error, not a warning; a loader error of another
+kind is reported with its own cause, never as a misfit.
 """
 
 from __future__ import annotations
@@ -108,6 +110,18 @@ def check_lora_files(items: list[tuple[str, float]]) -> None:
             raise PassError(f"LoRA file {file} is truncated or corrupt ({_reason(exc)}): re-download it") from None
 
 
+# what diffusers / peft / torch say when a LoRA's keys or shapes do not match the model's modules
+_MISFIT_MESSAGES = ("size mismatch", "Error(s) in loading state_dict", "not found in the base model", "Invalid LoRA")
+
+
+def _is_misfit(exc: BaseException) -> bool:
+    """Whether a loader error says the LoRA's keys or shapes do not fit the model (and nothing else: a loader
+    failing for another reason, e.g. offline-mode file lookup, must not be reported as a misfit)."""
+    if isinstance(exc, KeyError) or type(exc).__name__ == "NoMatchingPeftModuleError":
+        return True
+    return any(message in str(exc) for message in _MISFIT_MESSAGES)
+
+
 def _reason(exc: BaseException) -> str:
     """One line of a library error: its first line, or for torch's multi-line state-dict errors ("Error(s) in
     loading state_dict ...:" then a line per tensor) the first tensor's line."""
@@ -132,14 +146,19 @@ def fuse_loras(pipe, items: list[tuple[str, float]], arch: str) -> tuple[int, di
     try:
         for index, (path, scale) in enumerate(items):
             name = f"merge_{index}"
+            file = Path(path)
             try:
                 with _library_chatter_captured():
-                    pipe.load_lora_weights(path, adapter_name=name)
-            except (ValueError, RuntimeError, KeyError) as exc:
-                first = _reason(exc)
-                raise PassError(
-                    f"LoRA {path} does not fit this {arch} model ({first}); check it was made for this architecture"
-                ) from None
+                    # folder + weight_name: without a weight_name diffusers looks for the file on the Hub, which
+                    # fails under HF_HUB_OFFLINE=1 ("you must specify a `weight_name`") even for a local file
+                    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            except (ValueError, RuntimeError, KeyError, OSError) as exc:
+                if _is_misfit(exc):
+                    raise PassError(
+                        f"LoRA {path} does not fit this {arch} model ({_reason(exc)}); "
+                        "check it was made for this architecture"
+                    ) from None
+                raise PassError(f"cannot load LoRA {path}: {_reason(exc)}") from None  # its own cause, unreworded
             attached = _adapter_layers(pipe.unet, name)
             if attached == 0:
                 raise PassError(

@@ -4,7 +4,8 @@ The full SD VAE decoder is a large share of a few-step pipeline (on the 2-core C
 256x256 SD1.5 image costs as much as two U-Net calls); TAESD decodes the same latents with ~1/20 of the
 parameters, at some loss of fine detail. The tiny VAE comes from a diffusers folder (`config.json` with
 `_class_name: AutoencoderTiny` and safetensors weights), as `madebyollin/taesd` (SD 1.x/2.x) and
-`madebyollin/taesdxl` (SDXL) are published; the pass checks the class and the latent channels, not which
+`madebyollin/taesdxl` (SDXL) are published: a local folder, or such a Hub id already in the local Hugging Face
+cache (looked up with `local_files_only=True`, never downloaded, as checkpoints are); the pass checks the class and the latent channels, not which
 family the weights were trained for (taesd on SDXL latents decodes wrongly: use taesdxl there).
 
 The U-Net is untouched. The VAE's `scaling_factor` (1.0 for TAESD, which scales internally) goes to the
@@ -16,6 +17,7 @@ Metrics: VAE parameters and decoder MACs per image at the MACs resolution, befor
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +29,41 @@ from sdcompiler.passes.errors import PassError
 
 @dataclass(frozen=True)
 class SwapVAEConfig(PassConfig):
-    path: str = ""  # a diffusers AutoencoderTiny folder (config.json + diffusion_pytorch_model.safetensors)
+    path: str = ""  # a diffusers AutoencoderTiny folder, or the Hub id of one in the local cache
+
+
+ACCEPTED = (
+    "a local diffusers AutoencoderTiny folder (config.json + .safetensors weights) or the Hugging Face id of one "
+    "already in the local cache (e.g. madebyollin/taesd, fetched with `huggingface-cli download madebyollin/taesd`)"
+)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def tiny_vae_folder(path: str) -> Path:
+    """The folder `path` names: itself when it exists, else the cached snapshot of the Hub id it spells."""
+    if not path:
+        raise PassError(
+            f"swap_vae needs 'path': {ACCEPTED}; with the preset: {{preset: taesd, path: FOLDER}} "
+            "(CLI: --recipe taesd:path=FOLDER)"
+        )
+    folder = Path(path)
+    if folder.exists() or not _HUB_ID.fullmatch(path):
+        if not folder.exists():
+            raise PassError(f"tiny VAE {path} does not exist; pass {ACCEPTED}")
+        return folder
+    from huggingface_hub import snapshot_download  # passes do not import sdcompiler's loader: the same lookup
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # not cached, malformed id or incomplete snapshot: the same advice applies
+        raise PassError(
+            f"tiny VAE {path} is neither a local folder nor a Hugging Face id in the local cache (no download "
+            f"here); pass {ACCEPTED}"
+        ) from None
 
 
 def _check_folder(path: str) -> dict:
-    if not path:
-        raise PassError(
-            "swap_vae needs 'path': a diffusers AutoencoderTiny folder (e.g. madebyollin/taesd); "
-            "with the preset: {preset: taesd, path: FOLDER}"
-        )
-    folder = Path(path)
+    folder = tiny_vae_folder(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise PassError(f"VAE folder {folder} has no config.json; pass a diffusers AutoencoderTiny folder")
@@ -74,7 +101,7 @@ class SwapVAE(Pass):
         factor = pipe.vae_scale_factor
         before = count_params(pipe.vae), vae_decoder_macs(pipe.vae, ctx.macs_resolution, factor)
         try:
-            vae = AutoencoderTiny.from_pretrained(config.path, use_safetensors=True).eval()
+            vae = AutoencoderTiny.from_pretrained(tiny_vae_folder(config.path), use_safetensors=True).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise PassError(f"cannot load the tiny VAE in {config.path}: {first}") from None

@@ -100,3 +100,16 @@ def to_kohya(file: Path, out: Path, arch: str, layers_per_block: int) -> Path:
         kohya[f"{name}.alpha"] = torch.tensor(float(ALPHA))
     save_file(kohya, str(out))
     return out
+
+
+def hub_offline(monkeypatch) -> None:
+    """`HF_HUB_OFFLINE=1` as a user sets it before starting Python: huggingface_hub reads the variable at import
+    time and diffusers copies the value into its modules (`from huggingface_hub.constants import HF_HUB_OFFLINE`),
+    so besides the variable every loaded copy is patched."""
+    import sys
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, module in list(sys.modules.items()):
+        library = name.split(".")[0] in ("huggingface_hub", "diffusers", "transformers")
+        if library and isinstance(getattr(module, "HF_HUB_OFFLINE", None), bool):
+            monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)

@@ -183,3 +183,43 @@ def test_fp16_onnx_precision_stays_close_to_fp32(checkpoint, workdir):
     reference.set_progress_bar_config(disable=True)
     want = reference("a cube", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert 0 < np.abs(got - want).max() < 2e-2
+
+
+def test_inline_recipe_options(checkpoint, workdir, capsys):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    taesd = workdir / "taesd"
+    AutoencoderTiny(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4).save_pretrained(taesd)
+    out = workdir / "inline"
+    recipe = f"fuse-qkv:cross_attention=false,self_attention=true,taesd:path={taesd}"
+    assert (
+        main(["compile", str(checkpoint), "--recipe", recipe, "--target", "torch", "--out", str(out), "--quiet"]) == 0
+    )
+    passes = json.loads((out / "manifest.json").read_text())["recipe"]["passes"]
+    assert [(p["pass"], p.get("cross_attention"), p.get("path")) for p in passes] == [
+        ("fuse_qkv", False, None),
+        ("swap_vae", None, str(taesd)),
+    ]
+    capsys.readouterr()
+    assert main(["compile", str(checkpoint), "--recipe", "fuse-qkv,steps=3", "--out", str(workdir / "bad")]) == 1
+    assert "follows no NAME:KEY=VALUE item" in _one_line_error(capsys)
+    assert not (workdir / "bad").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compile", "--help"]])
+def test_help_lists_presets_and_targets(argv, capsys):
+    from sdcompiler.recipe import available_presets
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.split("presets (", 1)[1].splitlines()
+    for name in available_presets():  # one line each, with a summary of its description
+        (line,) = [line for line in lines if line.split()[:1] == [name]]
+        assert len(line.split()) > 2 and len(line) <= 100, line
+    assert "BK-SDM-Small block removal" in text and "a tiny VAE instead of the full one" in text
+    targets = text.split("targets (--target):", 1)[1]
+    for name, words in [("onnx", "ONNX Runtime"), ("torch", "PyTorch"), ("tensorrt", "TensorRT engines")]:
+        assert any(line.split()[:1] == [name] and words in line for line in targets.splitlines()), name

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from lora_files import ENCODERS
+from lora_files import ENCODERS, hub_offline
 from lora_files import make_full_lora as _make_full_lora
 from lora_files import to_kohya as _to_kohya
 from safetensors.torch import load_file
@@ -115,6 +115,33 @@ def test_merged_lora_matches_diffusers_lora_pipeline(target, tiny_checkpoint, lo
     base = load_checkpoint(ckpt).pipeline("a cat", generator=torch.Generator().manual_seed(0), **CALL).images
     assert np.abs(got - want).max() < 1e-3
     assert np.abs(got - base).max() > 1e-2  # the LoRA changed the model
+
+
+def test_merge_under_hf_hub_offline(tiny_checkpoint, lora_files, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 made diffusers refuse a local file without `weight_name`, reported as a misfit."""
+    ckpt = tiny_checkpoint("sd15")
+    want = _reference(ckpt, [(lora_files["a"], 0.7)])("a cat", generator=torch.Generator().manual_seed(0), **CALL)
+    hub_offline(monkeypatch)
+    recipe = {"pass": "merge_lora", "path": str(lora_files["a"]), "scale": 0.7}
+    compiled = compile_pipeline(ckpt, recipe, "torch", tmp_path / "out", show_progress=False)
+    got = compiled("a cat", generator=torch.Generator().manual_seed(0), **CALL).images
+    assert np.abs(got - want.images).max() < 1e-3
+
+
+def test_loader_errors_keep_their_cause(tiny_checkpoint, lora_files, tmp_path, monkeypatch):
+    """Only key / shape mismatches are reported as "does not fit"; any other loader error keeps its own words."""
+    from diffusers import StableDiffusionPipeline
+
+    def failing(self, *args, **kwargs):
+        raise ValueError("When using the offline mode, you must specify a `weight_name`.")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", failing)
+    recipe = {"pass": "merge_lora", "path": str(lora_files["a"])}
+    with pytest.raises(PassError) as info:
+        compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", show_progress=False)
+    message = str(info.value)
+    assert message.startswith(f"cannot load LoRA {lora_files['a']}: When using the offline mode"), message
+    assert "does not fit" not in message and "architecture" not in message
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_files import make_full_lora, to_kohya
+from lora_files import hub_offline, make_full_lora, to_kohya
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.errors import ConfigError, PassError, PipelineArgumentError
@@ -107,6 +107,14 @@ def test_lora_that_does_not_fit_leaves_the_artifact_weights(compiled, loras):
         pipe.set_loras([loras["a"], loras["sdxl"]])  # a fuses, then the SDXL LoRA fails
     assert pipe.loras == []
     np.testing.assert_array_equal(_images(pipe), base)
+
+
+def test_set_loras_under_hf_hub_offline(compiled, loras, merged, monkeypatch):
+    want = merged([("a", 0.5), ("b", 0.8)])
+    pipe = load_compiled(compiled("sd15", "torch", "none").root, device="cpu")
+    hub_offline(monkeypatch)
+    pipe.set_loras([(loras["a"], 0.5), (loras["b"], 0.8)])
+    np.testing.assert_allclose(_images(pipe), want, atol=1e-4)
 
 
 def test_feature_cache_artifact_takes_runtime_loras(compiled, loras, merged):

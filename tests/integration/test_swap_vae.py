@@ -149,7 +149,7 @@ def test_bad_tiny_vae_folders(tiny_checkpoint, tmp_path):
 
     with pytest.raises(PassError, match="needs 'path'"):
         compile_pipeline(ckpt, "taesd", "torch", tmp_path / "out", show_progress=False)
-    with pytest.raises(PassError, match="no config.json"):
+    with pytest.raises(PassError, match="does not exist; pass a local diffusers AutoencoderTiny folder"):
         compile_with(tmp_path / "missing")
     with pytest.raises(PassError, match="not an AutoencoderTiny"):
         compile_with(ckpt / "vae")  # the full VAE
@@ -164,3 +164,45 @@ def test_bad_tiny_vae_folders(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
     config = json.loads((pickled / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderTiny"
+
+
+def _fake_hub_cache(root, repo_id: str, source):
+    """The part of huggingface_hub's cache layout a local-only lookup reads: refs/main -> snapshots/<commit>/."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_cached_hub_id_is_a_tiny_vae(tiny_checkpoint, taesd, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/taesd", taesd)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import time
+    pipe = compile_pipeline(
+        tiny_checkpoint("sd15"),
+        {"preset": "taesd", "path": "someone/taesd"},
+        "torch",
+        tmp_path / "out",
+        show_progress=False,
+    )
+    assert type(pipe.components.modules["vae"]).__name__ == "AutoencoderTiny"
+    assert pipe.manifest["recipe"]["passes"][0]["path"] == "someone/taesd"  # the recipe replays by id
+    with pytest.raises(PassError) as info:
+        compile_pipeline(
+            tiny_checkpoint("sd15"),
+            {"preset": "taesd", "path": "someone/absent"},
+            "torch",
+            tmp_path / "out2",
+            show_progress=False,
+        )
+    message = str(info.value)
+    assert "someone/absent is neither a local folder nor a Hugging Face id in the local cache" in message
+    assert "local diffusers AutoencoderTiny folder" in message and "madebyollin/taesd" in message
+    assert not (tmp_path / "out2").exists()

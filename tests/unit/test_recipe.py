@@ -177,3 +177,80 @@ def test_recipe_to_manifest_round_trip(recipe, tmp_path):
     assert resolve_recipe(_write(tmp_path, yaml.safe_dump(manifest))) == steps
     for entry, step in zip(manifest["passes"], steps):
         assert entry == {"pass": step.name, **step.config.to_dict()}
+
+
+# --- a single item as a recipe; inline recipe strings (`--recipe`) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "recipe, text",
+    [
+        ({"preset": "taesd", "path": "/models/taesd"}, "preset: taesd\npath: /models/taesd\n"),
+        ({"pass": "swap_vae", "path": "/models/taesd"}, "pass: swap_vae\npath: /models/taesd\n"),
+    ],
+)
+def test_a_single_item_is_a_recipe(recipe, text, tmp_path):
+    from sdcompiler.passes.swap_vae import SwapVAEConfig
+
+    expected = [PassStep("swap_vae", SwapVAEConfig(path="/models/taesd"))]
+    assert resolve_recipe(recipe) == resolve_recipe([recipe]) == expected
+    assert resolve_recipe(_write(tmp_path, text)) == expected
+
+
+def test_a_mapping_that_is_no_item_names_the_item_form():
+    with pytest.raises(RecipeError, match="one item: a mapping with 'preset' or 'pass'"):
+        resolve_recipe({"path": "/models/taesd"})
+
+
+@pytest.mark.parametrize(
+    "text, items",
+    [
+        ("fuse-qkv", ["fuse-qkv"]),
+        ("bk-small, fuse-qkv", ["bk-small", "fuse-qkv"]),
+        ("taesd:path=/models/taesd", [{"preset": "taesd", "path": "/models/taesd"}]),
+        ("distill:steps=200,lr=1e-5", [{"preset": "distill", "steps": 200, "lr": 1e-5}]),
+        (
+            "bk-small,distill:steps=20,lr=2.5e-4,fuse-qkv:cross_attention=false",
+            [
+                "bk-small",
+                {"preset": "distill", "steps": 20, "lr": 2.5e-4},
+                {"preset": "fuse-qkv", "cross_attention": False},
+            ],
+        ),
+        ("swap_vae:path=C:/vae=1", [{"pass": "swap_vae", "path": "C:/vae=1"}]),  # a pass: no preset has the name
+        (
+            "merge_lora:loras=[{path: a.safetensors, scale: 0.5}, {path: b.safetensors}]",
+            [{"pass": "merge_lora", "loras": [{"path": "a.safetensors", "scale": 0.5}, {"path": "b.safetensors"}]}],
+        ),
+        ("lcm-lora:path='x,y.safetensors'", [{"preset": "lcm-lora", "path": "x,y.safetensors"}]),
+        ("a:p=don't,b", [{"preset": "a", "p": "don't"}, "b"]),
+    ],
+)
+def test_parse_recipe_text(text, items):
+    from sdcompiler.recipe import parse_recipe_text
+
+    assert parse_recipe_text(text) == items
+
+
+def test_inline_recipe_resolves_with_typed_values():
+    steps = resolve_recipe("distill:steps=200,lr=1e-5,fuse-qkv:cross_attention=false")
+    assert [s.name for s in steps] == ["distill", "fuse_qkv"]
+    assert steps[0].config.steps == 200 and steps[0].config.lr == 1e-5
+    assert steps[1].config == FuseQKVConfig(cross_attention=False)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("steps=3", "follows no NAME:KEY=VALUE item"),
+        ("fuse-qkv,steps=3", "follows no NAME:KEY=VALUE item"),
+        (":steps=3", "has no name before ':'"),
+        ("distill:steps", "must look like KEY=VALUE"),
+        ("distill:steps=1,steps=2", "appears twice"),
+        ("distill:lr=[1", "not YAML"),
+        ("fuse-qkv:bogus=1", "override 'bogus' of preset 'fuse-qkv'"),
+    ],
+)
+def test_bad_inline_recipes(text, match):
+    with pytest.raises(RecipeError, match=match):
+        resolve_recipe(text)
