@@ -23,10 +23,13 @@ before any model is built.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 import shutil
+import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,13 +148,35 @@ def run(case: Case, tmp: Path, inputs: Inputs, monkeypatch: pytest.MonkeyPatch, 
         return report(exc, debug)
 
     monkeypatch.setattr(cli, "_report_failure", capture)
+    _route_library_logging(monkeypatch)
     before = snapshot(tmp)
     output.readouterr()
-    code = cli.main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code = cli.main(argv)
     out = output.readouterr()
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, QUIET_WARNINGS)]
     written = {"before": before, "after": snapshot(tmp)}
-    outcome = Outcome(code, out.out, out.err, raise_site(failure[0]) if failure else None)
+    stderr = out.err + "".join(f"{line}\n" for line in shown)
+    outcome = Outcome(code, out.out, stderr, raise_site(failure[0]) if failure else None)
     return outcome, {"calls": calls, **written}
+
+
+# warnings Python does not print by default outside __main__; every other warning the CLI raises reaches its stderr
+QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _route_library_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every library log handler that writes to a stream at the current sys.stderr (the capture): a handler
+    made at import time holds the stderr of that moment, which under pytest is an earlier capture, so lines the
+    real CLI prints (e.g. diffusers' LoRA loading errors) would otherwise go unseen here."""
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:  # not pytest's caplog handlers, not file handlers
+                monkeypatch.setattr(handler, "stream", sys.stderr)
 
 
 def _resolve(dotted: str):
