@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -612,6 +613,22 @@ def cmd_inspect(args) -> int:
 
         manifest = read_manifest(path)
         print(json.dumps(manifest, indent=2) if args.json else summarize_manifest(manifest))
+        return 0
+    models = sorted(p.parent for p in path.glob("*/config.pbtxt")) if path.is_dir() else []
+    if models:  # a Triton model repository (as export-server writes it), not a checkpoint
+        info = {"path": str(path.resolve()), "kind": "triton_model_repository", "models": {}}
+        for model in models:
+            config = (model / "config.pbtxt").read_text(errors="replace")
+            found = re.search(r'^\s*(?:backend|platform)\s*:\s*"([^"]+)"', config, re.M)
+            versions = sorted(v.name for v in model.iterdir() if v.is_dir() and v.name.isdigit())
+            info["models"][model.name] = {"backend": found.group(1) if found else "?", "versions": versions}
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"{info['path']}: a Triton Inference Server model repository with {len(models)} model(s)")
+            for name, model in info["models"].items():
+                print(f"  {name:<20} {model['backend']:<12} versions {', '.join(model['versions']) or '(none)'}")
+            print(f"serve it with: tritonserver --model-repository {info['path']}")
         return 0
     from sdcompiler.loading import load_checkpoint
     from sdcompiler.passes import count_macs, count_params

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,6 +27,8 @@ from sdcompiler.preflight import decode_bytes_per_pixel, min_latent_size
 from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
 from sdcompiler.version import __version__
+
+log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = (
     "torch",
@@ -120,6 +123,7 @@ def compile_artifact(
 
     loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     pipe, spec = loaded.pipeline, loaded.arch
+    _note_precision(loaded.source.get("unet_dtype"), getattr(target_config, "precision", None), target)
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     macs_resolution = tuple(macs_resolution or (default_size, default_size))
     source_unet_config = dict(pipe.unet.config)
@@ -174,6 +178,19 @@ def compile_artifact(
         }
         write_manifest(staging, manifest)
     return output_dir
+
+
+def _note_precision(source: str | None, precision: str | None, target: str) -> None:
+    """One line when a half-precision checkpoint becomes a float32 artifact (twice the size, no gain in quality)."""
+    if source in ("fp16", "bf16") and precision == "fp32":
+        log.warning(
+            "the checkpoint's U-Net weights are %s and this %s artifact stores fp32 (twice the size); pass "
+            "--precision %s (target option precision=%s) to keep them half precision",
+            source,
+            target,
+            source if target == "torch" else "fp16",
+            source if target == "torch" else "fp16",
+        )
 
 
 def _refuse_nonfinite_models(pipe, passes: list[str]) -> None:

@@ -139,7 +139,41 @@ def load_checkpoint(
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    return LoadedCheckpoint(pipe, arch, {"path": shown, "kind": kind, "sha256": checkpoint_sha256(path)})
+    source_info = {"path": shown, "kind": kind, "sha256": checkpoint_sha256(path)}
+    dtype = unet_weights_dtype(path)
+    if dtype is not None:
+        source_info["unet_dtype"] = dtype  # loaded as fp32 whatever it was; compile says when precision drops
+    return LoadedCheckpoint(pipe, arch, source_info)
+
+
+SAFETENSORS_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
+
+
+def unet_weights_dtype(path: Path) -> str | None:
+    """The floating-point dtype most of a checkpoint's U-Net weights are stored in ("fp16", "bf16", "fp32"), read
+    from safetensors headers only (a single file's `model.diffusion_model.*` tensors, or a folder's unet/*.safetensors);
+    None for pickles or when it cannot tell."""
+    if path.is_file():
+        files, prefix = [path], "model.diffusion_model."
+    else:
+        files, prefix = sorted((path / "unet").glob("*.safetensors")), ""
+    counts: dict[str, int] = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if size > 100 << 20:
+                    return None
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError):
+            return None
+        for key, entry in header.items():
+            if key.startswith(prefix) and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+                name = SAFETENSORS_DTYPES[entry["dtype"]]
+                counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.get) if counts else None
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sdcompiler import compile_pipeline, load_compiled
 from sdcompiler.cli import main
+from sdcompiler.compile import compile_artifact
 from sdcompiler.errors import ArtifactError, CheckpointError, LoweringError
 from sdcompiler.passes import Pass, register_pass
 
@@ -73,3 +75,19 @@ def test_pass_that_diverged_is_named_before_lowering(tiny_checkpoint, tmp_path):
     with pytest.raises(LoweringError, match=r"unet holds 1 NaN value\(s\) in 'conv_out.bias' after pass"):
         compile_pipeline(tiny_checkpoint("sd15"), [{"pass": "_test_integrity_poison"}], "torch", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_half_precision_checkpoint_to_fp32_artifact_is_said(tiny_checkpoint, tmp_path, caplog):
+    folder = shutil.copytree(tiny_checkpoint("sd15"), tmp_path / "ckpt")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
+    with caplog.at_level("WARNING", logger="sdcompiler.compile"):
+        compile_artifact(folder, "none", "torch", tmp_path / "fp32", show_progress=False)
+    assert "U-Net weights are fp16 and this torch artifact stores fp32" in caplog.text
+    assert json.loads((tmp_path / "fp32" / "manifest.json").read_text())["source"]["unet_dtype"] == "fp16"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdcompiler.compile"):
+        compile_artifact(
+            folder, "none", "torch", tmp_path / "fp16", target_options={"precision": "fp16"}, show_progress=False
+        )
+    assert "stores fp32" not in caplog.text
