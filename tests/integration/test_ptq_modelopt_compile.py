@@ -128,6 +128,7 @@ def test_backends_pick_their_targets(tiny_checkpoint, tmp_path):
             target="tensorrt",
             output_dir=out,
             device="cpu",
+            target_options={"engines": False},  # past the TensorRT check: the pass's own refusal
         )
     assert not out.exists()
 
@@ -138,6 +139,7 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
 
     import sdcompiler.targets.tensorrt.target as tt
     from sdcompiler import compile_pipeline
+    from sdcompiler.compile import compile_artifact
     from sdcompiler.targets.tensorrt.build import OPTIMIZED
 
     kept = tmp_path / "kept"
@@ -158,16 +160,20 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
     monkeypatch.setattr(tt, "optimize_onnx", keep_unet)
     monkeypatch.setattr(tt, "_verify", record)
     out = tmp_path / "artifact"
-    with pytest.raises(MissingDependencyError, match=r"build_engine stage needs 'tensorrt'.*sd-compiler\[tensorrt\]"):
-        compile_pipeline(
-            tiny_checkpoint("sd15"),
-            recipe=[{"preset": preset, **SMALL}],
-            target="tensorrt",
-            output_dir=out,
-            device="cpu",
-            show_progress=False,
+    with pytest.raises(MissingDependencyError, match=r"needs 'tensorrt'.*sd-compiler\[tensorrt\].*engines=false"):
+        compile_pipeline(  # without TensorRT: refused before any work, naming the way to the ONNX alone
+            tiny_checkpoint("sd15"), recipe=[{"preset": preset, **SMALL}], target="tensorrt", output_dir=out
         )
-    assert not out.exists()
+    assert not out.exists() and not list(kept.iterdir())
+    compile_artifact(  # engines=false: the Q/DQ export and the optimized graph, no TensorRT needed
+        tiny_checkpoint("sd15"),
+        recipe=[{"preset": preset, **SMALL}],
+        target="tensorrt",
+        output_dir=out,
+        target_options={"engines": False},
+        show_progress=False,
+    )
+    assert (out / "unet" / OPTIMIZED).is_file()
 
     model = onnx.load(str(kept / OPTIMIZED))
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", tt.QDQ_OPSET)}
@@ -189,14 +195,12 @@ def test_tensorrt_compile_exports_qdq_then_names_the_extra(preset, tiny_checkpoi
         return
     assert verified["unet"]["sqnr_db"] > 10.0  # ONNX Runtime runs the Q/DQ graph
     first = (kept / OPTIMIZED).read_bytes()
-    with pytest.raises(MissingDependencyError):  # seeded end to end: a second compile exports the same bytes
-        compile_pipeline(
-            tiny_checkpoint("sd15"),
-            recipe=[{"preset": preset, **SMALL}],
-            target="tensorrt",
-            output_dir=out,
-            device="cpu",
-            show_progress=False,
-            target_options={"verify": False},
-        )
+    compile_artifact(  # seeded end to end: a second compile exports the same bytes
+        tiny_checkpoint("sd15"),
+        recipe=[{"preset": preset, **SMALL}],
+        target="tensorrt",
+        output_dir=tmp_path / "again",
+        target_options={"engines": False, "verify": False},
+        show_progress=False,
+    )
     assert (kept / OPTIMIZED).read_bytes() == first
