@@ -244,6 +244,7 @@ def test_diffusers_folder_arch_and_source(tiny, arch):
         "path": str(tiny[arch].resolve()),
         "kind": "diffusers",
         "sha256": checkpoint_sha256(tiny[arch]),
+        "unet_dtype": "fp32",
     }
     params = list(loaded.pipeline.unet.parameters())
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
@@ -315,7 +316,12 @@ def test_single_file_round_trip(single_file, arch):
     loaded = load_checkpoint(file, config=configs)
     reference = load_checkpoint(folder).pipeline
     assert loaded.arch.name == arch
-    assert loaded.source == {"path": str(file.resolve()), "kind": "single_file", "sha256": checkpoint_sha256(file)}
+    assert loaded.source == {
+        "path": str(file.resolve()),
+        "kind": "single_file",
+        "sha256": checkpoint_sha256(file),
+        "unet_dtype": "fp32",  # read from the safetensors header
+    }
     torch.testing.assert_close(_unet_outputs(loaded.pipeline), _unet_outputs(reference), atol=1e-5, rtol=0)
     for name in ("vae", "text_encoder", "text_encoder_2")[: 3 if arch == "sdxl" else 2]:
         ours, theirs = getattr(loaded.pipeline, name).state_dict(), getattr(reference, name).state_dict()
@@ -420,7 +426,12 @@ def test_hf_cache_hit_and_miss(tiny, tmp_path, monkeypatch):
     loaded = load_checkpoint("someone/tiny-sd15")
     assert loaded.arch.name == "sd15"
     # The folder hash follows the symlinks and ignores location: same content, same hash.
-    assert loaded.source == {"path": "someone/tiny-sd15", "kind": "hf_cache", "sha256": checkpoint_sha256(tiny["sd15"])}
+    assert loaded.source == {
+        "path": "someone/tiny-sd15",
+        "kind": "hf_cache",
+        "sha256": checkpoint_sha256(tiny["sd15"]),
+        "unet_dtype": "fp32",
+    }
     message = _error("someone/absent")
     assert "neither a local path nor a Hugging Face id in the local cache (no network here)" in message
 
