@@ -77,6 +77,19 @@ class Inputs:
         return Path(shutil.copytree(self.artifact(target), tmp / f"artifact-{target}"))
 
 
+def link_loop(tmp: Path, name: str = "a", other: str = "b") -> Path:
+    """`tmp / name`, a symbolic link that loops through `tmp / other` back to itself."""
+    (tmp / name).symlink_to(tmp / other)
+    (tmp / other).symlink_to(tmp / name)
+    return tmp / name
+
+
+def fifo(tmp: Path, name: str) -> Path:
+    """`tmp / name`, a named pipe (reading it would block)."""
+    os.mkfifo(tmp / name)
+    return tmp / name
+
+
 @dataclass
 class Outcome:
     code: int

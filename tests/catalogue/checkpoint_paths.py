@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 
-from catalogue import Case
+from catalogue import Case, fifo, link_loop
 
 BUILDS = ("sdcompiler.loading._pipeline_class",)  # reached right before diffusers builds the pipeline
 
@@ -17,14 +16,11 @@ def _compile(source, tmp, *extra: str) -> list[str]:
 
 
 def _fifo(tmp, inputs):
-    os.mkfifo(tmp / "model.safetensors")
-    return _compile(tmp / "model.safetensors", tmp)
+    return _compile(fifo(tmp, "model.safetensors"), tmp)
 
 
 def _loop(tmp, inputs):
-    (tmp / "a").symlink_to(tmp / "b")
-    (tmp / "b").symlink_to(tmp / "a")
-    return _compile(tmp / "a", tmp)
+    return _compile(link_loop(tmp), tmp)
 
 
 def _broken_link(tmp, inputs):

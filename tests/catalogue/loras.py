@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
 from safetensors.torch import save_file
 
-from catalogue import Case
+from catalogue import Case, fifo, link_loop
 
 GENERATES = ("sdcompiler.runtime.generate",)
 LOWERS = ("sdcompiler.targets.torch_target.TorchTarget.lower",)
@@ -65,17 +64,6 @@ def _merge(tmp, inputs, lora) -> list[str]:
     return ["compile", str(inputs.checkpoint), "--recipe", str(recipe), "--target", "torch", "--out", out]
 
 
-def _loop(tmp):
-    (tmp / "a.safetensors").symlink_to(tmp / "b.safetensors")
-    (tmp / "b.safetensors").symlink_to(tmp / "a.safetensors")
-    return tmp / "a.safetensors"
-
-
-def _fifo(tmp):
-    os.mkfifo(tmp / "lora.safetensors")
-    return tmp / "lora.safetensors"
-
-
 CASES = [
     Case(
         "lora sdxl-sized at run time",
@@ -101,8 +89,18 @@ CASES = [
         ("corrupt",),
         unreached=GENERATES,
     ),
-    Case("lora symlink loop", lambda tmp, inputs: _generate(tmp, inputs, _loop(tmp)), ("loops",), unreached=GENERATES),
-    Case("lora fifo", lambda tmp, inputs: _generate(tmp, inputs, _fifo(tmp)), ("FIFO",), unreached=GENERATES),
+    Case(
+        "lora symlink loop",
+        lambda tmp, inputs: _generate(tmp, inputs, link_loop(tmp, "a.safetensors", "b.safetensors")),
+        ("loops",),
+        unreached=GENERATES,
+    ),
+    Case(
+        "lora fifo",
+        lambda tmp, inputs: _generate(tmp, inputs, fifo(tmp, "lora.safetensors")),
+        ("FIFO",),
+        unreached=GENERATES,
+    ),
     Case(
         "lora sdxl-sized in merge_lora",
         lambda tmp, inputs: _merge(tmp, inputs, _sdxl_sized(tmp)),

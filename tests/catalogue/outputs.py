@@ -5,10 +5,9 @@ folder (it cannot be renamed, and an output is swapped in by renaming)."""
 
 from __future__ import annotations
 
-import os
 import struct
 
-from catalogue import Case
+from catalogue import Case, fifo, link_loop
 
 LOADS = ("sdcompiler.loading.load_checkpoint",)
 ARTIFACT_LOADS = ("sdcompiler.load_compiled",)
@@ -26,17 +25,6 @@ def _generate(tmp, inputs, out, artifact=None) -> list[str]:
 def _file(tmp):
     (tmp / "notes.txt").write_text("mine")
     return tmp / "notes.txt"
-
-
-def _loop(tmp):
-    (tmp / "a").symlink_to(tmp / "b")
-    (tmp / "b").symlink_to(tmp / "a")
-    return tmp / "a"
-
-
-def _fifo(tmp):
-    os.mkfifo(tmp / "out")
-    return tmp / "out"
 
 
 def _damaged_artifact(tmp, inputs, reverse: bool):
@@ -90,9 +78,12 @@ CASES = [
         ("character device",),
         unreached=LOADS,
     ),  # fmt: skip
-    Case("compile out a fifo", lambda tmp, inputs: _compile(tmp, inputs, _fifo(tmp)), ("FIFO",), unreached=LOADS),
+    Case("compile out a fifo", lambda tmp, inputs: _compile(tmp, inputs, fifo(tmp, "out")), ("FIFO",), unreached=LOADS),
     Case(
-        "compile out a symlink loop", lambda tmp, inputs: _compile(tmp, inputs, _loop(tmp)), ("loops",), unreached=LOADS
+        "compile out a symlink loop",
+        lambda tmp, inputs: _compile(tmp, inputs, link_loop(tmp)),
+        ("loops",),
+        unreached=LOADS,
     ),  # fmt: skip
     Case(
         "generate out a folder",
@@ -120,7 +111,7 @@ CASES = [
     ),  # fmt: skip
     Case(
         "generate artifact a symlink loop",
-        lambda tmp, inputs: _generate(tmp, inputs, tmp / "i.png", _loop(tmp)),
+        lambda tmp, inputs: _generate(tmp, inputs, tmp / "i.png", link_loop(tmp)),
         ("loops",),
     ),  # fmt: skip
     Case(
@@ -142,7 +133,7 @@ CASES = [
     ),  # fmt: skip
     Case(
         "export-server artifact a symlink loop",
-        lambda tmp, inputs: ["export-server", str(_loop(tmp)), "--out", str(tmp / "repo")],
+        lambda tmp, inputs: ["export-server", str(link_loop(tmp)), "--out", str(tmp / "repo")],
         ("loops",),
     ),  # fmt: skip
 ]
