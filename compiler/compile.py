@@ -197,20 +197,18 @@ def _refuse_nonfinite_models(pipe, passes: list[str]) -> None:
     """The models the passes leave hold finite weights only (a pass that diverged is named before lowering)."""
     import torch
 
-    from sdcompiler.loading import first_nonfinite
+    from sdcompiler.loading import nonfinite_tensor
 
     for component, module in pipe.components.items():
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for name, tensor in module.state_dict().items():
-            bad = first_nonfinite(tensor)
-            if bad:
-                after = f"after pass(es) {', '.join(passes)}" if passes else "as loaded"
-                raise LoweringError(
-                    f"the {component} holds {bad} in {name!r} {after}; a pass diverged: check its settings "
-                    "(e.g. a lower learning rate), or pass allow_nonfinite=True (CLI: --allow-nonfinite) to "
-                    "lower it anyway"
-                )
+        found = nonfinite_tensor(module.state_dict().items()) if isinstance(module, torch.nn.Module) else None
+        if found:
+            name, bad = found
+            after = f"after pass(es) {', '.join(passes)}" if passes else "as loaded"
+            raise LoweringError(
+                f"the {component} holds {bad} in {name!r} {after}; a pass diverged: check its settings "
+                "(e.g. a lower learning rate), or pass allow_nonfinite=True (CLI: --allow-nonfinite) to "
+                "lower it anyway"
+            )
 
 
 def _is_main_process() -> bool:

@@ -439,15 +439,21 @@ def _refuse_nonfinite_file(path: Path, where: str) -> None:
         raise CheckpointError(f"{where} is truncated or corrupt ({_first_line(exc)}): re-download it") from exc
 
 
+def nonfinite_tensor(tensors) -> tuple[str, str] | None:
+    """`(name, "N NaN / M Inf value(s)")` of the first floating-point tensor of `(name, tensor)` pairs that holds a
+    NaN or Inf, else None."""
+    return next(((name, bad) for name, tensor in tensors if (bad := first_nonfinite(tensor))), None)
+
+
 def _refuse_nonfinite(tensors, where: str) -> None:
     """Raise naming the first floating-point tensor (of `(name, tensor)` pairs) that holds a NaN or Inf."""
-    for name, tensor in tensors:
-        bad = first_nonfinite(tensor)
-        if bad:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} holds {bad}, so every image would be NaN (black); use an intact "
-                "checkpoint, or pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway"
-            )
+    found = nonfinite_tensor(tensors)
+    if found:
+        name, bad = found
+        raise CheckpointError(
+            f"{where}: tensor {name!r} holds {bad}, so every image would be NaN (black); use an intact "
+            "checkpoint, or pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway"
+        )
 
 
 def first_nonfinite(tensor: torch.Tensor) -> str | None:
