@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8",
     )
+    p.add_argument(
+        "--scheduler",
+        metavar="CLASS",
+        help="sample with another diffusers scheduler, built from the artifact's config (e.g. DDIMScheduler)",
+    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (schedulers that take it)")
+    p.add_argument("--clip-skip", type=int, help="text-encoder layers to skip from the end, as diffusers' clip_skip")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=cmd_generate)
@@ -463,10 +470,14 @@ def cmd_generate(args) -> int:
     pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
     if args.lora:
         pipe.set_loras([_lora(text) for text in args.lora])
+    if args.scheduler:
+        pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
     start = time.perf_counter()
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
+        eta=args.eta,
+        clip_skip=args.clip_skip,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pil",
         feature_cache=not args.no_feature_cache,
@@ -486,6 +497,20 @@ def cmd_generate(args) -> int:
         ) from None
     print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
     return 0
+
+
+def _scheduler_class(name: str):
+    import diffusers
+
+    from sdcompiler.errors import PipelineArgumentError
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and name.endswith("Scheduler") and hasattr(cls, "from_config")):
+        raise PipelineArgumentError(
+            f"--scheduler {name}: not a diffusers scheduler class; e.g. DDIMScheduler, EulerDiscreteScheduler, "
+            "DPMSolverMultistepScheduler"
+        )
+    return cls
 
 
 def cmd_bench(args) -> int:

@@ -108,6 +108,7 @@ def check_call(
     manifest: Mapping[str, Any],
     *,
     prompt: Any,
+    prompt_embeds: Any = None,
     num_images_per_prompt: Any = 1,
     num_inference_steps: Any = None,
     timesteps: Any = None,
@@ -127,12 +128,17 @@ def check_call(
     still needs to load (the CLI checks before loading).
     """
     model, defaults = manifest.get("model", {}), manifest.get("defaults", {})
-    if isinstance(prompt, str):
+    if prompt is None and isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim == 3:
+        prompts = prompt_embeds.shape[0]  # caller-made embeddings, checked in full by the sampling loop
+    elif isinstance(prompt, str):
         prompts = 1
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = len(prompt)
     else:
-        raise PipelineArgumentError("prompt must be a string or a non-empty list of strings")
+        raise PipelineArgumentError(
+            "prompt must be a string or a non-empty list of strings (or pass prompt_embeds, a (batch, tokens, "
+            "width) tensor)"
+        )
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise PipelineArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
     batch = prompts * num_images_per_prompt

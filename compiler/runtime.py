@@ -12,6 +12,8 @@ Runtime sessions or torch modules); the denoising loop is
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,24 @@ SUPPORTED_ARGUMENTS = (
     "feature_cache",
     "image",
     "strength",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "clip_skip",
+    "eta",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+    "return_dict",
 )
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class CompiledPipelineOutput:
     images: Any
+    nsfw_content_detected: list[bool] | None = None  # diffusers' SD output field: no safety checker runs here
 
 
 class CompiledPipeline:
@@ -69,6 +82,11 @@ class CompiledPipeline:
         self.target_config = manifest["lowering"]["config"] if target_config is None else target_config
         self.loras: list[tuple[str, float]] = []  # fused at run time by set_loras
         self._lora_params: dict[str, list[str]] = {}
+        self._progress_bar_config: dict[str, Any] = {}
+        self._scheduler = None  # the instance `pipe.scheduler` shows; each call samples with a fresh copy
+        self._interrupt = False  # diffusers' flag: a step callback sets it to skip the remaining steps
+        self._num_timesteps = 0
+        self._guidance_scale = None
 
     @property
     def arch(self) -> str:
@@ -111,6 +129,117 @@ class CompiledPipeline:
         self._lora_params = target.switch_loras(self.components, self.root, self.manifest, items, previous)
         self.loras = items
 
+    # --- diffusers' pipeline interface -------------------------------------------------------------------
+
+    @property
+    def scheduler(self):
+        """The scheduler calls sample with (a fresh copy per call). Assign another diffusers scheduler to swap
+        it at run time, as with diffusers (`pipe.scheduler = X.from_config(pipe.scheduler.config)`): it must
+        keep the U-Net's prediction type and training timesteps."""
+        if self._scheduler is None:
+            self._scheduler = self.components.scheduler_factory()
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        for needed in ("set_timesteps", "step", "scale_model_input", "config", "from_config"):
+            if not hasattr(scheduler, needed):
+                raise PipelineArgumentError(
+                    f"pipe.scheduler must be a diffusers scheduler (no {needed} on {type(scheduler).__name__})"
+                )
+        current = self.scheduler
+        for key in ("prediction_type", "num_train_timesteps"):
+            had, has = current.config.get(key), scheduler.config.get(key)
+            if had is not None and has != had:
+                raise PipelineArgumentError(
+                    f"{type(scheduler).__name__} has {key}={has!r}, this artifact's U-Net was trained for {had!r}; "
+                    f"build it with from_config(pipe.scheduler.config)"
+                )
+        recorded = self.manifest.get("defaults", {}).get("timesteps")
+        if recorded and type(scheduler) is not type(current):
+            warnings.warn(
+                f"this artifact's U-Net was distilled for {type(current).__name__}'s timesteps {recorded}; "
+                f"{type(scheduler).__name__} samples its own spacing, which the U-Net was not trained for",
+                stacklevel=2,
+            )
+            self.manifest = {**self.manifest, "defaults": {**self.manifest["defaults"], "timesteps": None}}
+        cls, config = type(scheduler), dict(scheduler.config)
+        self.components.scheduler_factory = lambda: cls.from_config(config)
+        self._scheduler = scheduler
+
+    def to(self, *args, **kwargs) -> "CompiledPipeline":
+        """Move to a device (`"cpu"`, `"cuda"`, a torch.device), as diffusers' `pipe.to`: the components are
+        loaded again there (ONNX Runtime sessions with that device's providers; run-time LoRAs kept). A dtype
+        other than the compiled precision is refused: precision is fixed at compile time (`--precision`)."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise PipelineArgumentError(f"to() takes a device and/or a dtype; got {', '.join(sorted(kwargs))}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, (str, torch.device)):
+                device = arg
+            else:
+                raise PipelineArgumentError(f"to() takes a device and/or a dtype; got {arg!r}")
+        if dtype is not None:
+            precision = self.target_config.get("precision", "fp32")
+            if dtype != DTYPES.get(precision):
+                raise PipelineArgumentError(
+                    f"this artifact was compiled at {precision}; a compiled pipeline keeps its precision, "
+                    f"recompile with --precision for {dtype}"
+                )
+        if device is None:
+            return self
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise PipelineArgumentError(f"to({device!r}): not a device ({exc})") from None
+        if kind not in ("cpu", "cuda"):
+            raise PipelineArgumentError(f"to({device!r}): compiled pipelines run on cpu or cuda")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise PipelineArgumentError(f"to({device!r}): torch sees no CUDA device here")
+        if kind == self.device:
+            return self
+        from sdcompiler.targets import get_target
+
+        effective = {**self.manifest, "lowering": {**self.manifest["lowering"], "config": self.target_config}}
+        components = get_target(self.target).load(self.root, effective, kind, None)
+        components.scheduler_factory = self.components.scheduler_factory  # keep a swapped scheduler
+        self.components, self.device = components, kind
+        if self.loras:
+            loras, self.loras, self._lora_params = self.loras, [], {}
+            self.set_loras(loras)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising progress bar, as diffusers' (`disable=True` turns it off)."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar with the configured options, as diffusers' `pipe.progress_bar`."""
+        from tqdm.auto import tqdm
+
+        config = {"desc": "denoise", "leave": False, "disable": knobs.quiet()} | self._progress_bar_config
+        if iterable is not None:
+            return tqdm(iterable, **config)
+        if total is not None:
+            return tqdm(total=total, **config)
+        raise PipelineArgumentError("progress_bar() needs an iterable or a total")
+
+    @property
+    def num_timesteps(self) -> int:
+        """The steps of the current (or last) call, as diffusers' (step callbacks read it)."""
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self):
+        """The guidance scale of the current (or last) call."""
+        return self._guidance_scale
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
     def __repr__(self) -> str:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
         return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"
@@ -131,19 +260,42 @@ class CompiledPipeline:
         feature_cache=True,
         image=None,
         strength=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        clip_skip=None,
+        eta=0.0,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+        return_dict=True,
         **unsupported,
-    ) -> CompiledPipelineOutput:
+    ) -> CompiledPipelineOutput | tuple:
         """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
         (N, 3, H, W) tensor in [-1, 1]) image-to-image as diffusers' img2img pipelines, `strength` (default 0.8;
         SDXL 0.3) of the schedule; height / width then resize the image (default: its own size, rounded down to
-        a multiple of 8)."""
+        a multiple of 8).
+
+        As diffusers' pipelines also: `prompt_embeds` / `negative_prompt_embeds` (SDXL with their pooled
+        embeddings) instead of prompts, `clip_skip`, `eta` (DDIM), `output_type="pt"` ((N, 3, H, W) in [0, 1]),
+        `callback_on_step_end(pipe, i, t, tensors) -> dict` with `callback_on_step_end_tensor_inputs` (latents,
+        prompt_embeds, add_text_embeds, add_time_ids; setting `pipe._interrupt = True` skips the remaining
+        steps), `return_dict=False` (a tuple: SD `(images, None)`, SDXL `(images,)`)."""
         if unsupported:
+            hint = ""
+            if {"callback", "callback_steps"} & set(unsupported):
+                hint = " (diffusers' deprecated callback: use callback_on_step_end)"
             raise PipelineArgumentError(
-                f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
+                f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline{hint}; "
                 f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
             )
-        if prompt is None:
-            raise PipelineArgumentError("prompt is required (a string or a list of strings)")
+        if prompt is None and prompt_embeds is None:
+            raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
+        if not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+            raise PipelineArgumentError(f"eta={eta!r} must be a finite number >= 0 (DDIM's; 0 is deterministic)")
+        on_step_end = None
+        if callback_on_step_end is not None:
+            on_step_end = self._step_callback(callback_on_step_end)
         if output_type not in OUTPUT_TYPES:
             raise PipelineArgumentError(
                 f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
@@ -151,6 +303,7 @@ class CompiledPipeline:
         check_call(
             self.manifest,
             prompt=prompt,
+            prompt_embeds=prompt_embeds,
             num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps,
             timesteps=timesteps,
@@ -181,6 +334,10 @@ class CompiledPipeline:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         if strength is None:
             strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
+        self._interrupt, self._guidance_scale = False, guidance
+        self._num_timesteps = (
+            len(timesteps) if timesteps else num_inference_steps or defaults.get("num_inference_steps", 50)
+        )
         try:
             if image is not None:
                 from diffusers.image_processor import VaeImageProcessor
@@ -202,21 +359,48 @@ class CompiledPipeline:
                 latents=latents,
                 num_images_per_prompt=num_images_per_prompt,
                 output_type=output_type,
-                progress=None if knobs.quiet() else _progress_bar,
+                progress=self.progress_bar,
                 timesteps=timesteps,
                 feature_cache=bool(feature_cache),
                 image=image,
                 strength=strength,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                clip_skip=clip_skip,
+                eta=float(eta),
+                on_step_end=on_step_end,
+                step_tensors=tuple(callback_on_step_end_tensor_inputs),
+                interrupted=lambda: self._interrupt,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None
+        if not return_dict:
+            return (images,) if self.components.is_sdxl else (images, None)
         return CompiledPipelineOutput(images=images)
 
+    def _step_callback(self, callback):
+        """diffusers' `callback_on_step_end(pipe, i, t, tensors)` as the sampling loop's `(i, t, tensors)`."""
+        try:
+            from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+        except ImportError:  # an older diffusers: no callback classes to refuse
+            MultiPipelineCallbacks = PipelineCallback = ()
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            raise PipelineArgumentError(
+                f"{type(callback).__name__} changes guidance mid-run, which a compiled pipeline cannot follow; "
+                "pass a function (pipe, i, t, tensors) -> dict"
+            )
+        if not callable(callback):
+            raise PipelineArgumentError(f"callback_on_step_end must be callable; got {type(callback).__name__}")
 
-def _progress_bar(iterable):
-    from tqdm.auto import tqdm
+        def on_step_end(i, t, tensors):
+            returned = callback(self, i, t, tensors)
+            if returned is not None and not isinstance(returned, dict):
+                raise TypeError(f"callback_on_step_end returned {type(returned).__name__}; return a dict")
+            return returned
 
-    return tqdm(iterable, desc="denoise", leave=False)
+        return on_step_end
 
 
 def load_compiled(

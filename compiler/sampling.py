@@ -25,6 +25,7 @@ All tensors are torch tensors on the CPU (or the components' device).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -42,7 +43,10 @@ class TextEncoding:
 
 
 class TextEncoder(Protocol):
-    def __call__(self, input_ids: torch.Tensor) -> TextEncoding: ...
+    def __call__(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+        """`clip_skip` (diffusers' meaning): SD's `last_hidden_state` becomes the final layer norm of
+        `hidden_states[-(clip_skip + 1)]`, SDXL's `penultimate_hidden_state` is `hidden_states[-(clip_skip + 2)]`;
+        ValueError where the encoder cannot (too few layers, no hidden-state outputs)."""
 
 
 class UNet(Protocol):
@@ -57,9 +61,14 @@ class UNet(Protocol):
     ) -> torch.Tensor: ...
 
 
-@dataclass
-class Components:
-    """What the loop needs: callables plus the static facts about the model."""
+@dataclass(eq=False)
+class Components(Mapping):
+    """What the loop needs: callables plus the static facts about the model.
+
+    It also reads as diffusers' `pipe.components` dict (`components["unet"]`, `SomePipeline(**components)`):
+    the diffusers pipeline's own modules behind torch components, the ONNX Runtime sessions / engines
+    (`backends`) and tokenizers otherwise, and a fresh scheduler of the current class and config.
+    """
 
     tokenizers: Sequence  # one per text encoder
     text_encoders: Sequence[TextEncoder]
@@ -79,6 +88,32 @@ class Components:
     guidance_embedding_dim: int | None = None
     pipeline: object | None = None  # the diffusers pipeline behind torch components (run-time LoRA switching)
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE encoder (image-to-image)
+    embedding_width: int | None = None  # the U-Net's cross-attention width (checks caller-made prompt_embeds)
+    backends: dict = field(default_factory=dict)  # ONNX Runtime sessions / TensorRT engines by component name
+
+    __eq__ = object.__eq__  # the same components, not equal contents (the mapping view builds a scheduler)
+    __hash__ = object.__hash__
+
+    def _named(self) -> dict:
+        if self.pipeline is not None:
+            named = dict(self.pipeline.components)
+        else:
+            named = dict(self.backends) | dict(zip(("tokenizer", "tokenizer_2"), self.tokenizers))
+        return named | {"scheduler": self.scheduler_factory()}
+
+    def __getitem__(self, name: str):
+        return self._named()[name]
+
+    def __iter__(self):
+        return iter(self._named())
+
+    def __len__(self) -> int:
+        return len(self._named())
+
+
+# the tensors a step callback may read and replace (diffusers' names; SDXL's pooled and time ids as
+# `add_text_embeds` / `add_time_ids`, both halves of the CFG batch in `prompt_embeds`)
+STEP_TENSORS = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -95,13 +130,50 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_prompts(c: Components, prompts: list[str], negative: list[str] | None, guidance: bool, per_prompt: int):
-    """Prompt embeddings as diffusers builds them: returns (embeds, pooled or None), CFG batch first-half uncond."""
+def _check_embeds(name: str, value, width: int | None = None, ndim: int = 3) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim or not value.is_floating_point():
+        shape = "(batch, tokens, width)" if ndim == 3 else "(batch, width)"
+        raise ValueError(f"{name} must be a float tensor shaped {shape}; got {_describe(value)}")
+    if width is not None and value.shape[-1] != width:
+        raise ValueError(f"{name} is {value.shape[-1]} wide; this model's text embeddings are {width} wide")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} holds NaN/Inf values; pass finite embeddings")
+    return value
 
-    def encode(texts: list[str]):
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def encode_prompts(
+    c: Components,
+    prompts: list[str] | None,
+    negative: list[str] | None,
+    guidance: bool,
+    per_prompt: int,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    clip_skip: int | None = None,
+):
+    """Prompt embeddings as diffusers' `encode_prompt` builds them: returns (embeds, pooled or None), the CFG
+    batch's first half unconditional.
+
+    `prompt_embeds` (SDXL: with `pooled_prompt_embeds`) replace encoding `prompts`; `negative_prompt_embeds`
+    (SDXL: with `negative_pooled_prompt_embeds`) the negative prompts. `clip_skip` takes the prompt's (not the
+    negative's, as diffusers) embeddings that many layers before the last: SD the final layer norm of
+    `hidden_states[-(clip_skip + 1)]`, SDXL `hidden_states[-(clip_skip + 2)]`.
+    """
+
+    def encode(texts: list[str], skip: int | None):
         hidden, pooled = [], None
         for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
-            out = encoder(_tokenize(tokenizer, texts))
+            ids = _tokenize(tokenizer, texts)
+            out = encoder(ids) if skip is None else encoder(ids, clip_skip=skip)
             if c.is_sdxl:
                 hidden.append(out.penultimate_hidden_state)
                 pooled = out.pooled  # the last encoder's projection is the pooled embedding
@@ -109,12 +181,44 @@ def encode_prompts(c: Components, prompts: list[str], negative: list[str] | None
                 hidden.append(out.last_hidden_state)
         return torch.cat(hidden, dim=-1).to(c.dtype), (pooled.to(c.dtype) if pooled is not None else None)
 
-    embeds, pooled = encode(prompts)
+    width = c.embedding_width
+    if prompt_embeds is None:
+        embeds, pooled = encode(prompts, clip_skip)
+    else:
+        embeds = _check_embeds("prompt_embeds", prompt_embeds, width).to(c.dtype)
+        pooled = None
+        if c.is_sdxl:
+            if pooled_prompt_embeds is None:
+                raise ValueError("SDXL needs pooled_prompt_embeds with prompt_embeds (as diffusers' pipeline)")
+            pooled = _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, ndim=2).to(c.dtype)
+            if pooled.shape[0] != embeds.shape[0]:
+                raise ValueError(f"pooled_prompt_embeds has {pooled.shape[0]} rows for {embeds.shape[0]} prompt_embeds")
+    batch = embeds.shape[0]
     if guidance:
-        if c.is_sdxl and negative is None and c.force_zeros_for_empty_prompt:
+        if negative_prompt_embeds is not None:
+            neg_embeds = _check_embeds("negative_prompt_embeds", negative_prompt_embeds, width).to(c.dtype)
+            if neg_embeds.shape != embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds has shape {tuple(neg_embeds.shape)}, prompt_embeds "
+                    f"{tuple(embeds.shape)}; they must match"
+                )
+            neg_pooled = None
+            if c.is_sdxl:
+                if negative_pooled_prompt_embeds is None:
+                    raise ValueError(
+                        "SDXL needs negative_pooled_prompt_embeds with negative_prompt_embeds (as diffusers' pipeline)"
+                    )
+                neg_pooled = _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, ndim=2)
+                if neg_pooled.shape != pooled.shape:
+                    raise ValueError(
+                        f"negative_pooled_prompt_embeds has shape {tuple(neg_pooled.shape)}, pooled_prompt_embeds "
+                        f"{tuple(pooled.shape)}; they must match"
+                    )
+                neg_pooled = neg_pooled.to(c.dtype)
+        elif c.is_sdxl and negative is None and c.force_zeros_for_empty_prompt:
             neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            neg_embeds, neg_pooled = encode(negative if negative is not None else [""] * len(prompts))
+            neg_embeds, neg_pooled = encode(negative if negative is not None else [""] * batch, None)
         embeds = torch.cat([neg_embeds.repeat_interleave(per_prompt, 0), embeds.repeat_interleave(per_prompt, 0)])
         if pooled is not None:
             pooled = torch.cat([neg_pooled.repeat_interleave(per_prompt, 0), pooled.repeat_interleave(per_prompt, 0)])
@@ -186,9 +290,24 @@ def generate(
     feature_cache: bool = True,
     image: torch.Tensor | None = None,
     strength: float = 0.8,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    clip_skip: int | None = None,
+    eta: float = 0.0,
+    on_step_end: Callable[[int, torch.Tensor, dict], dict] | None = None,
+    step_tensors: Sequence[str] = ("latents",),
+    interrupted: Callable[[], bool] | None = None,
 ):
     """Run text-to-image (or, with `image`, image-to-image) sampling; returns a numpy array (N, H, W, 3), a PIL
-    list, or latents.
+    list, an (N, 3, H, W) tensor in [0, 1] (`output_type="pt"`), or latents.
+
+    `prompt` may be None when `prompt_embeds` are given (see `encode_prompts`, also for `clip_skip`); `eta`
+    goes to schedulers that take it (DDIM), as diffusers passes it. `on_step_end(i, t, tensors) -> dict`
+    runs after each step with the `step_tensors` named (`STEP_TENSORS`), and the tensors it returns replace
+    them, as diffusers' `callback_on_step_end`; once `interrupted()` is true the remaining steps are
+    skipped (the latents so far are decoded), as diffusers' `pipe._interrupt`.
 
     `feature_cache=False` runs the whole U-Net every step even when the
     components carry a feature cache. `image`: (B, 3, H, W) in [-1, 1] (as diffusers' `VaeImageProcessor`
@@ -197,12 +316,25 @@ def generate(
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    prompts = _as_list(prompt, "prompt")
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass prompt or prompt_embeds (one of them)")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+    unknown = sorted(set(step_tensors) - set(STEP_TENSORS))
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs {', '.join(unknown)} are not available; "
+            f"choose from {', '.join(STEP_TENSORS)}"
+        )
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ValueError(f"clip_skip={clip_skip!r} must be a non-negative integer (layers skipped from the end)")
+    prompts = None if prompt is None else _as_list(prompt, "prompt")
+    n_prompts = len(prompts) if prompts is not None else _check_embeds("prompt_embeds", prompt_embeds).shape[0]
     negative = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-    if negative is not None and len(negative) == 1 and len(prompts) > 1:
-        negative = negative * len(prompts)
-    if negative is not None and len(negative) != len(prompts):
-        raise ValueError(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts; give one each")
+    if negative is not None and len(negative) == 1 and n_prompts > 1:
+        negative = negative * n_prompts
+    if negative is not None and len(negative) != n_prompts:
+        raise ValueError(f"negative_prompt has {len(negative)} entries for {n_prompts} prompts; give one each")
     if image is not None:
         if c.encode_image is None:
             raise ValueError(
@@ -227,7 +359,19 @@ def generate(
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive integer")
     embedded = c.guidance_embedding_dim is not None
     guidance = guidance_scale > 1.0 and not embedded  # an embedded w needs no unconditional pass
-    batch = len(prompts) * num_images_per_prompt
+    embeds, pooled = encode_prompts(
+        c,
+        prompts,
+        negative,
+        guidance,
+        num_images_per_prompt,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        clip_skip=clip_skip,
+    )
+    batch = embeds.shape[0] // 2 if guidance else embeds.shape[0]
     timestep_cond = None
     if embedded:  # (compile refuses a feature cache for such U-Nets)
         from sdcompiler.passes.distill_cfg import guidance_embedding
@@ -235,7 +379,6 @@ def generate(
         scales = torch.full((batch,), float(guidance_scale))
         timestep_cond = guidance_embedding(scales, c.guidance_embedding_dim, c.dtype)
 
-    embeds, pooled = encode_prompts(c, prompts, negative, guidance, num_images_per_prompt)
     time_ids = None
     if c.is_sdxl:  # original size, crop top-left, target size
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=c.dtype).repeat(embeds.shape[0], 1)
@@ -262,7 +405,7 @@ def generate(
     step_params = set(inspect.signature(scheduler.step).parameters)
     step_kwargs = {}
     if "eta" in step_params:
-        step_kwargs["eta"] = 0.0
+        step_kwargs["eta"] = eta
     if "generator" in step_params:
         step_kwargs["generator"] = generator
 
@@ -270,6 +413,8 @@ def generate(
     plan = cache.plan(len(timesteps)) if cache is not None else None
     deep = None
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
+        if interrupted is not None and interrupted():
+            continue
         model_input = torch.cat([latents] * 2) if guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
         if embedded:
@@ -284,6 +429,13 @@ def generate(
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if on_step_end is not None:
+            tensors = {"latents": latents, "prompt_embeds": embeds, "add_text_embeds": pooled, "add_time_ids": time_ids}
+            returned = on_step_end(i, t, {name: tensors[name] for name in step_tensors}) or {}
+            latents = returned.get("latents", latents)
+            embeds = returned.get("prompt_embeds", embeds)
+            pooled = returned.get("add_text_embeds", pooled)
+            time_ids = returned.get("add_time_ids", time_ids)
         if not torch.isfinite(latents).all():  # one sync per step: never decode NaN into a black image
             raise GenerationError(
                 f"the latents became NaN/Inf at step {i + 1} of {len(timesteps)} (guidance_scale={guidance_scale}, "
@@ -292,8 +444,10 @@ def generate(
 
     if output_type == "latent":
         return latents
-    image = c.decode(latents / c.scaling_factor)
-    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    image = (c.decode(latents / c.scaling_factor) / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.permute(0, 2, 3, 1).float().numpy()
     if output_type == "np":
         return image
     from PIL import Image

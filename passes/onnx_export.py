@@ -4,7 +4,7 @@ Passes and targets share it: the onnx and tensorrt targets export every componen
 pass exports the float U-Net exactly as the onnx target would before quantizing it. Names, dtypes and
 dynamic axes follow optimum's exporter, so `ORTDiffusionPipeline` loads the graphs too: U-Net `sample,
 timestep (float scalar), encoder_hidden_states [, text_embeds, time_ids] [, timestep_cond] -> out_sample`;
-text encoders `input_ids -> last_hidden_state, pooler_output | text_embeds [, hidden_states.i]`; VAE
+text encoders `input_ids -> last_hidden_state, pooler_output | text_embeds, hidden_states.0..N`; VAE
 decoder `latent_sample -> sample`; VAE encoder `sample -> latent_parameters` (a tiny VAE: `latent_sample`).
 
 The exporter is TorchScript's (`dynamo=False`): faster and leaner than the dynamo exporter for these
@@ -134,7 +134,7 @@ def component_exports(
     batch = {0: "batch_size"}
     for name in spec.text_encoders:
         encoder = getattr(pipe, name)
-        hidden = spec.is_sdxl
+        hidden = True  # every layer's output, as optimum exports SDXL's: SDXL's embeddings and clip_skip read them
         first = (
             ["text_embeds", "last_hidden_state"]
             if "WithProjection" in type(encoder).__name__

@@ -175,7 +175,15 @@ def scheduler_factory(root: Path):
     scheduler_cls = getattr(diffusers, index["scheduler"][1])
     config = scheduler_cls.load_config(root / "scheduler")
     # a swapped scheduler's saved config still carries the old class's keys (PNDM's skip_prk_steps, ...):
-    # drop what this class does not take, so loading does not warn about a config that is fine
+    # build without what this class does not take, so loading does not warn about a config that is fine, then
+    # keep those keys in its config as diffusers does (a later `X.from_config(pipe.scheduler.config)` reads them)
     accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
-    config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
-    return lambda: scheduler_cls.from_config(config)
+    taken = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
+    others = {k: v for k, v in config.items() if k not in taken}
+
+    def build():
+        scheduler = scheduler_cls.from_config(taken)
+        scheduler.register_to_config(**others)
+        return scheduler
+
+    return build

@@ -7,6 +7,7 @@ bf16 artifacts) and return float32 torch tensors.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,8 @@ from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
 from sdcompiler.passes.onnx_export import vae_encoding
 from sdcompiler.sampling import Components, TextEncoding
 
+FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (clip_skip), onnx layout
+
 
 def make_components(
     root: Path,
@@ -30,6 +33,7 @@ def make_components(
     feature_cache=None,
     pipeline=None,
     encode_image=None,
+    backends: dict | None = None,
 ) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
@@ -52,7 +56,18 @@ def make_components(
         feature_cache=feature_cache,
         pipeline=pipeline,
         encode_image=encode_image,
+        embedding_width=_cross_attention_dim(root),
+        backends=dict(backends or {}),
     )
+
+
+def _cross_attention_dim(root: Path) -> int | None:
+    """The U-Net's cross-attention width from the artifact's `unet/config.json` (None where it is absent)."""
+    try:
+        width = json.loads((root / "unet" / "config.json").read_text()).get("cross_attention_dim")
+    except (OSError, ValueError):
+        return None
+    return width if isinstance(width, int) else None
 
 
 def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
@@ -81,6 +96,7 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
         force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         guidance_embedding_dim=getattr(pipe.unet.config, "time_cond_proj_dim", None),
         modules={name: getattr(pipe, name) for name in (*spec.text_encoders, "unet", "vae")},
+        embedding_width=pipe.unet.config.cross_attention_dim,
     )
 
 
@@ -159,17 +175,32 @@ def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode
 # --- torch -----------------------------------------------------------------------------------
 
 
+def skipped_index(clip_skip: int, layers: int, sdxl: bool) -> int:
+    """The index into a CLIP encoder's `hidden_states` (embeddings + one per layer) that `clip_skip` selects,
+    as diffusers indexes it; ValueError when the encoder has too few layers."""
+    index = -(clip_skip + (2 if sdxl else 1))
+    if -index > layers + 1:  # hidden_states: the embeddings, then one per layer
+        most = layers - 1 if sdxl else layers
+        raise ValueError(f"clip_skip={clip_skip} is more than this {layers}-layer text encoder allows (at most {most})")
+    return index
+
+
 def torch_text_encoder(model: torch.nn.Module, sdxl: bool):
     device = model.device
+    layers = model.config.num_hidden_layers
 
-    def encode(input_ids: torch.Tensor) -> TextEncoding:
+    def encode(input_ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+        index = None if clip_skip is None else skipped_index(clip_skip, layers, sdxl)
         with torch.inference_mode():
-            out = model(input_ids.to(device), output_hidden_states=sdxl)
+            out = model(input_ids.to(device), output_hidden_states=sdxl or index is not None)
+            last = out.last_hidden_state
+            if index is not None and not sdxl:
+                last = model.text_model.final_layer_norm(out.hidden_states[index])
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return TextEncoding(
-            last_hidden_state=out.last_hidden_state.float().cpu(),
+            last_hidden_state=last.float().cpu(),
             pooled=pooled.float().cpu(),
-            penultimate_hidden_state=out.hidden_states[-2].float().cpu() if sdxl else None,
+            penultimate_hidden_state=out.hidden_states[-2 if index is None else index].float().cpu() if sdxl else None,
         )
 
     return encode
@@ -251,14 +282,35 @@ class OrtModel:
         return {n: torch.from_numpy(np.asarray(r, dtype=np.float32)) for n, r in zip(names, results)}
 
 
-def ort_text_encoder(model: OrtModel, sdxl: bool):
+def ort_text_encoder(model: OrtModel, sdxl: bool, final_norm: Path | None = None):
+    """The sampling loop's text encoder over an ONNX Runtime session; `final_norm`: the encoder's final layer
+    norm (`final_layer_norm.safetensors`, written next to SD graphs), which SD's `clip_skip` applies to an
+    earlier hidden state."""
     pooled_name = "text_embeds" if "text_embeds" in model.outputs else "pooler_output"
     hidden = sorted((o for o in model.outputs if o.startswith("hidden_states.")), key=lambda o: int(o.split(".")[1]))
     wanted = ["last_hidden_state", pooled_name] + ([hidden[-2]] if sdxl else [])
+    norm = {}
 
-    def encode(input_ids: torch.Tensor) -> TextEncoding:
-        out = model(wanted, input_ids=input_ids)
-        return TextEncoding(out["last_hidden_state"], out[pooled_name], out[hidden[-2]] if sdxl else None)
+    def encode(input_ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+        if clip_skip is None:
+            out = model(wanted, input_ids=input_ids)
+            return TextEncoding(out["last_hidden_state"], out[pooled_name], out[hidden[-2]] if sdxl else None)
+        if not hidden or (not sdxl and (final_norm is None or not final_norm.is_file())):
+            raise ValueError(
+                "this artifact's text encoder graph has no hidden-state outputs for clip_skip (compiled by an "
+                "older sd-compiler); recompile it"
+            )
+        chosen = hidden[skipped_index(clip_skip, len(hidden) - 1, sdxl)]
+        out = model(["last_hidden_state", pooled_name, chosen], input_ids=input_ids)
+        if sdxl:
+            return TextEncoding(out["last_hidden_state"], out[pooled_name], out[chosen])
+        if not norm:
+            from safetensors.torch import load_file
+
+            norm.update({k: v.float() for k, v in load_file(final_norm).items()})
+        state = out[chosen]
+        last = torch.nn.functional.layer_norm(state, state.shape[-1:], norm["weight"], norm["bias"], float(norm["eps"]))
+        return TextEncoding(last, out[pooled_name], None)
 
     return encode
 

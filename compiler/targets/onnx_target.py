@@ -32,6 +32,7 @@ from sdcompiler.passes import PassConfig, QuantizedUNet
 from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
 from sdcompiler.targets.components import (
+    FINAL_NORM,
     OrtModel,
     cache_settings,
     make_components,
@@ -200,20 +201,29 @@ class OnnxTarget(Target):
                 ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
             )
         threads = knobs.apply_num_threads()  # torch's count: the sampling loop runs torch ops between sessions
-        encoders = [
-            ort_text_encoder(OrtModel(root / n / "model.onnx", providers, threads), spec.is_sdxl)
-            for n in spec.text_encoders
-        ]
-        unet_model = OrtModel(root / "unet" / "model.onnx", providers, threads)
-        decode = ort_vae_decoder(OrtModel(root / "vae_decoder" / "model.onnx", providers, threads))
-        encoder_file = root / "vae_encoder" / "model.onnx"  # absent in artifacts compiled with vae_encoder=false
-        encode = ort_vae_encoder(OrtModel(encoder_file, providers, threads)) if encoder_file.is_file() else None
+        models = {}
+
+        def session(name: str) -> OrtModel:
+            models[name] = OrtModel(root / name / "model.onnx", providers, threads)
+            return models[name]
+
+        encoders = [ort_text_encoder(session(n), spec.is_sdxl, root / n / FINAL_NORM) for n in spec.text_encoders]
+        unet_model = session("unet")
+        decode = ort_vae_decoder(session("vae_decoder"))
+        # absent in artifacts compiled with vae_encoder=false
+        encode = ort_vae_encoder(session("vae_encoder")) if (root / "vae_encoder" / "model.onnx").is_file() else None
         settings, cache = cache_settings(manifest), None
         if settings is not None:
-            shallow = OrtModel(root / "unet_shallow" / "model.onnx", providers, threads)
-            cache = ort_feature_cache(unet_model, shallow, settings)
+            cache = ort_feature_cache(unet_model, session("unet_shallow"), settings)
         return make_components(
-            root, manifest, encoders, ort_unet(unet_model), decode, feature_cache=cache, encode_image=encode
+            root,
+            manifest,
+            encoders,
+            ort_unet(unet_model),
+            decode,
+            feature_cache=cache,
+            encode_image=encode,
+            backends={name: model.session for name, model in models.items()},
         )
 
 
@@ -308,10 +318,21 @@ def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
     for name in ctx.arch.text_encoders:
         config = getattr(pipe, name).config.to_dict()
         _write_config(out / name / "config.json", config)
+        if not ctx.arch.is_sdxl:  # SD's clip_skip normalizes an earlier layer's output with it
+            write_final_norm(getattr(pipe, name), out / name / FINAL_NORM)
     _write_config(out / "unet" / "config.json", dict(pipe.unet.config))
     _write_config(out / "vae_decoder" / "config.json", dict(pipe.vae.config))
     if (out / "vae_encoder").is_dir():
         _write_config(out / "vae_encoder" / "config.json", dict(pipe.vae.config))
+
+
+def write_final_norm(encoder, path: Path) -> None:
+    """The CLIP text encoder's final layer norm (weight, bias, eps) as a small safetensors file."""
+    from safetensors.torch import save_file
+
+    norm = encoder.text_model.final_layer_norm
+    tensors = {"weight": norm.weight, "bias": norm.bias, "eps": torch.tensor(norm.eps, dtype=torch.float64)}
+    save_file({k: v.detach().float().cpu().contiguous() if k != "eps" else v for k, v in tensors.items()}, path)
 
 
 def _write_config(path: Path, config: dict) -> None:

@@ -26,10 +26,9 @@ def _call(pipe, prompt="a red cube", seed=0, **kwargs):
 @pytest.mark.parametrize(
     "extra",
     [
-        {"eta": 0.1},
         {"callback": print},
-        {"prompt_embeds": torch.zeros(1, 77, 32)},
         {"cross_attention_kwargs": {"scale": 0.5}},
+        {"ip_adapter_image": None},
     ],
 )
 def test_unsupported_argument_is_named(pipe, extra):
@@ -43,7 +42,8 @@ def test_unsupported_argument_is_named(pipe, extra):
 
 
 def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
-    # diffusers' text-to-image arguments, its image-to-image ones (image, strength), and the feature-cache switch
+    # diffusers' text-to-image arguments (tests/integration/test_diffusers_dropin.py checks them against
+    # diffusers), its image-to-image ones (image, strength), and the feature-cache switch
     assert set(SUPPORTED_ARGUMENTS) == {
         "prompt",
         "negative_prompt",
@@ -59,6 +59,15 @@ def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_sw
         "feature_cache",
         "image",
         "strength",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "clip_skip",
+        "eta",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+        "return_dict",
     }
 
 
@@ -94,7 +103,7 @@ def test_default_output_type_is_pil(pipe):
     assert isinstance(images, list) and isinstance(images[0], Image.Image)
 
 
-@pytest.mark.parametrize("bad", ["pt", "tensor", None])
+@pytest.mark.parametrize("bad", ["torch", "tensor", None])
 def test_unknown_output_type(pipe, bad):
     with pytest.raises(PipelineArgumentError, match="output_type"):
         _call(pipe, output_type=bad)

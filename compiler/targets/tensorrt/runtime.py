@@ -21,7 +21,13 @@ import torch
 from sdcompiler import knobs
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError, PipelineArgumentError, require
-from sdcompiler.targets.components import make_components, ort_text_encoder, ort_unet, ort_vae_decoder
+from sdcompiler.targets.components import (
+    FINAL_NORM,
+    make_components,
+    ort_text_encoder,
+    ort_unet,
+    ort_vae_decoder,
+)
 from sdcompiler.targets.tensorrt.build import (
     OPTIMIZED,
     EngineBuild,
@@ -48,7 +54,7 @@ def load_components(root: Path, manifest: dict[str, Any], device: str):
         name: TrtModel(trt, _engine_bytes(trt, root, name, built), name)
         for name in (*spec.text_encoders, "unet", "vae_decoder")
     }
-    encoders = [ort_text_encoder(models[name], spec.is_sdxl) for name in spec.text_encoders]
+    encoders = [ort_text_encoder(models[n], spec.is_sdxl, root / n / FINAL_NORM) for n in spec.text_encoders]
     return make_components(root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]))
 
 
