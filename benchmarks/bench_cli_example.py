@@ -64,7 +64,7 @@ def main() -> None:
     results["commands"] = {
         "checkpoint": 'make_checkpoint(DIR, arch="sd15", size="tiny", seed=0)',
         "compile": " ".join(["sdcompiler", *compile_cmd[3:4], "CKPT", *compile_cmd[5:], "--out", "ART"]),
-        "bench": " ".join(["sdcompiler", "bench", "ART", "--baseline", "CKPT", *bench_cmd[6:]]),
+        "bench": " ".join(["sdcompiler", "bench", "ART", "--baseline", "CKPT", *bench_cmd[7:]]),
         "environment": f"SDCOMPILER_NUM_THREADS={args.threads}",
     }
     results["compile_seconds"] = round(compile_s, 1)
