@@ -89,7 +89,7 @@ class Components(Mapping):
     pipeline: object | None = None  # the diffusers pipeline behind torch components (run-time LoRA switching)
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE encoder (image-to-image)
     embedding_width: int | None = None  # the U-Net's cross-attention width (checks caller-made prompt_embeds)
-    backends: dict = field(default_factory=dict)  # ONNX Runtime sessions / TensorRT engines by component name
+    backends: dict = field(default_factory=dict)  # by component name: the OrtModel / engine behind each callable
 
     __eq__ = object.__eq__  # the same components, not equal contents (the mapping view builds a scheduler)
     __hash__ = object.__hash__
@@ -98,7 +98,8 @@ class Components(Mapping):
         if self.pipeline is not None:
             named = dict(self.pipeline.components)
         else:
-            named = dict(self.backends) | dict(zip(("tokenizer", "tokenizer_2"), self.tokenizers))
+            sessions = {name: getattr(model, "session", model) for name, model in self.backends.items()}
+            named = sessions | dict(zip(("tokenizer", "tokenizer_2"), self.tokenizers))
         return named | {"scheduler": self.scheduler_factory()}
 
     def __getitem__(self, name: str):

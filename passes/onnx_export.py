@@ -259,3 +259,72 @@ def export_model(export: OnnxExport, folder: Path, opset: int) -> Path:
             shutil.move(str(raw), target)
     module.to(torch.float32)
     return target
+
+
+# --- LoRA weight map: which ONNX initializer holds each LoRA-addressable weight ------------------------------
+
+
+def initializer_arrays(path: Path, names=None) -> dict:
+    """The initializers of the ONNX model at `path` as numpy arrays (only `names` when given), read from the
+    graph or from its external-data file (memory-mapped, so a multi-GB U-Net is not copied)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    wanted = None if names is None else set(names)
+    arrays = {}
+    for tensor in model.graph.initializer:
+        if wanted is not None and tensor.name not in wanted:
+            continue
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            count = int(np.prod(tensor.dims)) if tensor.dims else 1
+            data = np.memmap(path.parent / info["location"], dtype=np.uint8, mode="r")
+            offset = int(info.get("offset", 0))
+            raw = data[offset : offset + int(info.get("length", count * np.dtype(dtype).itemsize))]
+            arrays[tensor.name] = raw.view(dtype).reshape(tuple(tensor.dims))
+        else:
+            arrays[tensor.name] = numpy_helper.to_array(tensor)
+    return arrays
+
+
+def lora_weight_map(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> dict[str, dict]:
+    """Where the exported graph at `path` holds each Linear / Conv2d weight of `module` (the diffusers
+    component: the keys LoRAs address): `{param name: {"initializer": name, "transposed": bool}}`.
+
+    The TorchScript exporter names most weights after their parameters but leaves linear weights folded into
+    anonymous, transposed MatMul initializers (`onnx::MatMul_123`), so weights are matched by value: the
+    bytes of the weight (and of its transpose) at the export `dtype` against each initializer's. A weight
+    found in no initializer, or in one that two weights share, is left out (a LoRA touching it is refused at
+    run time)."""
+    import hashlib
+
+    import numpy as np
+
+    def key(array) -> tuple:
+        return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+    by_value: dict[tuple, list[str]] = {}
+    for name, array in initializer_arrays(path).items():
+        by_value.setdefault(key(array), []).append(name)
+    found: dict[str, dict] = {}
+    claimed: dict[str, list[str]] = {}
+    for module_name, child in module.named_modules():
+        if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        weight = child.weight.detach().to(dtype).cpu().numpy()
+        candidates = [(weight, False)] + ([(weight.T, True)] if weight.ndim == 2 else [])
+        for array, transposed in candidates:
+            names = by_value.get(key(array), [])
+            if len(names) == 1:
+                param = f"{module_name}.weight"
+                found[param] = {"initializer": names[0], "transposed": transposed}
+                claimed.setdefault(names[0], []).append(param)
+                break
+    for params in claimed.values():  # two equal weights share one initializer: neither can change alone
+        if len(params) > 1:
+            for param in params:
+                found.pop(param)
+    return found

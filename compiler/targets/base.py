@@ -107,7 +107,7 @@ class Target:
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         """Refuse LoRAs this artifact cannot switch at run time (`CompiledPipeline.set_loras`); changes nothing."""
         raise ConfigError(
-            f"LoRAs switch at run time on torch artifacts only, and this one targets {self.name!r}; "
+            f"LoRAs switch at run time on torch and onnx artifacts, and this one targets {self.name!r}; "
             "merge them at compile time instead (pass merge_lora, before any structural pass)"
         )
 
@@ -122,6 +122,21 @@ class Target:
         """Replace the LoRAs fused at run time (the parameters in `touched`) with `loras`; returns the parameters
         changed. On an error the artifact's own weights are back."""
         raise NotImplementedError
+
+
+def check_runtime_loras(manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
+    """Refuse LoRAs an artifact of this layout cannot switch at run time (nothing changes)."""
+    from sdcompiler.passes import get_pass
+    from sdcompiler.passes.merge_lora import check_lora_files
+
+    blocked = sorted({p["name"] for p in manifest["passes"] if not get_pass(p["name"]).runtime_loras})
+    if loras and blocked:
+        raise ConfigError(
+            f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
+            "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
+            "compile time (merge_lora before those passes)"
+        )
+    check_lora_files(loras)
 
 
 def write_pipeline_files(pipe, out: Path, components: dict[str, list]) -> None:

@@ -21,6 +21,7 @@ from sdcompiler.passes.onnx_export import vae_encoding
 from sdcompiler.sampling import Components, TextEncoding
 
 FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (clip_skip), onnx layout
+LORA_MAP = "lora_map.json"  # next to U-Net and text encoder graphs: the initializer of each LoRA-addressable weight
 
 
 def make_components(
@@ -259,15 +260,33 @@ class OrtModel:
     """One ONNX Runtime session called with torch tensors by input name."""
 
     def __init__(self, path: Path, providers: list[str], threads: int | None = None):
+        # torch's count by default (SDCOMPILER_NUM_THREADS where set): one setting for both runtimes
+        self.path, self.providers, self.threads = path, providers, threads or torch.get_num_threads()
+        self.overridden: list[str] = []
+        self._build({})
+
+    def _build(self, overrides: dict[str, np.ndarray]) -> None:
         from sdcompiler.errors import require
 
         ort = require("onnxruntime", "cpu", "the onnx target")  # or [gpu]: onnxruntime-gpu
         options = ort.SessionOptions()
-        # torch's count by default (SDCOMPILER_NUM_THREADS where set): one setting for both runtimes
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        options.intra_op_num_threads = self.threads
+        if overrides:
+            # ORT 1.32's CPU layout transform (NCHWc, level ALL) reads conv weights from the file, ignoring
+            # overrides: sessions with overridden weights stop one level below it
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in overrides.items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
+        self.session, self._values, self.overridden = session, values, sorted(values)  # values outlive the session
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def override(self, overrides: dict[str, np.ndarray]) -> None:
+        """A new session whose initializers named in `overrides` hold those arrays instead of the file's (`{}`:
+        the file's own weights again); the files are not touched."""
+        self._build(overrides)
 
     def __call__(self, outputs: list[str] | None = None, **inputs) -> dict[str, torch.Tensor]:
         feed = {}

@@ -29,10 +29,18 @@ import torch
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import LoweringError
 from sdcompiler.passes import PassConfig, QuantizedUNet
-from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model
-from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
+from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model, lora_weight_map
+from sdcompiler.targets.base import (
+    LowerContext,
+    Stage,
+    StageRecord,
+    Target,
+    check_runtime_loras,
+    write_pipeline_files,
+)
 from sdcompiler.targets.components import (
     FINAL_NORM,
+    LORA_MAP,
     OrtModel,
     cache_settings,
     make_components,
@@ -192,6 +200,18 @@ class OnnxTarget(Target):
             for name in served_components(manifest)
         ]
 
+    def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
+        check_runtime_loras(manifest, loras)
+
+    def switch_loras(self, components, root, manifest, loras, touched) -> dict[str, list[str]]:
+        """Rebuild the U-Net and text-encoder sessions with the LoRAs' fused weights as initializer overrides
+        (`sdcompiler.targets.onnx_loras`); the artifact's files stay as they are."""
+        from sdcompiler.targets.onnx_loras import check_maps, lora_graphs, switch
+
+        if loras:
+            check_maps(root, lora_graphs(manifest, components.backends))
+        return switch(components, root, manifest, loras)
+
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         from sdcompiler import knobs
 
@@ -223,7 +243,7 @@ class OnnxTarget(Target):
             decode,
             feature_cache=cache,
             encode_image=encode,
-            backends={name: model.session for name, model in models.items()},
+            backends=models,
         )
 
 
@@ -272,6 +292,10 @@ def export_onnx_stage(
                 stage.results[export.name] = replaced[export.name]
                 continue
             paths[export.name] = export_model(export, folder, opsets.get(export.name, opset))
+            source = pipe.unet if export.name.startswith("unet") else getattr(pipe, export.name, None)
+            if export.name.startswith("unet") or export.name in ctx.arch.text_encoders:
+                weights = lora_weight_map(source, paths[export.name], export.dtype)
+                (folder / LORA_MAP).write_text(json.dumps({"version": 1, "weights": weights}, sort_keys=True) + "\n")
             stage.results[export.name] = sorted(p.name for p in folder.iterdir())
         write_component_configs(pipe, out, ctx)
         write_pipeline_files(

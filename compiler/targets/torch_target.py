@@ -35,12 +35,12 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.artifact import confined
-from sdcompiler.errors import ArtifactError, ConfigError
+from sdcompiler.errors import ArtifactError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes import PassConfig
 from sdcompiler.passes.quest import pack_quantized
-from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, write_pipeline_files
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, check_runtime_loras, write_pipeline_files
 from sdcompiler.targets.components import (
     cache_settings,
     make_components,
@@ -145,17 +145,7 @@ class TorchTarget(Target):
         )
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
-        from sdcompiler.passes import get_pass
-        from sdcompiler.passes.merge_lora import check_lora_files
-
-        blocked = sorted({p["name"] for p in manifest["passes"] if not get_pass(p["name"]).runtime_loras})
-        if loras and blocked:
-            raise ConfigError(
-                f"LoRAs cannot switch at run time on this artifact: {', '.join(blocked)} changed the "
-                "U-Net's module layout or numerics, so LoRA keys no longer fit; merge LoRAs at "
-                "compile time (merge_lora before those passes)"
-            )
-        check_lora_files(loras)
+        check_runtime_loras(manifest, loras)
 
     def switch_loras(
         self,
