@@ -7,6 +7,14 @@ timestep (float scalar), encoder_hidden_states [, text_embeds, time_ids] [, time
 text encoders `input_ids -> last_hidden_state, pooler_output | text_embeds [, hidden_states.i]`; VAE
 decoder `latent_sample -> sample`; VAE encoder `sample -> latent_parameters` (a tiny VAE: `latent_sample`).
 
+With a feature cache (`feature_cache` pass) the U-Net has three graphs. `unet_refresh`, the graph of a
+cache-refresh step, is the whole U-Net returning `out_sample, deep_features`: it is the one U-Net export,
+written as `unet/refresh.onnx` with its weights always in `unet/model.onnx.data`. `unet/model.onnx` is not
+traced again: it is that graph with `out_sample` as its only output (`write_graph_view`), reading the same
+weights file, so the artifact holds the U-Net's weights once and `unet/model.onnx` is the plain U-Net that
+optimum runs (ONNX Runtime reads external data only from the graph's own folder, hence the shared folder).
+`unet_shallow/model.onnx` runs the shallow branch from the deep features (an extra input).
+
 The exporter is TorchScript's (`dynamo=False`): faster and leaner than the dynamo exporter for these
 models. The U-Net is traced at a latent size that is not a multiple of its overall down-sampling factor, so
 diffusers takes its explicit-upsample-size path and the graph computes every skip shape from its input: any
@@ -19,7 +27,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -147,8 +155,9 @@ def component_exports(
     cache: CacheSettings | None = None,
 ) -> list[OnnxExport]:
     """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
-    full graph returning the deep features and the `unet_shallow` graph), VAE decoder, VAE encoder
-    (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision` ("fp32" | "fp16").
+    `unet_refresh` graph, the plain `unet` as its view, and `unet_shallow`; see the module docstring), VAE
+    decoder, VAE encoder (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision`
+    ("fp32" | "fp16").
     Example inputs come from a generator seeded 0, so the same pipeline always exports the same graphs."""
     dtype, vae_dtype = DTYPES[precision], DTYPES[vae_precision]
     generator = torch.Generator().manual_seed(0)
@@ -187,16 +196,17 @@ def component_exports(
         args.append(inputs["timestep_cond"])
         names.append("timestep_cond")
         axes |= {"timestep_cond": batch}
+    unet = OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
     if cache is None:
-        exports.append(
-            OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
-        )
-    else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
+        exports.append(unet)
+    else:  # the refresh graph also returns the deep features; `unet_shallow` runs the shallow branch from them
         deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
         full = CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
-        exports.append(
-            OnnxExport("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes, dtype)
+        refresh_outputs = ["out_sample", "deep_features"]
+        refresh = OnnxExport(
+            UNET_REFRESH, full, tuple(args), names, refresh_outputs, axes | deep_axes, dtype, external_weights=True
         )
+        exports += [refresh, replace(unet, view_of=UNET_REFRESH)]
         with torch.no_grad():
             deep = full(*args)[1]
         exports.append(

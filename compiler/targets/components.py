@@ -279,8 +279,9 @@ def ort_unet(model: OrtModel):
     return run
 
 
-def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
-    """FeatureCache over the U-Net graph (second output: deep features) and the shallow-branch graph."""
+def ort_feature_cache(refresh: OrtModel, shallow: OrtModel, settings):
+    """FeatureCache over the refresh graph (the U-Net with a second output, the deep features) and the
+    shallow-branch graph."""
 
     def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
@@ -293,7 +294,7 @@ def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
         )
 
     def full(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        out = unet(
+        out = refresh(
             ["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         )
         return out["out_sample"], out["deep_features"]
