@@ -4,7 +4,8 @@
     tritonserver --model-repository repo/
 
 The repository holds one model per component (for an `onnx` artifact:
-`onnxruntime_onnx` models `text_encoder[_2]`, `unet`, [`unet_shallow`],
+`onnxruntime_onnx` models `text_encoder[_2]`, `unet` (for a deepcache artifact
+`unet_refresh` and `unet_shallow` instead, the graphs its loop runs), and
 `vae_decoder`, their ONNX files hard-linked from the artifact when it lies on
 the same filesystem, copied otherwise) and a Python-backend model `pipeline`
 that serves text-to-image: `prompt` (TYPE_STRING) plus optional
@@ -260,8 +261,8 @@ def export_server(
         for spec, files in models:
             version = repo / spec.name / VERSION
             version.mkdir(parents=True)
-            for file in files:
-                _link_or_copy(root / spec.name / file, version / file)
+            for file, source in files.items():
+                _link_or_copy(root / source, version / file)
             (repo / spec.name / "config.pbtxt").write_text(
                 model_config(spec, max_batch_size=max_batch_size, kind=kind, instance_count=instance_count)
             )
@@ -360,6 +361,7 @@ def bls_components(infer: Infer, root: str | Path, manifest: dict):
         ort_unet,
         ort_vae_decoder,
     )
+    from sdcompiler.targets.onnx_target import unet_component
 
     root = Path(root)
     specs = {name: ModelSpec.from_dict(data) for name, data in json.loads((root / SERVED_MODELS).read_text()).items()}
@@ -367,9 +369,10 @@ def bls_components(infer: Infer, root: str | Path, manifest: dict):
     spec = get_arch(manifest["arch"])
     encoders = [ort_text_encoder(models[name], spec.is_sdxl) for name in spec.text_encoders]
     settings = cache_settings(manifest)
-    cache = None if settings is None else ort_feature_cache(models["unet"], models["unet_shallow"], settings)
+    unet = models[unet_component(manifest)]  # with a feature cache: the refresh graph (as `OnnxTarget.load`)
+    cache = None if settings is None else ort_feature_cache(unet, models["unet_shallow"], settings)
     return make_components(
-        root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]), feature_cache=cache
+        root, manifest, encoders, ort_unet(unet), ort_vae_decoder(models["vae_decoder"]), feature_cache=cache
     )
 
 

@@ -4,10 +4,11 @@ Tuning-free: no weight changes. The pass records the cache settings in the
 artifact (manifest `defaults.feature_cache`); the compiled pipeline then runs
 the whole U-Net only on the plan's full steps and the shallow branch on the
 others (the runtime's `FeatureCache`, in `sdcompiler.targets.components`).
-Both targets do it: `torch` with the U-Net module's own blocks, `onnx` with a
-second graph, `unet_shallow/model.onnx`, whose inputs include the deep
-features the main U-Net graph returns as its second output. Callers turn it
-off per call with `pipe(..., feature_cache=False)`.
+Both targets do it: `torch` with the U-Net module's own blocks, `onnx` with
+two more graphs: `unet/refresh.onnx`, the U-Net returning the deep features as
+a second output (sharing the weights file of the plain `unet/model.onnx`,
+which optimum runs), and `unet_shallow/model.onnx`, whose inputs include the
+deep features. Callers turn it off per call with `pipe(..., feature_cache=False)`.
 
 Metrics: U-Net MACs per image at the default resolution, step count (the
 scheduler's timesteps at the recorded `num_inference_steps`) and guidance (`macs_per_image_before` / `_after`: full-U-Net MACs x steps x CFG
@@ -34,7 +35,7 @@ Which steps are full (`full_steps`):
 modules, mirroring `UNet2DConditionModel.forward` for the inputs SD/SDXL
 pipelines pass (no ControlNet/adapter residuals, no attention masks); its
 full path equals `unet(...)` exactly. The ONNX target exports its two paths
-as the U-Net graph (with a second output, the deep features) and a
+as the refresh graph (with a second output, the deep features) and a
 `unet_shallow` graph (with the deep features as an input).
 """
 

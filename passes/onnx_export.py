@@ -7,6 +7,14 @@ timestep (float scalar), encoder_hidden_states [, text_embeds, time_ids] [, time
 text encoders `input_ids -> last_hidden_state, pooler_output | text_embeds, hidden_states.0..N`; VAE
 decoder `latent_sample -> sample`; VAE encoder `sample -> latent_parameters` (a tiny VAE: `latent_sample`).
 
+With a feature cache (`feature_cache` pass) the U-Net has three graphs. `unet_refresh`, the graph of a
+cache-refresh step, is the whole U-Net returning `out_sample, deep_features`: it is the one U-Net export,
+written as `unet/refresh.onnx` with its weights always in `unet/model.onnx.data`. `unet/model.onnx` is not
+traced again: it is that graph with `out_sample` as its only output (`write_graph_view`), reading the same
+weights file, so the artifact holds the U-Net's weights once and `unet/model.onnx` is the plain U-Net that
+optimum runs (ONNX Runtime reads external data only from the graph's own folder, hence the shared folder).
+`unet_shallow/model.onnx` runs the shallow branch from the deep features (an extra input).
+
 The exporter is TorchScript's (`dynamo=False`): faster and leaner than the dynamo exporter for these
 models. The U-Net is traced at a latent size that is not a multiple of its overall down-sampling factor, so
 diffusers takes its explicit-upsample-size path and the graph computes every skip shape from its input: any
@@ -19,7 +27,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,9 +111,24 @@ class VaeEncoderForExport(torch.nn.Module):
         return vae_encoding(self.vae.encode(sample))
 
 
+WEIGHTS_FILE = "model.onnx.data"  # the one external-data file of a component folder
+UNET_REFRESH = "unet_refresh"  # the feature cache's refresh graph: a component whose graph lies in unet/
+GRAPH_PATHS = {UNET_REFRESH: "unet/refresh.onnx"}  # components not at `<name>/model.onnx`
+
+
+def graph_path(name: str) -> str:
+    """Where component `name`'s graph lies in an artifact, relative to its root."""
+    return GRAPH_PATHS.get(name, f"{name}/model.onnx")
+
+
 @dataclass
 class OnnxExport:
-    """One component to export: the module, its example inputs, and its names, axes and dtype in the graph."""
+    """One component to export: the module, its example inputs, and its names, axes and dtype in the graph.
+
+    `view_of` names an earlier export whose graph this one is, cut down to `output_names` and sharing its
+    weights file (`write_graph_view`): not traced itself, but verified against its own `module`.
+    `external_weights` puts the weights in `model.onnx.data` whatever their size (a graph that views share).
+    """
 
     name: str
     module: torch.nn.Module
@@ -114,6 +137,13 @@ class OnnxExport:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     dtype: torch.dtype
+    view_of: str | None = None
+    external_weights: bool = False
+
+    @property
+    def path(self) -> str:
+        """The graph's path in the artifact (`graph_path`)."""
+        return graph_path(self.name)
 
 
 def component_exports(
@@ -125,8 +155,9 @@ def component_exports(
     cache: CacheSettings | None = None,
 ) -> list[OnnxExport]:
     """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
-    full graph returning the deep features and the `unet_shallow` graph), VAE decoder, VAE encoder
-    (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision` ("fp32" | "fp16").
+    `unet_refresh` graph, the plain `unet` as its view, and `unet_shallow`; see the module docstring), VAE
+    decoder, VAE encoder (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision`
+    ("fp32" | "fp16").
     Example inputs come from a generator seeded 0, so the same pipeline always exports the same graphs."""
     dtype, vae_dtype = DTYPES[precision], DTYPES[vae_precision]
     generator = torch.Generator().manual_seed(0)
@@ -165,16 +196,17 @@ def component_exports(
         args.append(inputs["timestep_cond"])
         names.append("timestep_cond")
         axes |= {"timestep_cond": batch}
+    unet = OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
     if cache is None:
-        exports.append(
-            OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
-        )
-    else:  # the U-Net also returns the deep features; a second graph runs the shallow branch from them
+        exports.append(unet)
+    else:  # the refresh graph also returns the deep features; `unet_shallow` runs the shallow branch from them
         deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
         full = CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
-        exports.append(
-            OnnxExport("unet", full, tuple(args), names, ["out_sample", "deep_features"], axes | deep_axes, dtype)
+        refresh_outputs = ["out_sample", "deep_features"]
+        refresh = OnnxExport(
+            UNET_REFRESH, full, tuple(args), names, refresh_outputs, axes | deep_axes, dtype, external_weights=True
         )
+        exports += [refresh, replace(unet, view_of=UNET_REFRESH)]
         with torch.no_grad():
             deep = full(*args)[1]
         exports.append(
@@ -215,11 +247,12 @@ def _cast_args(args: tuple, dtype: torch.dtype) -> tuple:
 
 
 def export_model(export: OnnxExport, folder: Path, opset: int) -> Path:
-    """Export one component to `folder/model.onnx` (+ `model.onnx.data` when large)."""
+    """Export one component to its graph file in `folder` (`model.onnx`, or the name `graph_path` gives it)
+    (+ `model.onnx.data` when large, or with `export.external_weights`)."""
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "model.onnx"
+    target = folder / Path(export.path).name
     module = export.module.to(export.dtype).eval()
     args = _cast_args(export.args, export.dtype)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -244,21 +277,72 @@ def export_model(export: OnnxExport, folder: Path, opset: int) -> Path:
             raise LoweringError(
                 f"ONNX export of {export.name} failed: {first}; rerun with --debug for the trace"
             ) from exc
-        if nbytes > EXTERNAL_DATA_BYTES:  # the TorchScript exporter wrote one file per tensor: gather them
-            model = onnx.load(str(raw))
+        if nbytes > EXTERNAL_DATA_BYTES or export.external_weights:
+            model = onnx.load(str(raw))  # (over 2 GB the TorchScript exporter wrote one file per tensor)
+            (folder / WEIGHTS_FILE).unlink(missing_ok=True)  # onnx would append to it
             onnx.save_model(
                 model,
                 str(target),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location="model.onnx.data",
+                location=WEIGHTS_FILE,
                 size_threshold=1024,
             )
             del model
+            # onnx creates the weights file 0600: give it the graph's mode (the umask's), so whoever may read
+            # the graph (a serving user) may read its weights too
+            (folder / WEIGHTS_FILE).chmod(target.stat().st_mode & 0o777)
         else:
             shutil.move(str(raw), target)
     module.to(torch.float32)
     return target
+
+
+def write_graph_view(source: Path, target: Path, outputs: list[str]) -> Path:
+    """Write `target`: the ONNX graph at `source` computing only `outputs` (a subset of its outputs), without
+    the nodes, weights and value infos nothing else needs. External weights keep their location, so both
+    graphs must lie in one folder (ONNX Runtime reads external data only from the graph's own folder) and read
+    one weights file. Reads the graph only, never the weights."""
+    import onnx
+
+    if source.parent != target.parent:
+        raise ValueError(f"a graph view shares its source's weights file: {target} must lie next to {source}")
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    missing = sorted(set(outputs) - {o.name for o in graph.output})
+    if missing:
+        raise LoweringError(f"{source.name} has no output(s) {', '.join(missing)} to keep in {target.name}")
+    needed, kept = set(outputs), []
+    for node in reversed(graph.node):  # nodes are topologically sorted: walk back from the outputs
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
+    kept.reverse()
+    kept_ids = {id(node) for node in kept}
+    produced = {name for node in kept for name in node.output}
+    for field, keep in (
+        (graph.node, lambda node: id(node) in kept_ids),
+        (graph.output, lambda value: value.name in outputs),
+        (graph.initializer, lambda tensor: tensor.name in needed),
+        (graph.value_info, lambda value: value.name in produced),
+    ):
+        for index in reversed(range(len(field))):  # in place: the kept messages are never copied
+            if not keep(field[index]):
+                del field[index]
+    onnx.save_model(model, str(target))
+    return target
+
+
+def _subgraph_inputs(node) -> set[str]:
+    """Names the subgraphs of `node` (If / Loop / Scan bodies) read, their own or the outer graph's."""
+    names = set()
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs]:
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_inputs(inner))
+    return names
 
 
 # --- LoRA weight map: which ONNX initializer holds each LoRA-addressable weight ------------------------------
@@ -288,6 +372,13 @@ def initializer_arrays(path: Path, names=None) -> dict:
         else:
             arrays[tensor.name] = numpy_helper.to_array(tensor)
     return arrays
+
+
+def initializer_names(path: Path) -> set[str]:
+    """The names of the initializers of the ONNX graph at `path` (the graph only, not its weights)."""
+    import onnx
+
+    return {tensor.name for tensor in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
 def lora_weight_map(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> dict[str, dict]:

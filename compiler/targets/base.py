@@ -99,9 +99,9 @@ class Target:
         """Return `sampling.Components` for the artifact at `root`."""
         raise NotImplementedError
 
-    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, dict[str, str]]]:
         """The artifact's components as separate serving models (targets with `serves_components`): each
-        model's spec and the files, relative to the component's folder, its version folder holds."""
+        model's spec and the files its version folder holds (file name there -> path relative to `root`)."""
         raise NotImplementedError
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:

@@ -24,6 +24,12 @@ FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (c
 LORA_MAP = "lora_map.json"  # next to U-Net and text encoder graphs: the initializer of each LoRA-addressable weight
 
 
+def lora_map_path(graph: Path) -> Path:
+    """The LoRA weight map of the graph at `graph`: `lora_map.json` next to a `model.onnx`, `<stem>.lora_map.json`
+    next to another graph of the folder (deepcache's `unet/refresh.onnx`)."""
+    return graph.with_name(LORA_MAP if graph.name == "model.onnx" else f"{graph.stem}.{LORA_MAP}")
+
+
 def make_components(
     root: Path,
     manifest: dict[str, Any],
@@ -350,8 +356,9 @@ def ort_unet(model: OrtModel):
     return run
 
 
-def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
-    """FeatureCache over the U-Net graph (second output: deep features) and the shallow-branch graph."""
+def ort_feature_cache(refresh: OrtModel, shallow: OrtModel, settings):
+    """FeatureCache over the refresh graph (the U-Net with a second output, the deep features) and the
+    shallow-branch graph."""
 
     def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
@@ -364,7 +371,7 @@ def ort_feature_cache(unet: OrtModel, shallow: OrtModel, settings):
         )
 
     def full(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        out = unet(
+        out = refresh(
             ["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         )
         return out["out_sample"], out["deep_features"]

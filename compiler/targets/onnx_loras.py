@@ -26,8 +26,8 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError, ConfigError
-from sdcompiler.passes.onnx_export import initializer_arrays
-from sdcompiler.targets.components import LORA_MAP
+from sdcompiler.passes.onnx_export import graph_path, initializer_arrays
+from sdcompiler.targets.components import lora_map_path
 
 _LORA_KEY = re.compile(
     r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_magnitude)"
@@ -45,7 +45,7 @@ def lora_graphs(manifest: dict[str, Any], backends: dict) -> dict[str, str]:
 
 
 def check_maps(root: Path, graphs: dict[str, str]) -> None:
-    missing = [name for name in graphs if not (root / name / LORA_MAP).is_file()]
+    missing = [name for name in graphs if not lora_map_path(root / graph_path(name)).is_file()]
     if missing:
         raise ArtifactError(
             f"this onnx artifact has no LoRA weight map for {', '.join(missing)} (compiled by an older "
@@ -159,7 +159,7 @@ def switch(components, root: Path, manifest: dict[str, Any], loras: list[tuple[s
 
 def _overrides(root: Path, manifest, graphs: dict[str, str], loras) -> dict[str, dict[str, np.ndarray]]:
     deltas = lora_deltas(root, manifest, loras)
-    maps = {name: json.loads((root / name / LORA_MAP).read_text())["weights"] for name in graphs}
+    maps = {name: json.loads(lora_map_path(root / graph_path(name)).read_text())["weights"] for name in graphs}
     overrides: dict[str, dict[str, np.ndarray]] = {}
     for component, changes in deltas.items():
         holders = [name for name, source in graphs.items() if source == component]
@@ -169,7 +169,7 @@ def _overrides(root: Path, manifest, graphs: dict[str, str], loras) -> dict[str,
                 entry = maps[name].get(param)
                 if entry is None:
                     continue
-                base = initializer_arrays(root / name / "model.onnx", [entry["initializer"]])[entry["initializer"]]
+                base = initializer_arrays(root / graph_path(name), [entry["initializer"]])[entry["initializer"]]
                 change = delta.numpy().T if entry["transposed"] else delta.numpy()
                 if change.shape != base.shape:
                     raise ConfigError(

@@ -10,6 +10,15 @@ ONNX model vs its torch module on the export inputs: max abs error and SQNR
 recorded; a quantized U-Net must keep `MIN_SQNR_DB` instead of the float
 tolerance).
 
+A `feature_cache` (preset `deepcache`) artifact's U-Net is three graphs (see
+`sdcompiler.passes.onnx_export`): `unet/model.onnx`, the plain U-Net optimum
+runs; `unet/refresh.onnx` (component `unet_refresh`), the same graph with the
+deep features as a second output, sharing `unet/model.onnx.data` with it (the
+weights are stored once); and `unet_shallow/model.onnx`. The runtime runs the
+refresh graph on the plan's full steps (and for uncached calls: one session
+holds the U-Net) and the shallow graph in between. Artifacts compiled before
+the refresh graph existed (a two-output `unet/model.onnx`) still load.
+
 The `export_onnx` stage (`export_onnx_stage`), the export check (`verify_model`,
 `check_verified`) and the served components are shared with the tensorrt
 target, which builds its engines from the same graphs.
@@ -27,9 +36,20 @@ from typing import Any, Literal, Mapping
 import torch
 
 from sdcompiler.archs import get_arch
-from sdcompiler.errors import LoweringError
+from sdcompiler.errors import ArtifactError, LoweringError
 from sdcompiler.passes import PassConfig, QuantizedUNet
-from sdcompiler.passes.onnx_export import OPSET, OnnxExport, component_exports, export_model, lora_weight_map
+from sdcompiler.passes.onnx_export import (
+    OPSET,
+    UNET_REFRESH,
+    WEIGHTS_FILE,
+    OnnxExport,
+    component_exports,
+    export_model,
+    graph_path,
+    initializer_names,
+    lora_weight_map,
+    write_graph_view,
+)
 from sdcompiler.targets.base import (
     LowerContext,
     Stage,
@@ -40,9 +60,9 @@ from sdcompiler.targets.base import (
 )
 from sdcompiler.targets.components import (
     FINAL_NORM,
-    LORA_MAP,
     OrtModel,
     cache_settings,
+    lora_map_path,
     make_components,
     ort_feature_cache,
     ort_text_encoder,
@@ -190,15 +210,15 @@ class OnnxTarget(Target):
             _verify_stage(records, exports, paths, config, quantized is not None, ctx)
         return records
 
-    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
-        # each graph as it lies in the artifact: model.onnx [+ one external-data file]
-        return [
-            (
-                onnx_model_spec(name, root / name / "model.onnx"),
-                [f for f in ("model.onnx", "model.onnx.data") if (root / name / f).is_file()],
-            )
-            for name in served_components(manifest)
-        ]
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, dict[str, str]]]:
+        # each graph as it lies in the artifact, as model.onnx [+ its folder's external-data file]
+        models = []
+        for name in served_components(manifest):
+            graph = graph_path(name)
+            weights = f"{Path(graph).parent.as_posix()}/{WEIGHTS_FILE}"
+            files = {"model.onnx": graph} | ({WEIGHTS_FILE: weights} if (root / weights).is_file() else {})
+            models.append((onnx_model_spec(name, root / graph), files))
+        return models
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
         check_runtime_loras(manifest, loras)
@@ -224,16 +244,19 @@ class OnnxTarget(Target):
         models = {}
 
         def session(name: str) -> OrtModel:
-            models[name] = OrtModel(root / name / "model.onnx", providers, threads)
+            models[name] = OrtModel(root / graph_path(name), providers, threads)
             return models[name]
 
         encoders = [ort_text_encoder(session(n), spec.is_sdxl, root / n / FINAL_NORM) for n in spec.text_encoders]
-        unet_model = session("unet")
+        # with a feature cache, the refresh graph serves the uncached calls too: one session holds the U-Net
+        unet_name = unet_component(manifest)
+        unet_model = session(unet_name)
         decode = ort_vae_decoder(session("vae_decoder"))
         # absent in artifacts compiled with vae_encoder=false
         encode = ort_vae_encoder(session("vae_encoder")) if (root / "vae_encoder" / "model.onnx").is_file() else None
         settings, cache = cache_settings(manifest), None
         if settings is not None:
+            check_refresh_graph(root, unet_name, unet_model.outputs)
             cache = ort_feature_cache(unet_model, session("unet_shallow"), settings)
         return make_components(
             root,
@@ -268,7 +291,7 @@ def export_onnx_stage(
         records: the lowering's stage records; this stage's record is appended.
         pipe: the transformed pipeline.
         out: the artifact folder being written.
-        exports: the components to export (`component_exports`), in order.
+        exports: the components to export (`component_exports`), in order (a view after the graph it views).
         ctx: the lowering context (the arch's text encoders, the progress bar switch).
         settings: the stage's recorded settings.
         opset: the ONNX opset of every export not in `opsets`.
@@ -277,26 +300,37 @@ def export_onnx_stage(
             graph), each with the note recorded as its result; only their folder is made.
 
     Returns:
-        Each component's graph path, `<out>/<name>/model.onnx`, replaced components included.
+        Each component's graph path (`<out>/<name>/model.onnx`, or where `graph_path` puts it), replaced
+        components included.
     """
     from tqdm.auto import tqdm
 
     opsets, replaced = opsets or {}, replaced or {}
-    paths = {}
+    paths, lora_maps = {}, {}
     with Stage(records, "export_onnx", settings) as stage:
         for export in tqdm(exports, desc="export onnx", disable=not ctx.show_progress):
-            folder = out / export.name
+            path = out / export.path
             if export.name in replaced:
-                folder.mkdir(parents=True, exist_ok=True)
-                paths[export.name] = folder / "model.onnx"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                paths[export.name] = path
                 stage.results[export.name] = replaced[export.name]
                 continue
-            paths[export.name] = export_model(export, folder, opsets.get(export.name, opset))
-            source = pipe.unet if export.name.startswith("unet") else getattr(pipe, export.name, None)
+            if export.view_of is not None:  # not traced: a cut-down copy of an exported graph, same weights file
+                paths[export.name] = write_graph_view(paths[export.view_of], path, export.output_names)
+            else:
+                paths[export.name] = export_model(export, path.parent, opsets.get(export.name, opset))
             if export.name.startswith("unet") or export.name in ctx.arch.text_encoders:
-                weights = lora_weight_map(source, paths[export.name], export.dtype)
-                (folder / LORA_MAP).write_text(json.dumps({"version": 1, "weights": weights}, sort_keys=True) + "\n")
-            stage.results[export.name] = sorted(p.name for p in folder.iterdir())
+                # a view holds its source's initializers under the same names: its source's map
+                source = export.view_of or export.name
+                if source not in lora_maps:
+                    module = pipe.unet if source.startswith("unet") else getattr(pipe, source)
+                    lora_maps[source] = lora_weight_map(module, paths[source], export.dtype)
+                held = initializer_names(paths[export.name])
+                weights = {k: v for k, v in lora_maps[source].items() if v["initializer"] in held}
+                lora_map_path(paths[export.name]).write_text(
+                    json.dumps({"version": 1, "weights": weights}, sort_keys=True) + "\n"
+                )
+            stage.results[export.name] = sorted(p.name for p in path.parent.iterdir())
         write_component_configs(pipe, out, ctx)
         write_pipeline_files(
             pipe,
@@ -367,6 +401,21 @@ def _write_config(path: Path, config: dict) -> None:
 
 def served_components(manifest: dict[str, Any]) -> list[str]:
     """The component graphs an artifact of the onnx layout serves as separate models (the VAE encoder is not
-    served: the served pipeline is text-to-image)."""
-    cached = cache_settings(manifest) is not None
-    return [*get_arch(manifest["arch"]).text_encoders, "unet", *(["unet_shallow"] if cached else []), "vae_decoder"]
+    served: the served pipeline is text-to-image; with a feature cache, `unet_refresh` and `unet_shallow`
+    stand in for `unet`, as in `OnnxTarget.load`)."""
+    unet = [unet_component(manifest)] + (["unet_shallow"] if cache_settings(manifest) is not None else [])
+    return [*get_arch(manifest["arch"]).text_encoders, *unet, "vae_decoder"]
+
+
+def unet_component(manifest: dict[str, Any]) -> str:
+    """The U-Net graph the runtime loads: `unet_refresh` in a feature-cache artifact that has one, else `unet`
+    (which, in feature-cache artifacts compiled before `unet_refresh` existed, returns the deep features)."""
+    return UNET_REFRESH if graph_path(UNET_REFRESH) in manifest.get("files", {}) else "unet"
+
+
+def check_refresh_graph(root: Path, name: str, outputs: list[str]) -> None:
+    """Refuse a feature-cache artifact whose U-Net graph `name` does not return the deep features."""
+    if "deep_features" not in outputs:
+        raise ArtifactError(
+            f"artifact {root} caches features but its {graph_path(name)} has no deep_features output; recompile it"
+        )

@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2
 from sdcompiler import serving
 from sdcompiler.cli import main
 from sdcompiler.errors import ArtifactError, ConfigError
+from sdcompiler.passes.onnx_export import graph_path
 from sdcompiler.sampling import generate
 from sdcompiler.serving import ModelSpec, TensorSpec, bls_components, export_server, model_config
 from sdcompiler.targets.tensorrt import tensorrt_model_spec
@@ -33,7 +34,8 @@ from sdcompiler.targets.tensorrt import tensorrt_model_spec
 CASES = {  # (arch, recipe) -> the component models its repository serves
     ("sd15", "none"): ["text_encoder", "unet", "vae_decoder"],
     ("sdxl", "none"): ["text_encoder", "text_encoder_2", "unet", "vae_decoder"],
-    ("sd15", "deepcache"): ["text_encoder", "unet", "unet_shallow", "vae_decoder"],
+    # the graphs a cached loop runs: the refresh graph (unet/refresh.onnx + the U-Net's weights file) and the shallow one
+    ("sd15", "deepcache"): ["text_encoder", "unet_refresh", "unet_shallow", "vae_decoder"],
 }
 ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -98,7 +100,10 @@ def test_every_config_parses_and_matches_the_onnx_graphs(repos, arch, recipe):
     for name in CASES[arch, recipe]:
         config = configs[name]
         model = repo / name / "1" / "model.onnx"
-        assert os.path.samefile(model, pipe.root / name / "model.onnx")  # hard-linked, same filesystem
+        assert os.path.samefile(model, pipe.root / graph_path(name))  # hard-linked, same filesystem
+        weights = pipe.root / graph_path(name).rsplit("/", 1)[0] / "model.onnx.data"
+        if weights.is_file():  # the external data travels with the graph
+            assert os.path.samefile(repo / name / "1" / "model.onnx.data", weights)
         assert config.name == name and config.platform == "onnxruntime_onnx"
         # the U-Nets' timestep is a 0-d scalar: no batching there; the text encoders and the VAE batch
         assert config.max_batch_size == (0 if name.startswith("unet") else 8)

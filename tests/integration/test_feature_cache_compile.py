@@ -6,13 +6,16 @@ are in tests/unit/test_feature_cache.py.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from sdcompiler.errors import ConfigError, PassError
+from sdcompiler.errors import ArtifactError, ConfigError, PassError
 
 
 def test_bad_configs(tiny_checkpoint):
@@ -98,6 +101,79 @@ def test_onnx_target_exports_the_shallow_graph_and_matches_torch(compiled):
         assert 0 < mse and 10 * math.log10(1 / mse) > 43
     finally:
         cache.full, cache.shallow = full, shallow
+
+
+def _interface(path):
+    """(inputs, outputs) of an ONNX graph: names, element types and dims (symbolic names or sizes)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def values(items):
+        dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        return [(v.name, v.type.tensor_type.elem_type, dims(v)) for v in items]
+
+    return values(graph.input), values(graph.output)
+
+
+def _external_weights(path) -> dict[str, tuple[str, str, str]]:
+    """Each external tensor of an ONNX graph: (location, offset, length)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        t.name: tuple(
+            dict((e.key, e.value) for e in t.external_data).get(k, "") for k in ("location", "offset", "length")
+        )
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+
+
+def test_onnx_unet_is_the_plain_graph_and_the_refresh_graph_shares_its_weights(compiled):
+    """optimum runs `unet/model.onnx` and reads its first output: in a deepcache artifact it is the plain U-Net
+    (the interface of a recipe-none artifact's, one output); the refresh graph next to it adds `deep_features`
+    and reads the same weights file at the same offsets, so the U-Net's weights are stored once."""
+    cached, plain = compiled("sd15", "onnx", "deepcache").root, compiled("sd15", "onnx", "none").root
+    interface = _interface(plain / "unet" / "model.onnx")
+    assert _interface(cached / "unet" / "model.onnx") == interface
+    inputs, outputs = _interface(cached / "unet" / "refresh.onnx")
+    assert inputs == interface[0] and [name for name, *_ in outputs] == ["out_sample", "deep_features"]
+    weights, refresh_weights = (_external_weights(cached / "unet" / f) for f in ("model.onnx", "refresh.onnx"))
+    assert weights and weights == refresh_weights
+    assert {location for location, *_ in weights.values()} == {"model.onnx.data"}
+    size = lambda folder: sum(f.stat().st_size for f in folder.iterdir() if f.suffix != ".json")  # noqa: E731
+    # two graph files, one weights file: achieved 1.09x (a second copy of the weights would be ~2x)
+    assert size(cached / "unet") < 1.25 * size(plain / "unet")
+    assert not (cached / "unet_refresh").exists()
+
+
+def test_onnx_artifacts_with_the_earlier_two_output_unet_still_load(compiled, tmp_path):
+    """Before `unet/refresh.onnx` existed, a deepcache artifact's `unet/model.onnx` returned the deep features
+    itself: such an artifact still loads and caches (the same images as today's layout, not the uncached ones);
+    one whose U-Net lacks them is refused with a recompile hint."""
+    from sdcompiler import load_compiled
+    from sdcompiler.artifact import MANIFEST, write_manifest
+
+    current = compiled("sd15", "onnx", "deepcache")
+    earlier = tmp_path / "earlier"
+    shutil.copytree(current.root, earlier)
+    (earlier / "unet" / "refresh.onnx").replace(earlier / "unet" / "model.onnx")  # the two-output graph
+    manifest = json.loads((earlier / MANIFEST).read_text())
+    write_manifest(earlier, manifest)  # re-lists the files (and their hashes)
+
+    def images(pipe, **options):
+        call = dict(num_inference_steps=4, height=64, width=64, output_type="np")
+        return pipe("a cat", generator=torch.Generator().manual_seed(0), **call, **options).images
+
+    loaded = load_compiled(earlier, device="cpu")
+    assert loaded.components.feature_cache is not None
+    expected = images(current)
+    np.testing.assert_array_equal(images(loaded), expected)
+    assert np.abs(images(current, feature_cache=False) - expected).max() > 1e-4  # the cache made a difference
+
+    broken = tmp_path / "broken"  # a feature cache, but a U-Net without the deep features
+    shutil.copytree(current.root, broken)
+    (broken / "unet" / "refresh.onnx").unlink()
+    write_manifest(broken, manifest)
+    with pytest.raises(ArtifactError, match="no deep_features output; recompile it"):
+        load_compiled(broken, device="cpu")
 
 
 def test_shallow_steps_reuse_the_latest_deep_features(compiled):

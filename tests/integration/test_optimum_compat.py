@@ -9,6 +9,12 @@ optimum 2.1.0) on tiny checkpoints: three pipelines (optimum on the
 artifact, our `load_compiled` on the artifact, diffusers on the source
 checkpoint) must give the same images for the same prompts, negative prompts
 and seed.
+
+A deepcache artifact is checked too: its `unet/model.onnx` is the plain U-Net
+(the cache's refresh graph lies next to it as `unet/refresh.onnx`), which optimum
+runs at every step, knowing nothing of the cache; so there our pipeline runs with
+`feature_cache=False` (the cached trajectory is tested in
+test_feature_cache_compile.py).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ pytest.importorskip("onnxruntime")
 
 from sdcompiler import load_compiled  # noqa: E402
 
-ARCHS = ("sd15", "sdxl", "sd21")
+CASES = (("sd15", "none"), ("sdxl", "none"), ("sd21", "none"), ("sd15", "deepcache"))  # (arch, recipe)
 ORT_CLASS = {
     "sd15": "ORTStableDiffusionPipeline",
     "sd21": "ORTStableDiffusionPipeline",
@@ -40,9 +46,9 @@ TOLERANCE = 1e-3
 OPTIMUM_LOGGER = "optimum.onnxruntime.modeling_diffusion"
 
 
-def _run(pipe, negative_prompt):
+def _run(pipe, negative_prompt, **options):
     return pipe(
-        prompt=PROMPTS, negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(0), **CALL
+        prompt=PROMPTS, negative_prompt=negative_prompt, generator=torch.Generator().manual_seed(0), **CALL, **options
     ).images
 
 
@@ -71,11 +77,12 @@ def one_thread():
         os.environ["SDCOMPILER_NUM_THREADS"] = knob
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c[0] if c[1] == "none" else "-".join(c))
 def case(request, tiny_checkpoint, compiled):
-    """A tiny checkpoint of `arch` and its recipe-none onnx artifact (conftest's session fixtures: built once)."""
-    arch = request.param
-    return {"arch": arch, "checkpoint": tiny_checkpoint(arch), "artifact": compiled(arch, "onnx", "none").root}
+    """A tiny checkpoint of `arch` and its onnx artifact for `recipe` (conftest's session fixtures: built once)."""
+    arch, recipe = request.param
+    artifact = compiled(arch, "onnx", recipe).root
+    return {"arch": arch, "recipe": recipe, "checkpoint": tiny_checkpoint(arch), "artifact": artifact}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,9 @@ def test_optimum_loads_artifact_without_warnings(case, caplog):
 def test_optimum_images_match_ours_and_diffusers(case, diffusers_images, negative):
     negative_prompt = NEGATIVE if negative == "negative" else None
     theirs = _run(_optimum_pipeline(case["artifact"]), negative_prompt)
-    ours = _run(load_compiled(case["artifact"], device="cpu"), negative_prompt)
+    # optimum runs the whole U-Net at every step: so does ours, with a feature cache switched off
+    uncached = {"feature_cache": False} if case["recipe"] == "deepcache" else {}
+    ours = _run(load_compiled(case["artifact"], device="cpu"), negative_prompt, **uncached)
     reference = diffusers_images[negative]
 
     assert theirs.shape == ours.shape == reference.shape == (len(PROMPTS), 128, 128, 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,53 @@ def test_split_unet_full_and_shallow_equal_the_unet(tiny_checkpoint, arch, laten
             torch.testing.assert_close(split.shallow(*args, deep=deep), expected, rtol=0, atol=0)
             # deep features: the input of up block n-1-branch, at the resolution of down block `branch`
             assert deep.shape[-2:] == (math.ceil(latent / 2**branch),) * 2
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A stand-in for the refresh graph: `y` (what the plain graph keeps) and `z`, which only `head` computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.body(x)
+        return y, self.head(y).relu()
+
+
+def test_a_graph_view_keeps_what_its_outputs_need_and_reads_the_same_weights_file(tmp_path):
+    """`write_graph_view` (how a deepcache artifact's plain `unet/model.onnx` comes from `unet/refresh.onnx`): the
+    view drops the nodes and weights only the other outputs need, reads the one weights file at the same offsets,
+    and ONNX Runtime runs both graphs; the weights file is as readable as the graphs (onnx writes it 0600)."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdcompiler.errors import LoweringError
+    from sdcompiler.passes.onnx_export import UNET_REFRESH, OnnxExport, export_model, write_graph_view
+
+    module, x = _TwoOutputs().eval(), torch.randn(2, 64)
+    export = OnnxExport(UNET_REFRESH, module, (x,), ["x"], ["y", "z"], {}, torch.float32, external_weights=True)
+    folder = tmp_path / "unet"
+    source = export_model(export, folder, 18)
+    assert source == folder / "refresh.onnx"
+    view = write_graph_view(source, folder / "model.onnx", ["y"])
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data", "refresh.onnx"]
+    assert (folder / "model.onnx.data").stat().st_mode == source.stat().st_mode
+
+    def weights(path):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return len(graph.node), {t.name: [(e.key, e.value) for e in t.external_data] for t in graph.initializer}
+
+    (source_nodes, source_weights), (view_nodes, view_weights) = weights(source), weights(view)
+    assert view_nodes < source_nodes and view_weights.items() < source_weights.items()  # head's weights dropped
+    external = [entries for entries in view_weights.values() if entries]  # (tensors under 1 KB stay inline)
+    assert external and all(("location", "model.onnx.data") in entries for entries in external)
+    with torch.no_grad():
+        y, z = module(x)
+    full = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    cut = ort.InferenceSession(str(view), providers=["CPUExecutionProvider"])
+    assert [o.name for o in cut.get_outputs()] == ["y"]
+    np.testing.assert_allclose(cut.run(None, {"x": x.numpy()})[0], y.numpy(), atol=1e-6)
+    np.testing.assert_allclose(full.run(None, {"x": x.numpy()})[1], z.numpy(), atol=1e-6)
+    with pytest.raises(LoweringError, match="no output"):
+        write_graph_view(source, folder / "other.onnx", ["w"])

@@ -97,7 +97,7 @@ class TensorRTTarget(Target):
         _build_engine_stage(records, out, exports, config, ranges, ctx)
         return records
 
-    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, list[str]]]:
+    def serving_models(self, root: Path, manifest: dict[str, Any]) -> list[tuple[ModelSpec, dict[str, str]]]:
         built = built_engines(manifest)
         if built["compute_capability"] is None:
             raise ArtifactError(
@@ -107,7 +107,7 @@ class TensorRTTarget(Target):
         models = []
         for name in served_components(manifest):
             spec = tensorrt_model_spec(name, root / name, built[name]["build"])
-            models.append((spec, sorted(spec.cc_model_filenames.values())))
+            models.append((spec, {plan: f"{name}/{plan}" for plan in sorted(spec.cc_model_filenames.values())}))
         return models
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
