@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="fuse a LoRA at run time (torch artifacts; repeatable), e.g. --lora style.safetensors:0.8",
+        help="fuse a LoRA at run time (torch and onnx artifacts; repeatable), e.g. --lora style.safetensors:0.8",
     )
     p.add_argument(
         "--scheduler",

@@ -105,9 +105,11 @@ class CompiledPipeline:
         """Fuse these LoRAs (replacing the ones set before; `[]` restores the artifact's weights), in place.
 
         `loras`: a list of paths, `(path, scale)` pairs or `{"path": ..., "scale": ...}` dicts (.safetensors in
-        the diffusers / peft or kohya layouts, as `merge_lora` reads them). Torch artifacts whose U-Net keeps the
-        source's layout only; weights change in place, so CUDA graphs and torch.compile'd code keep running
-        without recapture or recompile. A LoRA that does not fit raises and leaves the artifact's own weights.
+        the diffusers / peft or kohya layouts, as `merge_lora` reads them), on artifacts whose U-Net keeps the
+        source's layout. Torch artifacts: weights change in place, so CUDA graphs and torch.compile'd code keep
+        running without recapture or recompile. Onnx artifacts: the U-Net and text-encoder sessions are rebuilt
+        with the fused weights as initializer overrides (`sdcompiler.targets.onnx_loras`); the files stay as
+        they are. A LoRA that does not fit raises and leaves the artifact's own weights.
         """
         from sdcompiler.targets import get_target
 

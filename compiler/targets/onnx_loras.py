@@ -160,28 +160,28 @@ def switch(components, root: Path, manifest: dict[str, Any], loras: list[tuple[s
 def _overrides(root: Path, manifest, graphs: dict[str, str], loras) -> dict[str, dict[str, np.ndarray]]:
     deltas = lora_deltas(root, manifest, loras)
     maps = {name: json.loads(lora_map_path(root / graph_path(name)).read_text())["weights"] for name in graphs}
-    overrides: dict[str, dict[str, np.ndarray]] = {}
+    wanted: dict[str, list[tuple[str, dict, torch.Tensor]]] = {}  # graph -> (param, map entry, change)
     for component, changes in deltas.items():
         holders = [name for name, source in graphs.items() if source == component]
         for param, delta in changes.items():
-            placed = False
-            for name in holders:
-                entry = maps[name].get(param)
-                if entry is None:
-                    continue
-                base = initializer_arrays(root / graph_path(name), [entry["initializer"]])[entry["initializer"]]
-                change = delta.numpy().T if entry["transposed"] else delta.numpy()
-                if change.shape != base.shape:
-                    raise ConfigError(
-                        f"LoRA change for {component}.{param} has shape {change.shape}, the graph's weight "
-                        f"{base.shape}; the LoRA does not fit this model"
-                    )
-                fused = (base.astype(np.float32) + change).astype(base.dtype)
-                overrides.setdefault(name, {})[entry["initializer"]] = fused
-                placed = True
+            placed = [name for name in holders if param in maps[name]]
             if not placed:
                 raise ConfigError(
                     f"a LoRA changes {component}.{param}, which this artifact's graphs do not hold as one "
                     "initializer; merge it at compile time (merge_lora)"
                 )
+            for name in placed:
+                wanted.setdefault(name, []).append((f"{component}.{param}", maps[name][param], delta))
+    overrides: dict[str, dict[str, np.ndarray]] = {}
+    for name, entries in wanted.items():
+        bases = initializer_arrays(root / graph_path(name), [entry["initializer"] for _, entry, _ in entries])
+        for param, entry, delta in entries:
+            base = bases[entry["initializer"]]
+            change = delta.numpy().T if entry["transposed"] else delta.numpy()
+            if change.shape != base.shape:
+                raise ConfigError(
+                    f"LoRA change for {param} has shape {change.shape}, the graph's weight {base.shape}; the LoRA "
+                    "does not fit this model"
+                )
+            overrides.setdefault(name, {})[entry["initializer"]] = (base.astype(np.float32) + change).astype(base.dtype)
     return overrides

@@ -1,4 +1,5 @@
-"""`CompiledPipeline.set_loras`: LoRAs switched at run time on torch artifacts, in place.
+"""`CompiledPipeline.set_loras`: LoRAs switched at run time on torch artifacts (in place) and onnx artifacts
+(ONNX Runtime sessions rebuilt with initializer overrides).
 
 The oracle is the compile-time merge (`merge_lora`, itself checked against diffusers' unfused LoRA pipeline
 in test_merge_lora): an artifact with LoRAs set at run time must generate what an artifact compiled with the same
@@ -132,9 +133,10 @@ def test_refusals_change_nothing(compiled, loras, tmp_path):
         pruned.set_loras([loras["a"]])
     pruned.set_loras([])  # nothing to switch: always fine
 
-    onnx = compiled("sd15", "onnx", "none")
-    with pytest.raises(ConfigError, match="torch artifacts only.*merge_lora"):
-        onnx.set_loras([loras["a"]])
+    from sdcompiler.targets.tensorrt import TensorRTTarget
+
+    with pytest.raises(ConfigError, match="torch and onnx artifacts.*merge_lora"):
+        TensorRTTarget().check_loras(pruned.manifest, [(str(loras["a"]), 1.0)])
 
     pipe = load_compiled(compiled("sd15", "torch", "none").root, device="cpu")
     pipe.set_loras([loras["a"]])
@@ -211,3 +213,63 @@ def test_generate_cli_fuses_loras(compiled, loras, tmp_path, capsys):
     assert main(common + ["--lora", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: LoRA file") and "\n" not in err and not (tmp_path / "x.png").exists()
+
+
+# --- onnx artifacts ---------------------------------------------------------------------------------------------
+
+
+def test_onnx_set_loras_matches_compile_time_merges_and_restores(compiled, loras, merged):
+    """Two LoRAs (diffusers and kohya layouts, U-Net and text encoder) switched on an onnx artifact give the
+    images of the compile-time merge (torch: the same weights through ONNX Runtime, within 1e-3; measured
+    ~4e-6); `set_loras([])` gives the artifact's own images back exactly, and no file of the artifact changed."""
+    from sdcompiler.artifact import verify_files
+
+    pipe = load_compiled(compiled("sd15", "onnx", "none").root, device="cpu")
+    base = _images(pipe)
+    pipe.set_loras([(loras["a_kohya"], 0.5), (loras["b"], 0.8)])
+    got = _images(pipe)
+    np.testing.assert_allclose(got, merged([("a", 0.5), ("b", 0.8)]), atol=1e-3)
+    assert np.abs(got - base).max() > 1e-2
+    overridden = {name: model.overridden for name, model in pipe.components.backends.items() if model.overridden}
+    assert set(overridden) == {"unet", "text_encoder"} and len(overridden["text_encoder"]) > 0
+    pipe.set_loras([])
+    np.testing.assert_array_equal(_images(pipe), base)
+    verify_files(pipe.root, pipe.manifest)  # every file still matches its sha256
+
+
+def test_onnx_feature_cache_and_sdxl_take_runtime_loras(compiled, tiny_checkpoint, loras, merged, tmp_path):
+    """deepcache: the refresh and shallow graphs both switch; SDXL: both text encoders and the U-Net."""
+    pipe = load_compiled(compiled("sd15", "onnx", "deepcache").root, device="cpu")
+    pipe.set_loras([(loras["a"], 0.7)])
+    np.testing.assert_allclose(_images(pipe), merged([("a", 0.7)], after=("deepcache",)), atol=1e-3)
+    assert {n for n, m in pipe.components.backends.items() if m.overridden} == {
+        "unet_refresh",
+        "unet_shallow",
+        "text_encoder",
+    }
+
+    xl = load_compiled(compiled("sdxl", "onnx", "none").root, device="cpu")
+    xl.set_loras([(loras["sdxl"], 0.6)])
+    recipe = [{"pass": "merge_lora", "path": str(loras["sdxl"]), "scale": 0.6}]
+    want = compile_pipeline(tiny_checkpoint("sdxl"), recipe, "torch", tmp_path / "xl", show_progress=False)
+    np.testing.assert_allclose(_images(xl), _images(load_compiled(want.root, device="cpu")), atol=1e-3)
+    assert {n for n, m in xl.components.backends.items() if m.overridden} == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_onnx_artifact_without_weight_map_is_refused(compiled, loras, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(compiled("sd15", "onnx", "none").root, copy)
+    (copy / "unet" / "lora_map.json").unlink()  # as an artifact compiled before the maps
+    manifest = copy / "manifest.json"
+    text = manifest.read_text()
+    import json
+
+    data = json.loads(text)
+    data["files"].pop("unet/lora_map.json")
+    manifest.write_text(json.dumps(data))
+    pipe = load_compiled(copy, device="cpu")
+    with pytest.raises(Exception, match="no LoRA weight map for unet.*recompile") as info:
+        pipe.set_loras([loras["a"]])
+    assert "\n" not in str(info.value) and pipe.loras == []
