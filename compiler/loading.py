@@ -157,22 +157,20 @@ def unet_weights_dtype(path: Path) -> str | None:
         files, prefix = [path], "model.diffusion_model."
     else:
         files, prefix = sorted((path / "unet").glob("*.safetensors")), ""
+    from safetensors import safe_open
+
     counts: dict[str, int] = {}
     for file in files:
         if file.suffix != ".safetensors":
             continue
         try:
-            with open(file, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                if size > 100 << 20:
-                    return None
-                header = json.loads(handle.read(size))
-        except (OSError, ValueError):
+            with safe_open(str(file), framework="pt") as handle:  # the header only
+                dtypes = [handle.get_slice(key).get_dtype() for key in handle.keys() if key.startswith(prefix)]
+        except Exception:  # SafetensorError: a header that does not read (the loader names it)
             return None
-        for key, entry in header.items():
-            if key.startswith(prefix) and isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
-                name = SAFETENSORS_DTYPES[entry["dtype"]]
-                counts[name] = counts.get(name, 0) + 1
+        for dtype in dtypes:
+            if dtype in SAFETENSORS_DTYPES:
+                counts[SAFETENSORS_DTYPES[dtype]] = counts.get(SAFETENSORS_DTYPES[dtype], 0) + 1
     return max(counts, key=counts.get) if counts else None
 
 
