@@ -10,7 +10,7 @@ once, reused):
    attention, projection, feed-forward and ResNet conv kohya's trainers address), rank `--rank`;
 2. `load_compiled(artifact)` then `pipe.set_loras([lora])` / `pipe.set_loras([])`, `--repeats` times each:
    seconds per switch (the fused changes, the initializer reads, the rebuilt ONNX Runtime sessions);
-3. the alternative: `sdcompiler compile CKPT --recipe '[merge_lora]' --target onnx`, a full re-export with the
+3. the alternative: `sdcompiler compile CKPT --recipe merge_lora:path=LORA,scale=0.8 --target onnx`, a full re-export with the
    LoRA merged (one run, wall time of the subprocess).
 
 Writes lora_switch.{json,md} to benchmarks/results.
@@ -19,7 +19,6 @@ Writes lora_switch.{json,md} to benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -81,7 +80,7 @@ def main() -> None:
         del pipe
 
         log("re-export with the LoRA merged")
-        recipe = json.dumps([{"pass": "merge_lora", "path": str(lora), "scale": 0.8}])
+        recipe = f"merge_lora:path={lora},scale=0.8"  # the CLI's inline recipe form
         start = time.perf_counter()
         command = [*cli, "compile", str(checkpoint), "--recipe", recipe, "--target", "onnx"]
         subprocess.run([*command, "--out", str(Path(tmp) / "merged"), "--quiet"], check=True)

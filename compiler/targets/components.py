@@ -284,6 +284,7 @@ class OrtModel:
         values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in overrides.items()}
         for name, value in values.items():
             options.add_initializer(name, value)
+        self.session = self._values = None  # the old session's memory goes before the new one is built
         session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         self.session, self._values, self.overridden = session, values, sorted(values)  # values outlive the session
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
