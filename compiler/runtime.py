@@ -45,6 +45,14 @@ SUPPORTED_ARGUMENTS = (
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
+def unsupported_arguments_message(names) -> str:
+    """The one line a call with arguments outside SUPPORTED_ARGUMENTS gets (the served model's too)."""
+    return (
+        f"unsupported argument(s) {', '.join(sorted(names))} for a compiled pipeline; "
+        f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
+    )
+
+
 @dataclass
 class CompiledPipelineOutput:
     images: Any
@@ -115,6 +123,51 @@ class CompiledPipeline:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
         return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"
 
+    def check(
+        self,
+        prompt=None,
+        num_images_per_prompt=1,
+        output_type="pil",
+        num_inference_steps=None,
+        timesteps=None,
+        guidance_scale=None,
+        height=None,
+        width=None,
+        image=None,
+        strength=None,
+        generator=None,
+        latents=None,
+        negative_prompt=None,
+        feature_cache=True,
+        **unsupported,
+    ) -> None:
+        """Refuse the arguments `__call__` refuses before it runs anything, with the same one-line
+        PipelineArgumentError, and run nothing (a server checks each request of a batch this way before it
+        runs the batch)."""
+        if unsupported:
+            raise PipelineArgumentError(unsupported_arguments_message(unsupported))
+        if prompt is None:
+            raise PipelineArgumentError("prompt is required (a string or a list of strings)")
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineArgumentError(
+                f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
+            )
+        check_call(
+            self.manifest,
+            prompt=prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            image=image,
+            strength=strength,
+            generator=generator,
+            latents=latents,
+            device=self.device,
+        )
+
     def __call__(
         self,
         prompt=None,
@@ -137,21 +190,10 @@ class CompiledPipeline:
         (N, 3, H, W) tensor in [-1, 1]) image-to-image as diffusers' img2img pipelines, `strength` (default 0.8;
         SDXL 0.3) of the schedule; height / width then resize the image (default: its own size, rounded down to
         a multiple of 8)."""
-        if unsupported:
-            raise PipelineArgumentError(
-                f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline; "
-                f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
-            )
-        if prompt is None:
-            raise PipelineArgumentError("prompt is required (a string or a list of strings)")
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineArgumentError(
-                f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
-            )
-        check_call(
-            self.manifest,
+        self.check(
             prompt=prompt,
             num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
             num_inference_steps=num_inference_steps,
             timesteps=timesteps,
             guidance_scale=guidance_scale,
@@ -161,7 +203,7 @@ class CompiledPipeline:
             strength=strength,
             generator=generator,
             latents=latents,
-            device=self.device,
+            **unsupported,
         )
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
