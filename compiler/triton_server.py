@@ -345,6 +345,13 @@ def serve(
         finally:
             status = server.stop()
         print(f"stopped (tritonserver exit status {status})", file=out, flush=True)
+        if status and any("Exit timeout expired" in line for line in server.tail):
+            print(
+                f"tritonserver waited the whole --exit-timeout ({exit_timeout} s): clients kept connections or "
+                "requests open until then (Triton 2.51 waits for open HTTP connections too)",
+                file=out,
+                flush=True,
+            )
         return status
     finally:
         for sig, handler in previous.items():

@@ -11,12 +11,15 @@ Run only these with `pytest -m serving`.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 import numpy as np
 import psutil
@@ -33,6 +36,9 @@ if sys.platform != "linux" or platform.machine() != "x86_64":
 
 http = pytest.importorskip("tritonclient.http", reason="pip install 'sd-compiler[serve]' (tritonclient[http])")
 grpc = pytest.importorskip("tritonclient.grpc", reason="pip install 'sd-compiler[serve]' (tritonclient[grpc])")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from sdcompiler.errors import PipelineArgumentError  # noqa: E402
 
 DATATYPES = {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32"}
 DATATYPES["TYPE_UINT8"] = "UINT8"
@@ -57,7 +63,7 @@ class Served:
                 f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}",
                 "--max-batch-size=8",
-                "--exit-timeout=20",
+                "--exit-timeout=60",  # generous: a loaded 2-core CI machine unloads slowly
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -83,10 +89,15 @@ class Served:
         assert any(c.name() == "tritonserver" for c in self.children), self.children
         assert self.http.is_server_live() and self.http.is_server_ready()
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        """Signal `serve`; return its exit status. Whatever is left after `timeout` is killed, and reported."""
+    def close_clients(self) -> None:
+        """Close the fixture's connections: Triton 2.51 waits for open HTTP connections at shutdown (until its
+        exit timeout, then exits with status 1)."""
         self.http.close()
         self.grpc.close()
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal `serve`; return its exit status. Whatever is left after `timeout` is killed, and reported."""
+        self.close_clients()
         try:
             if self.process.poll() is None:
                 self.process.send_signal(sig)
@@ -104,6 +115,17 @@ class Served:
         assert status is not None, f"sdcompiler serve did not stop after its signal:\n{self.text[-2000:]}"
         assert not alive, f"left running after serve stopped: {alive}"
         return status
+
+
+def metrics(served) -> dict[str, float]:
+    """The pipeline model's counters from the metrics endpoint: {"nv_inference_request_success": 32.0, ...}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.ports.metrics}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    counters = {}
+    for line in text.splitlines():
+        if line.startswith("nv_") and 'model="pipeline"' in line:
+            counters[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+    return counters
 
 
 def inputs(module, **values):
@@ -143,6 +165,8 @@ def servers(compiled, tmp_path_factory):
     started = {}
 
     def get(target: str):
+        if target in started and started[target][0].process.poll() is not None:  # a test stopped it
+            started.pop(target)[0].stop()
         if target not in started:
             artifact = compiled("sd15", target, "none").root
             served = Served(artifact, tmp_path_factory.mktemp("serve") / f"{target}.log")
@@ -210,3 +234,153 @@ def test_health_readiness_and_metadata(servers):
 
 def _rows(values: dict, rows: int) -> dict:
     return {name: [value] * rows for name, value in values.items()}
+
+
+PICTURE = np.random.default_rng(1).integers(0, 256, size=(1, 64, 64, 3), dtype=np.uint8)
+
+# name -> (the served request's inputs, its request parameters, the Python API call that is refused alike)
+BAD_REQUESTS = {
+    "missing prompt": (dict(seed=1), {}, dict(prompt=None)),
+    "steps 0": (dict(prompt="x", num_inference_steps=0), {}, dict(prompt="x", num_inference_steps=0)),
+    "height not a multiple of 8": (dict(prompt="x", height=60), {}, dict(prompt="x", height=60)),
+    "guidance NaN": (dict(prompt="x", guidance_scale=math.nan), {}, dict(prompt="x", guidance_scale=math.nan)),
+    "guidance negative": (dict(prompt="x", guidance_scale=-2.0), {}, dict(prompt="x", guidance_scale=-2.0)),
+    "strength above 1": (
+        dict(prompt="x", image=PICTURE, strength=1.5),
+        {},
+        dict(prompt="x", image=PICTURE / 255.0, strength=1.5),
+    ),
+    "strength without image": (dict(prompt="x", strength=0.5), {}, dict(prompt="x", strength=0.5)),
+    "too many images": (dict(prompt="x", num_images=65), {}, dict(prompt="x", num_images_per_prompt=65)),
+    "no images": (dict(prompt="x", num_images=0), {}, dict(prompt="x", num_images_per_prompt=0)),
+    "oversized height": (dict(prompt="x", height=8192), {}, dict(prompt="x", height=8192)),
+    "unknown parameter": (dict(prompt="x"), {"eta": 0.5}, dict(prompt="x", eta=0.5)),
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_the_python_api_message_and_the_server_keeps_serving(servers, protocol):
+    served, pipe = servers("onnx")
+    client, module = (served.http, http) if protocol == "http" else (served.grpc, grpc)
+    for name, (values, parameters, call) in BAD_REQUESTS.items():
+        with pytest.raises(PipelineArgumentError) as python_api:
+            pipe(**{"num_inference_steps": 2, **call}, output_type="np")
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("pipeline", inputs(module, **values), parameters=parameters or None)
+        assert refused.value.message() == str(python_api.value), name
+
+    # what Triton itself refuses before the model runs (no Python API counterpart): its own one-line messages
+    wrong_dtype = module.InferInput("num_inference_steps", [1, 1], "FP32")
+    wrong_dtype.set_data_from_numpy(np.array([[2.5]], np.float32))
+    wrong_shape = module.InferInput("prompt", [1, 2], "BYTES")
+    wrong_shape.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=object))
+    unknown = module.InferInput("eta", [1, 1], "FP32")
+    unknown.set_data_from_numpy(np.array([[0.5]], np.float32))
+    not_utf8 = module.InferInput("prompt", [1, 1], "BYTES")
+    not_utf8.set_data_from_numpy(np.array([[b"\xff\xfe"]], dtype=object))
+    refusals = {
+        "wrong dtype": ([wrong_dtype, *inputs(module, prompt="x")], ("num_inference_steps", "FP32", "INT32")),
+        "wrong shape": ([wrong_shape], ("prompt", "shape")),
+        "unknown input": ([unknown, *inputs(module, prompt="x")], ("eta",)),
+        "too many rows": (inputs(module, prompt=["x"] * 9), ("batch-size must be <= 8",)),
+        "prompt not UTF-8": ([not_utf8], ("prompt of row 0 is not UTF-8 text",)),
+    }
+    for name, (tensors, words) in refusals.items():
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("pipeline", tensors)
+        message = refused.value.message()
+        assert all(word in message for word in words) and "\n" not in message, (name, message)
+
+    assert client.is_server_ready() and client.is_model_ready("pipeline")
+    images = infer(client, module, prompt="a red cube", seed=4, **REQUEST)
+    assert_close(images[0], expected(pipe, "a red cube", 4, **REQUEST))
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_images(servers):
+    """8 clients x 4 requests (alternately over HTTP and gRPC) while a 9th sends bad requests: every good
+    request gets the images it gets alone, the bad ones fail alone, and the metrics show fewer pipeline
+    executions than requests (dynamic batching merged some)."""
+    served, pipe = servers("onnx")
+    before = metrics(served)
+    clients, per_client = 8, 4
+    answers, failures = {}, []
+
+    def client_thread(n: int) -> None:
+        module = http if n % 2 == 0 else grpc
+        address = served.ports.http if module is http else served.ports.grpc
+        client = module.InferenceServerClient(f"127.0.0.1:{address}")
+        try:
+            for k in range(per_client):
+                seed = 100 * n + k
+                answers[seed] = infer(client, module, prompt=f"prompt {n}", seed=seed, **REQUEST)
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            client.close()
+
+    def bad_thread() -> None:
+        client = grpc.InferenceServerClient(f"127.0.0.1:{served.ports.grpc}")
+        for k in range(per_client):
+            try:
+                infer(client, grpc, prompt="x", seed=k, **{**REQUEST, "height": 60})
+                failures.append("a bad request was served")
+            except InferenceServerException as exc:
+                if exc.message() != "height=60 must be a positive multiple of 8":
+                    failures.append(exc.message())
+        client.close()
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(clients)]
+    threads.append(threading.Thread(target=bad_thread))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not any(t.is_alive() for t in threads) and not failures, failures
+    assert len(answers) == clients * per_client
+    for seed, images in answers.items():
+        assert_close(images[0], expected(pipe, f"prompt {seed // 100}", seed, **REQUEST))
+
+    # Triton 2.51's Python backend counts a request answered with an error response as a success too
+    after = metrics(served)
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    requests = clients * per_client + per_client
+    assert delta["nv_inference_request_success"] + delta["nv_inference_request_failure"] == requests
+    assert delta["nv_inference_count"] == requests  # one row per request
+    assert delta["nv_inference_exec_count"] < requests, delta  # some executions served two or more requests
+
+
+def test_shutdown_lets_the_request_in_flight_finish(servers):
+    served, _ = servers("torch")  # ~4 s for 100 steps on a 2-core CPU: still running at the signal
+    result = {}
+
+    def long_request() -> None:
+        client = grpc.InferenceServerClient(f"127.0.0.1:{served.ports.grpc}")
+        try:
+            result["images"] = infer(client, grpc, prompt="a red cube", num_inference_steps=100, height=64, width=64)
+        except Exception as exc:
+            result["error"] = exc
+        client.close()
+
+    thread = threading.Thread(target=long_request)
+    served.close_clients()
+    thread.start()
+    time.sleep(1.5)  # the request is running
+    served.process.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    # a request sent after the signal ends at once too: Triton 2.51 refuses it (the model is unloading)
+    late = grpc.InferenceServerClient(f"127.0.0.1:{served.ports.grpc}")
+    started = time.monotonic()
+    try:
+        images = late.infer("pipeline", inputs(grpc, prompt="late", **REQUEST), client_timeout=30).as_numpy("images")
+        assert images.shape == (1, 1, 64, 48, 3)
+    except InferenceServerException as exc:
+        assert "Deadline" not in str(exc), exc  # an error, not the client's timeout
+    assert time.monotonic() - started < 30
+    late.close()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the request in flight hung"
+    assert "error" not in result, result.get("error")
+    assert result["images"].shape == (1, 1, 64, 64, 3) and result["images"].std() > 0
+    assert served.process.wait(60) == 0
+    text = served.output()
+    assert "stopping: requests in flight finish first" in text and "stopped (tritonserver exit status 0)" in text
