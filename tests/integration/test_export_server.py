@@ -312,6 +312,58 @@ def test_generated_model_py_serves_uint8_images_and_one_line_errors(repos, monke
     assert "\n" not in answers[1].error().message()
 
 
+def test_pipeline_layout_holds_the_artifact_and_serves_it_with_load_compiled(compiled, tmp_path, monkeypatch):
+    """Layout "pipeline" (the default for torch artifacts; what `sdcompiler serve` runs): the Python model alone,
+    the artifact hard-linked into it, model.py loading it with load_compiled (run here against the stand-in)."""
+    pipe = compiled("sd15", "torch", "none")
+    repo = export_server(pipe.root, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline"]
+    config = parse_config(repo / "pipeline" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 8 and config.HasField("dynamic_batching")
+    version = repo / "pipeline" / "1"
+    for name in [*pipe.manifest["files"], "manifest.json"]:
+        assert os.path.samefile(version / "artifact" / name, pipe.root / name), name
+    assert "load_compiled(folder / 'artifact', device=None)" in (version / "model.py").read_text()
+
+    pb = fake_pb_utils(None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("served_pipeline_layout", version / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / "pipeline"), "model_version": "1"})
+    request = pb.InferenceRequest(
+        "pipeline",
+        ["images"],
+        [
+            pb.Tensor("prompt", np.array([[b"a red cube"]], dtype=object)),
+            pb.Tensor("num_inference_steps", np.array([[2]], np.int32)),
+            pb.Tensor("seed", np.array([[5]], np.int64)),
+            pb.Tensor("height", np.array([[64]], np.int32)),
+            pb.Tensor("width", np.array([[64]], np.int32)),
+        ],
+        ("cpu", 0),
+    )
+    (answer,) = model.execute([request])
+    expected = pipe(
+        "a red cube",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).images
+    images = answer.outputs["images"].as_numpy()
+    assert images.shape == (1, 1, 64, 64, 3)
+    assert np.abs(images[0].astype(int) - (expected * 255).round().astype(int)).max() <= 1
+
+    onnx_repo = export_server(compiled("sd15", "onnx", "none").root, tmp_path / "onnx", layout="pipeline", device="cpu")
+    assert sorted(p.name for p in onnx_repo.iterdir()) == ["pipeline"]
+    assert "device='cpu'" in (onnx_repo / "pipeline" / "1" / "model.py").read_text()
+    with pytest.raises(ConfigError, match="layout='flat' is not one of components, pipeline"):
+        export_server(pipe.root, tmp_path / "never", layout="flat")
+
+
 def test_tensorrt_plan_config_from_a_description():
     """cc_model_filenames and optimization profiles, for the tensorrt target to come (no engine files needed)."""
     unet = ModelSpec(
