@@ -14,7 +14,14 @@ else
 ORT_EXTRA := cpu
 TORCH_SPEC := torch==2.13.0+cpu
 endif
-EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,dev
+EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,serve,dev
+# `sdcompiler serve` runs the Triton Inference Server inside the nvidia-pytriton wheel (x86_64 Linux only).
+# Installed without its dependencies: it declares numpy<2 for pytriton's own Python API, which sdcompiler does
+# not use. Its Python backend stub does need numpy 1 (it garbles tensors under numpy 2): numpy 1.26 goes into
+# a folder of its own that only the stub's path gets (sdcompiler.knobs.triton_stub_site).
+PYTRITON := nvidia-pytriton==0.7.0
+STUB_SITE := $(VENV)/share/sdcompiler/triton-stub-site
+SERVE_PLATFORM := $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo 1 || echo 0)
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
 CHECKPOINT ?=
@@ -32,6 +39,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || \
 	  $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+ifeq ($(SERVE_PLATFORM),1)
+	$(PY) -m pip install -q --no-deps "$(PYTRITON)"
+	$(PY) -m pip install -q --no-deps --upgrade --target "$(STUB_SITE)" numpy==1.26.4
+endif
 	rm -f $(VENV)/.installed-*
 	touch $@
 

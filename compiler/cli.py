@@ -1,4 +1,4 @@
-"""The `sdcompiler` command line: compile, generate, bench, inspect, verify, demo, presets, export-server.
+"""The `sdcompiler` command line: compile, generate, bench, inspect, verify, demo, presets, export-server, serve.
 
 Exit status: 0 on success; 2 for a malformed command line (argparse); 1 for
 every other error, with one plain line on stderr naming the problem and the
@@ -306,10 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind", choices=["GPU", "CPU"], help="where the component models run (default: GPU for TensorRT / fp16 ONNX)"
     )
+    p.add_argument(
+        "--layout",
+        choices=["components", "pipeline"],
+        help="components: one ONNX Runtime / TensorRT model per component + a BLS pipeline model (a full Triton "
+        "image); pipeline: one Python model running load_compiled (any target; what `serve` runs). Default: "
+        "components where the target has them",
+    )
+    p.add_argument("--device", help="layout pipeline: cpu or cuda (default: CUDA when torch sees one)")
     p.add_argument("--python-env", help="EXECUTION_ENV_PATH (packed Python environment) for the pipeline model")
     p.add_argument("--overwrite", action="store_true", help="replace a repository written earlier by export-server")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=cmd_export_server)
+
+    p = sub.add_parser(
+        "serve", parents=[common], help="serve an artifact with the Triton Inference Server from nvidia-pytriton"
+    )
+    p.add_argument("artifact", help="a compiled artifact (any target)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--instances", type=int, default=1, help="instances of the pipeline model (processes)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most rows (prompts) dynamic batching merges")
+    p.add_argument("--log-level", choices=["error", "warning", "info", "verbose"], default="warning")
+    p.add_argument("--device", help="cpu or cuda (default: CUDA when torch sees one)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
+    p.add_argument("--exit-timeout", type=int, default=30, help="seconds requests in flight get at shutdown")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "verify", parents=[common], help="check an artifact's files against its manifest (sha256, paths, graphs)"
@@ -605,6 +630,8 @@ def cmd_export_server(args) -> int:
     repo = export_server(
         args.artifact,
         args.out,
+        layout=args.layout,
+        device=args.device,
         max_batch_size=args.max_batch_size,
         instance_count=args.instances,
         kind=kind,
@@ -616,6 +643,24 @@ def cmd_export_server(args) -> int:
     print(f"wrote {repo} ({', '.join(models)}); {kind} instances ({why})")
     print(f"serve it with: tritonserver --model-repository {repo}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from sdcompiler.triton_server import Ports, serve
+
+    status = serve(
+        args.artifact,
+        ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+        host=args.host,
+        instances=args.instances,
+        max_batch_size=args.max_batch_size,
+        log_level=args.log_level,
+        device=args.device,
+        verify=not args.no_verify,
+        ready_timeout=args.ready_timeout,
+        exit_timeout=args.exit_timeout,
+    )
+    return 0 if status == 0 else 1
 
 
 def cmd_verify(args) -> int:

@@ -10,6 +10,7 @@
 | SDCOMPILER_MAX_IMAGE_SIZE | 4096                   | most pixels per image side in one call    |
 | SDCOMPILER_MAX_BATCH    | 64                       | most images (prompts x per prompt) a call |
 | SDCOMPILER_MEMORY_LIMIT | unset (free memory)      | bytes preflight checks may plan for (4G)  |
+| SDCOMPILER_TRITON_STUB_SITE | <prefix>/share/sdcompiler/triton-stub-site | numpy<2 for the Triton stub |
 
 SDCOMPILER_NUM_THREADS is applied with `torch.set_num_threads` by `compile_pipeline`, `load_compiled` and
 `benchmark`, and ONNX Runtime sessions get the count torch then uses, set or not: one setting for both, so a
@@ -101,3 +102,14 @@ def memory_limit() -> int | None:
 
         raise ConfigError(f"SDCOMPILER_MEMORY_LIMIT={value!r} must be a size such as 8G or 500M")
     return int(number)
+
+
+def triton_stub_site() -> Path:
+    """SDCOMPILER_TRITON_STUB_SITE: a folder holding numpy 1.26 alone, put first on the Triton Python backend
+    stub's path (the stub in nvidia-pytriton 0.7.0 reads numpy arrays through a numpy-1 struct layout and
+    corrupts them under numpy 2). Default: <sys.prefix>/share/sdcompiler/triton-stub-site, where
+    `make install` puts it."""
+    import sys
+
+    default = Path(sys.prefix) / "share" / "sdcompiler" / "triton-stub-site"
+    return Path(os.environ.get("SDCOMPILER_TRITON_STUB_SITE", default)).expanduser()

@@ -57,6 +57,17 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def unsupported_arguments_message(names) -> str:
+    """The one line a call with arguments outside SUPPORTED_ARGUMENTS gets (the served model's too)."""
+    hint = ""
+    if {"callback", "callback_steps"} & set(names):
+        hint = " (diffusers' deprecated callback: use callback_on_step_end)"
+    return (
+        f"unsupported argument(s) {', '.join(sorted(names))} for a compiled pipeline{hint}; "
+        f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
+    )
+
+
 @dataclass
 class CompiledPipelineOutput:
     images: Any
@@ -246,6 +257,59 @@ class CompiledPipeline:
         passes = ", ".join(p["name"] for p in self.manifest["passes"]) or "no passes"
         return f"CompiledPipeline({self.arch}, target={self.target}, {passes}, root={str(self.root)!r})"
 
+    def check(
+        self,
+        prompt=None,
+        num_images_per_prompt=1,
+        output_type="pil",
+        num_inference_steps=None,
+        timesteps=None,
+        guidance_scale=None,
+        height=None,
+        width=None,
+        image=None,
+        strength=None,
+        generator=None,
+        latents=None,
+        negative_prompt=None,
+        feature_cache=True,
+        prompt_embeds=None,
+        eta=0.0,
+        callback_on_step_end=None,
+        **unsupported,
+    ) -> None:
+        """Refuse the arguments `__call__` refuses before it runs anything, with the same one-line
+        PipelineArgumentError, and run nothing (a server checks each request of a batch this way before it
+        runs the batch)."""
+        if unsupported:
+            raise PipelineArgumentError(unsupported_arguments_message(unsupported))
+        if prompt is None and prompt_embeds is None:
+            raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
+        if not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+            raise PipelineArgumentError(f"eta={eta!r} must be a finite number >= 0 (DDIM's; 0 is deterministic)")
+        if callback_on_step_end is not None:
+            self._step_callback(callback_on_step_end)  # refuses what it cannot run
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineArgumentError(
+                f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
+            )
+        check_call(
+            self.manifest,
+            prompt=prompt,
+            prompt_embeds=prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            image=image,
+            strength=strength,
+            generator=generator,
+            latents=latents,
+            device=self.device,
+        )
+
     def __call__(
         self,
         prompt=None,
@@ -283,29 +347,12 @@ class CompiledPipeline:
         `callback_on_step_end(pipe, i, t, tensors) -> dict` with `callback_on_step_end_tensor_inputs` (latents,
         prompt_embeds, add_text_embeds, add_time_ids; setting `pipe._interrupt = True` skips the remaining
         steps), `return_dict=False` (a tuple: SD `(images, None)`, SDXL `(images,)`)."""
-        if unsupported:
-            hint = ""
-            if {"callback", "callback_steps"} & set(unsupported):
-                hint = " (diffusers' deprecated callback: use callback_on_step_end)"
-            raise PipelineArgumentError(
-                f"unsupported argument(s) {', '.join(sorted(unsupported))} for a compiled pipeline{hint}; "
-                f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
-            )
-        if prompt is None and prompt_embeds is None:
-            raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
-        if not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
-            raise PipelineArgumentError(f"eta={eta!r} must be a finite number >= 0 (DDIM's; 0 is deterministic)")
-        on_step_end = None
-        if callback_on_step_end is not None:
-            on_step_end = self._step_callback(callback_on_step_end)
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineArgumentError(
-                f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
-            )
-        check_call(
-            self.manifest,
+        self.check(
             prompt=prompt,
             prompt_embeds=prompt_embeds,
+            eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            output_type=output_type,
             num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps,
             timesteps=timesteps,
@@ -316,8 +363,9 @@ class CompiledPipeline:
             strength=strength,
             generator=generator,
             latents=latents,
-            device=self.device,
+            **unsupported,
         )
+        on_step_end = None if callback_on_step_end is None else self._step_callback(callback_on_step_end)
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
         if negative_prompt is not None and self.components.guidance_embedding_dim is not None:

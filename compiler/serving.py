@@ -2,19 +2,29 @@
 
     export_server("out/", "repo/", max_batch_size=8, instance_count=1, kind="GPU")  # kind None: the artifact's
     tritonserver --model-repository repo/
+    sdcompiler serve out/      # layout "pipeline" on the server in the nvidia-pytriton wheel (`triton_server`)
 
-The repository holds one model per component (for an `onnx` artifact:
-`onnxruntime_onnx` models `text_encoder[_2]`, `unet` (for a deepcache artifact
-`unet_refresh` and `unet_shallow` instead, the graphs its loop runs), and
-`vae_decoder`, their ONNX files hard-linked from the artifact when it lies on
-the same filesystem, copied otherwise) and a Python-backend model `pipeline`
-that serves text-to-image: `prompt` (TYPE_STRING) plus optional
-`negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `height`,
-`width` -> `image` (uint8, N x H x W x 3). Its loop is sd-compiler's own
-(`sampling.generate`, through `runtime.CompiledPipeline`, so the artifact's
-defaults apply: steps, guidance, a recorded timestep schedule, the feature
-cache); each component call is a BLS request to a sibling model. A denoising
-loop cannot be a Triton ensemble, hence the Python model.
+Two layouts, one request interface (`PIPELINE_INPUTS` -> `PIPELINE_OUTPUTS`, served by a Python-backend model
+`pipeline` whose `execute` is `triton_execute`):
+- "pipeline": that model alone; it runs `load_compiled` on the artifact hard-linked into `pipeline/1/artifact/`
+  (onnx: ONNX Runtime sessions in the backend's process; torch: the torch modules). Any target; what the
+  bundled server (no ONNX Runtime or TensorRT backend) serves.
+- "components" (onnx and tensorrt artifacts, for a full Triton image): one model per component (for an `onnx`
+  artifact: `onnxruntime_onnx` models `text_encoder[_2]`, `unet` (for a deepcache artifact `unet_refresh` and
+  `unet_shallow` instead, the graphs its loop runs), `vae_decoder`, their ONNX
+  files hard-linked from the artifact when it lies on the same filesystem, copied otherwise) and the
+  `pipeline` model, whose component calls are BLS requests to them.
+
+The request: a batch of rows, each one prompt (`prompt`, TYPE_STRING [rows, 1]) with its own optional
+`negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `height`, `width`, `num_images`, `strength`
+([rows, 1] each) and `image` (uint8 [rows, H, W, 3], image-to-image) -> `images` (uint8
+[rows, num_images, H, W, 3]). Image j of a row draws its noise from `seed + j`. Each row is checked with
+`CompiledPipeline.check`, so a bad request gets the Python API's one-line message as a Triton error and fails
+alone. Dynamic batching hands the model concurrent requests together; rows with the same call settings
+(`batch_key`) run as one pipeline call and give the images they give alone. The loop is sd-compiler's own
+(`sampling.generate`, through `runtime.CompiledPipeline`, so the artifact's defaults apply: steps, guidance,
+a recorded timestep schedule, the feature cache). A denoising loop cannot be a Triton ensemble, hence the
+Python model.
 
 Batching: a model batches (`max_batch_size > 0`, dims without the batch) only
 when every input and output has a dynamic leading batch dimension and at
@@ -26,11 +36,13 @@ one-element tensor to a 0-d model input as a scalar, onnxruntime_backend#213).
 The BLS side sends 0-d inputs as shape [1] to match.
 
 The `pipeline` model needs `sd-compiler` (with torch, diffusers, transformers)
-importable in the server's Python: install it into the Triton image, or pack
-an environment and pass its path as `python_env` (the Python backend's
-`EXECUTION_ENV_PATH`). Everything else it reads (tokenizers, scheduler config,
-`model_index.json`, `manifest.json`, `models.json`: the component models'
-inputs and outputs) is copied into `pipeline/1/`.
+importable in the server's Python: model.py starts with the site folders of the
+Python that exported (`environment_prelude`); elsewhere install it into the
+Triton image, or pack an environment and pass its path as `python_env` (the
+Python backend's `EXECUTION_ENV_PATH`). In layout "components" everything else
+it reads (tokenizers, scheduler config, `model_index.json`, `manifest.json`,
+`models.json`: the component models' inputs and outputs) is copied into
+`pipeline/1/`.
 
 A `tensorrt` artifact gives `tensorrt_plan` models instead: the engines
 (`model_sm<cc>.plan`, hard-linked) mapped by GPU compute capability in
@@ -54,29 +66,39 @@ from typing import Callable
 import numpy as np
 
 from sdcompiler.artifact import MANIFEST, check_writable_destination, read_manifest, staged_folder, verify_files
-from sdcompiler.errors import ArtifactError, ConfigError
+from sdcompiler.errors import ArtifactError, ConfigError, PipelineArgumentError, SDCompilerError
 from sdcompiler.passes.errors import resolved_path
 from sdcompiler.targets.served_models import ModelSpec, TensorSpec
 
 PIPELINE = "pipeline"
 VERSION = "1"  # the model version folder Triton serves
 SERVED_MODELS = "models.json"  # pipeline/1/models.json: the component models' specs, for the BLS calls
+ARTIFACT = "artifact"  # pipeline/1/artifact/: the artifact itself (layout "pipeline")
 KINDS = ("GPU", "CPU")
 
 Infer = Callable[[str, dict, list], dict]  # (model name, {input: array}, [output]) -> {output: array}
 
 
-# The pipeline model's request: prompts are its batch; scalars are one-element tensors.
+# The `pipeline` model's request and response, the same in both layouts. A request is a batch of rows, each
+# one prompt with its own settings ([rows, 1] tensors; `image`: [rows, H, W, 3]); `images` comes back as
+# [rows, num_images, H, W, 3]. Every input is optional in the config so that the model, not Triton, answers
+# a missing prompt, with the Python API's message. Triton's dynamic batcher hands the model several
+# requests at once; rows that ask for the same call settings (`batch_key`) run as one pipeline call.
 PIPELINE_INPUTS = (
-    TensorSpec("prompt", "TYPE_STRING", (-1,)),
-    TensorSpec("negative_prompt", "TYPE_STRING", (-1,), optional=True),
-    TensorSpec("num_inference_steps", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("guidance_scale", "TYPE_FP32", (1,), optional=True),
-    TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
-    TensorSpec("height", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("width", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("prompt", "TYPE_STRING", (-1, 1), optional=True),
+    TensorSpec("negative_prompt", "TYPE_STRING", (-1, 1), optional=True),
+    TensorSpec("num_inference_steps", "TYPE_INT32", (-1, 1), optional=True),
+    TensorSpec("guidance_scale", "TYPE_FP32", (-1, 1), optional=True),
+    TensorSpec("seed", "TYPE_INT64", (-1, 1), optional=True),
+    TensorSpec("height", "TYPE_INT32", (-1, 1), optional=True),
+    TensorSpec("width", "TYPE_INT32", (-1, 1), optional=True),
+    TensorSpec("num_images", "TYPE_INT32", (-1, 1), optional=True),
+    TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3), optional=True),
+    TensorSpec("strength", "TYPE_FP32", (-1, 1), optional=True),
 )
-PIPELINE_OUTPUTS = (TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3)),)
+PIPELINE_OUTPUTS = (TensorSpec("images", "TYPE_UINT8", (-1, -1, -1, -1, 3)),)
+CALL_ARGUMENTS = {"num_images": "num_images_per_prompt"}  # input -> pipeline call argument, where they differ
+LAYOUTS = ("components", "pipeline")
 
 _NUMPY_TYPES = {
     "TYPE_FP32": np.float32,
@@ -200,28 +222,37 @@ def export_server(
     artifact: str | Path,
     out: str | Path,
     *,
+    layout: str | None = None,
     max_batch_size: int = 8,
     instance_count: int = 1,
     kind: str | None = None,
+    device: str | None = None,
     python_env: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Write a Triton Inference Server model repository for a compiled `onnx` or `tensorrt` artifact.
+    """Write a Triton Inference Server model repository for a compiled artifact.
 
     The repository appears atomically: it is built in a temporary sibling folder and renamed into
     place, so a failed export leaves nothing at `out` (and an overwritten repository intact).
 
     Args:
-        artifact: the artifact folder (holds manifest.json), compiled with target "onnx" or "tensorrt".
+        artifact: the artifact folder (holds manifest.json).
         out: the model repository folder to write; must be new or empty unless `overwrite`.
-        max_batch_size: max_batch_size of the models that can batch (text encoders, VAE decoder);
-            0 makes every model non-batching.
+        layout: "components" (one model per component, `onnxruntime_onnx` / `tensorrt_plan`, called by the
+            `pipeline` model over BLS: onnx and tensorrt artifacts, for a full Triton image) or "pipeline"
+            (the `pipeline` model alone, running `load_compiled` on a hard-linked copy of the artifact
+            inside the Python backend: any target, and what the server in the nvidia-pytriton wheel runs);
+            None: "components" where the target serves its components, else "pipeline".
+        max_batch_size: max_batch_size of the models that can batch (text encoders, VAE decoder, and the
+            `pipeline` model's rows); 0 makes every model non-batching.
         instance_count: instances per component model (per GPU for "GPU") and of the pipeline model.
         kind: "GPU" or "CPU": where the component models run; None: the artifact's (`default_kind`). The
             pipeline model (the Python loop) always runs on CPU instances.
+        device: layout "pipeline": the `load_compiled` device ("cpu", "cuda"); None: CUDA when torch sees one.
         python_env: the Python backend's EXECUTION_ENV_PATH for the pipeline model (a packed
-            environment with sd-compiler); default: the server's own Python.
+            environment with sd-compiler); default: the server's own Python, given the site folders of
+            the Python that exports (see `environment_prelude`).
         overwrite: replace a model repository earlier written by export-server at `out`.
         verify: check every file of the artifact against its manifest's sha256 first (the default).
 
@@ -233,11 +264,15 @@ def export_server(
     root = resolved_path(artifact, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     target = get_target(manifest["target"])
-    if not target.serves_components:
+    layout = layout or ("components" if target.serves_components else "pipeline")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "components" and not target.serves_components:
         served = [name for name, cls in TARGETS.items() if cls.serves_components]
         raise ArtifactError(
-            f"export-server needs an {' or '.join(served)} artifact; {root} was compiled for target "
-            f"{manifest['target']!r}: recompile it with --target {' (or '.join(served)}{')' * (len(served) - 1)}"
+            f"export-server needs an {' or '.join(served)} artifact for layout 'components'; {root} was compiled "
+            f"for target {manifest['target']!r}: recompile it with --target {' (or '.join(served)}"
+            f"{')' * (len(served) - 1)}, or use --layout pipeline"
         )
     kind = kind or default_kind(manifest)[0]
     if kind not in KINDS:
@@ -246,7 +281,7 @@ def export_server(
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     verify_files(root, manifest, hashes=verify)
-    models = target.serving_models(root, manifest)
+    models = target.serving_models(root, manifest) if layout == "components" else []
     specs = [spec for spec, _ in models]
     pipeline = ModelSpec(
         PIPELINE,
@@ -254,7 +289,6 @@ def export_server(
         PIPELINE_OUTPUTS,
         backend="python",
         parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
-        unbatched_reason="one request runs one sampling loop (its prompts are the batch)",
     )
 
     with _staged_repository(Path(out), overwrite) as repo:
@@ -268,15 +302,18 @@ def export_server(
             )
         version = repo / PIPELINE / VERSION
         version.mkdir(parents=True)
-        for name in ("tokenizer", "tokenizer_2", "scheduler"):
-            if (root / name).is_dir():
-                shutil.copytree(root / name, version / name)
-        for name in ("model_index.json", MANIFEST):
-            shutil.copy2(root / name, version / name)
-        (version / SERVED_MODELS).write_text(json.dumps({s.name: asdict(s) for s in specs}, indent=2) + "\n")
-        (version / "model.py").write_text(MODEL_PY)
+        if layout == "pipeline":  # the whole artifact, hard-linked: load_compiled reads it as it is
+            shutil.copytree(root, version / ARTIFACT, copy_function=_link_or_copy)
+        else:
+            for name in ("tokenizer", "tokenizer_2", "scheduler"):
+                if (root / name).is_dir():
+                    shutil.copytree(root / name, version / name)
+            for name in ("model_index.json", MANIFEST):
+                shutil.copy2(root / name, version / name)
+            (version / SERVED_MODELS).write_text(json.dumps({s.name: asdict(s) for s in specs}, indent=2) + "\n")
+        (version / "model.py").write_text(model_py(layout, device=device))
         (repo / PIPELINE / "config.pbtxt").write_text(
-            model_config(pipeline, max_batch_size=0, kind="CPU", instance_count=instance_count)
+            model_config(pipeline, max_batch_size=max_batch_size, kind="CPU", instance_count=instance_count)
         )
     return Path(out).resolve()
 
@@ -301,7 +338,8 @@ def _staged_repository(out: Path, overwrite: bool):
                     f"output folder {out} is not empty; pass --overwrite to replace a model repository "
                     "written by export-server, or a new folder"
                 )
-            if not (out / PIPELINE / VERSION / MANIFEST).is_file():
+            version = out / PIPELINE / VERSION
+            if not ((version / MANIFEST).is_file() or (version / ARTIFACT / MANIFEST).is_file()):
                 raise ArtifactError(
                     f"output folder {out} is not a model repository written by export-server; "
                     "refusing to replace it: pass a new or empty folder"
@@ -387,42 +425,239 @@ def served_pipeline(root: str | Path, infer: Infer):
     return CompiledPipeline(root, manifest, bls_components(infer, root, manifest), device="cpu")
 
 
-def serve_request(pipeline, get: Callable[[str], np.ndarray | None]) -> np.ndarray:
-    """Run one `pipeline` request; `get(name)` returns an input as numpy, or None when absent.
+def request_rows(get: Callable[[str], np.ndarray | None], parameters: dict | None = None) -> list[dict]:
+    """The rows of one `pipeline` request as pipeline call arguments: one prompt each, with "seed" (default 0)
+    and, for image-to-image, "image" as an (H, W, 3) float array in [0, 1].
 
-    Returns the images as uint8 (N, H, W, 3), rounded as `generate` rounds PIL images. No seed: 0.
+    Args:
+        get: an input by name as numpy (Triton's batched shapes: [rows, 1], `image` [rows, H, W, 3]), or None.
+        parameters: the request's parameters; the served interface takes none, so any is an unsupported
+            argument, refused with the Python API's message.
     """
+    from sdcompiler.runtime import unsupported_arguments_message
+
+    if parameters:
+        raise PipelineArgumentError(unsupported_arguments_message(parameters))
+    arrays = {t.name: get(t.name) for t in PIPELINE_INPUTS}
+    arrays = {name: array for name, array in arrays.items() if array is not None}
+    if not arrays:
+        raise PipelineArgumentError("prompt is required (a string or a list of strings)")
+    rows = [{} for _ in range(len(next(iter(arrays.values()))))]
+    for name, array in arrays.items():
+        if len(array) != len(rows):  # Triton checks this for clients; a direct caller may not
+            raise PipelineArgumentError(f"input {name} has {len(array)} rows, the request {len(rows)}")
+        argument = CALL_ARGUMENTS.get(name, name)
+        for i, row in enumerate(rows):
+            if name == "image":
+                row[argument] = array[i].astype(np.float32) / 255.0
+            elif array.dtype == object or array.dtype.kind == "S":
+                row[argument] = _text(array[i].reshape(-1)[0], name, i)
+            else:
+                row[argument] = array[i].reshape(-1)[0].item()
+    return rows
+
+
+def _text(value, name: str, row: int) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PipelineArgumentError(f"{name} of row {row} is not UTF-8 text") from None
+
+
+def _generators(seed: int, count: int) -> list:
+    """Image j of a row draws from seed + j: a row's images are those of `count` one-image rows."""
     import torch
 
-    arguments = {}
-    for tensor in PIPELINE_INPUTS:
-        value = get(tensor.name)
-        if value is None:
+    return [torch.Generator().manual_seed(seed + j) for j in range(count)]
+
+
+def batch_key(row: dict) -> tuple:
+    """Rows with equal keys run as one pipeline call: every call setting but the prompts, seeds and images,
+    and whether a negative prompt is given (SDXL zeroes the negative embedding without one)."""
+    image = row.get("image")
+    settings = sorted((k, v) for k, v in row.items() if k not in ("prompt", "negative_prompt", "seed", "image"))
+    return (tuple(settings), "negative_prompt" in row, None if image is None else image.shape)
+
+
+def serve_rows(pipeline, requests: list[list[dict]]) -> list[np.ndarray | Exception]:
+    """Serve a batch of requests (each a list of rows from `request_rows`): uint8 images
+    (rows, num_images, H, W, 3) per request, or the exception that refused or failed it.
+
+    Each row is first checked alone (`CompiledPipeline.check`: the Python API's one-line messages), so a bad
+    request fails alone; the good rows run grouped by `batch_key`, at most SDCOMPILER_MAX_BATCH images per
+    call. When a grouped call fails, its rows run one at a time, so the error reaches only its own request.
+    Image j of a row draws its noise from seed + j, so grouped rows give the images they give alone.
+    """
+    from sdcompiler import knobs
+
+    results: list = [None] * len(requests)
+    images: dict[tuple[int, int], np.ndarray | Exception] = {}
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r, rows in enumerate(requests):
+        try:
+            for row in rows:
+                pipeline.check(**_call_arguments([row]))
+        except Exception as exc:
+            results[r] = exc
             continue
-        if tensor.dtype == "TYPE_STRING":
-            arguments[tensor.name] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+        for i, row in enumerate(rows):
+            groups.setdefault(batch_key(row), []).append((r, i))
+    for members in groups.values():
+        count = requests[members[0][0]][members[0][1]].get("num_images_per_prompt", 1)
+        per_call = max(1, knobs.max_batch() // count)
+        for start in range(0, len(members), per_call):
+            chunk = members[start : start + per_call]
+            try:
+                done = _run(pipeline, [requests[r][i] for r, i in chunk])
+            except Exception as exc:
+                done = [exc] if len(chunk) == 1 else [_run_alone(pipeline, requests[r][i]) for r, i in chunk]
+            images.update(zip(chunk, done))
+    for r, rows in enumerate(requests):
+        if results[r] is not None:
+            continue
+        answers = [images[r, i] for i in range(len(rows))]
+        failed = next((a for a in answers if isinstance(a, Exception)), None)
+        if failed is not None:
+            results[r] = failed
+        elif len({a.shape for a in answers}) > 1:
+            shapes = sorted({"x".join(map(str, a.shape[:3])) for a in answers})
+            results[r] = PipelineArgumentError(
+                f"the rows of one request give images of different counts or sizes ({', '.join(shapes)}); "
+                "send them as separate requests"
+            )
         else:
-            arguments[tensor.name] = value.reshape(-1)[0].item()
-    generator = torch.Generator().manual_seed(int(arguments.pop("seed", 0)))
-    images = pipeline(**arguments, generator=generator, output_type="np").images
-    return (images * 255).round().astype(np.uint8)
+            results[r] = np.stack(answers)
+    return results
 
 
-MODEL_PY = '''\
-"""Triton Python-backend model `pipeline`, written by `sdcompiler export-server`.
+def _call_arguments(rows: list[dict]) -> dict:
+    """One pipeline call's arguments for rows that share a `batch_key`."""
+    first = rows[0]
+    count = first.get("num_images_per_prompt", 1)
+    arguments = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed", "image")}
+    arguments["prompt"] = [row["prompt"] for row in rows] if "prompt" in first else None
+    if "negative_prompt" in first:
+        arguments["negative_prompt"] = [row["negative_prompt"] for row in rows]
+    if "image" in first:  # one image per generated image: each sampled as a lone row samples it
+        arguments["image"] = np.repeat(np.stack([row["image"] for row in rows]), count, axis=0)
+    if isinstance(count, int) and count >= 1:  # else the check refuses num_images first
+        arguments["generator"] = [g for row in rows for g in _generators(int(row.get("seed", 0)), count)]
+    return arguments
 
-Text-to-image with sd-compiler's own sampling loop; each component call is a BLS request to a
-sibling model. Needs `sd-compiler` importable in the server's Python (or the EXECUTION_ENV_PATH
-set at export).
+
+def _run(pipeline, rows: list[dict]) -> list[np.ndarray]:
+    count = rows[0].get("num_images_per_prompt", 1)
+    images = pipeline(**_call_arguments(rows), output_type="np").images
+    images = (images * 255).round().astype(np.uint8)  # as `generate` rounds PIL images
+    return [images[i * count : (i + 1) * count] for i in range(len(rows))]
+
+
+def _run_alone(pipeline, row: dict) -> np.ndarray | Exception:
+    try:
+        return _run(pipeline, [row])[0]
+    except Exception as exc:
+        return exc
+
+
+def one_line(exc: Exception) -> str:
+    """An error as the one line a client gets: sd-compiler's own messages as they are, others with their type."""
+    if isinstance(exc, SDCompilerError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
+
+
+def triton_execute(pipeline, requests: list, pb_utils) -> list:
+    """The `pipeline` model's `execute` (both layouts): Triton requests in, one response per request, a bad
+    request answered by a TritonError carrying its one-line message."""
+    batch, refused = [], {}
+    for n, request in enumerate(requests):
+
+        def get(name, request=request):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        try:
+            batch.append(request_rows(get, json.loads(request.parameters() or "{}")))
+        except Exception as exc:
+            refused[n] = exc
+            batch.append([])
+    served = iter(serve_rows(pipeline, [rows for n, rows in enumerate(batch) if n not in refused]))
+    responses = []
+    for n in range(len(batch)):
+        result = refused[n] if n in refused else next(served)
+        if isinstance(result, Exception):
+            error = pb_utils.TritonError(one_line(result))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+        else:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", result)]))
+    return responses
+
+
+def environment_prelude() -> str:
+    """model.py's first lines: this Python's site folders and the folder `sdcompiler` was imported from go on
+    sys.path, ahead of the backend stub's own.
+
+    The Python backend's stub embeds the system's libpython and ignores PYTHONPATH and virtualenvs. The site
+    folders go through `site.addsitedir`, which also runs their .pth files (an editable install's finder);
+    the package's parent is added only where the package is a plain `sdcompiler/` folder (an installed
+    copy, or a tree laid out as the package): a checkout's root holds `compiler/`, `passes/` and `kernels/`,
+    which must never become importable top-level packages.
+    """
+    import site
+    import sysconfig
+
+    import sdcompiler
+    from sdcompiler import knobs
+
+    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    folders = list(dict.fromkeys(folders))
+    package = Path(sdcompiler.__file__).parent
+    roots = [str(package.parent)] if package.name == "sdcompiler" else []
+    stub_site = knobs.triton_stub_site()
+    numpy1 = [str(stub_site)] if (stub_site / "numpy").is_dir() else []
+    return PRELUDE.format(folders=folders, roots=roots, numpy1=numpy1)
+
+
+def model_py(layout: str, device: str | None = None) -> str:
+    """The `pipeline` model's model.py for a layout (see `export_server`)."""
+    if layout == "pipeline":
+        what = "It runs `load_compiled` on the artifact hard-linked into its version folder (artifact/)."
+        load = f"load_compiled(folder / {ARTIFACT!r}, device={device!r})"
+        imports, infer = "from sdcompiler import load_compiled  # noqa: E402\n", ""
+    else:
+        what = "Its component calls are BLS requests to the sibling models."
+        load = "served_pipeline(folder, _infer)"
+        imports, infer = "", BLS_INFER
+    return MODEL_PY.format(
+        layout=layout, what=what, prelude=environment_prelude(), imports=imports, infer=infer, load=load
+    )
+
+
+PRELUDE = """\
+import site
+import sys
+
+# Written at export from the exporting Python: the Python backend's stub ignores PYTHONPATH and
+# virtualenvs, so that Python's site folders (with their .pth files) and sdcompiler's folder go first.
+SITE_FOLDERS = {folders!r}
+PACKAGE_ROOTS = {roots!r}
+# numpy 1.26 alone (`knobs.triton_stub_site`), ahead of the environment's numpy 2: the stub of nvidia-pytriton
+# 0.7.0 builds and reads numpy arrays with numpy 1's struct layout (under numpy 2 it garbles every tensor)
+NUMPY1 = {numpy1!r} if "numpy" not in sys.modules else []
+_before = list(sys.path)
+for _folder in SITE_FOLDERS:
+    site.addsitedir(_folder)
+_added = [p for p in sys.path if p not in _before]
+_first = [p for p in NUMPY1 + PACKAGE_ROOTS if p not in _before]
+sys.path[:] = _first + _added + [p for p in _before if p not in _added]
 """
 
-import functools
-from pathlib import Path
-
-import triton_python_backend_utils as pb_utils
-
-from sdcompiler.serving import serve_request, served_pipeline
-
+BLS_INFER = """
 
 def _infer(model_name, inputs, outputs):
     response = pb_utils.InferenceRequest(
@@ -434,24 +669,31 @@ def _infer(model_name, inputs, outputs):
     if response.has_error():
         raise pb_utils.TritonModelException(f"{model_name}: {response.error().message()}")
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+"""
 
+MODEL_PY = '''\
+"""Triton Python-backend model `pipeline` (layout "{layout}"), written by sd-compiler's export_server.
 
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+Text-to-image and image-to-image with sd-compiler's own sampling loop; the request and response:
+`sdcompiler.serving.PIPELINE_INPUTS` / `PIPELINE_OUTPUTS`. {what}
+"""
 
+{prelude}
+from pathlib import Path  # noqa: E402
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+{imports}from sdcompiler.serving import served_pipeline, triton_execute  # noqa: E402
+{infer}
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.pipeline = served_pipeline(Path(args["model_repository"]) / args["model_version"], _infer)
+        from sdcompiler import knobs
+
+        knobs.set_quiet(True)  # no progress bars in the server log
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.pipeline = {load}
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                image = serve_request(self.pipeline, functools.partial(_input, request))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", image)]))
-            except Exception as exc:  # a bad request fails alone
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
-        return responses
+        return triton_execute(self.pipeline, requests, pb_utils)
 '''

@@ -44,7 +44,18 @@ ONNX_TO_TRITON = {
 }
 TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64}
 KIND_GPU, KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_GPU, model_config_pb2.ModelInstanceGroup.KIND_CPU
-PIPELINE_INPUTS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "height", "width"]
+PIPELINE_INPUTS = [
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "height",
+    "width",
+    "num_images",
+    "image",
+    "strength",
+]
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +133,13 @@ def test_every_config_parses_and_matches_the_onnx_graphs(repos, arch, recipe):
             assert list(next(t for t in config.input if t.name == "timestep").dims) == [1]
 
     pipeline = configs["pipeline"]
-    assert pipeline.backend == "python" and pipeline.max_batch_size == 0
+    # rows of prompts are its batch: dynamic batching hands it concurrent requests together
+    assert pipeline.backend == "python" and pipeline.max_batch_size == 8 and pipeline.HasField("dynamic_batching")
     assert [t.name for t in pipeline.input] == PIPELINE_INPUTS
-    assert [t.optional for t in pipeline.input] == [False] + [True] * 6
+    assert all(t.optional for t in pipeline.input)  # a missing prompt gets the Python API's message
     assert type_name(pipeline.input[0].data_type) == "TYPE_STRING"
     assert [(o.name, type_name(o.data_type), list(o.dims)) for o in pipeline.output] == [
-        ("image", "TYPE_UINT8", [-1, -1, -1, 3])
+        ("images", "TYPE_UINT8", [-1, -1, -1, 3])
     ]
     assert [g.kind for g in pipeline.instance_group] == [KIND_CPU]
     env = {k: v.string_value for k, v in pipeline.parameters.items()}
@@ -244,6 +256,9 @@ def fake_pb_utils(infer) -> types.ModuleType:
             self.inputs = {t.name(): t for t in inputs}
             assert preferred_memory == ("cpu", 0)
 
+        def parameters(self):
+            return "{}"
+
         def exec(self):
             try:
                 out = infer(self.model_name, {n: t.as_numpy() for n, t in self.inputs.items()}, self.requested)
@@ -272,33 +287,86 @@ def test_generated_model_py_serves_uint8_images_and_one_line_errors(repos, monke
     model.initialize({"model_repository": str(repo / "pipeline"), "model_version": "1"})
 
     def client_request(**inputs):
-        return pb.InferenceRequest("pipeline", ["image"], [pb.Tensor(n, a) for n, a in inputs.items()], ("cpu", 0))
+        return pb.InferenceRequest("pipeline", ["images"], [pb.Tensor(n, a) for n, a in inputs.items()], ("cpu", 0))
 
-    good = client_request(
-        prompt=np.array([b"a red cube", b"a blue ball"], dtype=object),
-        num_inference_steps=np.array([2], np.int32),
-        guidance_scale=np.array([5.0], np.float32),
-        seed=np.array([11], np.int64),
-        height=np.array([64], np.int32),
-        width=np.array([48], np.int32),
+    good = client_request(  # two rows, each with its own seed
+        prompt=np.array([[b"a red cube"], [b"a blue ball"]], dtype=object),
+        num_inference_steps=np.array([[2], [2]], np.int32),
+        guidance_scale=np.array([[5.0], [5.0]], np.float32),
+        seed=np.array([[11], [12]], np.int64),
+        height=np.array([[64], [64]], np.int32),
+        width=np.array([[48], [48]], np.int32),
     )
-    bad = client_request(prompt=np.array([b"a red cube"], dtype=object), height=np.array([60], np.int32))
+    bad = client_request(prompt=np.array([[b"a red cube"]], dtype=object), height=np.array([[60]], np.int32))
     answers = model.execute([good, bad])
 
-    expected = pipe(
-        ["a red cube", "a blue ball"],
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        height=64,
-        width=48,
-        generator=torch.Generator().manual_seed(11),
-        output_type="np",
-    ).images
-    image = answers[0].outputs["image"].as_numpy()
-    assert image.dtype == np.uint8 and image.shape == (2, 64, 48, 3)
-    assert np.abs(image.astype(int) - (expected * 255).round().astype(int)).max() <= 1
+    image = answers[0].outputs["images"].as_numpy()
+    assert image.dtype == np.uint8 and image.shape == (2, 1, 64, 48, 3)
+    for row, (prompt, seed) in enumerate([("a red cube", 11), ("a blue ball", 12)]):
+        expected = pipe(
+            prompt,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            height=64,
+            width=48,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+        assert np.abs(image[row].astype(int) - (expected * 255).round().astype(int)).max() <= 1
     assert answers[1].has_error() and "height=60" in answers[1].error().message()
     assert "\n" not in answers[1].error().message()
+
+
+def test_pipeline_layout_holds_the_artifact_and_serves_it_with_load_compiled(compiled, tmp_path, monkeypatch):
+    """Layout "pipeline" (the default for torch artifacts; what `sdcompiler serve` runs): the Python model alone,
+    the artifact hard-linked into it, model.py loading it with load_compiled (run here against the stand-in)."""
+    pipe = compiled("sd15", "torch", "none")
+    repo = export_server(pipe.root, tmp_path / "repo")
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline"]
+    config = parse_config(repo / "pipeline" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 8 and config.HasField("dynamic_batching")
+    version = repo / "pipeline" / "1"
+    for name in [*pipe.manifest["files"], "manifest.json"]:
+        assert os.path.samefile(version / "artifact" / name, pipe.root / name), name
+    assert "load_compiled(folder / 'artifact', device=None)" in (version / "model.py").read_text()
+
+    pb = fake_pb_utils(None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("served_pipeline_layout", version / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / "pipeline"), "model_version": "1"})
+    request = pb.InferenceRequest(
+        "pipeline",
+        ["images"],
+        [
+            pb.Tensor("prompt", np.array([[b"a red cube"]], dtype=object)),
+            pb.Tensor("num_inference_steps", np.array([[2]], np.int32)),
+            pb.Tensor("seed", np.array([[5]], np.int64)),
+            pb.Tensor("height", np.array([[64]], np.int32)),
+            pb.Tensor("width", np.array([[64]], np.int32)),
+        ],
+        ("cpu", 0),
+    )
+    (answer,) = model.execute([request])
+    expected = pipe(
+        "a red cube",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).images
+    images = answer.outputs["images"].as_numpy()
+    assert images.shape == (1, 1, 64, 64, 3)
+    assert np.abs(images[0].astype(int) - (expected * 255).round().astype(int)).max() <= 1
+
+    onnx_repo = export_server(compiled("sd15", "onnx", "none").root, tmp_path / "onnx", layout="pipeline", device="cpu")
+    assert sorted(p.name for p in onnx_repo.iterdir()) == ["pipeline"]
+    assert "device='cpu'" in (onnx_repo / "pipeline" / "1" / "model.py").read_text()
+    with pytest.raises(ConfigError, match="layout='flat' is not one of components, pipeline"):
+        export_server(pipe.root, tmp_path / "never", layout="flat")
 
 
 def test_tensorrt_plan_config_from_a_description():
@@ -349,8 +417,8 @@ def test_bad_inputs_give_one_line_errors(repos, compiled, tmp_path):
     torch_artifact = tmp_path / "torch-artifact"
     torch_artifact.mkdir()
     (torch_artifact / "manifest.json").write_text(json.dumps({**pipe.manifest, "target": "torch"}))
-    with pytest.raises(ArtifactError, match="needs an onnx .*tensorrt.* target 'torch'") as info:
-        export_server(torch_artifact, tmp_path / "repo")
+    with pytest.raises(ArtifactError, match="needs an onnx .*tensorrt.* target 'torch'.*--layout pipeline") as info:
+        export_server(torch_artifact, tmp_path / "repo", layout="components")
     assert "\n" not in str(info.value)
 
     occupied = tmp_path / "occupied"
