@@ -254,7 +254,7 @@ BAD_REQUESTS = {
     "too many images": (dict(prompt="x", num_images=65), {}, dict(prompt="x", num_images_per_prompt=65)),
     "no images": (dict(prompt="x", num_images=0), {}, dict(prompt="x", num_images_per_prompt=0)),
     "oversized height": (dict(prompt="x", height=8192), {}, dict(prompt="x", height=8192)),
-    "unknown parameter": (dict(prompt="x"), {"eta": 0.5}, dict(prompt="x", eta=0.5)),
+    "unknown parameter": (dict(prompt="x"), {"guidance_rescale": 0.5}, dict(prompt="x", guidance_rescale=0.5)),
 }
 
 
