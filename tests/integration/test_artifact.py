@@ -69,7 +69,10 @@ def test_onnx_artifact_layout(compiled, arch):
     tree = _tree(root)
     assert expected <= tree
     assert not any("partial" in p or p.endswith(".old") or "/tmp" in p for p in tree)
-    assert not any(Path(p).suffix in (".safetensors", ".bin") for p in tree)  # weights live in the ONNX files
+    # weights live in the ONNX files; the one small exception: SD's final text-encoder layer norm (clip_skip)
+    extra = {p for p in tree if Path(p).suffix in (".safetensors", ".bin")}
+    assert extra == (set() if arch == "sdxl" else {"text_encoder/final_layer_norm.safetensors"})
+    assert {"unet/lora_map.json", "text_encoder/lora_map.json"} <= tree  # run-time LoRA switching
     index = json.loads((root / "model_index.json").read_text())
     assert index["_class_name"] == ("StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline")
     for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -177,8 +180,8 @@ def test_onnx_text_encoder_and_vae_signatures(compiled, arch):
         names, inputs, outputs, _ = _signature(root / "text_encoder_2" / "model.onnx")
         assert names == ["input_ids"] and inputs["input_ids"][0] == INT64
         assert outputs == ["text_embeds", "last_hidden_state"] + [f"hidden_states.{i}" for i in range(3)]
-    else:
-        assert outputs == ["last_hidden_state", "pooler_output"]
+    else:  # SD's hidden states too (clip_skip); optimum reads the first two outputs by name
+        assert outputs == ["last_hidden_state", "pooler_output"] + [f"hidden_states.{i}" for i in range(3)]
     names, inputs, outputs, described = _signature(root / "vae_decoder" / "model.onnx")
     assert names == ["latent_sample"] and inputs["latent_sample"][0] == FLOAT
     assert outputs == ["sample"] and described["sample"][0] == FLOAT
