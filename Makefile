@@ -14,13 +14,14 @@ else
 ORT_EXTRA := cpu
 TORCH_SPEC := torch==2.13.0+cpu
 endif
-EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,dev
+EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,bench,dev
 STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
 CHECKPOINT ?=
 RECIPE ?=
 TARGET ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test test-fast lint format bench install clean
 
@@ -55,8 +56,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
+# the report (benchmarks/bench_report.py): our variants and the peers on the full SD1.5 architecture, JSON +
+# Markdown + plots in benchmarks/results/; e.g. BENCH_ARGS="--tiny" or BENCH_ARGS="--variants none:onnx --peers ''"
 bench: $(STAMP)
-	$(PY) benchmarks/bench_compile_sd15.py
+	$(PY) benchmarks/bench_report.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out
