@@ -377,6 +377,9 @@ def run(args) -> dict:
     }
     results["checkpoint_build"] = checkpoint_build
     skipped: dict[str, str] = {p: "not asked for (--peers)" for p in ALL_PEERS if p not in peers_asked}
+    for item in args.left_out:  # NAME=REASON: a default subject this run leaves out, and why
+        name, _, reason = item.partition("=")
+        skipped[name] = f"left out of this run: {reason}"
     builds: dict[str, tuple[Path, dict]] = {}
 
     # 1. build or reuse everything (compiles are not timed with the measurements)
@@ -732,6 +735,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=NAME)
+    parser.add_argument(
+        "--left-out",
+        action="append",
+        default=[],
+        metavar="NAME=REASON",
+        help="a subject this run leaves out and why (listed under skipped); repeatable",
+    )
     parser.add_argument("--debug", action="store_true", help="print the traceback of a subject that cannot run")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch4_repeats < 0:
