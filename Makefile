@@ -14,7 +14,7 @@ else
 ORT_EXTRA := cpu
 TORCH_SPEC := torch==2.13.0+cpu
 endif
-EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,serve,dev
+EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,serve,bench,dev
 # `sdcompiler serve` runs the Triton Inference Server inside the nvidia-pytriton wheel (x86_64 Linux only).
 # Installed without its dependencies: it declares numpy<2 for pytriton's own Python API, which sdcompiler does
 # not use. Its Python backend stub does need numpy 1 (it garbles tensors under numpy 2): numpy 1.26 goes into
@@ -28,6 +28,7 @@ CHECKPOINT ?=
 RECIPE ?=
 TARGET ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test test-fast lint format bench install clean
 
@@ -66,8 +67,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
+# the report (benchmarks/bench_report.py): our variants and the peers on the full SD1.5 architecture, JSON +
+# Markdown + plots in benchmarks/results/; e.g. BENCH_ARGS="--tiny" or BENCH_ARGS="--variants none:onnx --peers ''"
 bench: $(STAMP)
-	$(PY) benchmarks/bench_compile_sd15.py
+	$(PY) benchmarks/bench_report.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out
