@@ -46,9 +46,14 @@ def test_calibration_and_finetuning_beat_rtn(quantized, arch):
     )
     assert m["sqnr_calibrated_db"] >= m["sqnr_rtn_db"] + 3
     if arch == "sd15":  # finetuning pays off here (tiny sd15: calibrated 11.38 dB -> finetuned 11.54 dB)
-        assert m["finetune_kept"] == 1.0 and m["sqnr_db"] == m["sqnr_finetuned_db"] > m["sqnr_calibrated_db"]
-    else:  # tiny sdxl: finetuning loses 0.02 dB (11.88 -> 11.86) on the held-out prompt, so the calibrated model is restored exactly
-        assert m["finetune_kept"] == 0.0 and m["sqnr_finetuned_db"] < m["sqnr_calibrated_db"]
+        assert m["finetune_kept"] == 1.0
+    # the finetuned model is kept only when it beats the calibrated one on the held-out prompt, else the calibrated
+    # model is restored exactly. Tiny sdxl sits at the edge: 11.88 -> 11.86 dB (restored) on one CPU, 12.09 ->
+    # 12.16 dB (kept) on another (oneDNN's kernels differ by ISA), so the rule is checked, not the branch.
+    if m["finetune_kept"] == 1.0:
+        assert m["sqnr_db"] == m["sqnr_finetuned_db"] > m["sqnr_calibrated_db"]
+    else:
+        assert m["finetune_kept"] == 0.0 and m["sqnr_finetuned_db"] <= m["sqnr_calibrated_db"]
         assert m["sqnr_db"] == m["sqnr_calibrated_db"]
     assert m["calibrated_timesteps"] == SMALL["calib_steps"]
     assert m["stage1_loss_last"] > 0 and m["stage2_loss_last"] > 0  # both stages ran: their last losses
