@@ -153,6 +153,11 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def get_pass(name: str) -> Pass:
+    if not isinstance(name, str):  # a recipe's `pass: [...]` or `pass: {...}`: not hashable, not a name
+        raise RecipeError(
+            f"a pass name must be a string, got {type(name).__name__} {name!r}; "
+            f"available passes: {', '.join(sorted(_REGISTRY))}"
+        )
     try:
         return _REGISTRY[name]()
     except KeyError:
