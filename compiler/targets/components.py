@@ -24,6 +24,14 @@ FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (c
 LORA_MAP = "lora_map.json"  # next to U-Net and text encoder graphs: the initializer of each LoRA-addressable weight
 
 
+def lora_component(graph: str, text_encoders) -> str | None:
+    """The diffusers component whose LoRA-addressable weights the graph named `graph` holds ("unet" for every
+    U-Net graph: unet, unet_refresh, unet_shallow; a text encoder's own name), or None (VAE graphs)."""
+    if graph.startswith("unet"):
+        return "unet"
+    return graph if graph in text_encoders else None
+
+
 def lora_map_path(graph: Path) -> Path:
     """The LoRA weight map of the graph at `graph`: `lora_map.json` next to a `model.onnx`, `<stem>.lora_map.json`
     next to another graph of the folder (deepcache's `unet/refresh.onnx`)."""

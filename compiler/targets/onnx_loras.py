@@ -27,7 +27,7 @@ import torch
 from sdcompiler.archs import get_arch
 from sdcompiler.errors import ArtifactError, ConfigError
 from sdcompiler.passes.onnx_export import graph_path, initializer_arrays
-from sdcompiler.targets.components import lora_map_path
+from sdcompiler.targets.components import lora_component, lora_map_path
 
 _LORA_KEY = re.compile(
     r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_magnitude)"
@@ -37,11 +37,7 @@ _LORA_KEY = re.compile(
 def lora_graphs(manifest: dict[str, Any], backends: dict) -> dict[str, str]:
     """The graphs that hold LoRA-addressable weights, each with the diffusers component it comes from."""
     encoders = get_arch(manifest["arch"]).text_encoders
-    return {
-        name: ("unet" if name.startswith("unet") else name)
-        for name in backends
-        if name.startswith("unet") or name in encoders
-    }
+    return {name: lora_component(name, encoders) for name in backends if lora_component(name, encoders)}
 
 
 def check_maps(root: Path, graphs: dict[str, str]) -> None:

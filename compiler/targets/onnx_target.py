@@ -62,6 +62,7 @@ from sdcompiler.targets.components import (
     FINAL_NORM,
     OrtModel,
     cache_settings,
+    lora_component,
     lora_map_path,
     make_components,
     ort_feature_cache,
@@ -319,12 +320,12 @@ def export_onnx_stage(
                 paths[export.name] = write_graph_view(paths[export.view_of], path, export.output_names)
             else:
                 paths[export.name] = export_model(export, path.parent, opsets.get(export.name, opset))
-            if export.name.startswith("unet") or export.name in ctx.arch.text_encoders:
+            component = lora_component(export.name, ctx.arch.text_encoders)
+            if component is not None:
                 # a view holds its source's initializers under the same names: its source's map
                 source = export.view_of or export.name
                 if source not in lora_maps:
-                    module = pipe.unet if source.startswith("unet") else getattr(pipe, source)
-                    lora_maps[source] = lora_weight_map(module, paths[source], export.dtype)
+                    lora_maps[source] = lora_weight_map(getattr(pipe, component), paths[source], export.dtype)
                 held = initializer_names(paths[export.name])
                 weights = {k: v for k, v in lora_maps[source].items() if v["initializer"] in held}
                 lora_map_path(paths[export.name]).write_text(
