@@ -752,7 +752,8 @@ def summarize_manifest(manifest: dict) -> str:
     lines.append(f"MACs counted per U-Net forward at {res} px, batch 1")
     for stage in manifest["lowering"]["stages"]:
         detail = ""
-        errors = [r.get("max_abs_error") for r in (stage.get("results") or {}).values() if isinstance(r, dict)]
+        results = stage.get("results") if isinstance(stage.get("results"), dict) else {}  # optional, any JSON
+        errors = [r.get("max_abs_error") for r in results.values() if isinstance(r, dict)]
         if stage["name"] == "verify" and errors and all(isinstance(e, (int, float)) for e in errors):
             detail = f" (max abs error vs torch {max(errors):.2e})"
         lines.append(f"lowering {stage['name']}: {stage['seconds']:.2f} s{detail}")
