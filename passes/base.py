@@ -35,7 +35,8 @@ class QuantizedUNet:
     Attributes:
         backend: "onnxruntime": `onnx_folder` holds the int8 QDQ graph (`model.onnx` [+ `model.onnx.data`])
             that replaces the onnx target's float U-Net export; "modelopt": `pipe.unet` itself carries
-            modelopt's fake quantizers and exports as a Q/DQ graph (target tensorrt).
+            modelopt's fake quantizers (on `layers`) and exports as a Q/DQ graph (target tensorrt) or becomes
+            INT8 / FP8 layers (target torch, `ptq_lowp`).
         precision: "int8" | "fp8".
         settings: how it was made (types, granularity, calibration, excluded layers), for the manifest.
         onnx_folder: the onnxruntime backend's graph folder, in the pass's cache.
@@ -45,6 +46,7 @@ class QuantizedUNet:
     precision: str
     settings: dict[str, Any] = field(default_factory=dict)
     onnx_folder: Path | None = None
+    layers: dict[str, str] = field(default_factory=dict)  # modelopt: the quantized layers, name -> "conv" | "linear"
 
 
 @dataclass
@@ -117,6 +119,9 @@ class Pass:
     # still fits the artifact at run time (`CompiledPipeline.set_loras`); pruning, slimming, fused QKV and
     # quantization do not
     runtime_loras: ClassVar[bool] = False
+    # the torch target stores modules of the pass's own making although the parameter layout stays (ptq's INT8 /
+    # FP8 layers): `rebuild` runs at load as for structural passes
+    deploys_modules: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:

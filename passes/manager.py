@@ -162,5 +162,5 @@ def rebuild(pipe, steps: Sequence[PassStep]) -> None:
     """Re-apply the structure of every structural pass, in recipe order (no weights, no training)."""
     for step in steps:
         pass_ = step.pass_
-        if pass_.changes_structure:
+        if pass_.changes_structure or pass_.deploys_modules:
             pass_.rebuild(pipe, step.config)

@@ -86,7 +86,8 @@ ORT_EXCLUDE = ("time_embedding", "add_embedding", "*.time_emb_proj", "conv_in", 
 class PtqConfig(PassConfig):
     precision: Literal["int8", "fp8"] = "int8"
     # onnxruntime: QDQ graph for ONNX Runtime (target onnx); modelopt: fake-quantized U-Net that the tensorrt
-    # target exports as Q/DQ (TensorRT); auto: modelopt for target tensorrt and for fp8, else onnxruntime
+    # target exports as Q/DQ (TensorRT) and the torch target turns into INT8 / FP8 layers (`ptq_lowp`);
+    # auto: modelopt for targets tensorrt and torch and for fp8, else onnxruntime
     backend: Literal["auto", "onnxruntime", "modelopt"] = "auto"
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     percentile: float = 99.999  # `percentile` calibration: share of the values kept inside the range
@@ -139,12 +140,17 @@ class PtqConfig(PassConfig):
         """The backend this config runs with when compiling for `target`."""
         if self.backend != "auto":
             return self.backend
-        return "modelopt" if target == "tensorrt" or self.precision == "fp8" else "onnxruntime"
+        return "modelopt" if target in ("tensorrt", "torch") or self.precision == "fp8" else "onnxruntime"
 
     def excluded(self, backend: str) -> tuple[str, ...]:
         if self.exclude is not None:
             return self.exclude
         return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
+
+
+def smoothed(config: PtqConfig) -> bool:
+    """Whether the modelopt backend applies SmoothQuant (per-channel input pre-scales on the linear layers)."""
+    return config.precision == "int8" and config.smoothquant_alpha is not None
 
 
 def calibration_resolution(config: PtqConfig, pipe) -> int:
@@ -355,10 +361,12 @@ class Ptq(Pass):
     name = "ptq"
     config_class = PtqConfig
     stage = "quantize"
-    targets = ("onnx", "tensorrt")
+    targets = ("onnx", "tensorrt", "torch")
+    deploys_modules = True  # target torch: INT8 / FP8 layers that `rebuild` makes again at load
     description = (
         "post-training static quantization: INT8 QDQ for ONNX Runtime (U8 activations, S8 per-channel "
-        "weights); INT8 / FP8 Q/DQ through nvidia-modelopt for TensorRT"
+        "weights); INT8 / FP8 through nvidia-modelopt, as Q/DQ for TensorRT or as torch._int_mm / "
+        "torch._scaled_mm layers for the torch target"
     )
 
     def supported_targets(self, config: PtqConfig) -> tuple[str, ...]:
@@ -367,7 +375,7 @@ class Ptq(Pass):
         if config.backend == "onnxruntime":
             return ("onnx",)
         if config.backend == "modelopt" or config.precision == "fp8":
-            return ("tensorrt",)
+            return ("tensorrt", "torch")
         return self.targets
 
     def requires(self, pipe, config: PtqConfig, ctx: PassContext) -> None:
@@ -382,10 +390,15 @@ class Ptq(Pass):
         if backend == "modelopt":
             if config.calibration == "entropy":
                 raise PassError(
-                    "calibration 'entropy' is ONNX Runtime's; the modelopt backend (target tensorrt) "
+                    "calibration 'entropy' is ONNX Runtime's; the modelopt backend (targets tensorrt and torch) "
                     "offers 'minmax' and 'percentile'"
                 )
-            require("modelopt.torch.quantization", "modelopt", "ptq for target tensorrt (and fp8)")
+            if ctx.target == "torch" and config.level >= 4:
+                raise PassError(
+                    "level 4 quantizes attention itself, which only TensorRT's fused FP8 MHA runs; the torch "
+                    "target runs quantized convolutions and linears: use level 3"
+                )
+            require("modelopt.torch.quantization", "modelopt", "ptq for targets tensorrt and torch (and fp8)")
         else:
             require("onnxruntime", "cpu", "ptq int8 for target onnx")  # or [gpu]: onnxruntime-gpu
             check_calibration_memory(pipe, config, calibration_resolution(config, pipe))
@@ -401,6 +414,14 @@ class Ptq(Pass):
         record = json.loads((folder / "metrics.json").read_text())
         ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
         return record["metrics"] | {"resolution": resolution}
+
+    def rebuild(self, pipe, config: PtqConfig) -> None:
+        """Target torch: the INT8 / FP8 layers the artifact stores, empty (filled by the stored state)."""
+        from sdcompiler.passes import ptq_modelopt as mo
+        from sdcompiler.passes.ptq_lowp import lowp_modules
+
+        layers = mo.selected_layers(pipe.unet, config.level, config.excluded("modelopt"))
+        lowp_modules(pipe.unet, layers, config.precision, smoothed(config), empty=True)
 
     def _trajectories(
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
@@ -475,7 +496,7 @@ class Ptq(Pass):
             "exclude": list(exclude),
             "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",
         }
-        ctx.products.unet_quantization = QuantizedUNet("modelopt", config.precision, settings)
+        ctx.products.unet_quantization = QuantizedUNet("modelopt", config.precision, settings, layers=dict(layers))
         return {
             "sqnr_db": sqnr_db(reference, estimate),
             "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],

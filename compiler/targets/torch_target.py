@@ -35,10 +35,10 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.artifact import confined
-from sdcompiler.errors import ArtifactError
+from sdcompiler.errors import ArtifactError, LoweringError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
-from sdcompiler.passes import PassConfig
+from sdcompiler.passes import PassConfig, QuantizedUNet
 from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, check_runtime_loras, write_pipeline_files
 from sdcompiler.targets.components import (
@@ -81,6 +81,10 @@ class TorchTarget(Target):
 
         records: list[StageRecord] = []
         dtype = DTYPES[config.precision]
+        quantized = ctx.products.unet_quantization
+        fixed: set[str] = set()
+        if quantized is not None:
+            fixed = low_precision_stage(records, pipe, quantized, ctx)
         with Stage(records, "save_weights", {"precision": config.precision}) as stage:
             for name in ctx.arch.text_encoders:
                 getattr(pipe, name).to(dtype).save_pretrained(out / name, safe_serialization=True)
@@ -93,8 +97,8 @@ class TorchTarget(Target):
                 )
             )
             packed = pack_quantized(pipe.unet)  # QuEST: packed integer weights instead of float ones
-            state = {
-                k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+            state = {  # INT8 / FP8 codes and their fp32 scales keep their dtypes
+                k: (v.detach().to(dtype) if v.is_floating_point() and k not in fixed else v.detach()).contiguous()
                 for k, v in pipe.unet.state_dict().items()
             }
             save_file(state, str(out / UNET_WEIGHTS), metadata={"format": "pt"})
@@ -177,6 +181,32 @@ class TorchTarget(Target):
             )
             raise
         return changed
+
+
+def low_precision_stage(records: list[StageRecord], pipe, quantized: QuantizedUNet, ctx: LowerContext) -> set[str]:
+    """The ptq pass's calibrated modelopt U-Net -> INT8 / FP8 layers (`ptq_lowp`), in place; returns the state
+    names that keep their dtype. Records the layers, the kernel each runs on CPU and CUDA, and the share of the
+    U-Net's MACs that runs in low precision."""
+    if quantized.backend != "modelopt":
+        raise LoweringError(
+            f"the torch target runs modelopt's calibrated U-Net as INT8 / FP8 layers, not a {quantized.backend} "
+            "graph; use ptq backend modelopt (the default for target torch)"
+        )
+    from sdcompiler.passes import count_macs
+    from sdcompiler.passes.ptq_lowp import fixed_dtype_tensors, layer_kernels, layer_macs, lowp_modules
+
+    settings = {"precision": quantized.precision, "from": "modelopt fake quantizers"}
+    with Stage(records, "quantize_layers", settings) as stage:
+        resolution = tuple(ctx.source_unet_config.get("sample_size", 64) * pipe.vae_scale_factor for _ in "hw")
+        low, total = layer_macs(
+            pipe.unet, quantized.layers, lambda unet: count_macs(unet, resolution, pipe.vae_scale_factor)
+        )
+        smoothed = isinstance(quantized.settings.get("algorithm"), dict)
+        stage.results["layers"] = lowp_modules(pipe.unet, quantized.layers, quantized.precision, smoothed)
+        stage.results["kernels"] = {device: layer_kernels(pipe.unet, device) for device in ("cpu", "cuda")}
+        stage.results["low_precision_macs_share"] = round(low / total, 4)
+        stage.results["macs_resolution"] = list(resolution)
+    return fixed_dtype_tensors(pipe.unet)
 
 
 def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:
