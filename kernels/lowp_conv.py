@@ -7,7 +7,7 @@ one float32 dequantisation scale per output channel, `scale[n] = input_scale * w
     y[b, n, oh, ow]   = out_dtype(float32(acc) * scale[n] + float32(bias[n]))
 
 with zero padding (input positions outside the image contribute 0: a padded 0 is the code of 0 in both formats,
-so padding commutes with quantisation). `acc` is exact: int32 for int8 (each product is below 2^14 in magnitude,
+so padding commutes with quantisation). `acc` is exact: int32 for int8 (each product is at most 2^14 in magnitude,
 so no overflow while K = C*kh*kw < 2^17), float32 for fp8 (each product of two e4m3 values has at most 8
 significant bits and is exact in fp32; only the sum rounds). The epilogue multiplies, then adds, in fp32 without
 FMA contraction (`enable_fp_fusion=False`), so for int8 the kernel's output equals the reference's bit for bit.
@@ -22,13 +22,18 @@ operand order int8 / fp8 tensor cores take; no prepared copy is needed.
 
 fp8 on Hopper: Triton's default for fp8 x fp8 -> fp32 `tl.dot` on sm_90 accumulates in the tensor core's reduced
 precision all the way along K (`max_num_imprecise_acc = 2^30`); the kernel passes `max_num_imprecise_acc =
-min(32, BLOCK_K)` so partial sums are promoted into the fp32 accumulator every 32 products (the
-"no fast-accum" behaviour of `torch._scaled_mm`).
+min(32, BLOCK_K)` so partial sums are promoted into the fp32 accumulator every 32 products (as
+`torch._scaled_mm(..., use_fast_accum=False)` does).
 
 Under `TRITON_INTERPRET=1` (Triton 3.9) both dots run as they are written: int8 x int8 via `np.matmul(...,
 dtype=int32)` (exact), fp8 via an exact fp16 upcast then `np.matmul(..., dtype=float32)`, so no interpreter-only
 kernel code path exists here. One launcher-side workaround: the interpreter casts fp32 -> bf16 by truncation (the
 GPU rounds to nearest even), so under it a bf16 output is stored as fp32 and rounded by torch.
+
+Status: checked against the reference under the interpreter, and compiled ahead of time for sm_90 (the tests find
+`wgmma ... s32.s8.s8` / `f32.e4m3.e4m3` in its PTX); not yet run or timed on a GPU, so the CUDA tiles in
+`conv_blocks` are a starting point. The input is read NCHW (the op's contract); a channels-last input would make
+the A tile's K axis contiguous and is the first thing to try for speed.
 
 Functions: `conv2d_lowp_reference` (pure torch, the spec) and `conv2d_lowp_triton` (the kernel; CUDA tensors, or
 CPU tensors under the interpreter), same signature.
@@ -220,6 +225,7 @@ def _kernel():
         DIL_W: tl.constexpr,
         IS_INT: tl.constexpr,
         ZERO: tl.constexpr,
+        FP8_PROMOTE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -277,8 +283,8 @@ def _kernel():
             if IS_INT:
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
             else:
-                # promote the tensor core's partial sums into fp32 every 32 products (sm_90; ignored elsewhere)
-                acc = tl.dot(a, w, acc, max_num_imprecise_acc=min(32, BLOCK_K))
+                # promote the tensor core's partial sums into fp32 every FP8_PROMOTE products (sm_90 only)
+                acc = tl.dot(a, w, acc, max_num_imprecise_acc=FP8_PROMOTE)
 
         out = acc.to(tl.float32) * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
@@ -349,6 +355,7 @@ def _launch(
         DIL_W=int(dilation[1]),
         IS_INT=xq.dtype == torch.int8,
         ZERO=0 if xq.dtype == torch.int8 else 0.0,  # the fill of masked loads: Triton casts no int to fp8
+        FP8_PROMOTE=min(32, blocks.block_k),  # must not exceed the dot's K
         HAS_BIAS=bias is not None,
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
