@@ -35,6 +35,16 @@ ALIGN = 16  # K and N padded to a multiple of this (covers _int_mm's 8 and _scal
 MIN_ROWS = 17  # _int_mm on CUDA needs M > 16
 
 
+def multiplier(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / step for `amax` in fp32, computed as modelopt computes it, so that codes agree at rounding ties: int8
+    divides `tensor(127) / amax`; fp8 writes `448.0 / amax`, which torch evaluates as `448 * (1 / amax)`.
+    A zero amax gives multiplier 0 (every code 0), as modelopt's zero-range handling does."""
+    amax = amax.float()
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    mult = torch.full_like(safe, QMAX[dtype]) / safe if dtype == INT8 else QMAX[dtype] / safe
+    return torch.where(amax > 0, mult, torch.zeros_like(mult))
+
+
 def quantize(x: torch.Tensor, mult: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` in `dtype` codes: int8 round-half-even and clamp to [-128, 127], or fp8 E4M3 after clamping to +-448.
     `mult` (scalar, or per last-dim channel) is 1 / step, multiplied in fp32 as modelopt does."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sdcompiler.kernels.lowp import FP8, INT8, QMAX, conv2d_lowp, conv_kernel, linear_lowp, quantize
+from sdcompiler.kernels.lowp import FP8, INT8, QMAX, conv2d_lowp, conv_kernel, linear_lowp, multiplier, quantize
 
 DTYPES = {"int8": INT8, "fp8": FP8}
 _FIXED = ("qweight", "act_mult", "scale")  # tensors whose dtype `.to(dtype)` must not change
@@ -117,14 +117,12 @@ def _from_quantized(module: torch.nn.Module, precision: str, smoothed: bool) -> 
     weight = module.weight.detach().float()
     w_amax = wq.amax.detach().float().reshape(-1)  # (N,) per channel (int8) or (1,) per tensor (fp8)
     x_amax = inq.amax.detach().float().reshape(())
-    w_mult = torch.where(w_amax > 0, qmax / w_amax, torch.zeros_like(w_amax))
-    codes = quantize(weight.reshape(weight.shape[0], -1) * w_mult.reshape(-1, 1), torch.ones(()), dtype)
+    codes = quantize(weight.reshape(weight.shape[0], -1), multiplier(w_amax, dtype).reshape(-1, 1), dtype)
     qweight = codes.reshape(weight.shape)
-    x_step = x_amax / qmax
-    scale = x_step * (w_amax / qmax)
+    scale = (x_amax / qmax) * (w_amax / qmax)  # activation step x weight step
     if precision == "fp8":
         scale = scale.reshape(())
-    mult = (qmax / x_amax).reshape(())
+    mult = multiplier(x_amax, dtype)
     bias = None if module.bias is None else module.bias.detach().float().clone()
     if isinstance(module, torch.nn.Linear):
         pre = inq.pre_quant_scale
