@@ -20,8 +20,8 @@ import torch
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (the [modelopt] extra)")
 
 from sdcompiler.errors import PassError  # noqa: E402
-from sdcompiler.passes import PassContext, get_pass  # noqa: E402
 from sdcompiler.kernels.lowp import multiplier, quantize  # noqa: E402
+from sdcompiler.passes import PassContext, get_pass  # noqa: E402
 from sdcompiler.passes.accounting import unet_example_inputs  # noqa: E402
 from sdcompiler.passes.ptq_lowp import LowpConv2d, LowpLinear, lowp_modules  # noqa: E402
 from sdcompiler.passes.training import sqnr_db  # noqa: E402
