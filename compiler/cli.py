@@ -23,6 +23,10 @@ from sdcompiler.version import __version__
 DEMO_RECIPES = {"sd15": ["bk-small", "fuse-qkv"], "sd21": ["bk-small", "fuse-qkv"], "sdxl": ["koala-700m", "fuse-qkv"]}
 DEMO_PROMPTS = ("a red cube on a wooden table, studio light",)
 NO_VERIFY = "skip the sha256 check of the artifact's files (faster start; paths and graphs are still checked)"
+LORA_DIR_HELP = (
+    "a folder of NAME.safetensors LoRAs (torch and onnx artifacts): a request's loras input names them, "
+    '"NAME[:SCALE],..."; each row runs with exactly the LoRAs it names'
+)
 TARGETS = {
     "onnx": "ONNX graphs in optimum's diffusers layout, run by ONNX Runtime (CPU or CUDA); export-server serves them",
     "torch": "safetensors weights rebuilt into PyTorch modules; torch.compile / CUDA graphs options, run-time LoRAs",
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="layout pipeline: cpu or cuda (default: CUDA when torch sees one)")
     p.add_argument("--python-env", help="EXECUTION_ENV_PATH (packed Python environment) for the pipeline model")
+    p.add_argument("--lora-dir", help=LORA_DIR_HELP + " (layout pipeline)")
     p.add_argument("--overwrite", action="store_true", help="replace a repository written earlier by export-server")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=cmd_export_server)
@@ -331,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="most rows (prompts) dynamic batching merges")
     p.add_argument("--log-level", choices=["error", "warning", "info", "verbose"], default="warning")
     p.add_argument("--device", help="cpu or cuda (default: CUDA when torch sees one)")
+    p.add_argument("--lora-dir", help=LORA_DIR_HELP)
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds requests in flight get at shutdown")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
@@ -636,6 +642,7 @@ def cmd_export_server(args) -> int:
         instance_count=args.instances,
         kind=kind,
         python_env=args.python_env,
+        lora_dir=args.lora_dir,
         overwrite=args.overwrite,
         verify=not args.no_verify,
     )
@@ -656,6 +663,7 @@ def cmd_serve(args) -> int:
         max_batch_size=args.max_batch_size,
         log_level=args.log_level,
         device=args.device,
+        lora_dir=args.lora_dir,
         verify=not args.no_verify,
         ready_timeout=args.ready_timeout,
         exit_timeout=args.exit_timeout,

@@ -17,7 +17,8 @@ Two layouts, one request interface (`PIPELINE_INPUTS` -> `PIPELINE_OUTPUTS`, ser
 
 The request: a batch of rows, each one prompt (`prompt`, TYPE_STRING [rows, 1]) with its own optional
 `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `height`, `width`, `num_images`, `strength`
-([rows, 1] each) and `image` (uint8 [rows, H, W, 3], image-to-image) -> `images` (uint8
+([rows, 1] each), `image` (uint8 [rows, H, W, 3], image-to-image) and `loras` ("NAME[:SCALE],...": LoRAs
+from the folder the server was started with, `lora_dir`; layout "pipeline") -> `images` (uint8
 [rows, num_images, H, W, 3]). Image j of a row draws its noise from `seed + j`. Each row is checked with
 `CompiledPipeline.check`, so a bad request gets the Python API's one-line message as a Triton error and fails
 alone. Dynamic batching hands the model concurrent requests together; rows with the same call settings
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -95,9 +97,11 @@ PIPELINE_INPUTS = (
     TensorSpec("num_images", "TYPE_INT32", (-1, 1), optional=True),
     TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3), optional=True),
     TensorSpec("strength", "TYPE_FP32", (-1, 1), optional=True),
+    TensorSpec("loras", "TYPE_STRING", (-1, 1), optional=True),
 )
 PIPELINE_OUTPUTS = (TensorSpec("images", "TYPE_UINT8", (-1, -1, -1, -1, 3)),)
-CALL_ARGUMENTS = {"num_images": "num_images_per_prompt"}  # input -> pipeline call argument, where they differ
+CALL_ARGUMENTS = {"num_images": "num_images_per_prompt"}
+LORA_DIR = "lora_dir"  # the pipeline model's config parameter: the server's LoRA folder  # input -> pipeline call argument, where they differ
 LAYOUTS = ("components", "pipeline")
 
 _NUMPY_TYPES = {
@@ -228,6 +232,7 @@ def export_server(
     kind: str | None = None,
     device: str | None = None,
     python_env: str | None = None,
+    lora_dir: str | Path | None = None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> Path:
@@ -253,6 +258,8 @@ def export_server(
         python_env: the Python backend's EXECUTION_ENV_PATH for the pipeline model (a packed
             environment with sd-compiler); default: the server's own Python, given the site folders of
             the Python that exports (see `environment_prelude`).
+        lora_dir: layout "pipeline": a folder of `NAME.safetensors` LoRAs that requests name in their `loras`
+            input (the config's `lora_dir` parameter: its absolute path, read when the model loads).
         overwrite: replace a model repository earlier written by export-server at `out`.
         verify: check every file of the artifact against its manifest's sha256 first (the default).
 
@@ -280,16 +287,18 @@ def export_server(
     for name, value, least in (("max_batch_size", max_batch_size, 0), ("instance_count", instance_count, 1)):
         if not isinstance(value, int) or value < least:
             raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    parameters = {"EXECUTION_ENV_PATH": python_env} if python_env else {}
+    if lora_dir is not None:
+        if layout != "pipeline":
+            raise ConfigError(
+                "lora_dir needs layout 'pipeline' (the components layout's U-Net is a fixed ONNX Runtime / TensorRT "
+                "model that run-time LoRAs cannot switch); pass --layout pipeline"
+            )
+        parameters[LORA_DIR] = str(LoraFolder(lora_dir).folder)
     verify_files(root, manifest, hashes=verify)
     models = target.serving_models(root, manifest) if layout == "components" else []
     specs = [spec for spec, _ in models]
-    pipeline = ModelSpec(
-        PIPELINE,
-        PIPELINE_INPUTS,
-        PIPELINE_OUTPUTS,
-        backend="python",
-        parameters={"EXECUTION_ENV_PATH": python_env} if python_env else {},
-    )
+    pipeline = ModelSpec(PIPELINE, PIPELINE_INPUTS, PIPELINE_OUTPUTS, backend="python", parameters=parameters)
 
     with _staged_repository(Path(out), overwrite) as repo:
         for spec, files in models:
@@ -457,6 +466,42 @@ def request_rows(get: Callable[[str], np.ndarray | None], parameters: dict | Non
     return rows
 
 
+class LoraFolder:
+    """The LoRAs a server offers: `NAME.safetensors` files in one folder (configured at start, `lora_dir`), named
+    in requests as "NAME[:SCALE],NAME[:SCALE]" (the order fuses as given; scale 1 when left out)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).resolve()
+        if not self.folder.is_dir():
+            raise ConfigError(f"lora_dir {folder} is not a folder; pass a folder of NAME.safetensors LoRA files")
+
+    def names(self) -> list[str]:
+        files = self.folder.glob("*.safetensors")
+        return sorted(p.stem for p in files if p.is_file() and p.resolve().is_relative_to(self.folder))
+
+    def resolve(self, text: str) -> tuple[tuple[str, float], ...]:
+        """The (path, scale) pairs a request's `loras` names; "" names none (the artifact's own weights)."""
+        loras = []
+        for entry in (part.strip() for part in text.split(",")):
+            if not entry:
+                continue
+            name, _, scale = entry.partition(":")
+            try:
+                weight = float(scale) if scale else 1.0
+            except ValueError:
+                raise PipelineArgumentError(f"loras entry {entry!r}: the scale after ':' is not a number") from None
+            path = self.folder / f"{name}.safetensors"  # a plain name: no folder, no "..", nothing hidden
+            plain = re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
+            if not plain or not path.is_file() or not path.resolve().is_relative_to(self.folder):
+                offered = ", ".join(self.names()) or "none"
+                raise PipelineArgumentError(
+                    f"LoRA {name!r} is not in the server's LoRA folder (offered: {offered}); name a NAME.safetensors "
+                    "file of that folder"
+                )
+            loras.append((str(path), weight))
+        return tuple(loras)
+
+
 def _text(value, name: str, row: int) -> str:
     if not isinstance(value, bytes):
         return str(value)
@@ -478,17 +523,20 @@ def batch_key(row: dict) -> tuple:
     and whether a negative prompt is given (SDXL zeroes the negative embedding without one)."""
     image = row.get("image")
     settings = sorted((k, v) for k, v in row.items() if k not in ("prompt", "negative_prompt", "seed", "image"))
+    # `loras` (resolved by serve_rows: a tuple of (path, scale)) is one of the settings: one set per call
     return (tuple(settings), "negative_prompt" in row, None if image is None else image.shape)
 
 
-def serve_rows(pipeline, requests: list[list[dict]]) -> list[np.ndarray | Exception]:
+def serve_rows(pipeline, requests: list[list[dict]], loras: LoraFolder | None = None) -> list[np.ndarray | Exception]:
     """Serve a batch of requests (each a list of rows from `request_rows`): uint8 images
     (rows, num_images, H, W, 3) per request, or the exception that refused or failed it.
 
-    Each row is first checked alone (`CompiledPipeline.check`: the Python API's one-line messages), so a bad
-    request fails alone; the good rows run grouped by `batch_key`, at most SDCOMPILER_MAX_BATCH images per
-    call. When a grouped call fails, its rows run one at a time, so the error reaches only its own request.
-    Image j of a row draws its noise from seed + j, so grouped rows give the images they give alone.
+    Each row is first checked alone (`CompiledPipeline.check`: the Python API's one-line messages; its `loras`
+    resolved in `loras`, the server's LoRA folder), so a bad request fails alone; the good rows run grouped by
+    `batch_key`, at most SDCOMPILER_MAX_BATCH images per call. When a grouped call fails, its rows run one at a
+    time, so the error reaches only its own request. Image j of a row draws its noise from seed + j, so grouped
+    rows give the images they give alone. A row runs with exactly the LoRAs it names (none: the artifact's own
+    weights): the pipeline switches (`set_loras`) between groups, the set it holds first.
     """
     from sdcompiler import knobs
 
@@ -498,14 +546,22 @@ def serve_rows(pipeline, requests: list[list[dict]]) -> list[np.ndarray | Except
     for r, rows in enumerate(requests):
         try:
             for row in rows:
+                row["loras"] = _row_loras(row.get("loras", ""), loras)
                 pipeline.check(**_call_arguments([row]))
         except Exception as exc:
             results[r] = exc
             continue
         for i, row in enumerate(rows):
             groups.setdefault(batch_key(row), []).append((r, i))
-    for members in groups.values():
-        count = requests[members[0][0]][members[0][1]].get("num_images_per_prompt", 1)
+    held = tuple(map(tuple, getattr(pipeline, "loras", [])))
+    for members in sorted(groups.values(), key=lambda m: requests[m[0][0]][m[0][1]]["loras"] != held):
+        first = requests[members[0][0]][members[0][1]]
+        try:
+            _hold_loras(pipeline, first["loras"])
+        except Exception as exc:  # a LoRA that does not fit this artifact: its rows fail, the weights are restored
+            images.update((member, exc) for member in members)
+            continue
+        count = first.get("num_images_per_prompt", 1)
         per_call = max(1, knobs.max_batch() // count)
         for start in range(0, len(members), per_call):
             chunk = members[start : start + per_call]
@@ -532,11 +588,29 @@ def serve_rows(pipeline, requests: list[list[dict]]) -> list[np.ndarray | Except
     return results
 
 
+def _row_loras(text: str, folder: LoraFolder | None) -> tuple[tuple[str, float], ...]:
+    if not text.strip():
+        return ()
+    if folder is None:
+        raise PipelineArgumentError(
+            "this server offers no LoRAs: start it with a LoRA folder (`sdcompiler serve ART --lora-dir DIR`, "
+            "or export-server --layout pipeline --lora-dir DIR)"
+        )
+    return folder.resolve(text)
+
+
+def _hold_loras(pipeline, loras: tuple[tuple[str, float], ...]) -> None:
+    """Switch the pipeline to exactly `loras` unless it holds them already."""
+    if tuple(map(tuple, getattr(pipeline, "loras", []))) != loras:
+        pipeline.set_loras(list(loras))
+
+
 def _call_arguments(rows: list[dict]) -> dict:
     """One pipeline call's arguments for rows that share a `batch_key`."""
     first = rows[0]
     count = first.get("num_images_per_prompt", 1)
-    arguments = {k: v for k, v in first.items() if k not in ("prompt", "negative_prompt", "seed", "image")}
+    skip = ("prompt", "negative_prompt", "seed", "image", "loras")
+    arguments = {k: v for k, v in first.items() if k not in skip}
     arguments["prompt"] = [row["prompt"] for row in rows] if "prompt" in first else None
     if "negative_prompt" in first:
         arguments["negative_prompt"] = [row["negative_prompt"] for row in rows]
@@ -561,6 +635,14 @@ def _run_alone(pipeline, row: dict) -> np.ndarray | Exception:
         return exc
 
 
+def lora_folder(model_config: str | dict) -> LoraFolder | None:
+    """The `pipeline` model's LoRA folder: its config's `lora_dir` parameter (Triton hands model.py the config
+    as JSON), or None."""
+    config = json.loads(model_config) if isinstance(model_config, str) else model_config
+    folder = config.get("parameters", {}).get(LORA_DIR, {}).get("string_value")
+    return LoraFolder(folder) if folder else None
+
+
 def one_line(exc: Exception) -> str:
     """An error as the one line a client gets: sd-compiler's own messages as they are, others with their type."""
     if isinstance(exc, SDCompilerError):
@@ -569,9 +651,9 @@ def one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def triton_execute(pipeline, requests: list, pb_utils) -> list:
+def triton_execute(pipeline, requests: list, pb_utils, loras: LoraFolder | None = None) -> list:
     """The `pipeline` model's `execute` (both layouts): Triton requests in, one response per request, a bad
-    request answered by a TritonError carrying its one-line message."""
+    request answered by a TritonError carrying its one-line message. `loras`: the server's LoRA folder."""
     batch, refused = [], {}
     for n, request in enumerate(requests):
 
@@ -584,7 +666,7 @@ def triton_execute(pipeline, requests: list, pb_utils) -> list:
         except Exception as exc:
             refused[n] = exc
             batch.append([])
-    served = iter(serve_rows(pipeline, [rows for n, rows in enumerate(batch) if n not in refused]))
+    served = iter(serve_rows(pipeline, [rows for n, rows in enumerate(batch) if n not in refused], loras))
     responses = []
     for n in range(len(batch)):
         result = refused[n] if n in refused else next(served)
@@ -683,7 +765,7 @@ from pathlib import Path  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-{imports}from sdcompiler.serving import served_pipeline, triton_execute  # noqa: E402
+{imports}from sdcompiler.serving import lora_folder, served_pipeline, triton_execute  # noqa: E402
 {infer}
 
 class TritonPythonModel:
@@ -693,7 +775,8 @@ class TritonPythonModel:
         knobs.set_quiet(True)  # no progress bars in the server log
         folder = Path(args["model_repository"]) / args["model_version"]
         self.pipeline = {load}
+        self.loras = lora_folder(args.get("model_config", "{{}}"))  # the config's `lora_dir` parameter, if any
 
     def execute(self, requests):
-        return triton_execute(self.pipeline, requests, pb_utils)
+        return triton_execute(self.pipeline, requests, pb_utils, self.loras)
 '''

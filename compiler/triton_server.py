@@ -293,6 +293,7 @@ def serve(
     max_batch_size: int = 8,
     log_level: str = "warning",
     device: str | None = None,
+    lora_dir: str | Path | None = None,
     verify: bool = True,
     ready_timeout: float = 300.0,
     exit_timeout: int = 30,
@@ -301,7 +302,8 @@ def serve(
     """Serve an artifact with the bundled server until SIGINT or SIGTERM; returns tritonserver's exit status.
 
     The model repository (layout "pipeline", the artifact hard-linked into it) is made in a scratch folder
-    and removed at the end. Prints the endpoints to `out` (default stdout) once the server is ready.
+    and removed at the end. Prints the endpoints to `out` (default stdout) once the server is ready. `lora_dir`:
+    a folder of NAME.safetensors LoRAs that requests name in their `loras` input (`serving.LoraFolder`).
     """
     from sdcompiler.artifact import read_manifest
     from sdcompiler.serving import PIPELINE, export_server
@@ -319,6 +321,7 @@ def serve(
             max_batch_size=max_batch_size,
             instance_count=instances,
             device=device,
+            lora_dir=lora_dir,
             verify=verify,
         )
         server = TritonServer(repo, ports, host=host, log_level=log_level, exit_timeout=exit_timeout)

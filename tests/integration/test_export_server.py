@@ -368,6 +368,39 @@ def test_pipeline_layout_holds_the_artifact_and_serves_it_with_load_compiled(com
     with pytest.raises(ConfigError, match="layout='flat' is not one of components, pipeline"):
         export_server(pipe.root, tmp_path / "never", layout="flat")
 
+    # a LoRA folder: the config's lora_dir parameter, read by model.py; a request naming a LoRA it lacks fails alone
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "style.safetensors").write_bytes(b"")
+    repo = export_server(pipe.root, tmp_path / "with-loras", lora_dir=loras)
+    config = parse_config(repo / "pipeline" / "config.pbtxt")
+    assert config.parameters["lora_dir"].string_value == str(loras.resolve())
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_repository": str(repo / "pipeline"),
+            "model_version": "1",
+            "model_config": json.dumps({"parameters": {"lora_dir": {"string_value": str(loras)}}}),
+        }
+    )
+    request = pb.InferenceRequest(
+        "pipeline",
+        ["images"],
+        [
+            pb.Tensor("prompt", np.array([[b"a red cube"]], dtype=object)),
+            pb.Tensor("loras", np.array([[b"../x"]], dtype=object)),
+        ],
+        ("cpu", 0),
+    )
+    (answer,) = model.execute([request])
+    assert answer.has_error() and answer.error().message().startswith("LoRA '../x' is not in the server's LoRA folder")
+    with pytest.raises(ConfigError, match="lora_dir needs layout 'pipeline'") as info:
+        export_server(compiled("sd15", "onnx", "none").root, tmp_path / "never", layout="components", lora_dir=loras)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        export_server(pipe.root, tmp_path / "never", lora_dir=tmp_path / "missing")
+    assert not (tmp_path / "never").exists()
+
 
 def test_tensorrt_plan_config_from_a_description():
     """cc_model_filenames and optimization profiles, for the tensorrt target to come (no engine files needed)."""

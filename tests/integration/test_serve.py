@@ -49,7 +49,7 @@ READY_TIMEOUT = 240
 class Served:
     """One `sdcompiler serve` subprocess and clients for it."""
 
-    def __init__(self, artifact, log_path):
+    def __init__(self, artifact, log_path, *options: str):
         self.artifact, self.ports = artifact, Ports.free()
         self.log = open(log_path, "w+")
         self.process = subprocess.Popen(
@@ -64,6 +64,7 @@ class Served:
                 f"--metrics-port={self.ports.metrics}",
                 "--max-batch-size=8",
                 "--exit-timeout=60",  # generous: a loaded 2-core CI machine unloads slowly
+                *options,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -160,8 +161,20 @@ def assert_close(served: np.ndarray, reference: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(compiled, tmp_path_factory):
-    """target -> (a ready Served for a tiny sd15 artifact of that target, its load_compiled pipeline)."""
+def lora_dir(tiny_checkpoint, tmp_path_factory):
+    """The torch server's LoRA folder: `style.safetensors`, a random LoRA for tiny sd15 (U-Net and text encoder)."""
+    from lora_files import make_full_lora
+
+    folder = tmp_path_factory.mktemp("served-loras")
+    made = make_full_lora(tiny_checkpoint("sd15"), tmp_path_factory.mktemp("lora"), seed=5)
+    made.rename(folder / "style.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def servers(compiled, tmp_path_factory, lora_dir):
+    """target -> (a ready Served for a tiny sd15 artifact of that target, its load_compiled pipeline); the torch
+    server offers the LoRAs of `lora_dir`."""
     started = {}
 
     def get(target: str):
@@ -169,7 +182,8 @@ def servers(compiled, tmp_path_factory):
             started.pop(target)[0].stop()
         if target not in started:
             artifact = compiled("sd15", target, "none").root
-            served = Served(artifact, tmp_path_factory.mktemp("serve") / f"{target}.log")
+            options = [f"--lora-dir={lora_dir}"] if target == "torch" else []
+            served = Served(artifact, tmp_path_factory.mktemp("serve") / f"{target}.log", *options)
             started[target] = served, load_compiled(artifact, device="cpu")
             served.wait_ready()
         return started[target]
@@ -203,6 +217,27 @@ def test_served_images_match_load_compiled(servers, target):
     assert images.shape == (2, 2, 64, 48, 3)
     assert_close(images[0], expected(pipe, "a red cube", 1, count=2, **REQUEST))
     assert_close(images[1], expected(pipe, "a blue ball", 20, count=2, **REQUEST))
+
+
+def test_rows_run_with_the_loras_they_name(servers, lora_dir):
+    served, pipe = servers("torch")
+    request = dict(REQUEST, num_inference_steps=2)
+    # one request, three rows: the LoRA at 0.7, none, the LoRA at 1 (grouped by LoRA set, switched between groups)
+    images = served.http.infer(
+        "pipeline",
+        inputs(http, prompt=["a red cube"] * 3, seed=[4, 4, 4], loras=["style:0.7", "", "style"], **_rows(request, 3)),
+    ).as_numpy("images")
+    plain = expected(pipe, "a red cube", 4, **request)
+    for row, scale in ((0, 0.7), (2, 1.0)):
+        pipe.set_loras([(str(lora_dir / "style.safetensors"), scale)])
+        try:
+            assert_close(images[row], expected(pipe, "a red cube", 4, **request))
+        finally:
+            pipe.set_loras([])
+        assert np.abs(images[row].astype(int) - plain.astype(int)).max() > 8  # the LoRA changes the image
+    assert_close(images[1], plain)
+    with pytest.raises(InferenceServerException, match="'nope' is not in the server's LoRA folder .offered: style."):
+        infer(served.http, http, prompt="a red cube", loras="nope:0.5", **request)
 
 
 def test_image_to_image_matches_load_compiled(servers):
