@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sdcompiler.kernels.lowp import FP8, INT8, QMAX, conv2d_lowp, conv_kernel, linear_lowp, multiplier, quantize
+from sdcompiler.passes.errors import LoweringError
 
 DTYPES = {"int8": INT8, "fp8": FP8}
 _FIXED = ("qweight", "act_mult", "scale")  # tensors whose dtype `.to(dtype)` must not change
@@ -212,3 +213,18 @@ def layer_macs(unet: torch.nn.Module, layers: dict[str, str], count) -> tuple[in
         for handle in handles:
             handle.remove()
     return macs[0], total
+
+
+def check_device(unet: torch.nn.Module, device: str) -> None:
+    """Refuse, in one line, a CUDA device whose tensor cores lack FP8 when `unet` has FP8 layers (`_scaled_mm`
+    needs compute capability 8.9: Ada, Hopper and later)."""
+    if torch.device(device).type != "cuda" or not any(
+        isinstance(m, _LowpLayer) and m.precision == "fp8" for m in unet.modules()
+    ):
+        return
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < (8, 9):
+        raise LoweringError(
+            f"this artifact's FP8 layers need a GPU of compute capability 8.9 or newer (this one: "
+            f"{capability[0]}.{capability[1]}); run it on an Ada / Hopper GPU or on CPU, or compile with --recipe int8"
+        )

@@ -39,6 +39,7 @@ from sdcompiler.errors import ArtifactError, LoweringError
 from sdcompiler.kernels._common import triton_available
 from sdcompiler.kernels.lowering import lower_unet, unlower_unet
 from sdcompiler.passes import PassConfig, QuantizedUNet
+from sdcompiler.passes.ptq_lowp import check_device as check_lowp_device
 from sdcompiler.passes.quest import pack_quantized
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, check_runtime_loras, write_pipeline_files
 from sdcompiler.targets.components import (
@@ -122,6 +123,7 @@ class TorchTarget(Target):
         dtype = DTYPES[manifest["lowering"]["config"]["precision"]]
         config = manifest["lowering"]["config"]
         pipe = rebuild_pipeline(root, manifest, device, dtype)
+        check_lowp_device(pipe.unet, device)
         for name in (*spec.text_encoders, "unet", "vae"):  # inference only; and a LoRA switch (peft freezes the
             getattr(pipe, name).requires_grad_(False)  # layers it wraps) must not change what dynamo guards
         graphs = device == "cuda" and config.get("cuda_graphs", False)

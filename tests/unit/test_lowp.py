@@ -168,3 +168,19 @@ def test_dtype_moves_keep_codes_and_scales(precision):
     with torch.no_grad():
         out = linear(torch.randn(3, 40, dtype=torch.float16))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_fp8_layers_refuse_a_gpu_without_fp8(monkeypatch):
+    from sdcompiler.errors import LoweringError
+    from sdcompiler.passes.ptq_lowp import check_device
+
+    fp8 = torch.nn.Sequential(*_layers("fp8", torch.Generator().manual_seed(6)))
+    int8 = torch.nn.Sequential(*_layers("int8", torch.Generator().manual_seed(6)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(LoweringError, match="FP8 layers need a GPU of compute capability 8.9 .*this one: 8.0") as info:
+        check_device(fp8, "cuda")
+    assert "\n" not in str(info.value)
+    check_device(int8, "cuda")  # int8 runs on any CUDA GPU
+    check_device(fp8, "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 / H200
+    check_device(fp8, "cuda:0")
