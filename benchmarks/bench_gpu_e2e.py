@@ -550,7 +550,7 @@ def main() -> None:
                 write(results, args.out, name, matmul_tflops)
                 continue
             log(f"== {arch} {r}")
-            pipe = None
+            pipe = unet = None
             try:
                 pipe, unet, setup = build(row, ckpt, args.work, arch, args)
                 vae_config = json.loads((ckpt / "vae" / "config.json").read_text())
@@ -599,7 +599,7 @@ def main() -> None:
                     if entries[(r, b)].get("status") != "ok":
                         entries[(r, b)]["status"] = f"failed: {message}"
             finally:
-                del pipe
+                pipe = unet = None  # this row's weights, graphs and compiled code go before the next row loads
                 gc.collect()
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
