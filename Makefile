@@ -14,7 +14,7 @@ else
 ORT_EXTRA := cpu
 TORCH_SPEC := torch==2.13.0+cpu
 endif
-EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,serve,bench,dev
+EXTRAS := $(ORT_EXTRA),optimum,triton,modelopt,serve,bench,digits,dev
 # `sdcompiler serve` runs the Triton Inference Server inside the nvidia-pytriton wheel (x86_64 Linux only).
 # Installed without its dependencies: it declares numpy<2 for pytriton's own Python API, which sdcompiler does
 # not use. Its Python backend stub does need numpy 1 (it garbles tensors under numpy 2): numpy 1.26 goes into

@@ -12,6 +12,11 @@
   `text_time` added embedding. Text encoders are 2-layer CLIP models over a
   514-token byte-level vocabulary; the VAE has the real 4 stages (8x), so
   resolutions behave as in the real pipelines. Builds in about a second.
+- `size="digits"` (SD1.5 only): the tiny SD1.5 layout *trained* on real
+  handwritten digits by `benchmarks/train_digits.py` (64x64 images, 8x8
+  latents; captions like "a handwritten digit seven"), shipped in the package
+  as fp16 (`data/digits-sd15/`) and written out as fp32. `seed` does not
+  change it. `sdcompiler.digits` judges what it draws.
 
 Configs can be overridden per component (`unet={"layers_per_block": 1}`), as
 diffusers' `get_dummy_components` and modelopt's `get_tiny_unet` allow.
@@ -28,7 +33,8 @@ import torch
 from sdcompiler.archs import assemble_pipeline, bytes_to_unicode, get_arch, shipped_config_dir
 from sdcompiler.errors import CheckpointError
 
-SIZES = ("tiny", "full")
+SIZES = ("tiny", "full", "digits")
+DIGITS_MODEL = Path(__file__).resolve().parent / "data" / "digits-sd15"
 
 # Tiny widths per arch: block structure of the real model, widths divided down.
 _TINY_UNET: dict[str, dict[str, Any]] = {
@@ -73,13 +79,14 @@ def make_checkpoint(
     text_encoder: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl") at `size` ("tiny" | "full").
+    """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl") at `size` ("tiny" | "full" | "digits").
 
     Args:
         path: destination folder (created; must be empty unless `overwrite`).
         arch: architecture family.
-        size: "tiny" for tests, "full" for the real architecture (random weights).
-        seed: seeds every weight; the same seed gives the same files.
+        size: "tiny" for tests, "full" for the real architecture (random weights), "digits" for the
+            trained digits model (sd15 only).
+        seed: seeds every weight; the same seed gives the same files (ignored by "digits").
         unet, vae, text_encoder: config overrides for that component.
         overwrite: replace an existing non-empty folder.
 
@@ -92,7 +99,11 @@ def make_checkpoint(
 
     spec = get_arch(arch)
     if size not in SIZES:
-        raise CheckpointError(f"unknown size {size!r}; choose 'tiny' or 'full'")
+        raise CheckpointError(f"unknown size {size!r}; choose 'tiny', 'full' or 'digits'")
+    if size == "digits" and (arch != "sd15" or unet or vae or text_encoder):
+        raise CheckpointError(
+            f"only arch 'sd15' has size 'digits' (a trained model, no config overrides); got {arch!r}"
+        )
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         if (path / "model_index.json").exists() and json.loads((path / "model_index.json").read_text()).get(
@@ -100,6 +111,9 @@ def make_checkpoint(
         ) == {"arch": arch, "size": size, "seed": seed}:
             return path  # already built with the same arguments
         raise CheckpointError(f"{path} exists and is not empty; pick another folder or pass overwrite=True")
+
+    if size == "digits":
+        return _write_digits_model(path, {"arch": arch, "size": size, "seed": seed}, overwrite)
 
     configs = shipped_config_dir(arch)
     read = lambda component, name="config.json": json.loads((configs / component / name).read_text())  # noqa: E731
@@ -145,6 +159,39 @@ def make_checkpoint(
     index = json.loads((path / "model_index.json").read_text())
     index["_sdcompiler_testing"] = {"arch": arch, "size": size, "seed": seed}
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def _write_digits_model(path: Path, marker: dict, overwrite: bool) -> Path:
+    """Copy the shipped digits model to `path`, its fp16 weights as fp32 (what a fresh training run holds)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    if not (DIGITS_MODEL / "model_index.json").is_file():
+        raise CheckpointError(
+            f"the trained digits model is missing from {DIGITS_MODEL}; run benchmarks/train_digits.py"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    for source in sorted(DIGITS_MODEL.rglob("*")):
+        target = staging / source.relative_to(DIGITS_MODEL)
+        if source.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif source.suffix == ".safetensors":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(source).items()}
+            save_file(tensors, target, metadata={"format": "pt"})
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    index = json.loads((staging / "model_index.json").read_text())
+    index["_sdcompiler_testing"] = marker
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+    if path.exists():  # empty, or overwrite was asked for (checked by make_checkpoint)
+        shutil.rmtree(path)
+    staging.rename(path)
     return path
 
 
