@@ -225,7 +225,7 @@ def check_controlnet_recipe(passes: list[str], target: str) -> None:
         if kind != "keeps_layout":
             ok = sorted(n for n in available_passes() if get_pass(n).controlnet == "keeps_layout")
             raise ConfigError(
-                f"pass {name!r} is not yet checked with ControlNets; passes that are: {', '.join(ok)}; drop "
+                f"pass {name!r} is not yet checked with ControlNets; passes allowed with them: {', '.join(ok)}; drop "
                 f"{name!r} or the ControlNet"
             )
 

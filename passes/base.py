@@ -123,9 +123,9 @@ class Pass:
     # FP8 layers): `rebuild` runs at load as for structural passes
     deploys_modules: ClassVar[bool] = False
     # with ControlNets (compile_pipeline(controlnet=...)): "keeps_layout" where the U-Net's down / mid blocks keep
-    # their names and outputs, so the nets' residuals still fit, and the pass is checked with them;
+    # their names and outputs, so the nets' residuals still fit (the pass is allowed with them);
     # "changes_layout" where the pass removes, renames or reshapes down / mid blocks (refused: the residuals no
-    # longer fit); None: not yet checked with ControlNets (refused)
+    # longer fit); None: not yet checked with ControlNets (refused too)
     controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
     description: ClassVar[str] = ""
 
