@@ -127,11 +127,13 @@ def test_sd15_one_controlnet(tiny_checkpoint, controlnets, artifact):
 
 
 def test_sd15_two_controlnets(tiny_checkpoint, controlnets, artifact):
-    """Per-net scales and guidance windows; residuals summed as MultiControlNetModel; fuse_qkv kept with them."""
+    """Per-net scales and guidance windows, several images per prompt; residuals summed as MultiControlNetModel;
+    fuse_qkv kept with them."""
     pipe = artifact("sd15", (0, 1), recipe="fuse-qkv")
     reference = _reference(tiny_checkpoint, controlnets, "sd15", (0, 1))
     images = [_control_image(0), _control_image(1, kind="np")]
     call = CALL | dict(controlnet_conditioning_scale=[0.6, 1.2], control_guidance_end=[1.0, 0.5])
+    call |= dict(num_images_per_prompt=2)  # one control image each, spread over 2 prompts x 2 images
     got = pipe(**call, image=images, generator=_seed()).images
     expected = reference(**call, image=images, generator=_seed()).images
     print(f"sd15 two ControlNets: max abs error {_close(got, expected):.2e}")
