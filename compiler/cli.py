@@ -790,6 +790,10 @@ def summarize_manifest(manifest: dict) -> str:
         f"artifact: {manifest['arch']} -> {manifest['target']} (sd-compiler {manifest['sdcompiler_version']})",
         f"source:   {manifest['source'].get('path', '?')}",
     ]
+    controlnets = manifest.get("controlnets") if isinstance(manifest.get("controlnets"), list) else []
+    for entry in (e for e in controlnets if isinstance(e, dict)):
+        source = entry.get("source") if isinstance(entry.get("source"), dict) else {}
+        lines.append(f"controlnet: {entry.get('folder', '?')}/ <- {source.get('path', '?')}")
     resolution = manifest.get("macs_resolution")
     res = "x".join(map(str, resolution)) if isinstance(resolution, list) else "?"
     lines.append(

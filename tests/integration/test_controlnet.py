@@ -212,13 +212,20 @@ def test_call_refusals(artifact, compiled):
         assert "\n" not in str(info.value)
 
 
-def test_cli_generate_with_control_image(artifact, compiled, tmp_path, capsys):
+def test_cli_compile_and_generate_with_control_image(tiny_checkpoint, controlnets, compiled, tmp_path, capsys):
     from sdcompiler.cli import main
+
+    artifact_dir = tmp_path / "artifact"
+    compile_args = ["compile", str(tiny_checkpoint("sd15")), "--target", "torch", "--out", str(artifact_dir)]
+    assert main(compile_args + ["--controlnet", str(controlnets("sd15"))]) == 0
+    assert f"controlnet: controlnet/ <- {controlnets('sd15').resolve()}" in capsys.readouterr().out
+    assert main(compile_args + ["--recipe", "bk-small", "--controlnet", "cn"]) == 1
+    assert "pass 'prune_blocks' removes or reshapes" in capsys.readouterr().err
 
     control = tmp_path / "control.png"
     _control_image(0).save(control)
     out = tmp_path / "image.png"
-    base = ["generate", str(artifact("sd15").root), "--prompt", "a fox", "--steps", "2", "--out", str(out)]
+    base = ["generate", str(artifact_dir), "--prompt", "a fox", "--steps", "2", "--out", str(out)]
     assert main(base + ["--control-image", str(control), "--control-scale", "0.5"]) == 0
     assert Image.open(out).size == (128, 128)
     assert main(base) == 1
