@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite", action="store_true", help="compile weights holding NaN / Inf (refused by default)"
     )
     p.add_argument("--macs-resolution", type=_resolution, help="HxW in pixels for MAC counts")
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a diffusers ControlNetModel folder to store with the pipeline (repeatable; target torch)",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_compile)
 
@@ -223,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image-to-image: the start image (PNG / JPEG; resized by --height / --width)")
     p.add_argument(
         "--strength", type=float, help="image-to-image: how much of the schedule runs (default 0.8, SDXL 0.3)"
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="ControlNet artifacts: the control image (PNG / JPEG, preprocessed by you as in diffusers), one per "
+        "ControlNet in compile order (repeatable)",
+    )
+    p.add_argument(
+        "--control-scale",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="controlnet_conditioning_scale: one number, or one per ControlNet (repeatable; default 1.0)",
     )
     p.add_argument(
         "--lora",
@@ -457,6 +480,7 @@ def cmd_compile(args) -> int:
         allow_pickle=args.allow_pickle,
         macs_resolution=args.macs_resolution,
         allow_nonfinite=args.allow_nonfinite,
+        controlnet=args.controlnet or None,
     )
     from sdcompiler.compile import _is_main_process
 
@@ -479,7 +503,9 @@ def cmd_generate(args) -> int:
     from sdcompiler.preflight import artifact_bytes, check_call
 
     out = _check_image_path(Path(args.out))  # before anything is loaded or generated
-    image = _read_image(args.image) if args.image else None
+    manifest = read_manifest(args.artifact)
+    image, control = _control_arguments(args, len(manifest.get("controlnets", [])))
+    image = _read_image(args.image) if args.image else image
     call = dict(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -492,11 +518,11 @@ def cmd_generate(args) -> int:
     # refuse what cannot run before loading anything (the pipeline checks again, with the model loaded)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_call(
-        read_manifest(args.artifact),
+        manifest,
         prompt=args.prompt,
         device=device,
         unloaded_bytes=artifact_bytes(Path(args.artifact)),
-        **call,
+        **(call | ({"image": image[0]} if isinstance(image, list) else {})),
     )
     pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
     if args.lora:
@@ -513,6 +539,7 @@ def cmd_generate(args) -> int:
         output_type="pil",
         feature_cache=not args.no_feature_cache,
         **call,
+        **control,
     ).images
     seconds = time.perf_counter() - start
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
@@ -528,6 +555,32 @@ def cmd_generate(args) -> int:
         ) from None
     print(f"wrote {', '.join(map(str, paths))} ({len(images)} image(s) in {seconds:.2f} s)")
     return 0
+
+
+def _control_arguments(args, count: int):
+    """`--control-image` / `--control-scale` as the pipeline's `image=` (one image, or a list for several
+    ControlNets) and ControlNet keywords; refuses them on an artifact without ControlNets (and the reverse)."""
+    from sdcompiler.errors import PipelineArgumentError
+
+    if not count:
+        if args.control_image or args.control_scale:
+            raise PipelineArgumentError(
+                "--control-image / --control-scale: this artifact has no ControlNet; compile one with --controlnet"
+            )
+        return None, {}
+    if args.image:
+        raise PipelineArgumentError("--image (image-to-image) with ControlNet is not supported yet; drop --image")
+    if len(args.control_image) != count:
+        raise PipelineArgumentError(
+            f"this artifact has {count} ControlNet(s): pass --control-image {count} time(s), one per ControlNet "
+            f"(got {len(args.control_image)})"
+        )
+    images = [_read_image(path) for path in args.control_image]
+    control = {}
+    if args.control_scale:
+        scales = args.control_scale
+        control["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    return (images[0] if count == 1 else images), control
 
 
 def _scheduler_class(name: str):
@@ -745,6 +798,10 @@ def summarize_manifest(manifest: dict) -> str:
         f"artifact: {manifest['arch']} -> {manifest['target']} (sd-compiler {manifest['sdcompiler_version']})",
         f"source:   {manifest['source'].get('path', '?')}",
     ]
+    controlnets = manifest.get("controlnets") if isinstance(manifest.get("controlnets"), list) else []
+    for entry in (e for e in controlnets if isinstance(e, dict)):
+        source = entry.get("source") if isinstance(entry.get("source"), dict) else {}
+        lines.append(f"controlnet: {entry.get('folder', '?')}/ <- {source.get('path', '?')}")
     resolution = manifest.get("macs_resolution")
     res = "x".join(map(str, resolution)) if isinstance(resolution, list) else "?"
     lines.append(

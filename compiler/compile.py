@@ -3,6 +3,7 @@
 steps    = resolve_recipe(recipe)                  # strict configs + ordering rules, before any work
 target   = get_target(target)                      # and its strict options
 loaded   = load_checkpoint(checkpoint)             # diffusers folder | .safetensors | cached HF id
+nets     = [load_controlnet(p) for p in controlnet] # optional ControlNets, checked against the U-Net
 records  = PassManager(steps).run(pipe, ctx)       # one PassRecord per pass
 lowering = target.lower(pipe, staging, options)    # named stages, each timed
 manifest = {...}; rename staging -> output_dir     # atomic: never a half-written artifact
@@ -17,12 +18,12 @@ import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from sdcompiler import knobs
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
-from sdcompiler.errors import LoweringError
-from sdcompiler.passes import PassContext, PassManager
+from sdcompiler.errors import ConfigError, LoweringError
+from sdcompiler.passes import PassContext, PassManager, available_passes, get_pass
 from sdcompiler.preflight import decode_bytes_per_pixel, min_latent_size
 from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
@@ -79,6 +80,7 @@ def compile_artifact(
     show_progress: bool | None = None,
     seed: int = 0,
     allow_nonfinite: bool = False,
+    controlnet: str | Path | Sequence[str | Path] | None = None,
 ) -> Path:
     """Compile a Stable Diffusion / SDXL checkpoint into an artifact folder (without loading it).
 
@@ -96,6 +98,10 @@ def compile_artifact(
         seed: seeds everything random in passes.
         allow_nonfinite: compile weights that hold NaN / Inf (refused by default, naming the tensor: in the
             checkpoint before any model is built, and in the models the passes leave before lowering).
+        controlnet: a diffusers ControlNetModel folder, or a list of them (called in this order, residuals
+            summed as diffusers' MultiControlNetModel), stored in the artifact; target torch only for now. Passes
+            that change the U-Net's down / mid layout are refused with them, as are passes not yet checked
+            with them (`Pass.controlnet`).
 
     Returns:
         The artifact folder.
@@ -113,16 +119,21 @@ def compile_artifact(
                 f"pass {step.name!r} produces a model only target(s) {', '.join(supported)} can run "
                 f"(target {target!r} has no kernels for it); use target={supported[0]!r}"
             )
+    controlnets = controlnet_paths(controlnet)
+    if controlnets:
+        check_controlnet_recipe([step.name for step in steps], target)
     target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")
     lowering.check_tools(target_config)  # a missing TensorRT / GPU stops here, not after minutes of export
     if output_dir is None:
-        key = json.dumps([str(checkpoint), recipe_to_manifest(steps), target, target_config.to_dict()], sort_keys=True)
+        inputs = [str(checkpoint), recipe_to_manifest(steps), target, target_config.to_dict()]
+        key = json.dumps(inputs + ([controlnets] if controlnets else []), sort_keys=True)
         output_dir = knobs.cache_dir() / "artifacts" / hashlib.sha256(key.encode()).hexdigest()[:16]
     output_dir = Path(output_dir)
     check_destination(output_dir)
 
     loaded = load_checkpoint(checkpoint, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     pipe, spec = loaded.pipeline, loaded.arch
+    nets = load_controlnets(controlnets, pipe.unet, allow_nonfinite)
     _note_precision(loaded.source.get("unet_dtype"), getattr(target_config, "precision", None), target)
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     macs_resolution = tuple(macs_resolution or (default_size, default_size))
@@ -148,7 +159,10 @@ def compile_artifact(
     defaults = {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale} | ctx.pipeline_defaults
     with staged_artifact(output_dir) as staging:
         stages = lowering.lower(
-            pipe, staging, target_config, LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products)
+            pipe,
+            staging,
+            target_config,
+            LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products, {f: m for f, m, _ in nets}),
         )
         manifest = {
             "sdcompiler_version": __version__,
@@ -156,7 +170,8 @@ def compile_artifact(
             "arch": spec.name,
             "target": target,
             "recipe": recipe_to_manifest(steps),
-            "passes": [r.to_dict() for r in records],
+            # with ControlNets each record says the pass keeps the U-Net's down / mid layout they feed
+            "passes": [r.to_dict() | ({"controlnet": get_pass(r.name).controlnet} if nets else {}) for r in records],
             "macs_resolution": list(macs_resolution),
             "passes_seconds": round(passes_seconds, 3),
             "lowering": {"target": target, "config": target_config.to_dict(), "stages": [vars(s) for s in stages]},
@@ -176,8 +191,56 @@ def compile_artifact(
             "defaults": defaults,
             "versions": package_versions(),
         }
+        if nets:  # folder and source of each, in call order (load_compiled loads them from here)
+            manifest["controlnets"] = [{"folder": folder, "source": source} for folder, _, source in nets]
         write_manifest(staging, manifest)
     return output_dir
+
+
+def controlnet_paths(controlnet) -> list[str]:
+    """`controlnet=` as a list of path strings (one path or a list of them; None: none)."""
+    if controlnet is None:
+        return []
+    paths = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    if not all(isinstance(p, (str, Path)) for p in paths):
+        raise ConfigError("controlnet must be a ControlNetModel folder or a list of them (paths)")
+    return [str(p) for p in paths]
+
+
+def check_controlnet_recipe(passes: list[str], target: str) -> None:
+    """Refuse, before the checkpoint loads, what cannot run with ControlNets: a target other than torch, and
+    passes that are not `keeps_layout` (`Pass.controlnet`), naming why; one line."""
+    if target != "torch":
+        raise LoweringError(
+            f"ControlNets compile for target 'torch' only so far (target {target!r} does not export them yet); "
+            "use target='torch' (CLI: --target torch)"
+        )
+    for name in passes:
+        kind = get_pass(name).controlnet
+        if kind == "changes_layout":
+            raise ConfigError(
+                f"pass {name!r} removes or reshapes the U-Net's down / mid blocks, so a ControlNet's residuals "
+                f"(one per down-block output, plus the mid block's) no longer fit them; drop {name!r} or the ControlNet"
+            )
+        if kind != "keeps_layout":
+            ok = sorted(n for n in available_passes() if get_pass(n).controlnet == "keeps_layout")
+            raise ConfigError(
+                f"pass {name!r} is not yet checked with ControlNets; passes allowed with them: {', '.join(ok)}; drop "
+                f"{name!r} or the ControlNet"
+            )
+
+
+def load_controlnets(paths: list[str], unet, allow_nonfinite: bool) -> list[tuple[str, Any, dict]]:
+    """(artifact folder, ControlNetModel, source record) per path: `controlnet/` for one, `controlnet_<i>/` for
+    several; each checked to fit `unet`."""
+    from sdcompiler.loading import check_controlnet_fits, load_controlnet
+
+    nets = []
+    for index, path in enumerate(paths):
+        model, source = load_controlnet(path, allow_nonfinite=allow_nonfinite)
+        check_controlnet_fits(model, unet, path)
+        nets.append(("controlnet" if len(paths) == 1 else f"controlnet_{index}", model, source))
+    return nets
 
 
 def _note_precision(source: str | None, precision: str | None, target: str) -> None:

@@ -40,7 +40,7 @@ from sdcompiler.passes.errors import path_problem
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["LoadedCheckpoint", "checkpoint_sha256", "load_checkpoint"]
+__all__ = ["LoadedCheckpoint", "check_controlnet_fits", "checkpoint_sha256", "load_checkpoint", "load_controlnet"]
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -517,3 +517,73 @@ def _quiet_libraries() -> Iterator[None]:
         tlogging.set_verbosity(transformers_verbosity)
         if bars_enabled:
             dlogging.enable_progress_bar()
+
+
+# --- ControlNets ------------------------------------------------------------------------------------------
+
+CONTROLNET_FIT_KEYS = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
+)
+
+
+def load_controlnet(source: str | os.PathLike, *, allow_nonfinite: bool = False):
+    """Load a diffusers `ControlNetModel` folder (config.json + safetensors weights), fp32, CPU, eval.
+
+    Returns:
+        `(model, source record)`: the record holds the resolved path and the folder's content hash.
+
+    Raises:
+        CheckpointError: a missing or unreadable folder, pickle-only weights, a class other than ControlNetModel,
+            NaN / Inf weights (unless `allow_nonfinite`); one line naming the folder and the fix.
+    """
+    import diffusers
+
+    where = os.fspath(source)
+    path = Path(where).expanduser()
+    if not path.is_dir():
+        problem = "is a file" if path.is_file() else path_problem(path)
+        raise CheckpointError(
+            f"ControlNet {where} {problem}: pass a diffusers ControlNetModel folder (config.json + safetensors)"
+        )
+    config = _read_json(path / "config.json", f"ControlNet {where}")
+    if config.get("_class_name") != "ControlNetModel":
+        raise CheckpointError(
+            f"ControlNet {where}/config.json names class {config.get('_class_name')!r}; pass a diffusers "
+            "ControlNetModel folder (SD 1.x / 2.x / SDXL ControlNet)"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(
+            f"ControlNet {where} has no .safetensors weights (pickle weights are not read); convert them with "
+            "ControlNetModel.from_pretrained(...).save_pretrained(..., safe_serialization=True)"
+        )
+    if not allow_nonfinite:
+        for file in weights:
+            _refuse_nonfinite_file(file, f"ControlNet {where}: {file.name}")
+    with _quiet_libraries(), _wrapped(f"ControlNet {where}"):
+        model = diffusers.ControlNetModel.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True)
+    return model.eval(), {"path": str(path.resolve()), "sha256": checkpoint_sha256(path)}
+
+
+def check_controlnet_fits(controlnet, unet, where: str) -> None:
+    """Refuse a ControlNet whose residuals do not fit the U-Net (other widths, depths or conditioning), one line."""
+
+    def value(config, key):
+        found = config.get(key)
+        return list(found) if isinstance(found, (list, tuple)) else found
+
+    unet_config, net_config = dict(unet.config), dict(controlnet.config)
+    keys = [*CONTROLNET_FIT_KEYS, "down_blocks"]
+    unet_config["down_blocks"] = len(unet_config["down_block_types"])
+    net_config["down_blocks"] = len(net_config["down_block_types"])
+    for key in keys:
+        if value(unet_config, key) != value(net_config, key):
+            raise CheckpointError(
+                f"ControlNet {where} does not fit this checkpoint's U-Net: {key} is {value(net_config, key)!r} "
+                f"there and {value(unet_config, key)!r} in the U-Net; pass a ControlNet made for this base model"
+            )

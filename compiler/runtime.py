@@ -52,7 +52,19 @@ SUPPORTED_ARGUMENTS = (
     "callback_on_step_end",
     "callback_on_step_end_tensor_inputs",
     "return_dict",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "guess_mode",
+    "control_image",
 )
+# the arguments only an artifact with ControlNets takes (and their defaults, diffusers')
+CONTROLNET_ARGUMENTS = {
+    "controlnet_conditioning_scale": 1.0,
+    "control_guidance_start": 0.0,
+    "control_guidance_end": 1.0,
+    "guess_mode": False,
+}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -102,6 +114,11 @@ class CompiledPipeline:
     @property
     def arch(self) -> str:
         return self.manifest["arch"]
+
+    @property
+    def controlnet_count(self) -> int:
+        """How many ControlNets the artifact holds (0: a plain text-to-image / image-to-image pipeline)."""
+        return len(self.manifest.get("controlnets", []))
 
     @property
     def target(self) -> str:
@@ -276,13 +293,16 @@ class CompiledPipeline:
         prompt_embeds=None,
         eta=0.0,
         callback_on_step_end=None,
+        control_image=None,
         **unsupported,
     ) -> None:
         """Refuse the arguments `__call__` refuses before it runs anything, with the same one-line
         PipelineArgumentError, and run nothing (a server checks each request of a batch this way before it
         runs the batch)."""
+        control = {k: unsupported.pop(k) for k in CONTROLNET_ARGUMENTS if k in unsupported}
         if unsupported:
             raise PipelineArgumentError(unsupported_arguments_message(unsupported))
+        image = self._check_control(image, strength, control_image, control)
         if prompt is None and prompt_embeds is None:
             raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
         if not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
@@ -310,6 +330,54 @@ class CompiledPipeline:
             device=self.device,
         )
 
+    def _check_control(self, image, strength, control_image, control: dict):
+        """Refuse ControlNet arguments the artifact cannot take; returns the image that sets the size (the first
+        control image on a ControlNet artifact)."""
+        count = self.controlnet_count
+        if not count:
+            given = sorted(k for k, v in control.items() if v is not None)
+            if control_image is not None:
+                given.append("control_image")
+            if given:
+                raise PipelineArgumentError(
+                    f"{', '.join(given)}: this artifact has no ControlNet; compile one with "
+                    "compile_pipeline(..., controlnet=PATH) (CLI: --controlnet PATH)"
+                )
+            return image
+        from sdcompiler.sampling import control_schedule
+
+        settings = {k: CONTROLNET_ARGUMENTS[k] if v is None else v for k, v in control.items()}
+        if not isinstance(settings["guess_mode"], bool):
+            raise PipelineArgumentError(f"guess_mode={settings['guess_mode']!r} must be True or False")
+        try:
+            control_schedule(
+                count,
+                settings["controlnet_conditioning_scale"],
+                settings["control_guidance_start"],
+                settings["control_guidance_end"],
+                1,
+            )
+        except ValueError as exc:
+            raise PipelineArgumentError(str(exc)) from None
+        if control_image is not None or strength is not None:
+            raise PipelineArgumentError(
+                "image-to-image with ControlNet (control_image= / strength=) is not supported yet; this artifact "
+                "takes image= as its control image(s), as diffusers' ControlNet pipelines"
+            )
+        if image is None:
+            raise PipelineArgumentError(
+                f"this artifact has {count} ControlNet(s): pass image=, the control image"
+                + ("s as a list, one per ControlNet" if count > 1 else "")
+            )
+        if count > 1:
+            if not isinstance(image, (list, tuple)) or len(image) != count:
+                raise PipelineArgumentError(
+                    f"this artifact has {count} ControlNets: pass image= as a list of {count} control images, one "
+                    "per ControlNet"
+                )
+            return image[0]
+        return image
+
     def __call__(
         self,
         prompt=None,
@@ -335,6 +403,11 @@ class CompiledPipeline:
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
         return_dict=True,
+        controlnet_conditioning_scale=None,
+        control_guidance_start=None,
+        control_guidance_end=None,
+        guess_mode=None,
+        control_image=None,
         **unsupported,
     ) -> CompiledPipelineOutput | tuple:
         """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
@@ -346,7 +419,19 @@ class CompiledPipeline:
         embeddings) instead of prompts, `clip_skip`, `eta` (DDIM), `output_type="pt"` ((N, 3, H, W) in [0, 1]),
         `callback_on_step_end(pipe, i, t, tensors) -> dict` with `callback_on_step_end_tensor_inputs` (latents,
         prompt_embeds, add_text_embeds, add_time_ids; setting `pipe._interrupt = True` skips the remaining
-        steps), `return_dict=False` (a tuple: SD `(images, None)`, SDXL `(images,)`)."""
+        steps), `return_dict=False` (a tuple: SD `(images, None)`, SDXL `(images,)`).
+
+        On an artifact compiled with ControlNets, `image` is the control image (one per ControlNet, a list for
+        several; each a PIL image, an array in [0, 1] or a tensor, preprocessed by diffusers' control
+        `VaeImageProcessor`: resized by height / width, not normalized), with `controlnet_conditioning_scale`,
+        `control_guidance_start`, `control_guidance_end` (a number or one per net) and `guess_mode`, as
+        diffusers' `StableDiffusion[XL]ControlNetPipeline`; image-to-image with ControlNet is not supported yet."""
+        control = {
+            "controlnet_conditioning_scale": controlnet_conditioning_scale,
+            "control_guidance_start": control_guidance_start,
+            "control_guidance_end": control_guidance_end,
+            "guess_mode": guess_mode,
+        }
         self.check(
             prompt=prompt,
             prompt_embeds=prompt_embeds,
@@ -363,8 +448,11 @@ class CompiledPipeline:
             strength=strength,
             generator=generator,
             latents=latents,
+            control_image=control_image,
+            **control,
             **unsupported,
         )
+        control = {k: CONTROLNET_ARGUMENTS[k] if v is None else v for k, v in control.items()}
         on_step_end = None if callback_on_step_end is None else self._step_callback(callback_on_step_end)
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
@@ -382,6 +470,9 @@ class CompiledPipeline:
             )
         if timesteps is None and num_inference_steps is None:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
+        control_images = None
+        if self.controlnet_count:
+            control_images, image = ([image] if self.controlnet_count == 1 else list(image)), None
         if strength is None:
             strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
         self._interrupt, self._guidance_scale = False, guidance
@@ -395,6 +486,15 @@ class CompiledPipeline:
                 image = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).preprocess(
                     image, height=height, width=width
                 )
+            if control_images is not None:  # as diffusers' ControlNet pipelines' control_image_processor
+                from diffusers.image_processor import VaeImageProcessor
+
+                processor = VaeImageProcessor(
+                    vae_scale_factor=self.components.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+                )
+                control_images = [
+                    processor.preprocess(im, height=height, width=width).to(torch.float32) for im in control_images
+                ]
             images = generate(
                 self.components,
                 prompt,
@@ -423,6 +523,8 @@ class CompiledPipeline:
                 on_step_end=on_step_end,
                 step_tensors=tuple(callback_on_step_end_tensor_inputs),
                 interrupted=lambda: self._interrupt,
+                control_images=control_images,
+                **control,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None

@@ -15,6 +15,12 @@ or Triton Inference Server BLS calls plug in unchanged:
   parameters` (mean and log-variance stacked on the channel axis, as diffusers' `DiagonalGaussianDistribution`
   holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do; or, for
   a VAE without a posterior (a tiny VAE), the latents themselves (`latent_channels` wide), taken as they are
+- optionally ControlNets (`ControlNets`): `residuals(sample, timestep, encoder_hidden_states, images, scales,
+  guess_mode, text_embeds, time_ids) -> (down residuals, mid residual)`, summed over the nets as diffusers'
+  `MultiControlNetModel`; the loop passes them to `unet(..., down_residuals=, mid_residual=)` as diffusers'
+  `StableDiffusion[XL]ControlNetPipeline` does (per-net `controlnet_conditioning_scale` times the
+  `control_guidance_start` / `_end` keep of the step, `guess_mode`: the nets see the conditional half of the CFG
+  batch only and the unconditional half gets zero residuals, the control images doubled for CFG otherwise)
 - optionally a feature cache (`sdcompiler.targets.components.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
   steps its plan marks (full / shallow) instead of `unet`.
@@ -58,7 +64,24 @@ class UNet(Protocol):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,  # ControlNet residuals (backends that take them)
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+@dataclass
+class ControlNets:
+    """The ControlNets of an artifact, as the loop calls them.
+
+    `residuals(sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids)` runs
+    each net on its control image (`images[i]`, (B, 3, H, W) in [0, 1]) with its scale (`scales[i]`, the keep of
+    the step already applied), and returns the residuals summed over the nets in order (diffusers'
+    `MultiControlNetModel`): a list of down-block residuals and the mid-block residual.
+    """
+
+    residuals: Callable
+    count: int
+    global_pool_conditions: bool = False  # the first net's config: forces guess mode, as diffusers
 
 
 @dataclass(eq=False)
@@ -90,6 +113,7 @@ class Components(Mapping):
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE encoder (image-to-image)
     embedding_width: int | None = None  # the U-Net's cross-attention width (checks caller-made prompt_embeds)
     backends: dict = field(default_factory=dict)  # by component name: the OrtModel / engine behind each callable
+    controlnets: ControlNets | None = None  # the artifact's ControlNets (compile_pipeline(controlnet=...))
 
     __eq__ = object.__eq__  # the same components, not equal contents (the mapping view builds a scheduler)
     __hash__ = object.__hash__
@@ -229,6 +253,59 @@ def encode_prompts(
     return embeds, pooled
 
 
+def control_schedule(count: int, scale, start, end, num_steps: int) -> list[list[float]]:
+    """Per step, the scale each of `count` ControlNets runs at: `controlnet_conditioning_scale` times the step's
+    keep (1 while `i / steps >= start` and `(i + 1) / steps <= end`, else 0), exactly as diffusers' ControlNet
+    pipelines compute them; checks the arguments as their `check_inputs` does (ValueError, one line)."""
+    if not isinstance(start, (list, tuple)) and isinstance(end, (list, tuple)):
+        start = [start] * len(end)
+    elif not isinstance(end, (list, tuple)) and isinstance(start, (list, tuple)):
+        end = [end] * len(start)
+    elif not isinstance(start, (list, tuple)):
+        start, end = [start] * count, [end] * count
+    if isinstance(scale, (list, tuple)):
+        if count == 1:
+            raise ValueError("controlnet_conditioning_scale must be a number for one ControlNet")
+        if len(scale) != count:
+            raise ValueError(f"controlnet_conditioning_scale has {len(scale)} values for {count} ControlNets")
+        scales = list(scale)
+    else:
+        scales = [scale] * count
+    if len(start) != count or len(end) != count:
+        raise ValueError(
+            f"control_guidance_start / _end have {len(start)} / {len(end)} values for {count} ControlNet(s); "
+            "give one each"
+        )
+    for value in (*scales, *start, *end):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"ControlNet scales and guidance bounds must be finite numbers; got {value!r}")
+    for s, e in zip(start, end):
+        if not 0.0 <= s < e <= 1.0:
+            raise ValueError(f"control_guidance_start={s} / control_guidance_end={e} need 0 <= start < end <= 1")
+    keeps = [
+        [1.0 - float(i / num_steps < s or (i + 1) / num_steps > e) for s, e in zip(start, end)]
+        for i in range(num_steps)
+    ]
+    return [[c * k for c, k in zip(scales, keep)] for keep in keeps]
+
+
+def _control_batch(images: Sequence[torch.Tensor], prompts: int, per_prompt: int, doubled: bool, dtype):
+    """The control images as the nets take them (diffusers' `prepare_image` after preprocessing): one image spread
+    over the batch, or one per prompt repeated per image; doubled for the CFG batch unless in guess mode."""
+    prepared = []
+    for index, image in enumerate(images):
+        if image.shape[0] not in (1, prompts):
+            raise ValueError(
+                f"control image {index} holds {image.shape[0]} images for {prompts} prompt(s); pass 1 or one per prompt"
+            )
+        image = image.to(torch.float32).repeat_interleave(
+            prompts * per_prompt if image.shape[0] == 1 else per_prompt, 0
+        )
+        image = image.to(dtype)
+        prepared.append(torch.cat([image] * 2) if doubled else image)
+    return prepared
+
+
 def _strength_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
     """The tail of the schedule an image-to-image call runs (diffusers' `get_timesteps`)."""
     start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
@@ -273,6 +350,35 @@ def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torc
     return scheduler.add_noise(init, noise, timestep)
 
 
+def _control_residuals(
+    c: Components,
+    scheduler,
+    latents,
+    model_input,
+    t,
+    embeds,
+    pooled,
+    time_ids,
+    images,
+    scales,
+    conditional_only,
+    guess_mode,
+) -> dict:
+    """The U-Net's residual inputs of one step (diffusers' ControlNet pipelines' loop body): in guess mode with
+    CFG the nets see the conditional half only and the unconditional half gets zeros."""
+    if conditional_only:
+        sample = scheduler.scale_model_input(latents, t)
+        half = lambda x: None if x is None else x.chunk(2)[1]  # noqa: E731
+        inputs = (sample, t, half(embeds), images, scales, guess_mode, half(pooled), half(time_ids))
+    else:
+        inputs = (model_input, t, embeds, images, scales, guess_mode, pooled, time_ids)
+    down, mid = c.controlnets.residuals(*inputs)
+    if conditional_only:
+        down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+        mid = torch.cat([torch.zeros_like(mid), mid])
+    return {"down_residuals": down, "mid_residual": mid}
+
+
 def generate(
     c: Components,
     prompt: str | list[str],
@@ -300,6 +406,11 @@ def generate(
     on_step_end: Callable[[int, torch.Tensor, dict], dict] | None = None,
     step_tensors: Sequence[str] = ("latents",),
     interrupted: Callable[[], bool] | None = None,
+    control_images: Sequence[torch.Tensor] | None = None,
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
 ):
     """Run text-to-image (or, with `image`, image-to-image) sampling; returns a numpy array (N, H, W, 3), a PIL
     list, an (N, 3, H, W) tensor in [0, 1] (`output_type="pt"`), or latents.
@@ -314,6 +425,11 @@ def generate(
     components carry a feature cache. `image`: (B, 3, H, W) in [-1, 1] (as diffusers' `VaeImageProcessor`
     preprocesses it; B is 1 or the batch); sampling then starts from its noised latents at the step `strength`
     of the way into the schedule, as diffusers' SD / SDXL img2img pipelines do.
+
+    `control_images`: one (B, 3, H, W) tensor in [0, 1] per ControlNet of the components (as diffusers'
+    control `VaeImageProcessor` preprocesses them; B is 1 or the number of prompts; they set the image size),
+    run with `controlnet_conditioning_scale`, `control_guidance_start` / `_end` (a number, or one per net) and
+    `guess_mode` as diffusers' ControlNet pipelines (see `ControlNets`).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -347,6 +463,23 @@ def generate(
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must be in [0, 1]")
         height, width = image.shape[-2:]
+    if (control_images is None) != (c.controlnets is None):
+        raise ValueError(
+            "this artifact has no ControlNet: control images need one (compile_pipeline(controlnet=...))"
+            if c.controlnets is None
+            else f"this artifact has {c.controlnets.count} ControlNet(s): pass image=, one control image each"
+        )
+    if control_images is not None:
+        if image is not None:
+            raise ValueError("image-to-image with ControlNet is not supported yet; pass control images only")
+        if len(control_images) != c.controlnets.count:
+            raise ValueError(
+                f"{len(control_images)} control image(s) for {c.controlnets.count} ControlNet(s); pass one each"
+            )
+        height, width = control_images[0].shape[-2:]
+        if any(tuple(im.shape[-2:]) != (height, width) for im in control_images):
+            raise ValueError("the control images differ in size; pass height / width to resize them alike")
+        guess_mode = bool(guess_mode) or c.controlnets.global_pool_conditions
     height = c.default_size if height is None else height
     width = c.default_size if width is None else width
     for name, value in (("height", height), ("width", width)):
@@ -403,6 +536,19 @@ def generate(
     else:
         latents = latents.to(c.dtype) * scheduler.init_noise_sigma
 
+    control_scales = None
+    if control_images is not None:
+        control_scales = control_schedule(
+            c.controlnets.count,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            len(timesteps),
+        )
+        control_images = _control_batch(
+            control_images, n_prompts, num_images_per_prompt, guidance and not guess_mode, c.dtype
+        )
+
     step_params = set(inspect.signature(scheduler.step).parameters)
     step_kwargs = {}
     if "eta" in step_params:
@@ -410,7 +556,7 @@ def generate(
     if "generator" in step_params:
         step_kwargs["generator"] = generator
 
-    cache = c.feature_cache if feature_cache else None
+    cache = c.feature_cache if feature_cache and control_images is None else None
     plan = cache.plan(len(timesteps)) if cache is not None else None
     deep = None
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
@@ -418,10 +564,26 @@ def generate(
             continue
         model_input = torch.cat([latents] * 2) if guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        residuals = {}
+        if control_scales is not None:
+            residuals = _control_residuals(
+                c,
+                scheduler,
+                latents,
+                model_input,
+                t,
+                embeds,
+                pooled,
+                time_ids,
+                control_images,
+                control_scales[i],
+                guess_mode and guidance,
+                guess_mode,
+            )
         if embedded:
-            eps = c.unet(model_input, t, embeds, pooled, time_ids, timestep_cond)
+            eps = c.unet(model_input, t, embeds, pooled, time_ids, timestep_cond, **residuals)
         elif cache is None:
-            eps = c.unet(model_input, t, embeds, pooled, time_ids)
+            eps = c.unet(model_input, t, embeds, pooled, time_ids, **residuals)
         elif plan[i] or deep is None:
             eps, deep = cache.full(model_input, t, embeds, pooled, time_ids)
         else:

@@ -211,3 +211,48 @@ def _tiny_tokenizer(pad_token: str):
         Path(tmp, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
         Path(tmp, "merges.txt").write_text("#version: 0.2\n")
         return transformers.CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
+
+
+def make_controlnet(
+    path: str | Path,
+    checkpoint: str | Path,
+    seed: int = 0,
+    *,
+    zero_conv_std: float = 0.05,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers `ControlNetModel` folder that fits the U-Net of `checkpoint` (a `make_checkpoint` folder).
+
+    The ControlNet copies the U-Net's encoder (`ControlNetModel.from_unet`, so its down / mid residuals have the
+    U-Net's shapes); its condition embedding gets He-initialized convs, and its zero convolutions (the residual projections and the condition embedding's last conv),
+    which training starts at zero, get seeded random weights of std `zero_conv_std`, so the residuals move the
+    images and a test comparing pipelines is not trivially met by residuals of zero.
+
+    Returns:
+        The folder, loadable by `ControlNetModel.from_pretrained` and by `compile_pipeline(controlnet=...)`.
+    """
+    import diffusers
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CheckpointError(f"{path} exists and is not empty; pick another folder or pass overwrite=True")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet")
+    torch.manual_seed(seed)
+    controlnet = diffusers.ControlNetModel.from_unet(unet)
+    embedding = controlnet.controlnet_cond_embedding
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, embedding.conv_out]
+    with torch.no_grad():
+        # the condition embedding's convs at He init: at diffusers' default init its output barely depends on
+        # the image (activations shrink through its 7 convs), so different control images would look alike
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            conv.bias.zero_()
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, zero_conv_std)
+            conv.bias.normal_(0.0, zero_conv_std)
+    if overwrite and path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    controlnet.save_pretrained(path, safe_serialization=True)
+    return path

@@ -122,6 +122,11 @@ class Pass:
     # the torch target stores modules of the pass's own making although the parameter layout stays (ptq's INT8 /
     # FP8 layers): `rebuild` runs at load as for structural passes
     deploys_modules: ClassVar[bool] = False
+    # with ControlNets (compile_pipeline(controlnet=...)): "keeps_layout" where the U-Net's down / mid blocks keep
+    # their names and outputs, so the nets' residuals still fit (the pass is allowed with them);
+    # "changes_layout" where the pass removes, renames or reshapes down / mid blocks (refused: the residuals no
+    # longer fit); None: not yet checked with ControlNets (refused too)
+    controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
     description: ClassVar[str] = ""
 
     def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:

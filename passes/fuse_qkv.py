@@ -70,6 +70,7 @@ def fuse_attention_projections(unet: torch.nn.Module, self_attention: bool, cros
 @register_pass
 class FuseQKV(Pass):
     name = "fuse_qkv"
+    controlnet = "keeps_layout"
     config_class = FuseQKVConfig
     stage = "structural"
     changes_structure = True

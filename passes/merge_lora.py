@@ -76,6 +76,7 @@ def _library_chatter_captured():
 @register_pass
 class MergeLoRA(Pass):
     name = "merge_lora"
+    controlnet = "keeps_layout"
     runtime_loras = True
     config_class = MergeLoRAConfig
     stage = "merge"

@@ -166,6 +166,7 @@ def _offset(config: PruneBlocksConfig) -> int:
 @register_pass
 class PruneBlocks(Pass):
     name = "prune_blocks"
+    controlnet = "changes_layout"
     config_class = PruneBlocksConfig
     stage = "structural"
     changes_structure = True

@@ -143,6 +143,7 @@ def _first_line(exc: BaseException) -> str:
 @register_pass
 class SetScheduler(Pass):
     name = "set_scheduler"
+    controlnet = "keeps_layout"
     runtime_loras = True
     config_class = SetSchedulerConfig
     stage = "scheduler"

@@ -26,6 +26,7 @@ class SlimUNetConfig(PassConfig):
 @register_pass
 class SlimUNet(Pass):
     name = "slim_unet"
+    controlnet = "changes_layout"
     config_class = SlimUNetConfig
     stage = "structural"
     changes_structure = True

@@ -81,6 +81,7 @@ def _check_folder(path: str) -> dict:
 @register_pass
 class SwapVAE(Pass):
     name = "swap_vae"
+    controlnet = "keeps_layout"
     runtime_loras = True
     config_class = SwapVAEConfig
     stage = "noop"

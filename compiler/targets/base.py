@@ -36,6 +36,7 @@ class LowerContext:
     show_progress: bool = True
     defaults: dict[str, Any] = field(default_factory=dict)  # the pipeline call defaults the manifest records
     products: PassProducts = field(default_factory=PassProducts)  # what the passes handed over (quantized U-Net)
+    controlnets: dict[str, Any] = field(default_factory=dict)  # artifact folder -> ControlNetModel, in call order
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from sdcompiler.archs import get_arch
 from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
 from sdcompiler.passes.onnx_export import vae_encoding
-from sdcompiler.sampling import Components, TextEncoding
+from sdcompiler.sampling import Components, ControlNets, TextEncoding
 
 FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (clip_skip), onnx layout
 LORA_MAP = "lora_map.json"  # next to U-Net and text encoder graphs: the initializer of each LoRA-addressable weight
@@ -49,6 +49,7 @@ def make_components(
     pipeline=None,
     encode_image=None,
     backends: dict | None = None,
+    controlnets: ControlNets | None = None,
 ) -> Components:
     from sdcompiler.targets.base import load_tokenizers, scheduler_factory
 
@@ -73,6 +74,7 @@ def make_components(
         encode_image=encode_image,
         embedding_width=_cross_attention_dim(root),
         backends=dict(backends or {}),
+        controlnets=controlnets,
     )
 
 
@@ -246,8 +248,43 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
 
         forward = compiled(forward, compile_mode)
 
-    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+    def with_residuals(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond, down, mid):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            timestep_cond=timestep_cond,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+    def run(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        timestep_cond=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
         cast = lambda x: None if x is None else x.to(device, dtype)
+        if down_residuals is not None:  # ControlNet: eager (no captured graph takes the residuals yet)
+            with torch.inference_mode():
+                out = with_residuals(
+                    cast(sample),
+                    timestep,
+                    cast(encoder_hidden_states),
+                    cast(text_embeds),
+                    cast(time_ids),
+                    cast(timestep_cond),
+                    [cast(d) for d in down_residuals],
+                    cast(mid_residual),
+                )
+            return out.float().cpu()
         # the timestep as a device tensor: a CUDA graph replays whatever the buffer holds
         t = torch.as_tensor(timestep, dtype=torch.float32).to(device) if cuda_graphs else timestep
         with torch.inference_mode():
@@ -257,6 +294,39 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         return out.float().cpu()
 
     return run
+
+
+def torch_controlnets(nets: list[torch.nn.Module], device: str) -> ControlNets:
+    """The sampling loop's ControlNets over diffusers `ControlNetModel`s: each net's residuals scaled by its
+    scale, summed over the nets in order as diffusers' `MultiControlNetModel` sums them; kept on `device` for
+    the U-Net call."""
+    dtype = nets[0].dtype
+
+    def residuals(sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids):
+        cast = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
+        added = None if text_embeds is None else {"text_embeds": cast(text_embeds), "time_ids": cast(time_ids)}
+        down = mid = None
+        with torch.inference_mode():
+            for net, image, scale in zip(nets, images, scales):
+                down_i, mid_i = net(
+                    cast(sample),
+                    timestep,
+                    encoder_hidden_states=cast(encoder_hidden_states),
+                    controlnet_cond=cast(image),
+                    conditioning_scale=scale,
+                    guess_mode=guess_mode,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                if down is None:
+                    down, mid = list(down_i), mid_i
+                else:
+                    down = [previous + current for previous, current in zip(down, down_i)]
+                    mid = mid + mid_i
+        return down, mid
+
+    global_pool = bool(getattr(nets[0].config, "global_pool_conditions", False))
+    return ControlNets(residuals=residuals, count=len(nets), global_pool_conditions=global_pool)
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, ch
 from sdcompiler.targets.components import (
     cache_settings,
     make_components,
+    torch_controlnets,
     torch_feature_cache,
     torch_text_encoder,
     torch_unet,
@@ -91,6 +92,11 @@ class TorchTarget(Target):
                 getattr(pipe, name).to(dtype).save_pretrained(out / name, safe_serialization=True)
                 getattr(pipe, name).to(torch.float32)
             pipe.vae.save_pretrained(out / "vae", safe_serialization=True)  # VAE stays fp32
+            for folder, controlnet in ctx.controlnets.items():  # at the U-Net's precision
+                if dtype != torch.float32:  # (the nets are not used after lowering)
+                    controlnet.to(dtype)
+                controlnet.save_pretrained(out / folder, safe_serialization=True)
+                scrub_source_path(out / folder / "config.json")
             (out / "unet").mkdir()
             (out / "unet" / "config.json").write_text(
                 json.dumps(
@@ -138,6 +144,8 @@ class TorchTarget(Target):
         if settings is not None:
             cache = torch_feature_cache(pipe.unet, device, settings, compile_mode=compile_mode)
         unet = torch_unet(pipe.unet, device, cuda_graphs=graphs, compile_mode=compile_mode)
+        controlnets = load_controlnets(root, manifest, device, dtype)
+        modules |= {entry["folder"]: net for entry, net in zip(manifest.get("controlnets", []), controlnets)}
         return make_components(
             root,
             manifest,
@@ -148,6 +156,7 @@ class TorchTarget(Target):
             cache,
             pipeline=pipe,
             encode_image=torch_vae_encoder(pipe.vae, device),
+            controlnets=torch_controlnets(controlnets, device) if controlnets else None,
         )
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
@@ -209,6 +218,18 @@ def low_precision_stage(records: list[StageRecord], pipe, quantized: QuantizedUN
         stage.results["low_precision_macs_share"] = round(low / total, 4)
         stage.results["macs_resolution"] = list(resolution)
     return fixed_dtype_tensors(pipe.unet)
+
+
+def load_controlnets(root: Path, manifest: dict[str, Any], device: str, dtype) -> list:
+    """The artifact's ControlNets (manifest `controlnets`, in call order) as diffusers `ControlNetModel`s."""
+    from diffusers import ControlNetModel
+
+    nets = []
+    for entry in manifest.get("controlnets", []):
+        folder = confined(root, entry["folder"], "a ControlNet folder")
+        net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        nets.append(net.to(device).eval().requires_grad_(False))
+    return nets
 
 
 def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:

@@ -43,7 +43,8 @@ def test_unsupported_argument_is_named(pipe, extra):
 
 def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
     # diffusers' text-to-image arguments (tests/integration/test_diffusers_dropin.py checks them against
-    # diffusers), its image-to-image ones (image, strength), and the feature-cache switch
+    # diffusers), its image-to-image ones (image, strength), its ControlNet ones (tests/integration/
+    # test_controlnet.py; control_image only to refuse it), and the feature-cache switch
     assert set(SUPPORTED_ARGUMENTS) == {
         "prompt",
         "negative_prompt",
@@ -68,6 +69,11 @@ def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_sw
         "callback_on_step_end",
         "callback_on_step_end_tensor_inputs",
         "return_dict",
+        "controlnet_conditioning_scale",
+        "control_guidance_start",
+        "control_guidance_end",
+        "guess_mode",
+        "control_image",
     }
 
 
