@@ -224,6 +224,30 @@ def test_refit_sets_the_refit_builder_flag_only_when_asked(tmp_path):
     assert _config(refit=True).refit and not _config().refit
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_weight_map_finds_fp16_and_bf16_initializers(tmp_path, dtype):
+    """The tensorrt target exports bf16 U-Nets too (numpy has no bf16: the map matches their bytes)."""
+    from onnx import TensorProto, helper
+
+    from sdcompiler.passes.onnx_export import lora_weight_map
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(2, 5, 3))
+    kind = {torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}[dtype]
+
+    def initializer(name, tensor):
+        raw = tensor.detach().to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+        return helper.make_tensor(name, kind, list(tensor.shape), raw, raw=True)
+
+    weights = [initializer("onnx::MatMul_7", module[0].weight.T), initializer("1.weight", module[1].weight)]
+    graph = helper.make_graph([], "g", [], [], initializer=weights)
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert lora_weight_map(module, tmp_path / "model.onnx", dtype) == {
+        "0.weight": {"initializer": "onnx::MatMul_7", "transposed": True},
+        "1.weight": {"initializer": "1.weight", "transposed": False},
+    }
+
+
 @pytest.mark.parametrize(
     "fake, match",
     [

@@ -96,8 +96,9 @@ def carry_lora_map(raw_map: Path, optimized: Path) -> dict[str, int]:
     with the raw graph.
 
     Cleanup and folding keep the initializers a node reads directly (a weight is never computed, so never
-    folded: checked on the tiny SD1.5 and SDXL exports, fp32 and fp16); an entry whose initializer is gone all
-    the same is dropped, so a LoRA that changes it is refused rather than refitted into nothing.
+    folded: checked on the tiny SD1.5 exports in fp32, fp16 and bf16 and the SDXL one in fp16); an entry whose
+    initializer is gone all the same is dropped, so a LoRA that changes it is refused rather than refitted into
+    nothing.
     """
     import onnx
 
