@@ -137,7 +137,9 @@ class CompiledPipeline:
         source's layout. Torch artifacts: weights change in place, so CUDA graphs and torch.compile'd code keep
         running without recapture or recompile. Onnx artifacts: the U-Net and text-encoder sessions are rebuilt
         with the fused weights as initializer overrides (`sdcompiler.targets.onnx_loras`); the files stay as
-        they are. A LoRA that does not fit raises and leaves the artifact's own weights.
+        they are. Tensorrt artifacts compiled with `refit=true`: the engines are refitted with the same fused
+        weights (`sdcompiler.targets.tensorrt.refit`, UNVERIFIED on a real TensorRT). A LoRA that does not fit
+        raises and leaves the artifact's own weights.
         """
         from sdcompiler.targets import get_target
 

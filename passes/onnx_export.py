@@ -394,18 +394,20 @@ def lora_weight_map(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> 
 
     import numpy as np
 
-    def key(array) -> tuple:
-        return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+    def key(array) -> tuple:  # the bytes, not the dtype: a bf16 weight is matched through its int16 view
+        return array.shape, array.dtype.itemsize, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
     by_value: dict[tuple, list[str]] = {}
     for name, array in initializer_arrays(path).items():
-        by_value.setdefault(key(array), []).append(name)
+        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":  # weights only: bytes alone could match ints
+            by_value.setdefault(key(array), []).append(name)
     found: dict[str, dict] = {}
     claimed: dict[str, list[str]] = {}
     for module_name, child in module.named_modules():
         if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        weight = child.weight.detach().to(dtype).cpu().numpy()
+        weight = child.weight.detach().to(dtype).cpu()
+        weight = (weight.view(torch.int16) if dtype == torch.bfloat16 else weight).numpy()  # numpy has no bf16
         candidates = [(weight, False)] + ([(weight.T, True)] if weight.ndim == 2 else [])
         for array, transposed in candidates:
             names = by_value.get(key(array), [])

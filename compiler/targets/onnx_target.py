@@ -227,10 +227,11 @@ class OnnxTarget(Target):
     def switch_loras(self, components, root, manifest, loras, touched) -> dict[str, list[str]]:
         """Rebuild the U-Net and text-encoder sessions with the LoRAs' fused weights as initializer overrides
         (`sdcompiler.targets.onnx_loras`); the artifact's files stay as they are."""
-        from sdcompiler.targets.onnx_loras import check_maps, lora_graphs, switch
+        from sdcompiler.targets.lora_weights import check_maps, lora_graphs
+        from sdcompiler.targets.onnx_loras import switch
 
         if loras:
-            check_maps(root, lora_graphs(manifest, components.backends))
+            check_maps({n: root / graph_path(n) for n in lora_graphs(manifest, components.backends)}, "onnx")
         return switch(components, root, manifest, loras)
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):

@@ -146,3 +146,32 @@ def test_quantized_engines_from_the_ptq_pass(preset, checkpoint, workdir, artifa
     psnr = 10 * np.log10(1.0 / max(np.mean((got - expected) ** 2), 1e-12))
     print(f"{preset} engine vs fp32 engine images: PSNR {psnr:.1f} dB")
     assert psnr > 15.0
+
+
+def test_refit_switches_loras_like_the_onnx_target(checkpoint, workdir):
+    """Engines built with refit=true (static: the CUDA-graph path) switched to a LoRA give the onnx target's images
+    with the same LoRA switched; set_loras([]) gives the artifact's own images back. The fake TensorRT checks only
+    what is handed to the refitter (tests/integration/test_runtime_lora.py); this checks what TensorRT does."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its conftest is not loaded here
+    from lora_files import make_full_lora
+
+    lora = make_full_lora(checkpoint, workdir / "lora", seed=5)
+    refit = compile_artifact(
+        checkpoint,
+        target="tensorrt",
+        output_dir=workdir / "refit",
+        target_options={"precision": "fp32", "static": True, "refit": True},
+    )
+    pipe = load_compiled(refit, device="cuda")
+    base = _images(pipe)
+    reference = compile_pipeline(checkpoint, target="onnx", output_dir=workdir / "onnx-refit", device="cpu")
+    reference.set_loras([(lora, 0.7)])
+    pipe.set_loras([(lora, 0.7)])
+    got = _images(pipe)
+    assert np.abs(got - base).max() > 5e-2  # the LoRA changed the engines' output
+    assert np.abs(got - _images(reference)).max() < 2e-2
+    pipe.set_loras([])
+    assert np.abs(_images(pipe) - base).max() < 1e-3  # the artifact's own weights (fp32 kernels, same tactics)

@@ -135,7 +135,7 @@ def test_refusals_change_nothing(compiled, loras, tmp_path):
 
     from sdcompiler.targets.tensorrt import TensorRTTarget
 
-    with pytest.raises(ConfigError, match="torch and onnx artifacts.*merge_lora"):
+    with pytest.raises(ConfigError, match="built without it; recompile with --option refit=true"):
         TensorRTTarget().check_loras(pruned.manifest, [(str(loras["a"]), 1.0)])
 
     pipe = load_compiled(compiled("sd15", "torch", "none").root, device="cpu")
@@ -273,3 +273,179 @@ def test_onnx_artifact_without_weight_map_is_refused(compiled, loras, tmp_path):
     with pytest.raises(Exception, match="no LoRA weight map for unet.*recompile") as info:
         pipe.set_loras([loras["a"]])
     assert "\n" not in str(info.value) and pipe.loras == []
+
+
+# --- tensorrt artifacts (engine refit, through the fake TensorRT: UNVERIFIED on a real one) ---------------------
+
+TRT_ITEMS = [("a_kohya", 0.5), ("b", 0.8)]
+
+
+@pytest.fixture(scope="module")
+def trt_refit(tiny_checkpoint, tmp_path_factory):
+    """A tensorrt artifact (fp16, refittable) without engines: its optimized graphs and LoRA maps."""
+    from sdcompiler.compile import compile_artifact
+
+    options = {"engines": False, "refit": True, "verify": False}
+    out = tmp_path_factory.mktemp("trt_refit") / "artifact"
+    return compile_artifact(tiny_checkpoint("sd15"), target="tensorrt", output_dir=out, target_options=options)
+
+
+def _fake_trt_pipe(root, manifest=None):
+    """The artifact as `load_compiled` would give it, each engine a `FakeEngine` holding its graph's weights."""
+    from types import SimpleNamespace
+
+    from fake_tensorrt import FakeEngine, FakeTensorRT
+
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.runtime import CompiledPipeline
+    from sdcompiler.targets.tensorrt import TrtModel
+    from sdcompiler.targets.tensorrt.build import OPTIMIZED
+
+    fake, models = FakeTensorRT(), {}
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        model = object.__new__(TrtModel)  # no CUDA here: only the attributes a refit uses
+        model.trt, model.name, model.graph = fake, name, None
+        model.engine = FakeEngine.from_onnx(name, root / name / OPTIMIZED)
+        models[name] = model
+    components = SimpleNamespace(backends=models)
+    pipe = CompiledPipeline(root, manifest or read_manifest(root), components, "cuda")
+    return pipe, fake, {name: m.engine for name, m in models.items()}
+
+
+def _weights(engines) -> dict[str, dict[str, np.ndarray]]:
+    return {name: dict(engine.weights) for name, engine in engines.items()}
+
+
+def _same_weights(engines, expected) -> bool:
+    return all(
+        engine.weights.keys() == expected[name].keys()
+        and all(np.array_equal(engine.weights[w], expected[name][w]) for w in expected[name])
+        for name, engine in engines.items()
+    )
+
+
+def test_tensorrt_artifact_records_refit_and_maps_its_optimized_graphs(trt_refit):
+    import json
+
+    import onnx
+
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.targets.tensorrt.build import OPTIMIZED, built_engines
+
+    manifest = read_manifest(trt_refit)
+    assert manifest["lowering"]["config"]["refit"] is True
+    built = built_engines(manifest)
+    assert all(built[name]["build"]["refit"] is True for name in ("text_encoder", "unet", "vae_decoder"))
+    stages = {s["name"]: s for s in manifest["lowering"]["stages"]}
+    assert stages["build_engine"]["settings"]["refit"] is True
+    for name in ("text_encoder", "unet"):
+        assert not (trt_refit / name / "lora_map.json").exists()  # the raw graph's map went with the raw graph
+        weights = json.loads((trt_refit / name / "model.opt.lora_map.json").read_text())["weights"]
+        graph = onnx.load(str(trt_refit / name / OPTIMIZED), load_external_data=False).graph
+        held = {t.name: t for t in graph.initializer}
+        assert weights and stages["optimize_onnx"]["results"][name]["lora_map"] == {
+            "weights": len(weights),
+            "dropped": 0,
+        }
+        for param, entry in weights.items():  # folding kept every mapped initializer, with the recorded shape
+            tensor = held[entry["initializer"]]
+            assert list(tensor.dims) == entry["shape"], param
+            assert tensor.data_type == onnx.TensorProto.FLOAT16, param  # the engine's precision
+    assert not (trt_refit / "vae_decoder" / "model.opt.lora_map.json").exists()
+
+
+def test_tensorrt_set_loras_refits_the_onnx_targets_fused_weights_and_restores(compiled, trt_refit, loras, monkeypatch):
+    """The refitter gets, for the U-Net and text-encoder engines only, exactly the initializers the onnx target
+    overrides for the same LoRAs, with the same values in the engine's fp16 (the onnx artifact is fp32: within
+    fp16 rounding); `set_loras([])` hands back the artifact's own values of those weights."""
+    import json
+
+    from sdcompiler.passes.onnx_export import graph_path, initializer_arrays
+    from sdcompiler.targets.components import OrtModel
+
+    items = [(loras[name], scale) for name, scale in TRT_ITEMS]
+    onnx_pipe = load_compiled(compiled("sd15", "onnx", "none").root, device="cpu")
+    overrides = {}
+    override = OrtModel.override
+
+    def spy(model, values):
+        overrides[next(n for n, m in onnx_pipe.components.backends.items() if m is model)] = dict(values)
+        override(model, values)
+
+    monkeypatch.setattr(OrtModel, "override", spy)
+    onnx_pipe.set_loras(items)
+
+    pipe, fake, engines = _fake_trt_pipe(trt_refit)
+    base = _weights(engines)
+    pipe.set_loras(items)
+    assert pipe.loras == [(str(p), s) for p, s in items]
+    for name in ("text_encoder", "unet"):
+        calls = [c for c in fake.calls if c[1] == name]
+        handed = [c[2] for c in calls if c[0] == "refitter.set_named_weights"]
+        assert calls[0] == ("Refitter", name)
+        assert calls[1:-2] == [("refitter.set_named_weights", name, w) for w in handed]
+        assert calls[-2:] == [("refitter.get_missing_weights", name), ("refitter.refit_cuda_engine", name)]
+        onnx_map = json.loads((onnx_pipe.root / graph_path(name)).with_name("lora_map.json").read_text())["weights"]
+        trt_map = json.loads((trt_refit / name / "model.opt.lora_map.json").read_text())["weights"]
+        params = sorted(p for p, e in onnx_map.items() if e["initializer"] in overrides[name])
+        assert params and sorted(handed) == sorted(trt_map[p]["initializer"] for p in params)
+        for param in params:
+            got = engines[name].weights[trt_map[param]["initializer"]]
+            want = overrides[name][onnx_map[param]["initializer"]]
+            want = want.T if onnx_map[param]["transposed"] != trt_map[param]["transposed"] else want
+            stored = initializer_arrays(onnx_pipe.root / graph_path(name), [onnx_map[param]["initializer"]])
+            stored = next(iter(stored.values()))
+            stored = stored.T if onnx_map[param]["transposed"] != trt_map[param]["transposed"] else stored
+            assert got.dtype == np.float16
+            # fp16(fp16(W) + dW) against W + dW: half an fp16 step of W and one of the sum (2^-11 relative each)
+            bound = (np.abs(stored) + np.abs(want)) * 2.0**-11 + 2.0**-24
+            assert (np.abs(got.astype(np.float32) - want) <= bound).all(), param
+        assert pipe._lora_params[name] == sorted(handed)
+    assert not any(c[1] == "vae_decoder" for c in fake.calls)
+    assert not _same_weights(engines, base)
+
+    fake.calls.clear()
+    pipe.set_loras([])
+    assert pipe.loras == [] and _same_weights(engines, base)  # the artifact's own weights, bit for bit
+    assert {c[1] for c in fake.calls} == {"text_encoder", "unet"}
+
+
+def test_tensorrt_refit_refusals_leave_the_artifacts_weights(trt_refit, loras):
+    import copy
+
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.errors import ArtifactError
+
+    manifest = copy.deepcopy(read_manifest(trt_refit))
+    manifest["lowering"]["config"]["refit"] = False
+    plain, fake, _ = _fake_trt_pipe(trt_refit, manifest)
+    with pytest.raises(ConfigError, match=r"built without it; recompile with --option refit=true") as info:
+        plain.set_loras([loras["a"]])
+    assert "\n" not in str(info.value) and fake.calls == [] and plain.loras == []
+    plain.set_loras([])  # nothing to switch: always fine
+
+    pipe, fake, engines = _fake_trt_pipe(trt_refit)
+    base = _weights(engines)
+    engines["unet"].missing_once = {"unet_fused_kernel"}  # a weight TensorRT holds that the graph does not
+    with pytest.raises(
+        ArtifactError, match=r"unet engine needs 1 more weight\(s\) to refit \(unet_fused_kernel\)"
+    ) as e:
+        pipe.set_loras([loras["a"]])
+    assert "\n" not in str(e.value) and pipe.loras == [] and pipe._lora_params == {}
+    assert ("refitter.refit_cuda_engine", "unet") not in fake.calls
+    assert engines["text_encoder"].refits == 2 and _same_weights(engines, base)  # refitted, then put back
+
+    pipe.set_loras([loras["a"]])  # a weight combined with a LoRA's is given from the graph
+    held = set(pipe._lora_params["unet"])
+    partner = next(w for w in sorted(engines["unet"].weights) if w not in held)
+    engines["unet"].combined = {sorted(held)[0]: [partner]}
+    engines["unet"].weights[partner] = np.zeros_like(base["unet"][partner])  # to see it handed again
+    fake.calls.clear()
+    pipe.set_loras([loras["b"]])
+    assert ("refitter.set_named_weights", "unet", partner) in fake.calls
+    np.testing.assert_array_equal(engines["unet"].weights[partner], base["unet"][partner])
+
+    engines["unet"].missing_once = {"unet_fused_kernel"}  # a failed switch after LoRAs: all back to the artifact's
+    with pytest.raises(ArtifactError, match="unet_fused_kernel"):
+        pipe.set_loras([loras["a"]])
+    assert pipe.loras == [] and _same_weights(engines, base)

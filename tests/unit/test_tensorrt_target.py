@@ -35,6 +35,7 @@ from sdcompiler.targets.tensorrt.build import (
     engine_cache_key,
     optimize_onnx,
     plan_filename,
+    trtexec_command,
 )
 from sdcompiler.targets.tensorrt.config import (
     PRECISIONS,
@@ -199,6 +200,52 @@ def test_builder_asks_for_a_strongly_typed_network_with_the_profile_and_limits(t
     assert not any(call[0] == "config.set_memory_pool_limit" for call in fake.calls)  # None: TensorRT's default
     assert ("config.builder_optimization_level=", 3) in fake.calls
     assert ("config.create_timing_cache", b"") in fake.calls  # no cache file yet: an empty cache
+
+
+def test_refit_sets_the_refit_builder_flag_only_when_asked(tmp_path):
+    """REFIT (every weight refittable), never REFIT_IDENTICAL (the build's own weights only) nor STRIP_PLAN: the fake
+    has no such flags, so asking for them fails here."""
+    fake = FakeTensorRT()
+    build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(refit=True), tmp_path / "t.cache")
+    names = [call[0] for call in fake.calls]
+    assert ("config.set_flag", "refit") in fake.calls
+    assert names.index("config.set_flag") < names.index("builder.build_serialized_network")
+    fake = FakeTensorRT()
+    build_serialized_engine(fake, tmp_path / "model.opt.onnx", _build(), tmp_path / "t.cache")
+    assert not any(call[0] == "config.set_flag" for call in fake.calls)
+
+    assert "--refit" in trtexec_command(tmp_path / "m.onnx", _build(refit=True))
+    assert "--refit" not in trtexec_command(tmp_path / "m.onnx", _build())
+    plain, refit = _build().to_dict(), _build(refit=True).to_dict()
+    assert engine_cache_key("a" * 64, plain, "9.0", "10.9.0") != engine_cache_key("a" * 64, refit, "9.0", "10.9.0")
+    assert EngineBuild.from_dict(json.loads(json.dumps(refit))) == _build(refit=True)
+    older = {k: v for k, v in plain.items() if k != "refit"}  # a manifest from before the option
+    assert EngineBuild.from_dict(json.loads(json.dumps(older))) == _build()
+    assert _config(refit=True).refit and not _config().refit
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_weight_map_finds_fp16_and_bf16_initializers(tmp_path, dtype):
+    """The tensorrt target exports bf16 U-Nets too (numpy has no bf16: the map matches their bytes)."""
+    from onnx import TensorProto, helper
+
+    from sdcompiler.passes.onnx_export import lora_weight_map
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(2, 5, 3))
+    kind = {torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}[dtype]
+
+    def initializer(name, tensor):
+        raw = tensor.detach().to(dtype).contiguous().view(torch.int16).numpy().tobytes()
+        return helper.make_tensor(name, kind, list(tensor.shape), raw, raw=True)
+
+    weights = [initializer("onnx::MatMul_7", module[0].weight.T), initializer("1.weight", module[1].weight)]
+    graph = helper.make_graph([], "g", [], [], initializer=weights)
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert lora_weight_map(module, tmp_path / "model.onnx", dtype) == {
+        "0.weight": {"initializer": "onnx::MatMul_7", "transposed": True},
+        "1.weight": {"initializer": "1.weight", "transposed": False},
+    }
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,13 @@ were not built for. Its modules, each importing only the ones above it:
   strongly typed network, and the engine cache and timing cache.
 - `runtime`: `TrtModel` (an engine called like an ONNX Runtime session) and the load side.
 - `target`: `TensorRTTarget` (its stages, load and serving models) and `tensorrt_model_spec`.
+- `refit`: run-time LoRAs on engines built with `refit=true`, through TensorRT's refitter (UNVERIFIED).
 
 TensorRT (10 or newer: strongly typed networks, named I/O tensors) is imported lazily
 (`pip install 'sd-compiler[tensorrt]'`); without it (or without a CUDA GPU) the compile stops before the
 checkpoint loads, with an error naming the extra, unless `engines=false` asks for the optimized ONNX only
-(the load then builds the engines from it). The engine build and the runtime have not run yet (no machine here has
-TensorRT); tests/gpu/test_tensorrt_gpu.py checks them where TensorRT is installed.
+(the load then builds the engines from it). The engine build, the runtime and the refit have not run yet
+(no machine here has TensorRT); tests/gpu/test_tensorrt_gpu.py checks them where TensorRT is installed.
 """
 
 from sdcompiler.targets.tensorrt.config import TensorRTTargetConfig

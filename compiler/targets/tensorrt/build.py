@@ -3,7 +3,8 @@
 `optimize_onnx`: onnx-graphsurgeon cleanup + toposort, constant folding (ONNX Runtime evaluates the
 constant subgraphs, never a Q/DQ node: folding a weight's Q -> DQ would leave a rounded float weight and
 a float kernel), ONNX shape inference before and after -> `<component>/model.opt.onnx` (+
-`model.opt.onnx.data` over 2 GB).
+`model.opt.onnx.data` over 2 GB); `carry_lora_map` rewrites the export's LoRA weight map for it
+(`model.opt.lora_map.json`: run-time LoRAs through engine refit).
 
 Engines: `build_serialized_engine` parses an optimized graph into a strongly typed network (TensorRT 10
 deprecates the weakly typed FP16/BF16/INT8/FP8 builder flags and 11 removes them: precision lives in the
@@ -35,6 +36,7 @@ import torch
 from sdcompiler import knobs
 from sdcompiler.artifact import sha256_file
 from sdcompiler.errors import LoweringError, require
+from sdcompiler.targets.components import lora_map_path
 from sdcompiler.targets.tensorrt.config import Shapes
 
 OPTIMIZED = "model.opt.onnx"
@@ -88,6 +90,27 @@ def optimize_onnx(source: Path, target: Path) -> dict[str, Any]:
     }
 
 
+def carry_lora_map(raw_map: Path, optimized: Path) -> dict[str, int]:
+    """Rewrite the export's LoRA weight map (`lora_map.json`, naming the raw graph's initializers) for the
+    optimized graph: `lora_map_path(optimized)`, each entry with the initializer's shape; the raw map is removed
+    with the raw graph.
+
+    Cleanup and folding keep the initializers a node reads directly (a weight is never computed, so never
+    folded: checked on the tiny SD1.5 exports in fp32, fp16 and bf16 and the SDXL one in fp16); an entry whose
+    initializer is gone all the same is dropped, so a LoRA that changes it is refused rather than refitted into
+    nothing.
+    """
+    import onnx
+
+    entries = json.loads(raw_map.read_text())["weights"]
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    kept = {p: {**e, "shape": shapes[e["initializer"]]} for p, e in entries.items() if e["initializer"] in shapes}
+    lora_map_path(optimized).write_text(json.dumps({"version": 1, "weights": kept}, sort_keys=True) + "\n")
+    raw_map.unlink()
+    return {"weights": len(kept), "dropped": len(entries) - len(kept)}
+
+
 QDQ_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -130,6 +153,7 @@ class EngineBuild:
     profile: dict[str, Shapes]
     workspace_gb: float | None = None
     builder_optimization_level: int = 3
+    refit: bool = False  # every weight refittable: run-time LoRAs (`tensorrt.refit`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,13 +161,14 @@ class EngineBuild:
             "strongly_typed": True,
             "workspace_gb": self.workspace_gb,
             "builder_optimization_level": self.builder_optimization_level,
+            "refit": self.refit,
             "profile": {name: [list(s) for s in shapes] for name, shapes in sorted(self.profile.items())},
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EngineBuild":
         profile = {name: tuple(tuple(s) for s in shapes) for name, shapes in data["profile"].items()}
-        return cls(profile, data["workspace_gb"], data["builder_optimization_level"])
+        return cls(profile, data["workspace_gb"], data["builder_optimization_level"], data.get("refit", False))
 
 
 def build_serialized_engine(trt, onnx_path: Path, build: EngineBuild, timing_cache: Path) -> bytes:
@@ -169,6 +194,14 @@ def build_serialized_engine(trt, onnx_path: Path, build: EngineBuild, timing_cac
     if build.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(build.workspace_gb * (1 << 30)))
     config.builder_optimization_level = build.builder_optimization_level
+    if build.refit:
+        # REFIT: every weight may change after the build, so TensorRT cannot fold weight values into its kernels
+        # (a LoRA changes them). Not REFIT_IDENTICAL: that flag promises the refit weights equal the build's (the
+        # weight-stripped plans of STRIP_PLAN, refilled at load) and lets TensorRT optimize on their values, so a
+        # LoRA's weights would run wrong; not REFIT_INDIVIDUAL, which needs each refittable weight marked on the
+        # network (fewer refittable weights, faster kernels: a later step, using the LoRA map's names). TensorRT
+        # 11.3's docs list a known issue: a REFIT engine may drop a GEMM bias (tests/gpu compares the images)
+        config.set_flag(trt.BuilderFlag.REFIT)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in build.profile.items():
         profile.set_shape(name, low, opt, high)
@@ -196,6 +229,8 @@ def trtexec_command(onnx_path: Path, build: EngineBuild) -> str:
         f"--minShapes={shapes(0)} --optShapes={shapes(1)} --maxShapes={shapes(2)}",
         f"--builderOptimizationLevel={build.builder_optimization_level}",
     ]
+    if build.refit:
+        parts.append("--refit")
     if build.workspace_gb is not None:
         parts.append(f"--memPoolSize=workspace:{int(build.workspace_gb * 1024)}")
     return " ".join(parts)

@@ -41,6 +41,9 @@ class TensorRTTargetConfig(PassConfig):
     # false: no TensorRT at compile, on purpose: the artifact holds the optimized ONNX and each component's
     # optimization profile (the build_engine stage's record, without plans); loading builds the engines
     engines: bool = True
+    # engines built refittable (`BuilderFlag.REFIT`), so `set_loras` can change their weights at run time
+    # (`tensorrt.refit`); TensorRT may pick slower kernels for a refittable engine
+    refit: bool = False
 
     def __post_init__(self):
         if self.precision in ("int8", "fp8"):

@@ -55,7 +55,8 @@ def load_components(root: Path, manifest: dict[str, Any], device: str):
         for name in (*spec.text_encoders, "unet", "vae_decoder")
     }
     encoders = [ort_text_encoder(models[n], spec.is_sdxl, root / n / FINAL_NORM) for n in spec.text_encoders]
-    return make_components(root, manifest, encoders, ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"]))
+    unet, decode = ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"])
+    return make_components(root, manifest, encoders, unet, decode, backends=models)  # backends: LoRA refit
 
 
 def _engine_bytes(trt, root: Path, name: str, built: Mapping[str, Any]) -> bytes:
@@ -93,6 +94,7 @@ class TrtModel:
     """
 
     def __init__(self, trt, plan: bytes, name: str):
+        self.trt = trt
         self.name = name
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
@@ -134,6 +136,23 @@ class TrtModel:
             self._check_shape(name, tuple(tensor.shape))
         result = self._replay(feed) if self.static else self._run(feed)
         return {n: result[n].float().cpu() for n in (outputs or self.outputs)}
+
+    def refit(self, weights: Mapping[str, Any], stored) -> None:
+        """Refit the engine's weights named in `weights` (numpy arrays in the engine's types; `stored(names)`: the
+        artifact's own values of other weights TensorRT asks for), through `tensorrt.refit.refit_engine`.
+
+        No call may run on the engine while its weights change, hence the synchronize. A static engine's CUDA
+        graph captured only the enqueue over this model's fixed I/O buffers, and a refit writes the new values
+        into the engine's own weight memory, so the graph should replay the new weights as it is; that is
+        UNVERIFIED (no TensorRT here), so the graph is dropped and captured again on the next call (one call's
+        worth of capture, next to a LoRA switch).
+        """
+        from sdcompiler.targets.tensorrt.refit import refit_engine
+
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.graph = None
+        refit_engine(self.trt, self.engine, weights, stored, self.name)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self.profile:

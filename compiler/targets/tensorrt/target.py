@@ -13,13 +13,13 @@
    strongly typed network needs them there) at opset >= 19 (the first whose Q/DQ take fp16 / bf16); the
    strongly typed builder picks INT8 / FP8 kernels from them.
 2. `optimize_onnx`: `build.optimize_onnx` on each graph -> `<component>/model.opt.onnx`; the raw export
-   is dropped. With `verify`, each optimized graph is compared with its torch module on the export
+   is dropped, its LoRA weight map carried to the optimized graph (`build.carry_lora_map`). With `verify`, each optimized graph is compared with its torch module on the export
    inputs in ONNX Runtime (as the onnx target does; an INT8 Q/DQ U-Net against its fake-quantized module
    with the onnx target's SQNR floor; bf16 graphs and FP8 Q/DQ are skipped: ONNX Runtime has no bf16 CPU
    kernels and cannot load `trt::` ops).
 3. `build_engine`: one engine per component, `<component>/model_sm<major><minor>.plan`, built through
    the engine cache (`build.cached_engine`) with the optimization profile `config.dimension_ranges`
-   gives the component's graph inputs. With `engines=false` no TensorRT runs: the stage records each
+   gives the component's graph inputs; `refit` builds them refittable (run-time LoRAs: `refit.switch`). With `engines=false` no TensorRT runs: the stage records each
    component's build (profile, settings) without a plan, and the load builds the engines from the ONNX.
    `check_tools` refuses a missing TensorRT or GPU before `compile_pipeline` loads the checkpoint.
 
@@ -35,11 +35,11 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcompiler.errors import ArtifactError, LoweringError, MissingDependencyError, require
+from sdcompiler.errors import ArtifactError, ConfigError, LoweringError, MissingDependencyError, require
 from sdcompiler.passes import QuantizedUNet
 from sdcompiler.passes.onnx_export import OnnxExport, component_exports
-from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target
-from sdcompiler.targets.components import cache_settings
+from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, check_runtime_loras
+from sdcompiler.targets.components import cache_settings, lora_map_path
 from sdcompiler.targets.onnx_target import check_verified, export_onnx_stage, served_components, verify_model
 from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 from sdcompiler.targets.tensorrt.build import (
@@ -47,6 +47,7 @@ from sdcompiler.targets.tensorrt.build import (
     EngineBuild,
     built_engines,
     cached_engine,
+    carry_lora_map,
     compute_capability,
     optimize_onnx,
     plan_filename,
@@ -112,6 +113,21 @@ class TensorRTTarget(Target):
 
     def load(self, root: Path, manifest: dict[str, Any], device: str, providers: list[str] | None):
         return load_components(root, manifest, device)
+
+    def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
+        if loras and not manifest["lowering"]["config"].get("refit", False):
+            raise ConfigError(
+                "LoRAs switch at run time on tensorrt artifacts whose engines are refittable, and this one was "
+                "built without it; recompile with --option refit=true, or merge the LoRAs at compile time (merge_lora)"
+            )
+        check_runtime_loras(manifest, loras)
+
+    def switch_loras(self, components, root, manifest, loras, touched) -> dict[str, list[str]]:
+        """Refit the U-Net and text-encoder engines with the LoRAs' fused weights (`tensorrt.refit`, UNVERIFIED:
+        written against TensorRT's refitter API, never run on a real TensorRT); the files stay as they are."""
+        from sdcompiler.targets.tensorrt.refit import switch
+
+        return switch(components, root, manifest, loras, touched)
 
 
 def _handed_quantization(ctx: LowerContext) -> QuantizedUNet | None:
@@ -184,6 +200,9 @@ def _optimize_onnx_stage(
         for export in tqdm(exports, desc="optimize onnx", disable=not ctx.show_progress):
             folder = out / export.name
             stage.results[export.name] = optimize_onnx(folder / "model.onnx", folder / OPTIMIZED)
+            if lora_map_path(folder / "model.onnx").is_file():  # U-Net and text encoders
+                raw_map = lora_map_path(folder / "model.onnx")
+                stage.results[export.name]["lora_map"] = carry_lora_map(raw_map, folder / OPTIMIZED)
             for raw in folder.glob("model.onnx*"):
                 raw.unlink()
             if config.verify:
@@ -208,6 +227,7 @@ def _build_engine_stage(
         "static": config.static,
         "workspace_gb": config.workspace_gb,
         "builder_optimization_level": config.builder_optimization_level,
+        "refit": config.refit,
     }
     with Stage(records, "build_engine", settings | {"engines": config.engines}) as stage:
         if not config.engines:  # each component's build, recorded for the load to build its engine from
@@ -216,7 +236,7 @@ def _build_engine_stage(
                 profile = profile_shapes(
                     onnx_input_dims(out / export.name / OPTIMIZED), ranges[component_kind(export.name)]
                 )
-                build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level)
+                build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level, config.refit)
                 stage.results[export.name] = {"file": None, "build": build.to_dict()}
             return
         trt = require("tensorrt", "tensorrt", "the tensorrt target's build_engine stage")
@@ -230,7 +250,7 @@ def _build_engine_stage(
         for export in tqdm(exports, desc="build engines", disable=not ctx.show_progress):
             folder = out / export.name
             profile = profile_shapes(onnx_input_dims(folder / OPTIMIZED), ranges[component_kind(export.name)])
-            build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level)
+            build = EngineBuild(profile, config.workspace_gb, config.builder_optimization_level, config.refit)
             plan, cache = cached_engine(trt, folder / OPTIMIZED, build, cc)
             shutil.copyfile(plan, folder / plan_filename(cc))
             stage.results[export.name] = {
