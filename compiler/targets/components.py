@@ -228,7 +228,16 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
     `torch.compile`d with `compile_mode` (the two exclude each other)."""
     dtype = unet.dtype
 
-    def forward(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+    def call(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        timestep_cond=None,
+        down=None,
+        mid=None,
+    ):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return unet(
             sample,
@@ -236,30 +245,20 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
             encoder_hidden_states,
             added_cond_kwargs=added,
             timestep_cond=timestep_cond,
-            return_dict=False,
-        )[0]
-
-    if cuda_graphs:
-        from sdcompiler.cuda_graphs import GraphedCallable
-
-        forward = GraphedCallable(forward)
-    elif compile_mode is not None:
-        from sdcompiler.cuda_graphs import compiled
-
-        forward = compiled(forward, compile_mode)
-
-    def with_residuals(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond, down, mid):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return unet(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            added_cond_kwargs=added,
-            timestep_cond=timestep_cond,
-            down_block_additional_residuals=down,
+            down_block_additional_residuals=down,  # ControlNet residuals (None: none)
             mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
+
+    forward = call
+    if cuda_graphs:
+        from sdcompiler.cuda_graphs import GraphedCallable
+
+        forward = GraphedCallable(call)
+    elif compile_mode is not None:
+        from sdcompiler.cuda_graphs import compiled
+
+        forward = compiled(call, compile_mode)
 
     def run(
         sample,
@@ -274,7 +273,7 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         cast = lambda x: None if x is None else x.to(device, dtype)
         if down_residuals is not None:  # ControlNet: eager (no captured graph takes the residuals yet)
             with torch.inference_mode():
-                out = with_residuals(
+                out = call(
                     cast(sample),
                     timestep,
                     cast(encoder_hidden_states),
