@@ -25,6 +25,12 @@ Quality is measured on the first timed call's images: PSNR and SSIM
 against the baseline's images, and CLIP score per subject with a local CLIP
 model (`clip_model=`, a transformers folder such as openai/clip-vit-large-patch14;
 no machine here has one, so the tests use a tiny random CLIP).
+When the candidate's source or the baseline is the shipped digits model
+(`sdcompiler.digits.is_digits_model`), the digits judge adds each subject's
+prompt accuracy: the share of its images the classifier reads as the digit
+its prompt names. Without prompts the digits model gets the judge's fixed
+prompts (one per digit); prompts that do not each name one digit get no
+accuracy, and the report says why.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ GATE_METRICS = (
     "ssim",
     "clip_score_candidate",
     "clip_score_baseline",
+    "prompt_accuracy_candidate",
+    "prompt_accuracy_baseline",
     "speedup",
     "unet_call_speedup",
     "seconds_per_image",
@@ -142,7 +150,8 @@ class Subject:
 class BenchReport:
     settings: dict[str, Any]
     subjects: list[Subject]
-    quality: dict[str, float]  # candidate vs baseline (psnr_db, ssim); clip scores per subject
+    quality: dict[str, float]  # candidate vs baseline (psnr_db, ssim); clip scores, prompt accuracy per subject
+    judge: dict[str, Any] | None = None  # the digits judge's record: None unless the digits model was detected
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -150,6 +159,8 @@ class BenchReport:
             "quality": self.quality,
             "subjects": {s.name: s.summary() for s in self.subjects},
         }
+        if self.judge is not None:
+            out["judge"] = self.judge
         if len(self.subjects) == 2:
             cand, base = (out["subjects"][s.name] for s in self.subjects)
             out["speedup"] = base["seconds_per_call"]["median"] / cand["seconds_per_call"]["median"]
@@ -261,6 +272,8 @@ class BenchReport:
             ]
         if self.quality:
             text += ["", "quality: " + ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items())]
+        if self.judge is not None:
+            text += ["", _judge_line(self.judge)]
         if data["timing_warnings"]:
             text += ["", *(f"warning: {line}" for line in data["timing_warnings"])]
         return "\n".join(text) + "\n"
@@ -304,7 +317,12 @@ def benchmark(
         raise ConfigError(f"warmup={warmup!r} must be a non-negative integer")
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ConfigError("num_images_per_prompt must be a positive integer")
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    from sdcompiler import digits
+
+    judged = any(digits.is_digits_model(what) for what in (candidate, baseline) if what is not None)
+    if not prompts:
+        prompts = digits.eval_prompts(1)[0] if judged else DEFAULT_PROMPTS
+    prompts = list(prompts)
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer (prompts per call)")
     step = batch_size or len(prompts)
@@ -412,11 +430,48 @@ def benchmark(
     if scorer is not None:
         for subject in subjects:
             quality[f"clip_score_{subject.name}"] = scorer.score(subject.images, prompts, num_images_per_prompt)
-    report = BenchReport(settings, subjects, quality)
+    judge = _judge(subjects, prompts, num_images_per_prompt, quality) if judged else None
+    report = BenchReport(settings, subjects, quality, judge)
     noise = report.timing_warnings()
     if noise:
         warnings.warn("; ".join(noise), NoisyTimingWarning, stacklevel=2)
     return report
+
+
+def _judge(subjects: list[Subject], prompts: list[str], per_prompt: int, quality: dict[str, float]) -> dict[str, Any]:
+    """The digits judge's prompt accuracy per subject, added to `quality`; its record for the report."""
+    from sdcompiler import digits
+
+    named = [digits.digit_of_prompt(p) for p in prompts]
+    unnamed = [p for p, d in zip(prompts, named) if d is None]
+    record: dict[str, Any] = {"model": "digits-sd15", "classifier": "sdcompiler.digits (SVC on held-out real digits)"}
+    if unnamed:
+        record["unavailable"] = (
+            f"prompt {unnamed[0]!r} names no digit (or several); the judge needs prompts that each name one "
+            "digit, e.g. 'a handwritten digit seven' (or no prompts: the judge's own)"
+        )
+        return record
+    expected = [d for d in named for _ in range(per_prompt)]
+    try:
+        scores = [digits.prompt_accuracy(subject.images, expected) for subject in subjects]
+    except ImportError as exc:  # scikit-learn, the digits extra: the timings still stand
+        record["unavailable"] = str(exc)
+        return record
+    record.update(images=len(expected), standard_error={})
+    for subject, (accuracy, error) in zip(subjects, scores):
+        quality[f"prompt_accuracy_{subject.name}"] = accuracy
+        record["standard_error"][subject.name] = error
+    return record
+
+
+def _judge_line(judge: dict[str, Any]) -> str:
+    if "unavailable" in judge:
+        return f"digits judge: prompt accuracy not available: {judge['unavailable']}"
+    parts = [f"{name} {100 * error:.0f}" for name, error in judge["standard_error"].items()]
+    return (
+        f"digits judge ({judge['classifier']}): prompt accuracy is the share of {judge['images']} images per "
+        f"subject read as their prompt's digit (standard error in points: {', '.join(parts)})"
+    )
 
 
 def _subject(
@@ -598,6 +653,10 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _needs(metric: str) -> str:
+    if metric.startswith("prompt_accuracy"):
+        return "compare with the digits model (make_checkpoint(size='digits')) on prompts that name one digit" + (
+            " and pass a baseline" if metric.endswith("baseline") else ""
+        )
     if metric.startswith("clip_score"):
         return "pass a CLIP model" + (" and a baseline" if metric.endswith("baseline") else "")
     return "pass a baseline"
@@ -606,7 +665,14 @@ def _needs(metric: str) -> str:
 def check_requirements_measurable(requirements: Sequence[Requirement], baseline: bool, clip: bool) -> None:
     """Refuse, before any timing, a requirement the run cannot measure."""
     for r in requirements:
-        needs_baseline = r.metric in ("psnr_db", "ssim", "speedup", "unet_call_speedup", "clip_score_baseline")
+        needs_baseline = r.metric in (
+            "psnr_db",
+            "ssim",
+            "speedup",
+            "unet_call_speedup",
+            "clip_score_baseline",
+            "prompt_accuracy_baseline",
+        )
         if (needs_baseline and not baseline) or (r.metric.startswith("clip_score") and not clip):
             raise ConfigError(f"requirement {r} cannot be checked: {_needs(r.metric)}")
 

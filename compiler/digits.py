@@ -19,13 +19,23 @@ Metrics:
   generated and real digits in a fixed feature space: the first `FEATURE_DIMS` principal components of the
   judge-training pixels.
 
+Which folders hold the digits model (`is_digits_model`, for `sdcompiler demo` and `sdcompiler bench`): a
+diffusers folder whose U-Net config and weights (rounded to fp16, as shipped) equal the shipped model's, or a
+compiled artifact whose manifest names such a folder as its source (while that folder exists). Configs are
+compared first, so another checkpoint costs a few small JSON reads; the digits model's weights are 5 MB.
+Which digit a prompt asks for (`digit_of_prompt`): the one digit it names, as a word or a numeral.
+
 scikit-learn is imported when a split or judge is first built (the `digits` extra).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -60,6 +70,71 @@ def eval_prompts(seeds_per_digit: int) -> tuple[list[str], list[int], list[int]]
     digits = [d for d in range(10) for _ in range(seeds_per_digit)]
     seeds = [s for _ in range(10) for s in range(seeds_per_digit)]
     return [caption(d) for d in digits], digits, seeds
+
+
+_DIGIT_NAME = re.compile(r"\b(" + "|".join(WORDS) + r"|[0-9])\b", re.IGNORECASE)
+
+
+def digit_of_prompt(prompt: str) -> int | None:
+    """The digit `prompt` names (as a word or a lone numeral), or None when it names none or several."""
+    named = {int(m) if m.isdigit() else WORDS.index(m.lower()) for m in _DIGIT_NAME.findall(prompt)}
+    return named.pop() if len(named) == 1 else None
+
+
+def is_digits_model(source: Any) -> bool:
+    """Whether `source` is the shipped digits model: a diffusers folder (path) holding its U-Net config and
+    its weights, or a compiled artifact (folder or CompiledPipeline) compiled from such a folder.
+
+    Weights count as the same when they equal the shipped fp16 tensors after rounding to fp16, so the fp32
+    copy `make_checkpoint(size="digits")` writes and a folder saved again from it both count.
+    """
+    manifest = getattr(source, "manifest", None)
+    if manifest is None:
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+            return False
+        folder = Path(source)
+        if (folder / "manifest.json").is_file():
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text())
+            except (OSError, ValueError):
+                return False
+    if manifest is not None:  # an artifact: judge its source checkpoint, where it still is
+        path = (manifest.get("source") or {}).get("path")
+        return isinstance(path, str) and Path(path).is_dir() and _same_weights(Path(path))
+    return _same_weights(Path(source))
+
+
+def _same_weights(folder: Path) -> bool:
+    from sdcompiler.testing import DIGITS_MODEL
+
+    def public_config(path: Path) -> dict | None:
+        try:
+            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        except (OSError, ValueError):
+            return None
+
+    shipped_config = public_config(DIGITS_MODEL / "unet" / "config.json")
+    if shipped_config is None or public_config(folder / "unet" / "config.json") != shipped_config:
+        return False
+    return all(
+        _same_tensors(shipped, folder / shipped.relative_to(DIGITS_MODEL))
+        for shipped in sorted(DIGITS_MODEL.rglob("*.safetensors"))
+    )
+
+
+def _same_tensors(shipped: Path, candidate: Path) -> bool:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        ours, theirs = load_file(shipped), load_file(candidate)
+    except (OSError, SafetensorError):
+        return False
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape
+        and bool((ours[k] == (theirs[k].to(ours[k].dtype) if ours[k].is_floating_point() else theirs[k])).all())
+        for k in ours
+    )
 
 
 def _require_sklearn() -> None:
