@@ -55,6 +55,7 @@ PIPELINE_INPUTS = [
     "num_images",
     "image",
     "strength",
+    "loras",
 ]
 
 
