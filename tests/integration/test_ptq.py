@@ -186,12 +186,19 @@ def test_fp8_is_refused_for_onnx_before_writing(tiny_checkpoint, tmp_path):
     assert not out.exists()  # (fp8 for target tensorrt: test_ptq_modelopt.py)
 
 
-def test_torch_target_is_refused_up_front(tiny_checkpoint, tmp_path):
+def test_onnxruntime_backend_with_target_torch_is_refused_up_front(tiny_checkpoint, tmp_path):
+    """ORT's U8 QDQ graph runs on ONNX Runtime only; `int8` with target torch runs the modelopt backend instead
+    (tests/integration/test_ptq_torch_target.py)."""
     from sdcompiler import compile_pipeline
 
     out = tmp_path / "torch"
     with pytest.raises(LoweringError, match=r"'ptq'.*target='onnx'") as info:
-        compile_pipeline(tiny_checkpoint("sd15"), recipe="int8", target="torch", output_dir=out)
+        compile_pipeline(
+            tmp_path / "not-loaded",
+            recipe=[{"preset": "int8", "backend": "onnxruntime"}],
+            target="torch",
+            output_dir=out,
+        )
     assert "\n" not in str(info.value)
     assert not out.exists()
 

@@ -110,11 +110,12 @@ def test_backends_pick_their_targets(tiny_checkpoint, tmp_path):
 
     ptq = get_pass("ptq")
     config = ptq.config_class.from_dict
-    assert ptq.supported_targets(config({}, owner="ptq")) == ("onnx", "tensorrt")
-    assert ptq.supported_targets(config({"precision": "fp8"}, owner="ptq")) == ("tensorrt",)
-    assert ptq.supported_targets(config({"backend": "modelopt"}, owner="ptq")) == ("tensorrt",)
+    assert ptq.supported_targets(config({}, owner="ptq")) == ("onnx", "tensorrt", "torch")
+    assert ptq.supported_targets(config({"precision": "fp8"}, owner="ptq")) == ("tensorrt", "torch")
+    assert ptq.supported_targets(config({"backend": "modelopt"}, owner="ptq")) == ("tensorrt", "torch")
     assert ptq.supported_targets(config({"backend": "onnxruntime"}, owner="ptq")) == ("onnx",)
     assert config({}, owner="ptq").backend_for("tensorrt") == "modelopt"
+    assert config({}, owner="ptq").backend_for("torch") == "modelopt"
     assert config({}, owner="ptq").backend_for("onnx") == "onnxruntime"
     out = tmp_path / "out"
     with pytest.raises(LoweringError, match=r"'ptq'.*target='tensorrt'"):  # refused before loading anything
