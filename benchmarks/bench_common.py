@@ -194,3 +194,49 @@ def import_checkout(with_passes: bool = False) -> None:
         spec.loader.exec_module(module)
         if "." in name:
             setattr(sys.modules["sdcompiler"], name.split(".", 1)[1], module)
+
+
+def median_ms(fn, warmup: int, repeats: int, device: str = "cuda") -> float:
+    """Median milliseconds of one `fn()` over `repeats` calls after `warmup` calls: CUDA events around each call
+    on "cuda" (launch overhead included), the wall clock elsewhere. torch is imported on first use."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(fn, warmup: int, repeats: int, calls: int = 20, side_calls: int = 1) -> float:
+    """Per-call GPU time: the median replay time of a CUDA graph holding `calls` calls of `fn`, divided by
+    `calls` (a call's kernels can run for about what launching them from Python costs: replays measure the GPU
+    work). `side_calls` warm-up calls run on a side stream before the capture, as torch.cuda.graphs asks."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and allocate outside the capture
+        for _ in range(side_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, warmup, repeats) / calls

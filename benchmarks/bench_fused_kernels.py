@@ -29,7 +29,6 @@ the GPU name.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +39,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import finish_results, import_checkout, log, new_results, write_results  # noqa: E402
+from bench_common import (  # noqa: E402
+    finish_results,
+    graph_ms,
+    import_checkout,
+    log,
+    median_ms,
+    new_results,
+    write_results,
+)
 
 # (channels, latent side) of the GroupNorm+SiLU inputs in SD1.5's U-Net at 512x512.
 GROUP_NORM_SHAPES = [
@@ -62,38 +69,9 @@ BATCH, GROUPS, DTYPE = 2, 32, torch.float16
 GRAPH_CALLS = 20
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_ms(fn, warmup: int, repeats: int) -> float:
-    """Device time of one `fn()`: `GRAPH_CALLS` calls captured in a CUDA graph, replays timed, per call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and allocate outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return median_ms(graph.replay, warmup, repeats) / GRAPH_CALLS
-
-
 def compare(name, shape, layout, fused, eager, moved_bytes, warmup, repeats) -> dict:
     max_diff = (fused().float() - eager().float()).abs().max().item()
-    fused_ms, eager_ms = graph_ms(fused, warmup, repeats), graph_ms(eager, warmup, repeats)
+    fused_ms, eager_ms = graph_ms(fused, warmup, repeats, GRAPH_CALLS), graph_ms(eager, warmup, repeats, GRAPH_CALLS)
     row = {
         "op": name,
         "shape": list(shape),

@@ -66,7 +66,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import import_checkout, log, machine, versions  # noqa: E402
+from bench_common import import_checkout, log, machine, median_ms, versions  # noqa: E402
 from bench_w4a4_kernel import sd15_shapes  # noqa: E402
 
 PROMPT = "a red cube on a wooden table, studio light"
@@ -148,32 +148,12 @@ def sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def median_event_ms(fn, device: str, warmup: int, repeats: int) -> float:
-    """Median time of fn() (CUDA events on a GPU, wall clock on CPU) after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
 def reference_rates(device: str, tiny: bool) -> dict[str, Any]:
     """The dense matmul rate of this device (bf16 on CUDA) and _int_mm vs fp16 F.linear at the W4A4 FFN shapes."""
     n = 8192 if device == "cuda" else 256
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lhs, rhs = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    ms = median_event_ms(lambda: torch.mm(lhs, rhs), device, 3, 10)
+    ms = median_ms(lambda: torch.mm(lhs, rhs), 3, 10, device)
     out: dict[str, Any] = {
         "matmul": {"n": n, "dtype": str(dtype), "ms": round(ms, 4), "tflops": sig(2 * n**3 / ms / 1e9)}
     }
@@ -187,8 +167,8 @@ def reference_rates(device: str, tiny: bool) -> dict[str, Any]:
         x, w = torch.randn(m, k, device=device).to(half), torch.randn(n_out, k, device=device).to(half)
         xq = torch.randint(-8, 8, (m, k), dtype=torch.int8, device=device)
         wq = torch.randint(-8, 8, (k, n_out), dtype=torch.int8, device=device)
-        fp = median_event_ms(lambda: torch.nn.functional.linear(x, w), device, 3, 10)
-        i8 = median_event_ms(lambda: torch._int_mm(xq, wq), device, 3, 10)
+        fp = median_ms(lambda: torch.nn.functional.linear(x, w), 3, 10, device)
+        i8 = median_ms(lambda: torch._int_mm(xq, wq), 3, 10, device)
         flop = 2 * m * k * n_out
         gemms.append(
             {

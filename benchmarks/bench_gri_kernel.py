@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import import_checkout  # noqa: E402
+from bench_common import graph_ms, import_checkout, median_ms  # noqa: E402
 
 # (name, batch, heads, height, width, head_dim); window and global tokens below.
 SHAPES = [
@@ -42,41 +41,6 @@ SHAPES = [
 ]
 WINDOW = 16
 NUM_GLOBAL = 16
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    """Median over `repeats` calls of the time between CUDA events around one call (includes launch overhead)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_ms(fn, warmup: int, repeats: int, calls: int = 20) -> float:
-    """Per-call GPU time: median replay time of a CUDA graph holding `calls` calls, divided by `calls`.
-
-    At these sizes one call's kernels run for tens of microseconds, about what launching them from Python
-    costs, so eager timing measures the launch; graph replay measures the GPU work.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graphs asks
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return median_ms(graph.replay, warmup, repeats) / calls
 
 
 def sdpa_backends(q, k, v) -> tuple[list, str]:
@@ -128,7 +92,7 @@ def bench_shape(gri, name, batch, heads, height, width, head_dim, warmup, repeat
     }
     with sdpa_kernel(backends):
         for variant, fn in variants.items():
-            row[f"{variant}_gpu_ms"] = graph_ms(fn, warmup, repeats)
+            row[f"{variant}_gpu_ms"] = graph_ms(fn, warmup, repeats, side_calls=3)
             row[f"{variant}_eager_ms"] = median_ms(fn, warmup, repeats)
     for variant, flops in (("triton", gri_flops), ("reference", gri_flops), ("full_sdpa", full_flops)):
         row[f"{variant}_tflops"] = flops / row[f"{variant}_gpu_ms"] / 1e9

@@ -162,7 +162,15 @@ def compile_artifact(
             pipe,
             staging,
             target_config,
-            LowerContext(spec, source_unet_config, show_progress, defaults, ctx.products, {f: m for f, m, _ in nets}),
+            LowerContext(
+                spec,
+                source_unet_config,
+                show_progress,
+                defaults,
+                ctx.products,
+                {f: m for f, m, _ in nets},
+                macs_resolution,
+            ),
         )
         manifest = {
             "sdcompiler_version": __version__,

@@ -21,8 +21,6 @@ columns change no sum) and crops the result. Convolutions run as im2col + the sa
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
@@ -133,9 +131,9 @@ def conv2d_lowp(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> torch.Tensor:
-    """A quantized `F.conv2d`: the Triton implicit-GEMM kernel on CUDA (when `kernels.lowp_conv` and Triton are
-    there), else im2col + `gemm_lowp`."""
-    if x.is_cuda and use_triton(x) and conv_kernel() == "triton implicit-GEMM":
+    """A quantized `F.conv2d`: the Triton implicit-GEMM kernel (`kernels.lowp_conv`) on CUDA when Triton imports,
+    else im2col + `gemm_lowp`."""
+    if x.is_cuda and use_triton(x):
         from .lowp_conv import conv2d_lowp_triton
 
         xq = quantize(x, mult, wq.dtype)
@@ -144,8 +142,7 @@ def conv2d_lowp(
     return conv2d_lowp_im2col(x, wq, mult, scale, bias, stride, padding, dilation)
 
 
-def conv_kernel() -> str:
-    """What `conv2d_lowp` runs on CUDA: the Triton implicit-GEMM kernel or im2col + the GEMM."""
-    if importlib.util.find_spec(f"{__package__}.lowp_conv") is not None and triton_available():
-        return "triton implicit-GEMM"
-    return "im2col + GEMM"
+def conv_kernel(device: str, gemm: str) -> str:
+    """What `conv2d_lowp` runs on `device` for a layer whose GEMM is `gemm`: the Triton implicit-GEMM kernel on
+    CUDA when Triton imports, else im2col + that GEMM."""
+    return "triton implicit-GEMM" if device == "cuda" and triton_available() else f"im2col + {gemm}"

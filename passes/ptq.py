@@ -148,11 +148,6 @@ class PtqConfig(PassConfig):
         return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
 
 
-def smoothed(config: PtqConfig) -> bool:
-    """Whether the modelopt backend applies SmoothQuant (per-channel input pre-scales on the linear layers)."""
-    return config.precision == "int8" and config.smoothquant_alpha is not None
-
-
 def calibration_resolution(config: PtqConfig, pipe) -> int:
     """Pixels the pass calibrates and measures at: `config.resolution`, else the model's native size capped at
     `DEFAULT_MAX_RESOLUTION` (a full-size model calibrates at 256 px in minutes on a CPU; a tiny one at its
@@ -421,7 +416,8 @@ class Ptq(Pass):
         from sdcompiler.passes.ptq_lowp import lowp_modules
 
         layers = mo.selected_layers(pipe.unet, config.level, config.excluded("modelopt"))
-        lowp_modules(pipe.unet, layers, config.precision, smoothed(config), empty=True)
+        smoothed = mo.uses_smoothquant(config.precision, config.smoothquant_alpha)
+        lowp_modules(pipe.unet, layers, config.precision, smoothed, empty=True)
 
     def _trajectories(
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
@@ -489,6 +485,7 @@ class Ptq(Pass):
             "weights": "per-channel" if config.precision == "int8" else "per-tensor",
             "activations": "per-tensor",
             "algorithm": quant["algorithm"],
+            "smoothquant": mo.uses_smoothquant(config.precision, config.smoothquant_alpha),
             "calibration": config.calibration,
             "percentile": config.percentile if config.calibration == "percentile" else None,
             "quantized_layers": len(layers),

@@ -83,8 +83,7 @@ class LowpConv2d(_LowpLayer):
         )
 
     def kernel(self, device: str) -> str:
-        gemm = "torch._int_mm" if self.precision == "int8" else "torch._scaled_mm"
-        return conv_kernel() if device == "cuda" and conv_kernel().startswith("triton") else f"im2col + {gemm}"
+        return conv_kernel(device, "torch._int_mm" if self.precision == "int8" else "torch._scaled_mm")
 
     def extra_repr(self) -> str:
         k = tuple(self.qweight.shape[2:])

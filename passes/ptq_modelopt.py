@@ -152,9 +152,14 @@ def quant_config(
         parts = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer")
         groups.append((QuantizerNames(f"{n}.{p}" for n in attention_modules(unet, exclude) for p in parts), inputs))
     algorithm: Any = "max"
-    if precision == "int8" and smoothquant_alpha is not None:
+    if uses_smoothquant(precision, smoothquant_alpha):
         algorithm = {"method": "smoothquant", "alpha": smoothquant_alpha}
     return {"groups": groups, "algorithm": algorithm, "layers": layers}
+
+
+def uses_smoothquant(precision: str, smoothquant_alpha: float | None) -> bool:
+    """Whether calibration applies SmoothQuant (int8 only): per-channel input pre-scales on the linear layers."""
+    return precision == "int8" and smoothquant_alpha is not None
 
 
 def quantizers(unet: torch.nn.Module) -> dict[str, Any]:

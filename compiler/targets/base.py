@@ -37,6 +37,7 @@ class LowerContext:
     defaults: dict[str, Any] = field(default_factory=dict)  # the pipeline call defaults the manifest records
     products: PassProducts = field(default_factory=PassProducts)  # what the passes handed over (quantized U-Net)
     controlnets: dict[str, Any] = field(default_factory=dict)  # artifact folder -> ControlNetModel, in call order
+    macs_resolution: tuple[int, int] | None = None  # pixel (H, W) the compile counts MACs at (its manifest's)
 
 
 @dataclass

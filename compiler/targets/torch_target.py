@@ -208,11 +208,11 @@ def low_precision_stage(records: list[StageRecord], pipe, quantized: QuantizedUN
 
     settings = {"precision": quantized.precision, "from": "modelopt fake quantizers"}
     with Stage(records, "quantize_layers", settings) as stage:
-        resolution = tuple(ctx.source_unet_config.get("sample_size", 64) * pipe.vae_scale_factor for _ in "hw")
+        resolution = ctx.macs_resolution
         low, total = layer_macs(
             pipe.unet, quantized.layers, lambda unet: count_macs(unet, resolution, pipe.vae_scale_factor)
         )
-        smoothed = isinstance(quantized.settings.get("algorithm"), dict)
+        smoothed = quantized.settings["smoothquant"]
         stage.results["layers"] = lowp_modules(pipe.unet, quantized.layers, quantized.precision, smoothed)
         stage.results["kernels"] = {device: layer_kernels(pipe.unet, device) for device in ("cpu", "cuda")}
         stage.results["low_precision_macs_share"] = round(low / total, 4)
