@@ -553,7 +553,7 @@ def serve_rows(pipeline, requests: list[list[dict]], loras: LoraFolder | None = 
             continue
         for i, row in enumerate(rows):
             groups.setdefault(batch_key(row), []).append((r, i))
-    held = tuple(map(tuple, getattr(pipeline, "loras", [])))
+    held = _held_loras(pipeline)
     for members in sorted(groups.values(), key=lambda m: requests[m[0][0]][m[0][1]]["loras"] != held):
         first = requests[members[0][0]][members[0][1]]
         try:
@@ -599,9 +599,14 @@ def _row_loras(text: str, folder: LoraFolder | None) -> tuple[tuple[str, float],
     return folder.resolve(text)
 
 
+def _held_loras(pipeline) -> tuple[tuple[str, float], ...]:
+    """The LoRAs the pipeline holds, as `_row_loras` gives them (BLS pipelines hold none)."""
+    return tuple(map(tuple, getattr(pipeline, "loras", [])))
+
+
 def _hold_loras(pipeline, loras: tuple[tuple[str, float], ...]) -> None:
     """Switch the pipeline to exactly `loras` unless it holds them already."""
-    if tuple(map(tuple, getattr(pipeline, "loras", []))) != loras:
+    if _held_loras(pipeline) != loras:
         pipeline.set_loras(list(loras))
 
 
