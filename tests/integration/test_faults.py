@@ -53,6 +53,15 @@ def _staging(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
+def _writing(staging: Path) -> bool:
+    """Files in the staging folder and no manifest yet. The folder may be swapped in (renamed away) between the
+    glob that found it and this look: that is 'not now', not an error."""
+    try:
+        return any(staging.iterdir()) and not (staging / "manifest.json").exists()
+    except FileNotFoundError:
+        return False
+
+
 def _weights_mapped(pid: int, checkpoint: Path) -> bool:
     try:
         return str(checkpoint / "unet") in Path(f"/proc/{pid}/maps").read_text()
@@ -103,9 +112,7 @@ def runs(compiled, tiny_checkpoint, tmp_path_factory):
     }
     conditions = {
         "passes": lambda: _weights_mapped(procs["passes"].pid, checkpoint) and not _staging(outs["passes"]),
-        "export": lambda: any(
-            any(s.iterdir()) and not (s / "manifest.json").exists() for s in _staging(outs["export"])
-        ),
+        "export": lambda: any(_writing(s) for s in _staging(outs["export"])),
     }
     left = {}
     deadline = time.monotonic() + 300
