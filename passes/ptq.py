@@ -73,7 +73,7 @@ from sdcompiler.passes.errors import PassError, require
 from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
-from sdcompiler.passes.teacher_data import Trajectories, load_prompts, teacher_trajectories
+from sdcompiler.passes.teacher_data import Trajectories, take_prompts, teacher_trajectories
 from sdcompiler.passes.training import sqnr_db
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -93,6 +93,7 @@ class PtqConfig(PassConfig):
     percentile: float = 99.999  # `percentile` calibration: share of the values kept inside the range
     calib_prompts: int = 4
     held_out_prompts: int = 1
+    prompts_file: str | None = None  # calibration prompts, one per line (default: the shipped list)
     calib_steps: int = 4  # sampling steps per trajectory; every visited U-Net input calibrates
     guidance_scale: float = 7.5
     # pixels; calibration and SQNR (null: the model's native size, at most 256: `calibration_resolution`)
@@ -423,7 +424,11 @@ class Ptq(Pass):
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
     ) -> tuple[Trajectories, Trajectories]:
         """Calibration trajectories (seed) and held-out ones (seed + 1, other prompts), cached."""
-        prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
+        prompts = take_prompts(
+            config.prompts_file,
+            config.calib_prompts + config.held_out_prompts,
+            f"calib_prompts={config.calib_prompts} + held_out_prompts={config.held_out_prompts}",
+        )
         common = dict(
             steps=config.calib_steps,
             guidance=config.guidance_scale,

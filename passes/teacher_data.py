@@ -41,6 +41,17 @@ def load_prompts(path: str | None = None) -> list[str]:
     return prompts
 
 
+def take_prompts(path: str | None, wanted: int, what: str) -> list[str]:
+    """The first `wanted` prompts of `path` (default: the shipped list), refusing a list that is too short;
+    `what` names the config keys that ask for them."""
+    prompts = load_prompts(path)
+    if len(prompts) < wanted:
+        raise PassError(
+            f"{wanted} prompts needed ({what}), the prompt list has {len(prompts)}; give a longer prompts_file"
+        )
+    return prompts[:wanted]
+
+
 @dataclass
 class TeacherSamples:
     text_embeds: torch.Tensor  # (P, 77, D)

@@ -29,7 +29,7 @@ import torch
 from sdcompiler.passes.base import PassContext
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError
-from sdcompiler.passes.teacher_data import TeacherSamples, load_prompts, teacher_samples
+from sdcompiler.passes.teacher_data import TeacherSamples, take_prompts, teacher_samples
 from sdcompiler.passes.trainer import DrawFn, LossFn, Trainer, TrainerSettings, TrainResult
 
 # the TrainerSettings a pass config may set under the same name (the steps come separately: a pass may run
@@ -68,13 +68,8 @@ def teacher_data(
     another scale). `key` names the teacher in the data cache (`ctx.teacher_key` or `ctx.model_key`).
     """
     wanted = config.num_prompts + config.held_out_prompts
-    prompts = load_prompts(config.prompts_file)
-    if len(prompts) < wanted:
-        raise PassError(
-            f"{wanted} prompts needed (num_prompts={config.num_prompts} + held_out_prompts="
-            f"{config.held_out_prompts}), the prompt list has {len(prompts)}; give a longer prompts_file"
-        )
-    prompts = prompts[:wanted]
+    what = f"num_prompts={config.num_prompts} + held_out_prompts={config.held_out_prompts}"
+    prompts = take_prompts(config.prompts_file, wanted, what)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     samples = teacher_samples(
         pipe,

@@ -26,6 +26,7 @@ class QuestConfig(PassConfig):
     keep_shortcut_fp: bool = False
     calib_prompts: int = 4
     held_out_prompts: int = 2
+    prompts_file: str | None = None  # calibration prompts, one per line (default: the shipped list)
     calib_steps: int = 8  # sampling steps per trajectory = calibrated timesteps
     guidance_scale: float = 7.5
     resolution: int | None = None

@@ -44,7 +44,7 @@ from sdcompiler.passes.quest.modules import (
     quantize_modules,
     quantized_layers,
 )
-from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
+from sdcompiler.passes.teacher_data import take_prompts, teacher_trajectories
 
 
 @register_pass
@@ -65,7 +65,11 @@ class QuestW4A4(Pass):
     def run(self, pipe, config: QuestConfig, ctx: PassContext) -> dict[str, float]:
         unet = pipe.unet
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-        prompts = load_prompts()[: config.calib_prompts + config.held_out_prompts]
+        prompts = take_prompts(
+            config.prompts_file,
+            config.calib_prompts + config.held_out_prompts,
+            f"calib_prompts={config.calib_prompts} + held_out_prompts={config.held_out_prompts}",
+        )
         common = dict(
             steps=config.calib_steps,
             guidance=config.guidance_scale,
