@@ -457,9 +457,12 @@ def gri_attention(
     """GRI attention as the op `torch.ops.sdcompiler.gri_attention` (arguments: see `gri_attention_reference`).
 
     Runs the Triton kernel on CUDA (or under `TRITON_INTERPRET=1` on CPU) and `gri_attention_sdpa`
-    (the reference's math through PyTorch's fused attention) elsewhere.
-    Inference only: the op has no autograd formula.
+    (the reference's math through PyTorch's fused attention) elsewhere. The op has no autograd formula: when
+    autograd records (training through GRI, e.g. `["gri", "distill"]`) the differentiable `gri_attention_sdpa`
+    runs instead, on any device.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_global, v_global)):
+        return gri_attention_sdpa(q, k, v, k_global, v_global, height, width, window, scale)
     return torch.ops.sdcompiler.gri_attention(q, k, v, k_global, v_global, height, width, window, scale)
 
 

@@ -129,6 +129,20 @@ def test_op_dispatch_on_cpu(monkeypatch):
     assert bool(launched) == gri_module.use_triton(*inputs)
 
 
+def test_gradients_flow_through_gri_attention_for_training():
+    """Training through GRI (`["gri", "distill"]`): with autograd recording, the op gives the dense definition's
+    gradients (the differentiable SDPA path runs; the Triton kernel and the custom op have no backward)."""
+    height, width, window = 7, 10, 4
+    inputs = [t.requires_grad_() for t in make_inputs(1, 2, height, width, 3, 40, seed=3)]
+    grad = torch.randn(1, 2, height * width, 40, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(gri_attention(*inputs, height, width, window), inputs, grad)
+    expected = torch.autograd.grad(dense_gri(*inputs, height, width, window), inputs, grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference still runs the op
+        assert gri_attention(*inputs, height, width, window).grad_fn is None
+
+
 def test_flop_count_on_meta_default_like_case():
     batch, heads, height, width, window, num_global, head_dim = 2, 8, 64, 64, 16, 16, 40
     q = torch.empty(batch, heads, height * width, head_dim, device="meta")
