@@ -91,6 +91,7 @@ class DistillCFG(Pass):
     runtime_loras = True
     config_class = DistillCFGConfig
     stage = "distill_merge"
+    controlnet = "keeps_layout"  # a merged LoRA (and a guidance embedding); trained without the nets
     changes_structure = True  # with guidance_range it adds the guidance embedding, which rebuild() re-adds
     description = "train a LoRA so one conditional U-Net call gives the guided eps, then merge it (guidance 1)"
 

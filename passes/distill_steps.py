@@ -235,6 +235,7 @@ class DistillSteps(Pass):
     runtime_loras = True
     config_class = DistillStepsConfig
     stage = "distill_merge"
+    controlnet = "keeps_layout"  # a merged LoRA; trained without the nets
     description = "latent consistency distillation of an LCM-LoRA, merged; LCM scheduler, 4 steps, guidance 1"
 
     def requires(self, pipe, config: DistillStepsConfig, ctx: PassContext) -> None:

@@ -357,6 +357,7 @@ class Ptq(Pass):
     name = "ptq"
     config_class = PtqConfig
     stage = "quantize"
+    controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float
     targets = ("onnx", "tensorrt", "torch")
     deploys_modules = True  # target torch: INT8 / FP8 layers that `rebuild` makes again at load
     description = (

@@ -240,6 +240,7 @@ class SwapAttention(Pass):
     runtime_loras = True
     config_class = SwapAttentionConfig
     stage = "structural"
+    controlnet = "keeps_layout"  # self-attention processors only; the blocks and their outputs stay
     changes_structure = True
     description = "GRI attention: windowed self-attention + pooled global tokens in the high-resolution blocks"
 

@@ -52,6 +52,7 @@ class QuestW4A4(Pass):
     name = "quest_w4a4"
     config_class = QuestConfig
     stage = "quantize"
+    controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float
     changes_structure = True
     targets = ("torch",)
     description = "QuEST low-bit quantization: MSE ranges, time-wise activation scales, selective finetuning"

@@ -164,7 +164,11 @@ def test_sdxl_one_controlnet(tiny_checkpoint, controlnets, artifact):
     ("recipe", "error", "match"),
     [
         ("bk-small", ConfigError, "pass 'prune_blocks' removes or reshapes the U-Net's down / mid blocks"),
-        ("int8", ConfigError, "pass 'ptq' is not yet checked with ControlNets; passes allowed with them: fuse_qkv"),
+        (
+            "deepcache",
+            ConfigError,
+            "pass 'feature_cache' is not yet checked with ControlNets; passes allowed with them: distill_cfg",
+        ),
     ],
 )
 def test_compile_refusals(tmp_path, controlnets, recipe, error, match):
