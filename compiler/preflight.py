@@ -216,7 +216,7 @@ def _check_inpainting(model: Mapping, image: Any, mask_image: Any, masked_image_
         if in_channels != model.get("latent_channels", 4):
             raise PipelineArgumentError(
                 f"this artifact's U-Net inpaints ({in_channels} input channels: latents, mask, masked image); pass "
-                "image= (the picture) and mask_image= (white: repaint) too"
+                "image= (the picture) and mask_image= (white: repaint) too (CLI: --image, --mask)"
             )
         return
     if image is None:

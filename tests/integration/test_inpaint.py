@@ -142,9 +142,9 @@ def test_inpaint_errors(inpaint_compiled):
         (plain, dict(mask_image=mask), "mask_image needs image="),
         (plain, dict(image=image, mask_image=_mask(size=64)), "mask_image is 64x64 and image 128x128"),
         (plain, dict(image=image, masked_image_latents=torch.zeros(1, 4, 16, 16)), "apply to inpainting only"),
-        (plain, dict(image=image, padding_mask_crop=8), "apply to inpainting only"),
+        (plain, dict(image=image, padding_mask_crop=8, output_type="pil"), "apply to inpainting only"),
         (pipe, dict(image=image, mask_image=mask, padding_mask_crop=8, output_type="np"), "output_type='pil'"),
-        (pipe, dict(image=np.asarray(image) / 255, mask_image=mask, padding_mask_crop=8), "as PIL images"),
+        (pipe, dict(image=np.asarray(image) / 255, mask_image=mask, padding_mask_crop=8, output_type="pil"), "as PIL"),
         (pipe, dict(image=image, mask_image="mask.png"), "mask_image must be a PIL image"),
         (
             pipe,
