@@ -212,3 +212,22 @@ def test_generate_cli_mask(inpaint_compiled, tmp_path, capsys):
     assert main(common + ["--mask", str(mask), "--out", str(tmp_path / "x.png")]) == 1  # a mask needs an image
     err = capsys.readouterr().err.strip()
     assert "--image" in err and "\n" not in err
+
+
+def test_tensorrt_onnx_and_serving_of_an_inpainting_unet(inpaint_checkpoint, inpaint_compiled, tmp_path):
+    """tensorrt (no TensorRT here: `engines=false`) optimizes the 9-channel U-Net graph and sizes its profile from
+    it; export-server refuses inpainting artifacts (served models take no mask yet) in one line."""
+    from sdcompiler.artifact import read_manifest
+    from sdcompiler.compile import compile_artifact
+    from sdcompiler.errors import ArtifactError
+    from sdcompiler.serving import export_server
+    from sdcompiler.targets.tensorrt.build import built_engines
+
+    root = compile_artifact(
+        inpaint_checkpoint("sd15"), target="tensorrt", output_dir=tmp_path / "trt", target_options={"engines": False}
+    )
+    profile = built_engines(read_manifest(root))["unet"]["build"]["profile"]["sample"]
+    assert [shape[1] for shape in profile] == [9, 9, 9]
+    with pytest.raises(ArtifactError, match="inpainting U-Net .*no mask yet") as caught:
+        export_server(inpaint_compiled("sd15", "torch").root, tmp_path / "repo")
+    assert "\n" not in str(caught.value)
