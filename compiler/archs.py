@@ -26,6 +26,15 @@ from sdcompiler import knobs
 from sdcompiler.errors import CheckpointError
 from sdcompiler.passes.architectures import ARCHS, ArchSpec
 
+# an inpainting U-Net's input: the latents, the mask (1 channel) and the masked image's latents, concatenated
+INPAINT_IN_CHANNELS = 9
+INPAINT_GUIDANCE_SCALE = 7.5  # diffusers' inpainting pipelines' default, SDXL's included
+
+
+def is_inpainting(unet_config: Mapping) -> bool:
+    """Whether a U-Net config is an inpainting U-Net's (its input concatenates mask and masked-image latents)."""
+    return unet_config.get("in_channels", 4) == INPAINT_IN_CHANNELS
+
 
 def get_arch(name: str) -> ArchSpec:
     try:
@@ -38,20 +47,22 @@ def detect_arch_from_unet_config(config: Mapping, where: str = "checkpoint") -> 
     """Classify a UNet2DConditionModel config as sd15 / sd21 / sdxl.
 
     SDXL is the only family with the `text_time` added embedding; SD 2.x is
-    the one with linear projections in its transformer blocks. Inpainting,
-    depth, upscaler and image-variation U-Nets (extra input channels or class
-    embeddings) are rejected: their pipelines need inputs we do not serve.
+    the one with linear projections in its transformer blocks. Inpainting
+    U-Nets (`INPAINT_IN_CHANNELS`: latents + mask + masked-image latents) are
+    accepted in every family (`is_inpainting`); depth, upscaler and
+    image-variation U-Nets (other input channels or class embeddings) are
+    rejected: their pipelines need inputs we do not serve.
     """
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise CheckpointError(
             f"unsupported architecture in {where}: U-Net class {config.get('_class_name')!r}; "
             "sd-compiler handles SD 1.x, SD 2.x and SDXL text-to-image U-Nets"
         )
-    if config.get("in_channels", 4) != 4 or config.get("class_embed_type") is not None:
+    if config.get("in_channels", 4) not in (4, INPAINT_IN_CHANNELS) or config.get("class_embed_type") is not None:
         raise CheckpointError(
             f"unsupported architecture in {where}: a U-Net with in_channels={config.get('in_channels')} "
-            f"and class_embed_type={config.get('class_embed_type')!r} (inpainting/depth/upscale variant); "
-            "only text-to-image SD 1.x, SD 2.x and SDXL checkpoints are supported"
+            f"and class_embed_type={config.get('class_embed_type')!r} (depth/upscale/variation variant); "
+            "only text-to-image and inpainting (in_channels=9) SD 1.x, SD 2.x and SDXL checkpoints are supported"
         )
     if config.get("addition_embed_type") == "text_time":
         return ARCHS["sdxl"]

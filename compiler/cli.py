@@ -234,7 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", help="image-to-image: the start image (PNG / JPEG; resized by --height / --width)")
     p.add_argument(
-        "--strength", type=float, help="image-to-image: how much of the schedule runs (default 0.8, SDXL 0.3)"
+        "--mask",
+        help="inpainting: the mask (PNG; white: repaint, black: keep; the --image's size), with --image; resized "
+        "with it to --height / --width (default: the model's size)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="image-to-image: how much of the schedule runs (default 0.8, SDXL 0.3; inpainting 1.0, SDXL 0.9999)",
     )
     p.add_argument(
         "--control-image",
@@ -408,14 +415,14 @@ def _target_options(args) -> dict:
     return options
 
 
-def _read_image(path: str):
+def _read_image(path: str, mode: str = "RGB"):
     from PIL import Image
 
     from sdcompiler.errors import PipelineArgumentError
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except OSError as exc:  # missing, unreadable, or not an image (PIL's UnidentifiedImageError)
         raise PipelineArgumentError(
             f"cannot read image {path}: {type(exc).__name__}; pass a PNG or JPEG file"
@@ -511,12 +518,16 @@ def cmd_generate(args) -> int:
 
     from sdcompiler import load_compiled
     from sdcompiler.artifact import read_manifest
+    from sdcompiler.errors import PipelineArgumentError
     from sdcompiler.preflight import artifact_bytes, check_call
 
     out = _check_image_path(Path(args.out))  # before anything is loaded or generated
     manifest = read_manifest(args.artifact)
     image, control = _control_arguments(args, len(manifest.get("controlnets", [])))
     image = _read_image(args.image) if args.image else image
+    if args.mask and not args.image:
+        raise PipelineArgumentError("--mask (inpainting) needs --image, the picture to inpaint")
+    mask = _read_image(args.mask, "L") if args.mask else None
     call = dict(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -525,6 +536,7 @@ def cmd_generate(args) -> int:
         num_images_per_prompt=args.num_images,
         image=image,
         strength=args.strength,
+        **({"mask_image": mask} if mask is not None else {}),
     )
     # refuse what cannot run before loading anything (the pipeline checks again, with the model loaded)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sdcompiler import knobs
+from sdcompiler.archs import INPAINT_GUIDANCE_SCALE, is_inpainting
 from sdcompiler.artifact import check_destination, staged_artifact, write_manifest
 from sdcompiler.errors import ConfigError, LoweringError
 from sdcompiler.passes import PassContext, PassManager, available_passes, get_pass
@@ -156,7 +157,9 @@ def compile_artifact(
     if not _is_main_process():  # under accelerate launch / torchrun: training ran on all ranks, rank 0 writes
         return output_dir
 
-    defaults = {"num_inference_steps": 50, "guidance_scale": spec.default_guidance_scale} | ctx.pipeline_defaults
+    # an inpainting U-Net runs in diffusers' inpainting pipelines, whose default guidance is 7.5 (SDXL's too)
+    guidance = INPAINT_GUIDANCE_SCALE if is_inpainting(pipe.unet.config) else spec.default_guidance_scale
+    defaults = {"num_inference_steps": 50, "guidance_scale": guidance} | ctx.pipeline_defaults
     with staged_artifact(output_dir) as staging:
         stages = lowering.lower(
             pipe,
@@ -185,6 +188,8 @@ def compile_artifact(
             "lowering": {"target": target, "config": target_config.to_dict(), "stages": [vars(s) for s in stages]},
             "model": {
                 "latent_channels": pipe.vae.config.latent_channels,
+                # 9: an inpainting U-Net (latents + mask + masked-image latents); absent in older manifests: 4
+                "unet_in_channels": pipe.unet.config.in_channels,
                 "vae_scale_factor": pipe.vae_scale_factor,
                 "scaling_factor": pipe.vae.config.scaling_factor,
                 "default_size": default_size,

@@ -121,6 +121,9 @@ def check_call(
     latents: Any = None,
     device: str = "cpu",
     unloaded_bytes: int = 0,
+    mask_image: Any = None,
+    masked_image_latents: Any = None,
+    padding_mask_crop: Any = None,
 ) -> None:
     """Refuse call arguments that cannot give an image, before any work: one-line PipelineArgumentError.
 
@@ -153,13 +156,14 @@ def check_call(
             f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 turns classifier-free guidance off)"
         )
     _check_steps(num_inference_steps, timesteps)
+    _check_inpainting(model, image, mask_image, masked_image_latents, padding_mask_crop)
     if strength is not None and image is None:
         raise PipelineArgumentError("strength applies to image-to-image only; pass image too")
     if strength is not None and (not _is_real(strength) or not (0 < strength <= 1)):
         raise PipelineArgumentError(f"strength={strength!r} must be a number in (0, 1] (the share of the schedule run)")
 
     scale, default_size = model.get("vae_scale_factor", 8), model.get("default_size", 512)
-    if image is not None:
+    if image is not None and mask_image is None:  # inpainting defaults to the model's size, as diffusers
         image_h, image_w = _image_size(image)
         height = image_h // scale * scale if height is None else height
         width = image_w // scale * scale if width is None else width
@@ -199,6 +203,39 @@ def check_call(
     )
 
 
+def _check_inpainting(model: Mapping, image: Any, mask_image: Any, masked_image_latents: Any, crop: Any) -> None:
+    """Inpainting's arguments: a mask goes with an image of its size; the inpainting-only arguments go with a
+    mask; an inpainting U-Net (9 input channels) needs both."""
+    in_channels = model.get("unet_in_channels", model.get("latent_channels", 4))
+    if mask_image is None:
+        given = [
+            n for n, v in (("masked_image_latents", masked_image_latents), ("padding_mask_crop", crop)) if v is not None
+        ]
+        if given:
+            raise PipelineArgumentError(f"{', '.join(given)} apply to inpainting only; pass image= and mask_image= too")
+        if in_channels != model.get("latent_channels", 4):
+            raise PipelineArgumentError(
+                f"this artifact's U-Net inpaints ({in_channels} input channels: latents, mask, masked image); pass "
+                "image= (the picture) and mask_image= (white: repaint) too (CLI: --image, --mask)"
+            )
+        return
+    if image is None:
+        raise PipelineArgumentError("mask_image needs image=, the picture to inpaint (white mask pixels are repainted)")
+    image_size, mask_size = _image_size(image), _mask_size(mask_image)
+    if image_size != mask_size:
+        raise PipelineArgumentError(
+            f"mask_image is {mask_size[1]}x{mask_size[0]} and image {image_size[1]}x{image_size[0]} (width x "
+            "height); pass a mask of the image's size"
+        )
+    if crop is not None:
+        from PIL import Image
+
+        if not _is_int(crop) or crop < 0:
+            raise PipelineArgumentError(f"padding_mask_crop={crop!r} must be a non-negative integer (pixels)")
+        if not isinstance(image, Image.Image) or not isinstance(mask_image, Image.Image):
+            raise PipelineArgumentError("padding_mask_crop needs image and mask_image as PIL images (as diffusers)")
+
+
 def _check_steps(num_inference_steps: Any, timesteps: Any) -> None:
     if timesteps is not None:
         if not isinstance(timesteps, (list, tuple)) or not timesteps or not all(_is_int(t) for t in timesteps):
@@ -231,6 +268,28 @@ def _check_generator(generator: Any, batch: int) -> None:
     raise PipelineArgumentError(
         f"generator must be a torch.Generator or a list of them, got {type(generator).__name__} "
         "(for a seed: torch.Generator().manual_seed(seed))"
+    )
+
+
+def _mask_size(mask: Any) -> tuple[int, int]:
+    """(H, W) of a mask argument, in the layouts diffusers' mask processor reads: a PIL image (or a list), an
+    (H, W) / (H, W, 1) / (N, H, W) / (N, H, W, 1) array in [0, 1], an (H, W) / (N, H, W) / (N, 1, H, W) tensor."""
+    import numpy as np
+    from PIL import Image
+
+    first = mask[0] if isinstance(mask, (list, tuple)) and mask else mask
+    if isinstance(first, Image.Image):
+        return first.height, first.width
+    if isinstance(first, np.ndarray) and 2 <= first.ndim <= 4:
+        if first.ndim == 3 and first.shape[-1] == 1 or first.ndim == 4:
+            return tuple(first.shape[-3:-1])
+        return tuple(first.shape[-2:])
+    if isinstance(first, torch.Tensor) and 2 <= first.ndim <= 4:
+        return tuple(first.shape[-2:])
+    raise PipelineArgumentError(
+        "mask_image must be a PIL image, an (H, W) / (N, H, W, 1) array in [0, 1] or an (N, 1, H, W) tensor in "
+        f"[0, 1] (white / 1: repaint), got {type(first).__name__}"
+        + (f" of {first.ndim} dimensions" if hasattr(first, "ndim") else "")
     )
 
 

@@ -57,6 +57,9 @@ SUPPORTED_ARGUMENTS = (
     "control_guidance_end",
     "guess_mode",
     "control_image",
+    "mask_image",
+    "masked_image_latents",
+    "padding_mask_crop",
 )
 # the arguments only an artifact with ControlNets takes (and their defaults, diffusers')
 CONTROLNET_ARGUMENTS = {
@@ -296,6 +299,9 @@ class CompiledPipeline:
         eta=0.0,
         callback_on_step_end=None,
         control_image=None,
+        mask_image=None,
+        masked_image_latents=None,
+        padding_mask_crop=None,
         **unsupported,
     ) -> None:
         """Refuse the arguments `__call__` refuses before it runs anything, with the same one-line
@@ -304,6 +310,8 @@ class CompiledPipeline:
         control = {k: unsupported.pop(k) for k in CONTROLNET_ARGUMENTS if k in unsupported}
         if unsupported:
             raise PipelineArgumentError(unsupported_arguments_message(unsupported))
+        if self.controlnet_count and mask_image is not None:
+            raise PipelineArgumentError("inpainting with ControlNet (mask_image=) is not supported yet")
         image = self._check_control(image, strength, control_image, control)
         if prompt is None and prompt_embeds is None:
             raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
@@ -314,6 +322,11 @@ class CompiledPipeline:
         if output_type not in OUTPUT_TYPES:
             raise PipelineArgumentError(
                 f"output_type={output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}"
+            )
+        if padding_mask_crop is not None and output_type != "pil":
+            raise PipelineArgumentError(
+                f"padding_mask_crop pastes the result into the original PIL image: use output_type='pil', not "
+                f"{output_type!r} (as diffusers)"
             )
         check_call(
             self.manifest,
@@ -330,6 +343,9 @@ class CompiledPipeline:
             generator=generator,
             latents=latents,
             device=self.device,
+            mask_image=mask_image,
+            masked_image_latents=masked_image_latents,
+            padding_mask_crop=padding_mask_crop,
         )
 
     def _check_control(self, image, strength, control_image, control: dict):
@@ -410,6 +426,9 @@ class CompiledPipeline:
         control_guidance_end=None,
         guess_mode=None,
         control_image=None,
+        mask_image=None,
+        masked_image_latents=None,
+        padding_mask_crop=None,
         **unsupported,
     ) -> CompiledPipelineOutput | tuple:
         """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
@@ -427,7 +446,15 @@ class CompiledPipeline:
         several; each a PIL image, an array in [0, 1] or a tensor, preprocessed by diffusers' control
         `VaeImageProcessor`: resized by height / width, not normalized), with `controlnet_conditioning_scale`,
         `control_guidance_start`, `control_guidance_end` (a number or one per net) and `guess_mode`, as
-        diffusers' `StableDiffusion[XL]ControlNetPipeline`; image-to-image with ControlNet is not supported yet."""
+        diffusers' `StableDiffusion[XL]ControlNetPipeline`; image-to-image with ControlNet is not supported yet.
+
+        Inpainting, as diffusers' `StableDiffusion[XL]InpaintPipeline`: `image` with `mask_image` (a PIL image,
+        an (H, W) / (N, H, W, 1) array or an (N, 1, H, W) tensor in [0, 1], the image's size; white / >= 0.5:
+        repaint, binarized by diffusers' mask processor), `strength` (default 1.0; SDXL 0.9999), optionally
+        `masked_image_latents` (the masked image's scaled VAE latents) and `padding_mask_crop` (inpaint a crop
+        around the mask, this many pixels wider, and paste it back; PIL inputs and output). height / width default
+        to the model's size, as diffusers'. An inpainting U-Net (9 input channels) needs the mask; a plain U-Net
+        with a mask blends the unmasked region back each step (diffusers' 4-channel path)."""
         control = {
             "controlnet_conditioning_scale": controlnet_conditioning_scale,
             "control_guidance_start": control_guidance_start,
@@ -451,6 +478,9 @@ class CompiledPipeline:
             generator=generator,
             latents=latents,
             control_image=control_image,
+            mask_image=mask_image,
+            masked_image_latents=masked_image_latents,
+            padding_mask_crop=padding_mask_crop,
             **control,
             **unsupported,
         )
@@ -475,14 +505,19 @@ class CompiledPipeline:
         control_images = None
         if self.controlnet_count:
             control_images, image = ([image] if self.controlnet_count == 1 else list(image)), None
-        if strength is None:
+        if strength is None and mask_image is not None:
+            strength = 0.9999 if self.components.is_sdxl else 1.0  # diffusers' inpainting defaults
+        elif strength is None:
             strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
         self._interrupt, self._guidance_scale = False, guidance
         self._num_timesteps = (
             len(timesteps) if timesteps else num_inference_steps or defaults.get("num_inference_steps", 50)
         )
+        mask, original_image, crop = None, image, None  # crop: padding_mask_crop's region
         try:
-            if image is not None:
+            if mask_image is not None:
+                mask, image, crop = self._inpainting_inputs(image, mask_image, height, width, padding_mask_crop)
+            elif image is not None:
                 from diffusers.image_processor import VaeImageProcessor
 
                 image = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).preprocess(
@@ -526,13 +561,42 @@ class CompiledPipeline:
                 step_tensors=tuple(callback_on_step_end_tensor_inputs),
                 interrupted=lambda: self._interrupt,
                 control_images=control_images,
+                mask=mask,
+                masked_image_latents=masked_image_latents,
                 **control,
             )
         except (ValueError, TypeError) as exc:
             raise PipelineArgumentError(str(exc)) from None
+        if crop is not None:  # paste the inpainted crop into the original image, as diffusers
+            from diffusers.image_processor import VaeImageProcessor
+
+            overlay = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).apply_overlay
+            images = [overlay(mask_image, original_image, im, crop) for im in images]
         if not return_dict:
             return (images,) if self.components.is_sdxl else (images, None)
         return CompiledPipelineOutput(images=images)
+
+    def _inpainting_inputs(self, image, mask_image, height, width, padding_mask_crop):
+        """(mask, image, crop) as diffusers' inpainting pipelines preprocess them: the image by its
+        `VaeImageProcessor` and the mask by its mask processor (grayscale, binarized at 0.5, not normalized), both
+        resized to height / width (default: the model's size) or, with `padding_mask_crop`, cropped to the mask's
+        padded region and fitted in; `crop` is that region (None without padding_mask_crop)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        scale = self.components.vae_scale_factor
+        height = height or self.components.default_size
+        width = width or self.components.default_size
+        image_processor = VaeImageProcessor(vae_scale_factor=scale)
+        mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+        coords, mode = None, "default"
+        if padding_mask_crop is not None:
+            coords = mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            mode = "fill"
+        image = image_processor.preprocess(image, height=height, width=width, crops_coords=coords, resize_mode=mode)
+        mask = mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=mode, crops_coords=coords)
+        return mask, image.to(torch.float32), coords
 
     def _step_callback(self, callback):
         """diffusers' `callback_on_step_end(pipe, i, t, tensors)` as the sampling loop's `(i, t, tensors)`."""

@@ -21,6 +21,10 @@ or Triton Inference Server BLS calls plug in unchanged:
   `StableDiffusion[XL]ControlNetPipeline` does (per-net `controlnet_conditioning_scale` times the
   `control_guidance_start` / `_end` keep of the step, `guess_mode`: the nets see the conditional half of the CFG
   batch only and the unconditional half gets zero residuals, the control images doubled for CFG otherwise)
+- inpainting (`generate(mask=...)`, as diffusers' `StableDiffusion[XL]InpaintPipeline`): an inpainting U-Net
+  (`unet_in_channels` 9) takes the latents concatenated with the latent-size mask and the masked image's latents
+  on every step; a plain U-Net keeps the unmasked region by blending the re-noised image latents back in after
+  each step (diffusers' `num_channels_unet == 4` path)
 - optionally a feature cache (`sdcompiler.targets.components.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
   steps its plan marks (full / shallow) instead of `unet`.
@@ -114,6 +118,7 @@ class Components(Mapping):
     embedding_width: int | None = None  # the U-Net's cross-attention width (checks caller-made prompt_embeds)
     backends: dict = field(default_factory=dict)  # by component name: the OrtModel / engine behind each callable
     controlnets: ControlNets | None = None  # the artifact's ControlNets (compile_pipeline(controlnet=...))
+    unet_in_channels: int | None = None  # None: latent_channels; 9 for an inpainting U-Net (+ mask, masked latents)
 
     __eq__ = object.__eq__  # the same components, not equal contents (the mapping view builds a scheduler)
     __hash__ = object.__hash__
@@ -319,17 +324,21 @@ def _strength_timesteps(scheduler, num_inference_steps: int, strength: float) ->
     return scheduler.timesteps[start * scheduler.order :]
 
 
+def _draw(c: Components, encoded: torch.Tensor, generator) -> torch.Tensor:
+    """A sample of the VAE posterior whose parameters `encode_image` returned (diffusers' `retrieve_latents`)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if encoded.shape[1] == c.latent_channels:  # a VAE without a posterior (tiny VAE): its latents, no draw
+        return encoded
+    return DiagonalGaussianDistribution(encoded).sample(generator)
+
+
 def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torch.Tensor, batch: int, generator):
     """Noised latents of `image` at `timestep`, drawing from `generator` as diffusers' `prepare_latents` does:
     the VAE posterior sample first, then the noise."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.utils.torch_utils import randn_tensor
 
-    def draw(encoded: torch.Tensor, gen) -> torch.Tensor:
-        if encoded.shape[1] == c.latent_channels:  # a VAE without a posterior (tiny VAE): its latents, no draw
-            return encoded
-        return DiagonalGaussianDistribution(encoded).sample(gen)
-
+    draw = lambda encoded, gen: _draw(c, encoded, gen)  # noqa: E731
     image = image.to(c.dtype)
     if isinstance(generator, list):  # one generator per image: encode each image on its own
         if len(generator) != batch:
@@ -348,6 +357,110 @@ def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torc
         init = torch.cat([init] * (batch // init.shape[0]))
     noise = randn_tensor(init.shape, generator=generator, dtype=c.dtype)
     return scheduler.add_noise(init, noise, timestep)
+
+
+def _encode_inpaint_images(c: Components, images: torch.Tensor, generator) -> torch.Tensor:
+    """Scaled latents of `images` as diffusers' inpainting pipelines' `_encode_vae_image` draws them: with a list
+    of generators, image i with generator i (over the images given, not the batch)."""
+    images = images.to(c.dtype)
+    if isinstance(generator, list):
+        if len(generator) < images.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {images.shape[0]} images; pass one per image")
+        encoded = torch.cat([_draw(c, c.encode_image(images[i : i + 1]), generator[i]) for i in range(images.shape[0])])
+    else:
+        encoded = _draw(c, c.encode_image(images), generator)
+    return c.scaling_factor * encoded.to(c.dtype)
+
+
+def _spread(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """`tensor` repeated over a batch of `batch` (diffusers' `.repeat(batch // n, 1, 1, 1)`), or a one-line error."""
+    if batch % tensor.shape[0]:
+        raise ValueError(f"cannot spread {tensor.shape[0]} {what} over a batch of {batch}; pass 1 or {batch}")
+    return tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
+
+
+@dataclass
+class Inpainting:
+    """What the denoising loop of an inpainting call carries (diffusers' inpaint pipelines' loop state).
+
+    `concat` (an inpainting U-Net): `mask` (1 channel, latent size) and `masked` (the masked image's latents),
+    both doubled for CFG, join the U-Net's input. Otherwise (a plain U-Net) after each step the unmasked region
+    is replaced by `image_latents` noised with `noise` to the next timestep: `latents = (1 - m) x_img + m x`.
+    """
+
+    concat: bool
+    mask: torch.Tensor  # (B or 2B, 1, h, w)
+    masked: torch.Tensor  # (B or 2B, C, h, w)
+    init_mask: torch.Tensor  # (B, 1, h, w): the mask of one CFG half
+    noise: torch.Tensor
+    image_latents: torch.Tensor | None  # the plain U-Net's blend target
+
+    def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model_input, self.mask, self.masked], dim=1) if self.concat else model_input
+
+    def after_step(self, scheduler, latents: torch.Tensor, timesteps, i: int) -> torch.Tensor:
+        if self.concat:
+            return latents
+        proper = self.image_latents
+        if i < len(timesteps) - 1:
+            proper = scheduler.add_noise(proper, self.noise, torch.tensor([timesteps[i + 1]]))
+        return (1 - self.init_mask) * proper + self.init_mask * latents
+
+
+def _inpaint_start(
+    c: Components,
+    scheduler,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    masked_image_latents: torch.Tensor | None,
+    strength: float,
+    timestep: torch.Tensor,
+    shape: tuple,
+    generator,
+    guidance: bool,
+) -> tuple[torch.Tensor, Inpainting]:
+    """Initial latents and loop state of an inpainting call, drawing from `generator` in diffusers' order: the
+    image's posterior sample (a plain U-Net, or strength < 1), the noise, then the masked image's sample."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    batch = shape[0]
+    concat = c.unet_in_channels == c.latent_channels + 1 + c.latent_channels
+    if not concat and c.unet_in_channels not in (None, c.latent_channels):
+        raise ValueError(f"a U-Net with {c.unet_in_channels} input channels cannot inpaint; it takes 4 or 9")
+    if image.shape[1] != 3 or mask.shape[1] != 1:
+        raise ValueError(
+            f"inpainting needs an RGB image and a one-channel mask; got {image.shape[1]} and {mask.shape[1]}"
+        )
+    strength_max = strength == 1.0
+    image_latents = None
+    if not concat or not strength_max:
+        image_latents = _spread(_encode_inpaint_images(c, image, generator), batch, "images")
+    noise = randn_tensor(shape, generator=generator, dtype=c.dtype)
+    if strength_max:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timestep)
+
+    small = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(c.dtype)
+    if masked_image_latents is None:
+        masked = _encode_inpaint_images(c, image * (mask < 0.5), generator)
+    else:
+        masked = masked_image_latents.to(c.dtype)
+        if masked.ndim != 4 or tuple(masked.shape[1:]) != tuple(shape[1:]):
+            raise ValueError(
+                f"masked_image_latents have shape {tuple(masked.shape)}; this call's latents are "
+                f"(N, {', '.join(map(str, shape[1:]))}) (the masked image's scaled VAE latents)"
+            )
+    small, masked = _spread(small, batch, "masks"), _spread(masked, batch, "masked images")
+    state = Inpainting(
+        concat=concat,
+        mask=torch.cat([small] * 2) if guidance else small,
+        masked=torch.cat([masked] * 2) if guidance else masked,
+        init_mask=small,
+        noise=noise,
+        image_latents=image_latents,
+    )
+    return latents, state
 
 
 def _control_residuals(
@@ -411,8 +524,10 @@ def generate(
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
     guess_mode: bool = False,
+    mask: torch.Tensor | None = None,
+    masked_image_latents: torch.Tensor | None = None,
 ):
-    """Run text-to-image (or, with `image`, image-to-image) sampling; returns a numpy array (N, H, W, 3), a PIL
+    """Run text-to-image (or, with `image`, image-to-image; with `image` and `mask`, inpainting) sampling; returns a numpy array (N, H, W, 3), a PIL
     list, an (N, 3, H, W) tensor in [0, 1] (`output_type="pt"`), or latents.
 
     `prompt` may be None when `prompt_embeds` are given (see `encode_prompts`, also for `clip_skip`); `eta`
@@ -425,6 +540,11 @@ def generate(
     components carry a feature cache. `image`: (B, 3, H, W) in [-1, 1] (as diffusers' `VaeImageProcessor`
     preprocesses it; B is 1 or the batch); sampling then starts from its noised latents at the step `strength`
     of the way into the schedule, as diffusers' SD / SDXL img2img pipelines do.
+
+    `mask`: (B, 1, H, W) in {0, 1} (1: repaint; as diffusers' mask processor binarizes it; B is 1 or the batch)
+    with `image` inpaints as diffusers' `StableDiffusion[XL]InpaintPipeline` (see `Inpainting`); `strength` 1
+    starts from pure noise. `masked_image_latents` (B, 4, h, w), the masked image's scaled latents, replace
+    encoding `image * (mask < 0.5)`.
 
     `control_images`: one (B, 3, H, W) tensor in [0, 1] per ControlNet of the components (as diffusers'
     control `VaeImageProcessor` preprocesses them; B is 1 or the number of prompts; they set the image size),
@@ -463,6 +583,18 @@ def generate(
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must be in [0, 1]")
         height, width = image.shape[-2:]
+    if mask is not None:
+        if image is None:
+            raise ValueError("mask needs image, the picture to inpaint")
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise ValueError(f"the mask is {tuple(mask.shape[-2:])} and the image {(height, width)}; they must match")
+    elif masked_image_latents is not None:
+        raise ValueError("masked_image_latents apply to inpainting only; pass mask (and image) too")
+    elif c.unet_in_channels not in (None, c.latent_channels):
+        raise ValueError(
+            f"this U-Net inpaints ({c.unet_in_channels} input channels: latents, mask, masked image): pass image "
+            "and mask_image"
+        )
     if (control_images is None) != (c.controlnets is None):
         raise ValueError(
             "this artifact has no ControlNet: control images need one (compile_pipeline(controlnet=...))"
@@ -470,7 +602,7 @@ def generate(
             else f"this artifact has {c.controlnets.count} ControlNet(s): pass image=, one control image each"
         )
     if control_images is not None:
-        if image is not None:
+        if image is not None or mask is not None:
             raise ValueError("image-to-image with ControlNet is not supported yet; pass control images only")
         if len(control_images) != c.controlnets.count:
             raise ValueError(
@@ -526,7 +658,14 @@ def generate(
         scheduler.set_timesteps(num_inference_steps)
     shape = (batch, c.latent_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
     timesteps = scheduler.timesteps
-    if image is not None:
+    inpainting = None
+    if mask is not None:
+        timesteps = _strength_timesteps(scheduler, num_inference_steps, strength)
+        start = timesteps[:1].repeat(batch)
+        latents, inpainting = _inpaint_start(
+            c, scheduler, image, mask, masked_image_latents, strength, start, shape, generator, guidance
+        )
+    elif image is not None:
         timesteps = _strength_timesteps(scheduler, num_inference_steps, strength)
         latents = _image_latents(c, scheduler, image, timesteps[:1].repeat(batch), batch, generator)
     elif latents is None:
@@ -564,6 +703,8 @@ def generate(
             continue
         model_input = torch.cat([latents] * 2) if guidance else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if inpainting is not None:
+            model_input = inpainting.unet_input(model_input)
         residuals = {}
         if control_scales is not None:
             residuals = _control_residuals(
@@ -592,6 +733,8 @@ def generate(
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        if inpainting is not None:
+            latents = inpainting.after_step(scheduler, latents, timesteps, i)
         if on_step_end is not None:
             tensors = {"latents": latents, "prompt_embeds": embeds, "add_text_embeds": pooled, "add_time_ids": time_ids}
             returned = on_step_end(i, t, {name: tensors[name] for name in step_tensors}) or {}

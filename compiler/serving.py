@@ -270,6 +270,12 @@ def export_server(
 
     root = resolved_path(artifact, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
+    model = manifest.get("model", {})
+    if model.get("unet_in_channels", model.get("latent_channels")) != model.get("latent_channels"):
+        raise ArtifactError(
+            f"{root} holds an inpainting U-Net ({model['unet_in_channels']} input channels); served models take no "
+            "mask yet: run it with load_compiled(...)(image=, mask_image=) or `sdcompiler generate --image --mask`"
+        )
     target = get_target(manifest["target"])
     layout = layout or ("components" if target.serves_components else "pipeline")
     if layout not in LAYOUTS:

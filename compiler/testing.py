@@ -18,6 +18,10 @@
   as fp16 (`data/digits-sd15/`) and written out as fp32. `seed` does not
   change it. `sdcompiler.digits` judges what it draws.
 
+`variant="inpaint"` (tiny and full) gives the arch's inpainting layout instead: a U-Net with 9 input channels
+(latents, mask, masked-image latents), saved as diffusers' `StableDiffusion[XL]InpaintPipeline` folder, as the
+SD1.5 / SD2 / SDXL inpainting checkpoints are.
+
 Configs can be overridden per component (`unet={"layers_per_block": 1}`), as
 diffusers' `get_dummy_components` and modelopt's `get_tiny_unet` allow.
 """
@@ -30,10 +34,11 @@ from typing import Any, Mapping
 
 import torch
 
-from sdcompiler.archs import assemble_pipeline, bytes_to_unicode, get_arch, shipped_config_dir
+from sdcompiler.archs import INPAINT_IN_CHANNELS, assemble_pipeline, bytes_to_unicode, get_arch, shipped_config_dir
 from sdcompiler.errors import CheckpointError
 
 SIZES = ("tiny", "full", "digits")
+VARIANTS = (None, "inpaint")
 DIGITS_MODEL = Path(__file__).resolve().parent / "data" / "digits-sd15"
 
 # Tiny widths per arch: block structure of the real model, widths divided down.
@@ -78,6 +83,7 @@ def make_checkpoint(
     vae: Mapping[str, Any] | None = None,
     text_encoder: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl") at `size` ("tiny" | "full" | "digits").
 
@@ -89,6 +95,7 @@ def make_checkpoint(
         seed: seeds every weight; the same seed gives the same files (ignored by "digits").
         unet, vae, text_encoder: config overrides for that component.
         overwrite: replace an existing non-empty folder.
+        variant: None (text-to-image) or "inpaint" (a 9-channel inpainting U-Net, an inpainting pipeline folder).
 
     Returns:
         The folder, loadable by `DiffusionPipeline.from_pretrained` and by
@@ -100,15 +107,18 @@ def make_checkpoint(
     spec = get_arch(arch)
     if size not in SIZES:
         raise CheckpointError(f"unknown size {size!r}; choose 'tiny', 'full' or 'digits'")
-    if size == "digits" and (arch != "sd15" or unet or vae or text_encoder):
+    if variant not in VARIANTS:
+        raise CheckpointError(f"unknown variant {variant!r}; choose None (text-to-image) or 'inpaint'")
+    if size == "digits" and (arch != "sd15" or unet or vae or text_encoder or variant):
         raise CheckpointError(
-            f"only arch 'sd15' has size 'digits' (a trained model, no config overrides); got {arch!r}"
+            f"only arch 'sd15' has size 'digits' (a trained model, no config overrides or variant); got {arch!r}"
         )
+    marker = {"arch": arch, "size": size, "seed": seed} | ({"variant": variant} if variant else {})
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         if (path / "model_index.json").exists() and json.loads((path / "model_index.json").read_text()).get(
             "_sdcompiler_testing"
-        ) == {"arch": arch, "size": size, "seed": seed}:
+        ) == marker:
             return path  # already built with the same arguments
         raise CheckpointError(f"{path} exists and is not empty; pick another folder or pass overwrite=True")
 
@@ -118,7 +128,10 @@ def make_checkpoint(
     configs = shipped_config_dir(arch)
     read = lambda component, name="config.json": json.loads((configs / component / name).read_text())  # noqa: E731
 
-    unet_config = read("unet") | (_TINY_UNET[arch] if size == "tiny" else {}) | dict(unet or {})
+    unet_config = read("unet") | (_TINY_UNET[arch] if size == "tiny" else {})
+    if variant == "inpaint":
+        unet_config["in_channels"] = INPAINT_IN_CHANNELS
+    unet_config |= dict(unet or {})
     vae_config = read("vae") | (_TINY_VAE if size == "tiny" else {}) | dict(vae or {})
     scheduler_config = read("scheduler", "scheduler_config.json")
 
@@ -150,6 +163,8 @@ def make_checkpoint(
         components[f"tokenizer{suffix}"] = tokenizer
 
     pipe = assemble_pipeline(spec, components)
+    if variant == "inpaint":  # saved as diffusers' inpainting pipeline class (what model_index.json names)
+        pipe = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
 
     if overwrite and path.exists():
         import shutil
@@ -157,7 +172,7 @@ def make_checkpoint(
         shutil.rmtree(path)
     pipe.save_pretrained(path, safe_serialization=True)
     index = json.loads((path / "model_index.json").read_text())
-    index["_sdcompiler_testing"] = {"arch": arch, "size": size, "seed": seed}
+    index["_sdcompiler_testing"] = marker
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
 

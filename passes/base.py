@@ -127,6 +127,10 @@ class Pass:
     # "changes_layout" where the pass removes, renames or reshapes down / mid blocks (refused: the residuals no
     # longer fit); None: not yet checked with ControlNets (refused too)
     controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
+    # runs on an inpainting U-Net (conv_in takes latents + mask + masked-image latents, 9 channels): False for
+    # passes that sample the teacher (`teacher_data.sample_teacher` runs it as a text-to-image model), which the
+    # manager refuses on such U-Nets before any pass runs
+    inpainting: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:

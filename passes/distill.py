@@ -120,6 +120,7 @@ class FeaturePairs:
 @register_pass
 class Distill(Pass):
     name = "distill"
+    inpainting = False  # samples the teacher as a text-to-image model
     runtime_loras = True
     config_class = DistillConfig
     stage = "training"

@@ -8,6 +8,10 @@ A structural pass that leaves the U-Net's parameters (the same names, shapes and
 were (bk-base on a U-Net that already has one pair per stage) changed nothing: the manager logs a warning
 naming it, and when every pass of the recipe is such a no-op it stops with a one-line `PassError` before
 anything is lowered.
+
+On an inpainting U-Net (conv_in wider than the latents: + mask + masked-image latents) the manager refuses
+passes that cannot run on one (`Pass.inpainting`) before any pass runs, checks after each pass that conv_in
+still takes every input channel, and records `unet_in_channels` in each pass's metrics.
 """
 
 from __future__ import annotations
@@ -73,6 +77,15 @@ class PassManager:
     def run(self, pipe, ctx: PassContext, on_step: Callable[[PassStep], None] | None = None) -> list[PassRecord]:
         records: list[PassRecord] = []
         unchanged: list[str] = []  # structural passes that left the parameters as they were
+        in_channels = _inpainting_channels(pipe)
+        if in_channels is not None:
+            for step in self.steps:
+                if not step.pass_.inpainting:
+                    raise PassError(
+                        f"pass {step.name!r} samples the teacher as a text-to-image model, which an inpainting "
+                        f"U-Net ({in_channels} input channels: latents, mask, masked image) is not; drop "
+                        f"{step.name!r} (structural passes, fuse_qkv, merge_lora, feature_cache run on it)"
+                    )
         params, macs = self._cost(pipe, ctx)
         for index, step in enumerate(self.steps):
             pass_ = step.pass_
@@ -97,6 +110,13 @@ class PassManager:
                 pass_.ensures(pipe, step.config, ctx)
             except PassError as exc:
                 raise PassError(f"pass {step.name!r} (after {history}) broke its guarantee: {exc}") from None
+            if in_channels is not None:
+                if _inpainting_channels(pipe) != in_channels:
+                    raise PassError(
+                        f"pass {step.name!r} (after {history}) changed the inpainting U-Net's input channels "
+                        f"(conv_in took {in_channels}); fix the pass to keep conv_in's input width"
+                    )
+                metrics = {**metrics, "unet_in_channels": in_channels}  # conv_in kept the mask / masked inputs
             params_after, macs_after = self._cost(pipe, ctx)
             if before is not None and macs_after == macs and _fingerprint(pipe.unet) == before:
                 unchanged.append(step.name)
@@ -140,6 +160,17 @@ class PassManager:
         if not self.count_cost:
             return count_params(pipe.unet), 0
         return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
+
+
+def _inpainting_channels(pipe) -> int | None:
+    """conv_in's input width where it is wider than the VAE's latents (an inpainting U-Net), else None."""
+    conv_in = getattr(getattr(pipe, "unet", None), "conv_in", None)
+    vae = getattr(pipe, "vae", None)
+    if not isinstance(conv_in, torch.nn.Conv2d) or vae is None:
+        return None
+    latent_channels = vae.config.latent_channels
+    width = conv_in.in_channels
+    return width if width != latent_channels else None
 
 
 def _fingerprint(unet) -> dict[str, tuple]:

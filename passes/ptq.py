@@ -355,6 +355,7 @@ def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
 @register_pass
 class Ptq(Pass):
     name = "ptq"
+    inpainting = False  # samples the teacher as a text-to-image model
     config_class = PtqConfig
     stage = "quantize"
     controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float

@@ -50,6 +50,7 @@ from sdcompiler.passes.teacher_data import take_prompts, teacher_trajectories
 @register_pass
 class QuestW4A4(Pass):
     name = "quest_w4a4"
+    inpainting = False  # samples the teacher as a text-to-image model
     config_class = QuestConfig
     stage = "quantize"
     controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float

@@ -69,10 +69,10 @@ def _model_index_garbage(tmp, inputs):
     return _compile(folder, tmp)
 
 
-def _inpainting_unet(tmp, inputs):
+def _depth_unet(tmp, inputs):
     folder = inputs.copy_checkpoint(tmp)
     config = json.loads((folder / "unet" / "config.json").read_text())
-    config["in_channels"] = 9
+    config["in_channels"] = 5  # depth-to-image (inpainting U-Nets, 9 channels, are supported)
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     return _compile(folder, tmp)
 
@@ -108,7 +108,7 @@ CASES = [
     Case("checkpoint header length absurd", _huge_header_length, ("corrupt",)),
     Case("checkpoint pickle without opt-in", _pickle, ("allow-pickle",)),
     Case("checkpoint model_index not json", _model_index_garbage, ("model_index.json",)),
-    Case("checkpoint unsupported architecture", _inpainting_unet, ("unsupported architecture",)),
+    Case("checkpoint unsupported architecture", _depth_unet, ("unsupported architecture",)),
     Case("checkpoint plain folder", _plain_folder, ("not a diffusers pipeline folder",)),
     Case("checkpoint unknown suffix", _unknown_suffix, ("suffix",)),
     Case("checkpoint without unet tensors", _no_unet_in_file, ("u-net",)),

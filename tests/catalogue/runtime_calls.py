@@ -42,6 +42,20 @@ def _img2img(*extra: str):
     return build
 
 
+def _inpaint(image_size: int, mask_size: int, *extra: str):
+    def build(tmp: Path, inputs) -> list[str]:
+        Image.new("RGB", (image_size, image_size)).save(tmp / "start.png")
+        Image.new("L", (mask_size, mask_size), 255).save(tmp / "mask.png")
+        return _generate("--image", str(tmp / "start.png"), "--mask", str(tmp / "mask.png"), *extra)(tmp, inputs)
+
+    return build
+
+
+def _mask_only(tmp: Path, inputs) -> list[str]:
+    Image.new("L", (128, 128), 255).save(tmp / "mask.png")
+    return _generate("--mask", str(tmp / "mask.png"))(tmp, inputs)
+
+
 def _case(name: str, extra: tuple[str, ...], words: tuple[str, ...], **kwargs) -> Case:
     return Case(name, _generate(*extra), words, unreached=kwargs.pop("unreached", LOADER), **kwargs)
 
@@ -85,6 +99,9 @@ CASES = [
     Case("generate strength nan", _img2img("--strength", "nan"), ("strength=nan", "(0, 1]"), unreached=LOADER),
     Case("generate strength above one", _img2img("--strength", "1.5"), ("strength=1.5", "(0, 1]"), unreached=LOADER),
     Case("generate 3x3 start image", _tiny_image, ("height=0", "image"), unreached=LOADER),
+    Case("generate mask of another size", _inpaint(128, 64), ("mask_image is 64x64", "image's size"), unreached=LOADER),
+    Case("generate mask without image", _mask_only, ("--mask", "needs --image"), unreached=LOADER),
+    Case("generate inpaint strength zero", _inpaint(128, 128, "--strength", "0"), ("strength=0.0",), unreached=LOADER),
     _case(
         "generate bad memory limit",
         ("--height", "64"),

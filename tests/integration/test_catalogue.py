@@ -10,7 +10,7 @@ from catalogue import Inputs, all_cases, check_refused, run
 CASES = all_cases()
 SITES: dict[str, str] = {}  # case name -> the check (file:line) that refused it, filled as cases run
 
-MIN_CASES = 121  # achieved 121 (issue 14 asks for at least 60)
+MIN_CASES = 124  # achieved 124 (issue 14 asks for at least 60)
 MIN_CHECKS = 60  # achieved 64 raise sites (issue 14 asks for 25); slack for refactors that merge checks
 
 

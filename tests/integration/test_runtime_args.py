@@ -44,7 +44,8 @@ def test_unsupported_argument_is_named(pipe, extra):
 def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_switch():
     # diffusers' text-to-image arguments (tests/integration/test_diffusers_dropin.py checks them against
     # diffusers), its image-to-image ones (image, strength), its ControlNet ones (tests/integration/
-    # test_controlnet.py; control_image only to refuse it), and the feature-cache switch
+    # test_controlnet.py; control_image only to refuse it), its inpainting ones (tests/integration/
+    # test_inpaint.py), and the feature-cache switch
     assert set(SUPPORTED_ARGUMENTS) == {
         "prompt",
         "negative_prompt",
@@ -74,6 +75,9 @@ def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_sw
         "control_guidance_end",
         "guess_mode",
         "control_image",
+        "mask_image",
+        "masked_image_latents",
+        "padding_mask_crop",
     }
 
 

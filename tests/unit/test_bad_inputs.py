@@ -52,10 +52,10 @@ def _pickle(tmp: Path, good: Path) -> Path:
 
 
 def _unsupported(tmp: Path, good: Path) -> Path:
-    folder = tmp / "inpaint"
+    folder = tmp / "depth"
     shutil.copytree(good, folder)
     config = json.loads((folder / "unet" / "config.json").read_text())
-    config["in_channels"] = 9
+    config["in_channels"] = 5  # a depth-to-image U-Net (inpainting ones, 9, are supported)
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     return folder
 

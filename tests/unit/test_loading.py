@@ -291,8 +291,8 @@ def test_pickle_only_folder(tiny, tmp_path):
 
 
 def test_unsupported_unet_config(tiny, tmp_path):
-    folder = shutil.copytree(tiny["sd15"], tmp_path / "inpaint")
-    config = json.loads((folder / "unet/config.json").read_text()) | {"in_channels": 9}
+    folder = shutil.copytree(tiny["sd15"], tmp_path / "depth")
+    config = json.loads((folder / "unet/config.json").read_text()) | {"in_channels": 5}  # depth-to-image
     (folder / "unet/config.json").write_text(json.dumps(config))
     assert "unsupported architecture" in _error(folder)
 
