@@ -207,6 +207,14 @@ def test_onnx_matches_diffusers(tiny_checkpoint, controlnets, artifact, arch, se
     assert [i.name for i in net.graph.input] == recorded["controlnet_inputs"]
 
 
+def test_onnx_components_layout_refused(artifact, tmp_path):
+    from sdcompiler.serving import export_server
+
+    with pytest.raises(ConfigError, match="components layout does not serve ControlNet graphs yet") as info:
+        export_server(artifact("sd15", target="onnx").root, tmp_path / "repo")
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("recipe", "error", "match"),
     [
