@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH",
-        help="a diffusers ControlNetModel folder to store with the pipeline (repeatable; target torch)",
+        help="a diffusers ControlNetModel folder to compile with the pipeline (repeatable; targets torch, onnx)",
     )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_compile)

@@ -45,6 +45,8 @@ VERSIONED_PACKAGES = (
     "optimum-onnx",
 )
 
+CONTROLNET_TARGETS = ("torch", "onnx")  # the targets that compile ControlNets (`check_controlnet_recipe`)
+
 
 def compile_pipeline(
     checkpoint: str | Path,
@@ -100,9 +102,10 @@ def compile_artifact(
         allow_nonfinite: compile weights that hold NaN / Inf (refused by default, naming the tensor: in the
             checkpoint before any model is built, and in the models the passes leave before lowering).
         controlnet: a diffusers ControlNetModel folder, or a list of them (called in this order, residuals
-            summed as diffusers' MultiControlNetModel), stored in the artifact; target torch only for now. Passes
-            that change the U-Net's down / mid layout are refused with them, as are passes not yet checked
-            with them (`Pass.controlnet`).
+            summed as diffusers' MultiControlNetModel), stored in the artifact: target torch stores the
+            modules, target onnx exports each as its own graph and the U-Net with residual inputs (see
+            `sdcompiler.passes.onnx_export`); not yet tensorrt. Passes that change the U-Net's down / mid
+            layout are refused with them, as are passes not yet checked with them (`Pass.controlnet`).
 
     Returns:
         The artifact folder.
@@ -221,12 +224,12 @@ def controlnet_paths(controlnet) -> list[str]:
 
 
 def check_controlnet_recipe(passes: list[str], target: str) -> None:
-    """Refuse, before the checkpoint loads, what cannot run with ControlNets: a target other than torch, and
-    passes that are not `keeps_layout` (`Pass.controlnet`), naming why; one line."""
-    if target != "torch":
+    """Refuse, before the checkpoint loads, what cannot run with ControlNets: a target not in
+    `CONTROLNET_TARGETS`, and passes that are not `keeps_layout` (`Pass.controlnet`), naming why; one line."""
+    if target not in CONTROLNET_TARGETS:
         raise LoweringError(
-            f"ControlNets compile for target 'torch' only so far (target {target!r} does not export them yet); "
-            "use target='torch' (CLI: --target torch)"
+            f"ControlNets compile for targets {' and '.join(map(repr, CONTROLNET_TARGETS))} so far (target "
+            f"{target!r} builds no engines for them yet); use target='onnx' (CLI: --target onnx)"
         )
     for name in passes:
         kind = get_pass(name).controlnet

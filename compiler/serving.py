@@ -287,6 +287,11 @@ def export_server(
             f"for target {manifest['target']!r}: recompile it with --target {' (or '.join(served)}"
             f"{')' * (len(served) - 1)}, or use --layout pipeline"
         )
+    if layout == "components" and manifest.get("controlnets"):
+        raise ConfigError(
+            "export-server's components layout does not serve ControlNet graphs yet (its pipeline model would call "
+            "the U-Net without their residuals); use --layout pipeline"
+        )
     kind = kind or default_kind(manifest)[0]
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")

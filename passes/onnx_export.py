@@ -15,6 +15,15 @@ weights file, so the artifact holds the U-Net's weights once and `unet/model.onn
 optimum runs (ONNX Runtime reads external data only from the graph's own folder, hence the shared folder).
 `unet_shallow/model.onnx` runs the shallow branch from the deep features (an extra input).
 
+With ControlNets (`compile_pipeline(controlnet=...)`) each net is its own graph, `<folder>/model.onnx`
+(`controlnet/`, or `controlnet_<i>/` for several): `sample, timestep, encoder_hidden_states, controlnet_cond,
+conditioning_scale (float scalar) [, text_embeds, time_ids] -> down_block_<i>_additional_residual (one per
+down-block output), mid_block_additional_residual`, the residuals already times `conditioning_scale`. The
+U-Net graph then takes those residuals as extra inputs of the same names after its own, so a net's outputs
+feed the U-Net by name. Optimum exports no ControlNet; these names are ONNX Runtime's (Olive's ControlNet
+U-Net: one input per down residual, as ONNX inputs cannot be tuples). Guess mode's per-block scales are the
+runtime's (it passes `conditioning_scale=1` and scales the outputs), so one graph serves both modes.
+
 The exporter is TorchScript's (`dynamo=False`): faster and leaner than the dynamo exporter for these
 models. The U-Net is traced at a latent size that is not a multiple of its overall down-sampling factor, so
 diffusers takes its explicit-upsample-size path and the graph computes every skip shape from its input: any
@@ -29,6 +38,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -48,16 +58,26 @@ def vae_encoding(output) -> torch.Tensor:
     return output.latent_dist.parameters if hasattr(output, "latent_dist") else output.latents
 
 
+MID_RESIDUAL = "mid_block_additional_residual"  # a ControlNet graph's output and the U-Net graph's input
+
+
+def down_residual_names(count: int) -> list[str]:
+    """The names of a ControlNet's `count` down-block residuals: its graph's outputs, the U-Net graph's inputs."""
+    return [f"down_block_{i}_additional_residual" for i in range(count)]
+
+
 class UNetForExport(torch.nn.Module):
     """The U-Net with positional inputs: sample, timestep, encoder_hidden_states, then `extra` by name
-    (SDXL: text_embeds, time_ids; a guidance embedding: timestep_cond)."""
+    (SDXL: text_embeds, time_ids; a guidance embedding: timestep_cond), then, with `residuals` > 0, that many
+    ControlNet down-block residuals and the mid-block residual."""
 
-    def __init__(self, unet, extra: list[str]):
+    def __init__(self, unet, extra: list[str], residuals: int = 0):
         super().__init__()
-        self.unet, self.extra = unet, list(extra)
+        self.unet, self.extra, self.residuals = unet, list(extra), residuals
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         named = dict(zip(self.extra, rest))
+        control = rest[len(self.extra) :]
         added = {"text_embeds": named["text_embeds"], "time_ids": named["time_ids"]} if "time_ids" in named else None
         return self.unet(
             sample,
@@ -65,8 +85,32 @@ class UNetForExport(torch.nn.Module):
             encoder_hidden_states,
             added_cond_kwargs=added,
             timestep_cond=named.get("timestep_cond"),
+            down_block_additional_residuals=tuple(control[: self.residuals]) if self.residuals else None,
+            mid_block_additional_residual=control[self.residuals] if self.residuals else None,
             return_dict=False,
         )[0]
+
+
+class ControlNetForExport(torch.nn.Module):
+    """A diffusers `ControlNetModel` with positional inputs: sample, timestep, encoder_hidden_states,
+    controlnet_cond, conditioning_scale [, text_embeds, time_ids]; returns the down-block residuals then the
+    mid-block residual as one flat tuple (not guess mode: the runtime applies its per-block scales)."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, *added):
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs={"text_embeds": added[0], "time_ids": added[1]} if added else None,
+            return_dict=False,
+        )
+        return (*down, mid)
 
 
 class CachedUNetForExport(torch.nn.Module):
@@ -153,11 +197,13 @@ def component_exports(
     vae_precision: str = "fp32",
     vae_encoder: bool = True,
     cache: CacheSettings | None = None,
+    controlnets: Mapping[str, torch.nn.Module] | None = None,
 ) -> list[OnnxExport]:
     """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
     `unet_refresh` graph, the plain `unet` as its view, and `unet_shallow`; see the module docstring), VAE
     decoder, VAE encoder (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision`
-    ("fp32" | "fp16").
+    ("fp32" | "fp16"). With `controlnets` (artifact folder -> `ControlNetModel`, in call order; not with
+    `cache`), one graph per net named by its folder, at `precision`, and the U-Net with their residual inputs.
     Example inputs come from a generator seeded 0, so the same pipeline always exports the same graphs."""
     dtype, vae_dtype = DTYPES[precision], DTYPES[vae_precision]
     generator = torch.Generator().manual_seed(0)
@@ -196,7 +242,16 @@ def component_exports(
         args.append(inputs["timestep_cond"])
         names.append("timestep_cond")
         axes |= {"timestep_cond": batch}
-    unet = OnnxExport("unet", UNetForExport(pipe.unet, names[3:]), tuple(args), names, ["out_sample"], axes, dtype)
+    extra, control, down_residuals = names[3:], [], 0
+    if controlnets:
+        if cache is not None:
+            raise LoweringError("a feature cache and ControlNets cannot share a U-Net graph yet; drop one of the two")
+        control, residuals, residual_axes = _controlnet_exports(pipe, controlnets, args, names, axes, dtype, generator)
+        args, names, axes = args + residuals, names + list(residual_axes), axes | residual_axes
+        down_residuals = len(residuals) - 1
+    unet_module = UNetForExport(pipe.unet, extra, down_residuals)
+    unet = OnnxExport("unet", unet_module, tuple(args), names, ["out_sample"], axes, dtype)
+    exports += control
     if cache is None:
         exports.append(unet)
     else:  # the refresh graph also returns the deep features; `unet_shallow` runs the shallow branch from them
@@ -240,6 +295,32 @@ def component_exports(
             OnnxExport("vae_encoder", VaeEncoderForExport(pipe.vae), (pixels,), ["sample"], [output], axes, vae_dtype)
         )
     return exports
+
+
+def _controlnet_exports(pipe, controlnets, args, names, axes, dtype, generator):
+    """The ControlNet graphs (see the module docstring) on the U-Net's example inputs plus a control image of
+    the latent size in pixels; returns them, the first net's residuals (the U-Net's example residual inputs)
+    and the residuals' dynamic axes, in input order."""
+    sample = args[0]
+    pixels = [pipe.vae_scale_factor * side for side in sample.shape[-2:]]
+    image = torch.rand(sample.shape[0], 3, *pixels, generator=generator)
+    added = [(n, a) for n, a in zip(names, args) if n in ("text_embeds", "time_ids")]
+    control_names = [*names[:3], "controlnet_cond", "conditioning_scale", *(n for n, _ in added)]
+    control_args = (*args[:3], image, torch.tensor(1.0), *(a for _, a in added))
+    control_axes = {n: axes[n] for n in control_names if n in axes}
+    control_axes["controlnet_cond"] = {0: "batch_size", 2: "image_height", 3: "image_width"}
+    exports, residuals = [], None
+    for folder, net in controlnets.items():
+        module = ControlNetForExport(net)
+        if residuals is None:
+            with torch.no_grad():
+                residuals = list(module(*control_args))
+            outputs = [*down_residual_names(len(residuals) - 1), MID_RESIDUAL]
+            residual_axes = {n: {0: "batch_size", 2: f"{n}_height", 3: f"{n}_width"} for n in outputs}
+        exports.append(
+            OnnxExport(folder, module, control_args, control_names, outputs, control_axes | residual_axes, dtype)
+        )
+    return exports, residuals, residual_axes
 
 
 def _cast_args(args: tuple, dtype: torch.dtype) -> tuple:

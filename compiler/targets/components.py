@@ -17,7 +17,7 @@ import torch
 
 from sdcompiler.archs import get_arch
 from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
-from sdcompiler.passes.onnx_export import vae_encoding
+from sdcompiler.passes.onnx_export import MID_RESIDUAL, down_residual_names, vae_encoding
 from sdcompiler.sampling import Components, ControlNets, TextEncoding
 
 FINAL_NORM = "final_layer_norm.safetensors"  # next to SD text encoder graphs (clip_skip), onnx layout
@@ -421,8 +421,24 @@ def ort_text_encoder(model: OrtModel, sdxl: bool, final_norm: Path | None = None
 
 
 def ort_unet(model: OrtModel):
-    def run(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+    """The sampling loop's U-Net over an ONNX Runtime session; ControlNet residuals go to the graph's residual
+    inputs by name (`down_block_<i>_additional_residual`, `mid_block_additional_residual`)."""
+
+    def run(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        timestep_cond=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
+        residuals = {}
+        if down_residuals is not None:
+            residuals = dict(zip(down_residual_names(len(down_residuals)), down_residuals))
+            residuals[MID_RESIDUAL] = mid_residual
         return model(
             ["out_sample"],
             sample=sample,
@@ -431,9 +447,43 @@ def ort_unet(model: OrtModel):
             text_embeds=text_embeds,
             time_ids=time_ids,
             timestep_cond=timestep_cond,
+            **residuals,
         )["out_sample"]
 
     return run
+
+
+def ort_controlnets(nets: list[OrtModel], configs: list[dict]) -> ControlNets:
+    """The sampling loop's ControlNets over ControlNet graphs (`sdcompiler.passes.onnx_export`) and their diffusers
+    configs: each graph returns its residuals times its `conditioning_scale`; in guess mode (for a net without
+    `global_pool_conditions`) the graph runs at scale 1 and its residuals get diffusers' per-block scales,
+    `logspace(-1, 0, n) * scale`; the residuals are summed over the nets in order, as `MultiControlNetModel`."""
+    outputs = nets[0].outputs  # down_block_<i>_additional_residual..., mid_block_additional_residual
+
+    def residuals(sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
+        total = None
+        for net, config, image, scale in zip(nets, configs, images, scales):
+            per_block = guess_mode and not config.get("global_pool_conditions", False)
+            out = net(
+                outputs,
+                sample=sample,
+                timestep=t,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=image,
+                conditioning_scale=torch.tensor(1.0 if per_block else float(scale)),
+                text_embeds=text_embeds,
+                time_ids=time_ids,
+            )
+            result = [out[name] for name in outputs]
+            if per_block:  # as diffusers' ControlNetModel in guess mode
+                block_scales = torch.logspace(-1, 0, len(result)) * scale
+                result = [r * s for r, s in zip(result, block_scales)]
+            total = result if total is None else [a + b for a, b in zip(total, result)]
+        return total[:-1], total[-1]
+
+    pooled = bool(configs[0].get("global_pool_conditions", False))
+    return ControlNets(residuals=residuals, count=len(nets), global_pool_conditions=pooled)
 
 
 def ort_feature_cache(refresh: OrtModel, shallow: OrtModel, settings):

@@ -36,6 +36,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from sdcompiler.archs import get_arch
+from sdcompiler.artifact import confined
 from sdcompiler.errors import ArtifactError, LoweringError
 from sdcompiler.passes import PassConfig, QuantizedUNet
 from sdcompiler.passes.onnx_export import (
@@ -65,6 +66,7 @@ from sdcompiler.targets.components import (
     lora_component,
     lora_map_path,
     make_components,
+    ort_controlnets,
     ort_feature_cache,
     ort_text_encoder,
     ort_unet,
@@ -195,7 +197,15 @@ class OnnxTarget(Target):
             raise LoweringError(
                 "the onnx target cannot split a ptq int8 U-Net for feature_cache yet; drop one of the two passes"
             )
-        exports = component_exports(pipe, ctx.arch, config.precision, config.vae_precision, config.vae_encoder, cache)
+        exports = component_exports(
+            pipe,
+            ctx.arch,
+            config.precision,
+            config.vae_precision,
+            config.vae_encoder,
+            cache,
+            controlnets=ctx.controlnets,
+        )
         records: list[StageRecord] = []
         settings = {
             "opset": config.opset,
@@ -203,6 +213,8 @@ class OnnxTarget(Target):
             "precision": config.precision,
             "vae_precision": config.vae_precision,
         }
+        if ctx.controlnets:  # the convention the ControlNet graphs and the U-Net's residual inputs follow
+            settings["controlnet_residuals"] = controlnet_interface(exports, list(ctx.controlnets))
         replaced = {"unet": "replaced by the ptq pass's graph (quantize_onnx)"} if quantized is not None else None
         paths = export_onnx_stage(records, pipe, out, exports, ctx, settings, config.opset, replaced=replaced)
         if quantized is not None:
@@ -260,6 +272,14 @@ class OnnxTarget(Target):
         if settings is not None:
             check_refresh_graph(root, unet_name, unet_model.outputs)
             cache = ort_feature_cache(unet_model, session("unet_shallow"), settings)
+        controlnets = None
+        if manifest.get("controlnets"):
+            nets, configs = [], []
+            for entry in manifest["controlnets"]:  # in call order
+                configs.append(controlnet_config(confined(root, entry["folder"], "a ControlNet folder")))
+                nets.append(session(entry["folder"]))
+            check_residual_inputs(root, unet_model, nets[0])
+            controlnets = ort_controlnets(nets, configs)
         return make_components(
             root,
             manifest,
@@ -269,6 +289,7 @@ class OnnxTarget(Target):
             feature_cache=cache,
             encode_image=encode,
             backends=models,
+            controlnets=controlnets,
         )
 
 
@@ -381,6 +402,8 @@ def write_component_configs(pipe, out: Path, ctx: LowerContext) -> None:
         if not ctx.arch.is_sdxl:  # SD's clip_skip normalizes an earlier layer's output with it
             write_final_norm(getattr(pipe, name), out / name / FINAL_NORM)
     _write_config(out / "unet" / "config.json", dict(pipe.unet.config))
+    for folder, controlnet in ctx.controlnets.items():  # the runtime reads global_pool_conditions from it
+        _write_config(out / folder / "config.json", dict(controlnet.config))
     _write_config(out / "vae_decoder" / "config.json", dict(pipe.vae.config))
     if (out / "vae_encoder").is_dir():
         _write_config(out / "vae_encoder" / "config.json", dict(pipe.vae.config))
@@ -399,6 +422,39 @@ def _write_config(path: Path, config: dict) -> None:
     """Write a component config; `_name_or_path` would point back at the source checkpoint."""
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     path.write_text(json.dumps(config, indent=2, sort_keys=True, default=list) + "\n")
+
+
+def controlnet_interface(exports: list[OnnxExport], folders: list[str]) -> dict[str, Any]:
+    """The names through which the ControlNet graphs feed the U-Net graph (recorded in the export stage)."""
+    net = next(e for e in exports if e.name == folders[0])
+    return {
+        "convention": "onnxruntime-olive",  # optimum exports no ControlNet: ONNX Runtime's (Olive's) names
+        "graphs": [graph_path(folder) for folder in folders],
+        "controlnet_inputs": list(net.input_names),
+        "down_residuals": net.output_names[:-1],
+        "mid_residual": net.output_names[-1],
+        "scaled_by": "conditioning_scale (guess mode's per-block scales: the runtime's)",
+        "summed_over_nets": "by the runtime, as diffusers' MultiControlNetModel",
+    }
+
+
+def check_residual_inputs(root: Path, unet: OrtModel, controlnet: OrtModel) -> None:
+    """Refuse a ControlNet artifact whose U-Net graph does not take every residual its ControlNets return
+    (ONNX Runtime would otherwise leave them out without a word)."""
+    missing = [name for name in controlnet.outputs if name not in unet.inputs]
+    if missing:
+        raise ArtifactError(
+            f"artifact {root} has ControlNets but its {graph_path('unet')} has no input(s) {', '.join(missing)}; "
+            "recompile it"
+        )
+
+
+def controlnet_config(folder: Path) -> dict[str, Any]:
+    """A ControlNet folder's `config.json` (diffusers' ControlNetModel config), `{}` where it is absent."""
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def served_components(manifest: dict[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
-"""ControlNet on the torch target: compiled pipelines with one or several ControlNets against diffusers'
-`StableDiffusionControlNetPipeline` / `StableDiffusionXLControlNetPipeline` on the same components and seed
-(images within 1e-5), and the one-line refusals.
+"""ControlNet on the torch and onnx targets: compiled pipelines with one or several ControlNets against
+diffusers' `StableDiffusionControlNetPipeline` / `StableDiffusionXLControlNetPipeline` on the same components
+and seed (images within 1e-5 on torch, 1e-3 on ONNX Runtime), and the one-line refusals.
 
 The ControlNets come from `make_controlnet` (the tiny U-Net's encoder with seeded random zero convolutions),
 so their residuals move the images; each case also checks that its ControlNet argument changes the images,
@@ -19,6 +19,7 @@ from sdcompiler.errors import ConfigError, LoweringError, PipelineArgumentError
 from sdcompiler.testing import make_controlnet
 
 TOLERANCE = 1e-5
+ONNX_TOLERANCE = 1e-3
 CALL = dict(prompt=["a red cube on a table", "a fox"], num_inference_steps=3, guidance_scale=5.0, output_type="np")
 
 
@@ -37,17 +38,17 @@ def controlnets(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifact(tiny_checkpoint, controlnets, tmp_path_factory):
-    """Factory: (arch, seeds, recipe) -> the torch artifact of arch with those ControlNets, compiled once."""
+    """Factory: (arch, seeds, recipe, target) -> the artifact of arch with those ControlNets, compiled once."""
     root, built = tmp_path_factory.mktemp("controlnet_artifacts"), {}
 
-    def get(arch: str, seeds: tuple[int, ...] = (0,), recipe="none"):
-        key = (arch, seeds, str(recipe))
+    def get(arch: str, seeds: tuple[int, ...] = (0,), recipe="none", target="torch"):
+        key = (arch, seeds, str(recipe), target)
         if key not in built:
             paths = [controlnets(arch, seed) for seed in seeds]
             built[key] = compile_pipeline(
                 tiny_checkpoint(arch),
                 recipe=recipe,
-                target="torch",
+                target=target,
                 output_dir=root / f"{arch}-{len(built)}",
                 device="cpu",
                 controlnet=paths[0] if len(paths) == 1 else paths,
@@ -87,12 +88,12 @@ def _seed():
     return torch.Generator().manual_seed(0)
 
 
-def _close(got, expected) -> float:
+def _close(got, expected, tolerance: float = TOLERANCE) -> float:
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert got.shape == expected.shape
     assert np.isfinite(got).all() and expected.std() > 0.01  # real images, not a constant
     error = float(np.abs(got - expected).max())
-    assert error < TOLERANCE, f"max abs error {error:.2e} >= {TOLERANCE:.0e}"
+    assert error < tolerance, f"max abs error {error:.2e} >= {tolerance:.0e}"
     return error
 
 
@@ -160,6 +161,60 @@ def test_sdxl_one_controlnet(tiny_checkpoint, controlnets, artifact):
     print(f"sdxl guess mode + start: max abs error {_close(got, expected):.2e}")
 
 
+# (arch, ControlNet seeds, the call's ControlNet arguments, a second call's changes: guess mode, windows)
+ONNX_CASES = [
+    ("sd15", (0,), dict(controlnet_conditioning_scale=0.7), dict(guess_mode=True, control_guidance_start=0.2)),
+    (
+        "sd15",
+        (0, 1),
+        dict(controlnet_conditioning_scale=[0.6, 1.2], control_guidance_end=[1.0, 0.5]),
+        dict(guess_mode=True, num_inference_steps=4),
+    ),
+    ("sdxl", (0, 1), dict(controlnet_conditioning_scale=[0.8, 0.5]), dict(guess_mode=True, control_guidance_end=0.7)),
+]
+
+
+@pytest.mark.parametrize(("arch", "seeds", "control", "second"), ONNX_CASES, ids=["sd15-one", "sd15-two", "sdxl-two"])
+def test_onnx_matches_diffusers(tiny_checkpoint, controlnets, artifact, arch, seeds, control, second):
+    """The onnx target: one graph per ControlNet, the U-Net graph with the residual inputs, ONNX Runtime sessions
+    in the sampling loop; images within 1e-3 of diffusers', and every control image moves them."""
+    import onnx
+
+    pipe = artifact(arch, seeds, target="onnx")
+    reference = _reference(tiny_checkpoint, controlnets, arch, seeds)
+    images = [_control_image(seed + 2 * (arch == "sdxl"), kind=("pil", "np")[i % 2]) for i, seed in enumerate(seeds)]
+    image = images[0] if len(seeds) == 1 else images
+    for call in (CALL | control, CALL | control | second):
+        got = pipe(**call, image=image, generator=_seed()).images
+        expected = reference(**call, image=image, generator=_seed()).images
+        error = _close(got, expected, ONNX_TOLERANCE)
+        print(f"onnx {arch} {len(seeds)} ControlNet(s) {sorted(call)}: max abs error {error:.2e}")
+    for index in range(len(seeds)):  # each net's control image reaches the U-Net
+        moved = list(images)
+        moved[index] = _control_image(5)
+        again = pipe(**call, image=moved[0] if len(seeds) == 1 else moved, generator=_seed()).images
+        _differs(got, again)
+
+    folders = [entry["folder"] for entry in pipe.manifest["controlnets"]]
+    assert folders == (["controlnet"] if len(seeds) == 1 else [f"controlnet_{i}" for i in range(len(seeds))])
+    assert {f"{folder}/model.onnx" for folder in folders} <= set(pipe.manifest["files"])
+    recorded = pipe.manifest["lowering"]["stages"][0]["settings"]["controlnet_residuals"]
+    residuals = [*recorded["down_residuals"], recorded["mid_residual"]]
+    graph = onnx.load(str(pipe.root / "unet" / "model.onnx"), load_external_data=False)
+    assert [i.name for i in graph.graph.input][-len(residuals) :] == residuals
+    net = onnx.load(str(pipe.root / folders[0] / "model.onnx"), load_external_data=False)
+    assert [o.name for o in net.graph.output] == residuals
+    assert [i.name for i in net.graph.input] == recorded["controlnet_inputs"]
+
+
+def test_onnx_components_layout_refused(artifact, tmp_path):
+    from sdcompiler.serving import export_server
+
+    with pytest.raises(ConfigError, match="components layout does not serve ControlNet graphs yet") as info:
+        export_server(artifact("sd15", target="onnx").root, tmp_path / "repo")
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("recipe", "error", "match"),
     [
@@ -183,8 +238,8 @@ def test_compile_refusals(tmp_path, controlnets, recipe, error, match):
 def test_compile_refuses_other_targets_and_misfits(tmp_path, tiny_checkpoint, controlnets):
     from sdcompiler.errors import CheckpointError
 
-    with pytest.raises(LoweringError, match="ControlNets compile for target 'torch' only") as info:
-        compile_pipeline(tmp_path / "missing", target="onnx", output_dir=tmp_path / "out", controlnet="cn")
+    with pytest.raises(LoweringError, match="ControlNets compile for targets 'torch' and 'onnx' so far") as info:
+        compile_pipeline(tmp_path / "missing", target="tensorrt", output_dir=tmp_path / "out", controlnet="cn")
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="does not fit this checkpoint's U-Net: block_out_channels") as info:
         compile_pipeline(
