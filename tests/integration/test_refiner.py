@@ -43,18 +43,26 @@ def references(tiny_checkpoint):
     return pipes
 
 
+class _Refiners(dict):
+    """target -> the compiled tiny refiner, compiled on first use (torch: the session's; onnx: this module's)."""
+
+    def __init__(self, compiled, checkpoint, folder):
+        super().__init__()
+        self.compiled, self.checkpoint, self.folder = compiled, checkpoint, folder
+
+    def __missing__(self, target: str):
+        if target == "torch":
+            self[target] = self.compiled("sdxl-refiner", "torch")
+        else:
+            self[target] = compile_pipeline(
+                self.checkpoint, "none", target, self.folder / target, device="cpu", target_options={"verify": False}
+            )
+        return self[target]
+
+
 @pytest.fixture(scope="module")
 def refiners(compiled, tiny_checkpoint, tmp_path_factory):
-    """target -> the compiled tiny refiner."""
-    onnx = compile_pipeline(
-        tiny_checkpoint("sdxl-refiner"),
-        "none",
-        "onnx",
-        tmp_path_factory.mktemp("refiner") / "onnx",
-        device="cpu",
-        target_options={"verify": False},
-    )
-    return {"torch": compiled("sdxl-refiner", "torch"), "onnx": onnx}
+    return _Refiners(compiled, tiny_checkpoint("sdxl-refiner"), tmp_path_factory.mktemp("refiner"))
 
 
 def test_refiner_checkpoint_layout_and_manifest(tiny_checkpoint, refiners):
@@ -63,7 +71,7 @@ def test_refiner_checkpoint_layout_and_manifest(tiny_checkpoint, refiners):
     assert index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
     unet = json.loads((tiny_checkpoint("sdxl-refiner") / "unet" / "config.json").read_text())
     assert unet["projection_class_embeddings_input_dim"] == 5 * unet["addition_time_embed_dim"] + 32
-    for pipe in refiners.values():
+    for pipe in (refiners["torch"], refiners["onnx"]):
         assert pipe.manifest["arch"] == "sdxl-refiner"
         assert not (pipe.root / "text_encoder").exists() and (pipe.root / "text_encoder_2").is_dir()
         assert (pipe.root / "tokenizer_2").is_dir() and not (pipe.root / "tokenizer").exists()
