@@ -1,4 +1,4 @@
-"""Supported architectures: SD 1.x (`sd15`), SD 2.x (`sd21`) and SDXL (`sdxl`).
+"""Supported architectures: SD 1.x (`sd15`), SD 2.x (`sd21`), SDXL (`sdxl`) and the SDXL refiner (`sdxl-refiner`).
 
 Each architecture is described once: its `ArchSpec` (which diffusers pipeline
 class runs it, which text encoders it has) in `sdcompiler.passes.architectures`,
@@ -43,11 +43,15 @@ def get_arch(name: str) -> ArchSpec:
         raise CheckpointError(f"unknown arch {name!r}; choose one of {', '.join(ARCHS)}") from None
 
 
-def detect_arch_from_unet_config(config: Mapping, where: str = "checkpoint") -> ArchSpec:
-    """Classify a UNet2DConditionModel config as sd15 / sd21 / sdxl.
+def detect_arch_from_unet_config(
+    config: Mapping, where: str = "checkpoint", pipeline_config: Mapping | None = None
+) -> ArchSpec:
+    """Classify a UNet2DConditionModel config as sd15 / sd21 / sdxl / sdxl-refiner.
 
     SDXL is the only family with the `text_time` added embedding; SD 2.x is
-    the one with linear projections in its transformer blocks. Inpainting
+    the one with linear projections in its transformer blocks. The refiner is
+    the SDXL U-Net whose pipeline (`pipeline_config`, a folder's
+    model_index.json) sets `requires_aesthetics_score`, as diffusers reads it. Inpainting
     U-Nets (`INPAINT_IN_CHANNELS`: latents + mask + masked-image latents) are
     accepted in every family (`is_inpainting`); depth, upscaler and
     image-variation U-Nets (other input channels or class embeddings) are
@@ -65,7 +69,7 @@ def detect_arch_from_unet_config(config: Mapping, where: str = "checkpoint") -> 
             "only text-to-image and inpainting (in_channels=9) SD 1.x, SD 2.x and SDXL checkpoints are supported"
         )
     if config.get("addition_embed_type") == "text_time":
-        return ARCHS["sdxl"]
+        return ARCHS["sdxl-refiner" if (pipeline_config or {}).get("requires_aesthetics_score") else "sdxl"]
     if config.get("addition_embed_type") is not None:
         raise CheckpointError(
             f"unsupported architecture in {where}: addition_embed_type={config['addition_embed_type']!r}; "
@@ -87,6 +91,11 @@ def detect_arch_from_keys(keys: Iterable[str], where: str) -> ArchSpec:
         )
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return ARCHS["sdxl"]
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # OpenCLIP bigG alone: the refiner
+        raise CheckpointError(
+            f"{where} looks like a single-file SDXL refiner, which is not supported yet; pass its diffusers "
+            "folder (e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
+        )
     if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text tower: SD 2.x
         return ARCHS["sd21"]
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
@@ -158,11 +167,21 @@ def write_clip_vocabulary(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def assemble_pipeline(spec: ArchSpec, components: Mapping):
-    """Build the diffusers pipeline object of `spec` from already-built components."""
+def assemble_pipeline(spec: ArchSpec, components: Mapping, flags: Mapping | None = None):
+    """Build the diffusers pipeline object of `spec` from already-built components.
+
+    `flags`: pipeline config entries (a model_index.json), of which the pipeline class's own flags are passed
+    (`force_zeros_for_empty_prompt`, the refiner's `requires_aesthetics_score`)."""
+    import inspect
+
     import diffusers
 
     pipeline_cls = getattr(diffusers, spec.pipeline_class)
     if spec.is_sdxl:
-        return pipeline_cls(**components)
+        absent = {name: None for name in ("text_encoder", "tokenizer") if name not in components}  # the refiner
+        accepted = inspect.signature(pipeline_cls.__init__).parameters
+        flags = {k: v for k, v in (flags or {}).items() if k in accepted and isinstance(v, bool)}
+        if spec.aesthetic_time_ids:
+            flags["requires_aesthetics_score"] = True
+        return pipeline_cls(**components, **absent, **flags)
     return pipeline_cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

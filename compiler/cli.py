@@ -271,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         help="sample with another diffusers scheduler, built from the artifact's config (e.g. DDIMScheduler)",
     )
+    p.add_argument(
+        "--refiner",
+        metavar="DIR",
+        help="SDXL base artifacts: an SDXL refiner artifact run after the base (diffusers' ensemble of experts)",
+    )
+    p.add_argument(
+        "--high-noise-frac",
+        type=float,
+        metavar="F",
+        help="with --refiner: the share of the schedule the base runs, the refiner the rest (default 0.8)",
+    )
+    p.add_argument(
+        "--aesthetic-score", type=float, help="SDXL refiner (alone or with --refiner): its aesthetic score (default 6)"
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (schedulers that take it)")
     p.add_argument("--clip-skip", type=int, help="text-encoder layers to skip from the end, as diffusers' clip_skip")
     p.add_argument("--out", default="image.png", help="PNG path; several images get -0, -1, ... suffixes")
@@ -522,6 +536,10 @@ def cmd_generate(args) -> int:
     from sdcompiler.preflight import artifact_bytes, check_call
 
     out = _check_image_path(Path(args.out))  # before anything is loaded or generated
+    if args.high_noise_frac is not None and not args.refiner:
+        from sdcompiler.errors import PipelineArgumentError
+
+        raise PipelineArgumentError("--high-noise-frac applies with --refiner DIR (the base's share of the schedule)")
     manifest = read_manifest(args.artifact)
     image, control = _control_arguments(args, len(manifest.get("controlnets", [])))
     image = _read_image(args.image) if args.image else image
@@ -547,7 +565,13 @@ def cmd_generate(args) -> int:
         unloaded_bytes=artifact_bytes(Path(args.artifact)),
         **(call | ({"image": image[0]} if isinstance(image, list) else {})),
     )
-    pipe = load_compiled(args.artifact, device=args.device, options=_options(args.option), verify=not args.no_verify)
+    pipe = load_compiled(
+        args.artifact,
+        device=args.device,
+        options=_options(args.option),
+        verify=not args.no_verify,
+        refiner=args.refiner,
+    )
     if args.lora:
         pipe.set_loras([_lora(text) for text in args.lora])
     if args.scheduler:
@@ -563,6 +587,8 @@ def cmd_generate(args) -> int:
         feature_cache=not args.no_feature_cache,
         **call,
         **control,
+        **({"denoising_end": args.high_noise_frac} if args.high_noise_frac is not None else {}),
+        **({"aesthetic_score": args.aesthetic_score} if args.aesthetic_score is not None else {}),
     ).images
     seconds = time.perf_counter() - start
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]

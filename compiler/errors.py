@@ -26,6 +26,7 @@ __all__ = [
     "PassError",
     "PipelineArgumentError",
     "RecipeError",
+    "RefinerError",
     "SDCompilerError",
     "require",
 ]
@@ -41,6 +42,10 @@ class ArtifactError(SDCompilerError):
 
 class PipelineArgumentError(SDCompilerError, TypeError):
     """A compiled pipeline was called with an argument it does not support."""
+
+
+class RefinerError(SDCompilerError):
+    """An SDXL refiner was paired with a base it cannot follow (not an SDXL base, not a refiner, other latents)."""
 
 
 class GenerationError(SDCompilerError):

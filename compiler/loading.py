@@ -214,7 +214,7 @@ def _load_folder(path: Path, where: str, *, allow_pickle: bool, config: Any = No
         )
     index = _read_json(path / "model_index.json", where)
     _check_component_classes(index, where)
-    arch = detect_arch_from_unet_config(_read_json(path / "unet" / "config.json", where), where=where)
+    arch = detect_arch_from_unet_config(_read_json(path / "unet" / "config.json", where), where, index)
     if not allow_pickle:
         _refuse_pickle_only(path, index, where)
     check_component_configs(path, where)  # before diffusers builds (and allocates) anything

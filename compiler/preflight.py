@@ -165,6 +165,8 @@ def check_call(
     scale, default_size = model.get("vae_scale_factor", 8), model.get("default_size", 512)
     if image is not None and mask_image is None:  # inpainting defaults to the model's size, as diffusers
         image_h, image_w = _image_size(image)
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == model.get("latent_channels", 4):
+            image_h, image_w = image_h * scale, image_w * scale  # latents (a refiner's input): the image they make
         height = image_h // scale * scale if height is None else height
         width = image_w // scale * scale if width is None else width
     height = default_size if height is None else height

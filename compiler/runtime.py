@@ -8,6 +8,12 @@
 The target recorded in the manifest picks the component backends (ONNX
 Runtime sessions or torch modules); the denoising loop is
 `sdcompiler.sampling.generate` for every target.
+
+An SDXL base and an SDXL refiner artifact run as one unit (diffusers'
+ensemble of experts): `load_compiled(base, refiner=refiner_dir)`; each call
+runs the base to `denoising_end` (default 0.8) with `output_type="latent"`,
+then the refiner from `denoising_start` = that fraction on those latents,
+with the same prompts, steps, guidance and generator.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import torch
 
 from sdcompiler import knobs
 from sdcompiler.artifact import read_manifest, verify_files
-from sdcompiler.errors import ArtifactError, PipelineArgumentError, SDCompilerError
+from sdcompiler.errors import ArtifactError, PipelineArgumentError, RefinerError, SDCompilerError
 from sdcompiler.passes.errors import resolved_path
 from sdcompiler.preflight import check_call
-from sdcompiler.sampling import Components, generate
+from sdcompiler.sampling import Components, check_denoising_bounds, generate
 
 SUPPORTED_ARGUMENTS = (
     "prompt",
@@ -60,6 +66,10 @@ SUPPORTED_ARGUMENTS = (
     "mask_image",
     "masked_image_latents",
     "padding_mask_crop",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "denoising_start",
+    "denoising_end",
 )
 # the arguments only an artifact with ControlNets takes (and their defaults, diffusers')
 CONTROLNET_ARGUMENTS = {
@@ -68,6 +78,9 @@ CONTROLNET_ARGUMENTS = {
     "control_guidance_end": 1.0,
     "guess_mode": False,
 }
+# the SDXL refiner's arguments and the ensemble's split (diffusers' StableDiffusionXL[Img2Img]Pipeline)
+REFINER_ARGUMENTS = ("aesthetic_score", "negative_aesthetic_score", "denoising_start", "denoising_end")
+HIGH_NOISE_FRAC = 0.8  # the base's share of the schedule in a base + refiner call, diffusers' documented default
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,10 +126,18 @@ class CompiledPipeline:
         self._interrupt = False  # diffusers' flag: a step callback sets it to skip the remaining steps
         self._num_timesteps = 0
         self._guidance_scale = None
+        self.refiner: CompiledPipeline | None = None  # an SDXL refiner run after this base (`attach_refiner`)
 
     @property
     def arch(self) -> str:
         return self.manifest["arch"]
+
+    def attach_refiner(self, refiner: "CompiledPipeline | None") -> None:
+        """Run `refiner` (an SDXL refiner artifact) after this SDXL base on every call, as diffusers' ensemble of
+        experts (None detaches it). Refuses a pair that does not fit (RefinerError, one line)."""
+        if refiner is not None:
+            check_refiner_pair(self.manifest, refiner.manifest, refiner.root)
+        self.refiner = refiner
 
     @property
     def controlnet_count(self) -> int:
@@ -308,10 +329,17 @@ class CompiledPipeline:
         PipelineArgumentError, and run nothing (a server checks each request of a batch this way before it
         runs the batch)."""
         control = {k: unsupported.pop(k) for k in CONTROLNET_ARGUMENTS if k in unsupported}
+        refine = {k: unsupported.pop(k) for k in REFINER_ARGUMENTS if k in unsupported}
         if unsupported:
             raise PipelineArgumentError(unsupported_arguments_message(unsupported))
+        self._check_refine(image, prompt_embeds, callback_on_step_end, control, **refine)
         if self.controlnet_count and mask_image is not None:
             raise PipelineArgumentError("inpainting with ControlNet (mask_image=) is not supported yet")
+        if mask_image is not None and (self.refiner is not None or any(v is not None for v in refine.values())):
+            raise PipelineArgumentError(
+                "inpainting (mask_image=) with the SDXL refiner, denoising_start / _end or aesthetic scores is not "
+                "supported yet; inpaint without them"
+            )
         image = self._check_control(image, strength, control_image, control)
         if prompt is None and prompt_embeds is None:
             raise PipelineArgumentError("prompt is required (a string or a list of strings), or prompt_embeds")
@@ -347,6 +375,63 @@ class CompiledPipeline:
             masked_image_latents=masked_image_latents,
             padding_mask_crop=padding_mask_crop,
         )
+
+    def _check_refine(
+        self,
+        image,
+        prompt_embeds,
+        callback_on_step_end,
+        control: dict,
+        aesthetic_score=None,
+        negative_aesthetic_score=None,
+        denoising_start=None,
+        denoising_end=None,
+    ) -> None:
+        """Refuse refiner and ensemble arguments this artifact cannot take (one line each)."""
+        scores = {"aesthetic_score": aesthetic_score, "negative_aesthetic_score": negative_aesthetic_score}
+        given = [name for name, value in scores.items() if value is not None]
+        refiner = self.refiner is not None
+        if given and self.arch != "sdxl-refiner" and not refiner:
+            raise PipelineArgumentError(
+                f"{', '.join(given)}: only an SDXL refiner's time ids take an aesthetic score; this artifact is "
+                f"{self.arch} (load_compiled(base, refiner=DIR) runs a refiner after it)"
+            )
+        for name in given:
+            value = scores[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise PipelineArgumentError(f"{name}={value!r} must be a finite number (diffusers' 6 / 2.5)")
+        try:
+            check_denoising_bounds(denoising_start, denoising_end)
+        except ValueError as exc:
+            raise PipelineArgumentError(str(exc)) from None
+        bounds = {"denoising_start": denoising_start, "denoising_end": denoising_end}
+        split = [name for name, value in bounds.items() if value is not None]
+        if split and not self.components.is_sdxl:
+            raise PipelineArgumentError(
+                f"{' / '.join(split)}: splitting the schedule is SDXL's (base + refiner); this artifact is {self.arch}"
+            )
+        if split and (self.controlnet_count or any(v is not None for v in control.values())):
+            raise PipelineArgumentError(f"{' / '.join(split)} with ControlNet is not supported yet")
+        if refiner:
+            if denoising_start is not None:
+                raise PipelineArgumentError(
+                    "denoising_start: with a refiner attached the refiner starts where the base stops; pass "
+                    f"denoising_end (default {HIGH_NOISE_FRAC})"
+                )
+            if prompt_embeds is not None or callback_on_step_end is not None:
+                raise PipelineArgumentError(
+                    "prompt_embeds / callback_on_step_end with a refiner attached: the base and the refiner encode "
+                    "prompts differently; pass prompt strings, or call the two artifacts one after the other"
+                )
+        elif self.arch == "sdxl-refiner" and image is None:
+            raise PipelineArgumentError(
+                "the SDXL refiner refines an image: pass image= (an image, or a base's output_type='latent' "
+                "latents with denoising_start)"
+            )
+        elif denoising_start is not None and image is None:
+            raise PipelineArgumentError(
+                "denoising_start applies to image-to-image: pass image= (e.g. a base's output_type='latent' latents)"
+            )
 
     def _check_control(self, image, strength, control_image, control: dict):
         """Refuse ControlNet arguments the artifact cannot take; returns the image that sets the size (the first
@@ -429,6 +514,10 @@ class CompiledPipeline:
         mask_image=None,
         masked_image_latents=None,
         padding_mask_crop=None,
+        aesthetic_score=None,
+        negative_aesthetic_score=None,
+        denoising_start=None,
+        denoising_end=None,
         **unsupported,
     ) -> CompiledPipelineOutput | tuple:
         """Text-to-image; with `image` (PIL image(s), an (H, W, 3) / (N, H, W, 3) array in [0, 1], or an
@@ -454,7 +543,15 @@ class CompiledPipeline:
         `masked_image_latents` (the masked image's scaled VAE latents) and `padding_mask_crop` (inpaint a crop
         around the mask, this many pixels wider, and paste it back; PIL inputs and output). height / width default
         to the model's size, as diffusers'. An inpainting U-Net (9 input channels) needs the mask; a plain U-Net
-        with a mask blends the unmasked region back each step (diffusers' 4-channel path)."""
+        with a mask blends the unmasked region back each step (diffusers' 4-channel path).
+
+        SDXL, as diffusers' `StableDiffusionXL[Img2Img]Pipeline`: `denoising_end` stops the schedule that share
+        of the way through (with `output_type="latent"`: a base's half of an ensemble of experts);
+        `denoising_start` (image-to-image; `image` may be those latents) starts there, `strength` ignored. An
+        SDXL refiner artifact takes `aesthetic_score` / `negative_aesthetic_score` (default 6 / 2.5) and needs
+        `image`. With a refiner attached (`load_compiled(base, refiner=DIR)`) a call runs the base to
+        `denoising_end` (default 0.8), then the refiner from there (its aesthetic scores as given), and returns
+        the refiner's output."""
         control = {
             "controlnet_conditioning_scale": controlnet_conditioning_scale,
             "control_guidance_start": control_guidance_start,
@@ -481,9 +578,38 @@ class CompiledPipeline:
             mask_image=mask_image,
             masked_image_latents=masked_image_latents,
             padding_mask_crop=padding_mask_crop,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
             **control,
             **unsupported,
         )
+        if self.refiner is not None:
+            shared = dict(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                num_images_per_prompt=num_images_per_prompt,
+                timesteps=timesteps,
+                feature_cache=feature_cache,
+                clip_skip=clip_skip,
+                eta=eta,
+            )
+            split = HIGH_NOISE_FRAC if denoising_end is None else denoising_end
+            base = dict(height=height, width=width, latents=latents, image=image, strength=strength)
+            latent = self._call_alone(**shared, **base, denoising_end=split, output_type="latent").images
+            return self.refiner(
+                **shared,
+                image=latent,
+                denoising_start=split,
+                aesthetic_score=aesthetic_score,
+                negative_aesthetic_score=negative_aesthetic_score,
+                output_type=output_type,
+                return_dict=return_dict,
+            )
         control = {k: CONTROLNET_ARGUMENTS[k] if v is None else v for k, v in control.items()}
         on_step_end = None if callback_on_step_end is None else self._step_callback(callback_on_step_end)
         defaults = self.manifest.get("defaults", {})
@@ -517,12 +643,13 @@ class CompiledPipeline:
         try:
             if mask_image is not None:
                 mask, image, crop = self._inpainting_inputs(image, mask_image, height, width, padding_mask_crop)
-            elif image is not None:
+            elif image is not None:  # (latents, latent_channels wide, pass as they are)
                 from diffusers.image_processor import VaeImageProcessor
 
-                image = VaeImageProcessor(vae_scale_factor=self.components.vae_scale_factor).preprocess(
-                    image, height=height, width=width
-                )
+                image = VaeImageProcessor(
+                    vae_scale_factor=self.components.vae_scale_factor,
+                    vae_latent_channels=self.components.latent_channels,
+                ).preprocess(image, height=height, width=width)
             if control_images is not None:  # as diffusers' ControlNet pipelines' control_image_processor
                 from diffusers.image_processor import VaeImageProcessor
 
@@ -563,6 +690,10 @@ class CompiledPipeline:
                 control_images=control_images,
                 mask=mask,
                 masked_image_latents=masked_image_latents,
+                aesthetic_score=6.0 if aesthetic_score is None else float(aesthetic_score),
+                negative_aesthetic_score=2.5 if negative_aesthetic_score is None else float(negative_aesthetic_score),
+                denoising_start=denoising_start,
+                denoising_end=denoising_end,
                 **control,
             )
         except (ValueError, TypeError) as exc:
@@ -598,6 +729,14 @@ class CompiledPipeline:
         mask = mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=mode, crops_coords=coords)
         return mask, image.to(torch.float32), coords
 
+    def _call_alone(self, **kwargs):
+        """This artifact's own call, without the attached refiner."""
+        refiner, self.refiner = self.refiner, None
+        try:
+            return self(**kwargs)
+        finally:
+            self.refiner = refiner
+
     def _step_callback(self, callback):
         """diffusers' `callback_on_step_end(pipe, i, t, tensors)` as the sampling loop's `(i, t, tensors)`."""
         try:
@@ -627,6 +766,7 @@ def load_compiled(
     providers: list[str] | None = None,
     options: dict[str, Any] | None = None,
     verify: bool = True,
+    refiner: "str | Path | CompiledPipeline | None" = None,
 ) -> CompiledPipeline:
     """Load an artifact folder written by `compile_pipeline` / `sdcompiler compile`.
 
@@ -639,6 +779,9 @@ def load_compiled(
         verify: check every file's sha256 against the manifest before loading (the default; a few seconds per
             GB, see `sdcompiler verify`); False skips the hashes for a faster start (presence, confinement and
             the ONNX graph checks still run).
+        refiner: an SDXL refiner artifact folder (or a loaded one) to run after this SDXL base on every call, as
+            diffusers' ensemble of experts (see the module docstring); loaded with the same device, providers
+            and `verify`. A pair that does not fit is refused (RefinerError) before the refiner loads.
     """
     from sdcompiler.targets import get_target
 
@@ -661,4 +804,34 @@ def load_compiled(
             f"artifact {root} could not be loaded ({type(exc).__name__}: {first}): a file in it is damaged; "
             "recompile it"
         ) from exc
-    return CompiledPipeline(root, manifest, components, device, config)
+    pipe = CompiledPipeline(root, manifest, components, device, config)
+    if refiner is not None:
+        if not isinstance(refiner, CompiledPipeline):
+            refiner_root = resolved_path(refiner, ArtifactError, "pass a refiner artifact folder")
+            check_refiner_pair(manifest, read_manifest(refiner_root), refiner_root)  # before loading it
+            refiner = load_compiled(refiner_root, device=device, providers=providers, verify=verify)
+        pipe.attach_refiner(refiner)
+    return pipe
+
+
+def check_refiner_pair(base: dict[str, Any], refiner: dict[str, Any], where) -> None:
+    """Refuse a base + refiner pair that cannot run as one (RefinerError, one line): the base must be an SDXL
+    base without ControlNets, the refiner an SDXL refiner artifact, both in the same latent space."""
+    if base["arch"] != "sdxl":
+        raise RefinerError(
+            f"a refiner runs after an SDXL base; this artifact is {base['arch']} (compile the SDXL base, e.g. "
+            "stabilityai/stable-diffusion-xl-base-1.0)"
+        )
+    if base.get("controlnets"):
+        raise RefinerError("a refiner after a ControlNet base is not supported yet; load the base without refiner")
+    if refiner["arch"] != "sdxl-refiner":
+        raise RefinerError(
+            f"{where} is a {refiner['arch']} artifact, not an SDXL refiner; compile the refiner checkpoint "
+            "(e.g. stabilityai/stable-diffusion-xl-refiner-1.0) and pass that artifact"
+        )
+    for key in ("latent_channels", "vae_scale_factor"):
+        if base["model"][key] != refiner["model"][key]:
+            raise RefinerError(
+                f"the refiner {where} has {key}={refiner['model'][key]} and the base {base['model'][key]}: their "
+                "latents do not fit; pair a refiner made for this base"
+            )

@@ -11,6 +11,10 @@ or Triton Inference Server BLS calls plug in unchanged:
 - text encoder: `encode(input_ids: LongTensor) -> TextEncoding`
 - U-Net: `unet(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> eps`
 - VAE decoder: `decode(latents) -> images in [-1, 1]`
+- the SDXL refiner (`aesthetic_time_ids`): time ids end with `aesthetic_score` (the negative half of the CFG
+  batch `negative_aesthetic_score`) instead of the target size, as diffusers' `StableDiffusionXLImg2ImgPipeline`
+  with `requires_aesthetics_score`; `denoising_end` / `denoising_start` split one schedule between a base and
+  a refiner (diffusers' ensemble of experts), the refiner taking the base's latents as its `image`
 - optionally a VAE encoder for image-to-image: `encode_image(images in [-1, 1]) -> latent distribution
   parameters` (mean and log-variance stacked on the channel axis, as diffusers' `DiagonalGaussianDistribution`
   holds them), sampled here with the caller's generator exactly as diffusers' img2img pipelines do; or, for
@@ -108,6 +112,7 @@ class Components(Mapping):
     scaling_factor: float
     default_size: int  # pixels
     force_zeros_for_empty_prompt: bool = True
+    aesthetic_time_ids: bool = False  # the SDXL refiner's time ids: (size, crop, aesthetic score), not target size
     dtype: torch.dtype = torch.float32
     modules: dict = field(default_factory=dict)  # torch modules behind the callables (torch target only)
     feature_cache: object | None = None  # sdcompiler.targets.components.FeatureCache, when the artifact has one
@@ -333,28 +338,86 @@ def _draw(c: Components, encoded: torch.Tensor, generator) -> torch.Tensor:
     return DiagonalGaussianDistribution(encoded).sample(generator)
 
 
-def _image_latents(c: Components, scheduler, image: torch.Tensor, timestep: torch.Tensor, batch: int, generator):
+def check_denoising_bounds(denoising_start, denoising_end) -> None:
+    """`denoising_start` / `denoising_end` are None or numbers in (0, 1), start before end (ValueError, one line).
+    diffusers ignores values outside (0, 1) silently; here they are refused."""
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(
+                f"{name}={value!r} must be a number in (0, 1), the share of the schedule at which to "
+                f"{'start' if name == 'denoising_start' else 'stop'} (e.g. 0.8)"
+            )
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+
+
+def _cutoff(scheduler, fraction: float) -> int:
+    """The training timestep at `fraction` of the schedule (diffusers' `discrete_timestep_cutoff`)."""
+    steps = scheduler.config.num_train_timesteps
+    return int(round(steps - (fraction * steps)))
+
+
+def _denoising_start_timesteps(scheduler, denoising_start: float) -> torch.Tensor:
+    """The tail of the schedule below `denoising_start` (diffusers' SDXL img2img `get_timesteps`: strength is
+    ignored; a second-order scheduler gets one more step so it never stops between its two evaluations)."""
+    steps = int((scheduler.timesteps < _cutoff(scheduler, denoising_start)).sum().item())
+    if scheduler.order == 2 and steps % 2 == 0:
+        steps += 1
+    if steps < 1:
+        raise ValueError(f"denoising_start={denoising_start} leaves no denoising step; lower it or add steps")
+    start = len(scheduler.timesteps) - steps
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def _denoising_end_timesteps(scheduler, timesteps: torch.Tensor, denoising_end: float) -> torch.Tensor:
+    """The head of `timesteps` at or above `denoising_end` (diffusers' SDXL pipelines' `denoising_end`)."""
+    cutoff = _cutoff(scheduler, denoising_end)
+    steps = len([t for t in timesteps if t >= cutoff])
+    if steps < 1:
+        raise ValueError(f"denoising_end={denoising_end} leaves no denoising step; raise it or add steps")
+    return timesteps[:steps]
+
+
+def _image_latents(
+    c: Components,
+    scheduler,
+    image: torch.Tensor,
+    timestep: torch.Tensor,
+    batch: int,
+    generator,
+    add_noise: bool = True,
+):
     """Noised latents of `image` at `timestep`, drawing from `generator` as diffusers' `prepare_latents` does:
-    the VAE posterior sample first, then the noise."""
+    the VAE posterior sample first, then the noise (none with `add_noise=False`: a refiner's `denoising_start`).
+    An `image` `latent_channels` wide is latents already (a base's `output_type="latent"`): taken as they are."""
     from diffusers.utils.torch_utils import randn_tensor
 
     draw = lambda encoded, gen: _draw(c, encoded, gen)  # noqa: E731
     image = image.to(c.dtype)
-    if isinstance(generator, list):  # one generator per image: encode each image on its own
+    if image.shape[1] == c.latent_channels:
+        init = image
+    elif isinstance(generator, list):  # one generator per image: encode each image on its own
         if len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}; pass one per image")
         if image.shape[0] < batch:
             if batch % image.shape[0]:
                 raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
             image = torch.cat([image] * (batch // image.shape[0]))
-        init = torch.cat([draw(c.encode_image(image[i : i + 1]), generator[i]) for i in range(batch)])
+        init = c.scaling_factor * torch.cat(
+            [draw(c.encode_image(image[i : i + 1]), generator[i]) for i in range(batch)]
+        ).to(c.dtype)
     else:
-        init = draw(c.encode_image(image), generator)
-    init = c.scaling_factor * init.to(c.dtype)
+        init = c.scaling_factor * draw(c.encode_image(image), generator).to(c.dtype)
     if batch > init.shape[0]:
         if batch % init.shape[0]:
             raise ValueError(f"cannot spread {init.shape[0]} images over a batch of {batch}; pass 1 or {batch}")
         init = torch.cat([init] * (batch // init.shape[0]))
+    if not add_noise:
+        return init
     noise = randn_tensor(init.shape, generator=generator, dtype=c.dtype)
     return scheduler.add_noise(init, noise, timestep)
 
@@ -526,6 +589,10 @@ def generate(
     guess_mode: bool = False,
     mask: torch.Tensor | None = None,
     masked_image_latents: torch.Tensor | None = None,
+    aesthetic_score: float = 6.0,
+    negative_aesthetic_score: float = 2.5,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ):
     """Run text-to-image (or, with `image`, image-to-image; with `image` and `mask`, inpainting) sampling; returns a numpy array (N, H, W, 3), a PIL
     list, an (N, 3, H, W) tensor in [0, 1] (`output_type="pt"`), or latents.
@@ -550,6 +617,11 @@ def generate(
     control `VaeImageProcessor` preprocesses them; B is 1 or the number of prompts; they set the image size),
     run with `controlnet_conditioning_scale`, `control_guidance_start` / `_end` (a number, or one per net) and
     `guess_mode` as diffusers' ControlNet pipelines (see `ControlNets`).
+
+    SDXL: `denoising_end` stops the schedule that share of the way through (a base's half of diffusers' ensemble
+    of experts, with `output_type="latent"`); `denoising_start` (image-to-image only; `image` may be latents,
+    `latent_channels` wide) starts there without adding noise, `strength` ignored (the refiner's half). The
+    refiner's time ids take `aesthetic_score` / `negative_aesthetic_score` (diffusers' defaults 6 / 2.5).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -572,8 +644,14 @@ def generate(
         negative = negative * n_prompts
     if negative is not None and len(negative) != n_prompts:
         raise ValueError(f"negative_prompt has {len(negative)} entries for {n_prompts} prompts; give one each")
+    check_denoising_bounds(denoising_start, denoising_end)
+    if (denoising_start is not None or denoising_end is not None) and not c.is_sdxl:
+        raise ValueError("denoising_start / denoising_end are SDXL's (diffusers' ensemble of experts); this is SD")
+    if denoising_start is not None and image is None:
+        raise ValueError("denoising_start applies to image-to-image: pass image= (e.g. a base's output latents)")
+    latent_image = image is not None and image.ndim == 4 and image.shape[1] == c.latent_channels
     if image is not None:
-        if c.encode_image is None:
+        if c.encode_image is None and not latent_image:
             raise ValueError(
                 "this artifact has no VAE encoder for image-to-image; recompile it with this "
                 "sd-compiler (the onnx target exports vae_encoder unless vae_encoder=false)"
@@ -583,7 +661,11 @@ def generate(
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength={strength} must be in [0, 1]")
         height, width = image.shape[-2:]
+        if latent_image:  # diffusers' size of latents given as the image
+            height, width = height * c.vae_scale_factor, width * c.vae_scale_factor
     if mask is not None:
+        if denoising_start is not None or denoising_end is not None:
+            raise ValueError("inpainting with denoising_start / denoising_end is not supported yet")
         if image is None:
             raise ValueError("mask needs image, the picture to inpaint")
         if tuple(mask.shape[-2:]) != (height, width):
@@ -646,8 +728,14 @@ def generate(
         timestep_cond = guidance_embedding(scales, c.guidance_embedding_dim, c.dtype)
 
     time_ids = None
-    if c.is_sdxl:  # original size, crop top-left, target size
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=c.dtype).repeat(embeds.shape[0], 1)
+    if c.is_sdxl:  # original size, crop top-left, then the target size, or the refiner's aesthetic score
+        size = [height, width, 0, 0]
+        if c.aesthetic_time_ids:
+            positive = torch.tensor([size + [aesthetic_score]], dtype=c.dtype).repeat(batch, 1)
+            negative = torch.tensor([size + [negative_aesthetic_score]], dtype=c.dtype).repeat(batch, 1)
+        else:
+            positive = negative = torch.tensor([size + [height, width]], dtype=c.dtype).repeat(batch, 1)
+        time_ids = torch.cat([negative, positive]) if guidance else positive
 
     scheduler = c.scheduler_factory()
     if timesteps is not None:  # as diffusers' retrieve_timesteps
@@ -666,14 +754,20 @@ def generate(
             c, scheduler, image, mask, masked_image_latents, strength, start, shape, generator, guidance
         )
     elif image is not None:
-        timesteps = _strength_timesteps(scheduler, num_inference_steps, strength)
-        latents = _image_latents(c, scheduler, image, timesteps[:1].repeat(batch), batch, generator)
+        if denoising_start is not None:
+            timesteps = _denoising_start_timesteps(scheduler, denoising_start)
+        else:
+            timesteps = _strength_timesteps(scheduler, num_inference_steps, strength)
+        start = timesteps[:1].repeat(batch)
+        latents = _image_latents(c, scheduler, image, start, batch, generator, add_noise=denoising_start is None)
     elif latents is None:
         latents = randn_tensor(shape, generator=generator, dtype=c.dtype) * scheduler.init_noise_sigma
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
     else:
         latents = latents.to(c.dtype) * scheduler.init_noise_sigma
+    if denoising_end is not None:
+        timesteps = _denoising_end_timesteps(scheduler, timesteps, denoising_end)
 
     control_scales = None
     if control_images is not None:

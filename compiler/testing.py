@@ -12,6 +12,11 @@
   `text_time` added embedding. Text encoders are 2-layer CLIP models over a
   514-token byte-level vocabulary; the VAE has the real 4 stages (8x), so
   resolutions behave as in the real pipelines. Builds in about a second.
+- `arch="sdxl-refiner"`: the SDXL refiner's layout (diffusers'
+  `StableDiffusionXLImg2ImgPipeline` with `text_encoder_2` / `tokenizer_2`
+  only, `requires_aesthetics_score`, a 4-stage U-Net taking 5 time ids); its
+  tiny text encoder has the tiny SDXL's `text_encoder_2` config and tokenizer,
+  so a tiny base and refiner pair up.
 - `size="digits"` (SD1.5 only): the tiny SD1.5 layout *trained* on real
   handwritten digits by `benchmarks/train_digits.py` (64x64 images, 8x8
   latents; captions like "a handwritten digit seven"), shipped in the package
@@ -66,6 +71,17 @@ _TINY_UNET: dict[str, dict[str, Any]] = {
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,
     ),
+    # the refiner's 4 stages (plain, 2 cross-attention, plain) with 4 transformers each, conditioned on the
+    # tiny SDXL's second text encoder alone (32 wide), its 5 time ids ending with the aesthetic score
+    "sdxl-refiner": dict(
+        block_out_channels=[32, 32, 64, 64],
+        attention_head_dim=[2, 2, 4, 4],
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        sample_size=16,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=5 * 8 + 32,
+    ),
 }
 _TINY_TEXT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32, vocab_size=514
@@ -85,7 +101,8 @@ def make_checkpoint(
     overwrite: bool = False,
     variant: str | None = None,
 ) -> Path:
-    """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl") at `size` ("tiny" | "full" | "digits").
+    """Write a diffusers folder for `arch` ("sd15" | "sd21" | "sdxl" | "sdxl-refiner") at `size` ("tiny" | "full" |
+    "digits").
 
     Args:
         path: destination folder (created; must be empty unless `overwrite`).
@@ -109,6 +126,8 @@ def make_checkpoint(
         raise CheckpointError(f"unknown size {size!r}; choose 'tiny', 'full' or 'digits'")
     if variant not in VARIANTS:
         raise CheckpointError(f"unknown variant {variant!r}; choose None (text-to-image) or 'inpaint'")
+    if variant and arch == "sdxl-refiner":
+        raise CheckpointError("the refiner has no inpainting variant here; use arch 'sdxl' with variant='inpaint'")
     if size == "digits" and (arch != "sd15" or unet or vae or text_encoder or variant):
         raise CheckpointError(
             f"only arch 'sd15' has size 'digits' (a trained model, no config overrides or variant); got {arch!r}"
@@ -142,9 +161,8 @@ def make_checkpoint(
     scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
     components["scheduler"] = scheduler_cls.from_config(scheduler_config)
 
-    for index, encoder_name in enumerate(spec.text_encoders):
-        suffix = "" if index == 0 else f"_{index + 1}"
-        tokenizer_dir = configs / f"tokenizer{suffix}"
+    for encoder_name, tokenizer_name in zip(spec.text_encoders, spec.tokenizers):
+        tokenizer_dir = configs / tokenizer_name
         tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
         if size == "tiny":
             tokenizer = _tiny_tokenizer(tokenizer_config["pad_token"])
@@ -160,9 +178,9 @@ def make_checkpoint(
         model_cls = getattr(transformers, text_config["architectures"][0])
         config = transformers.CLIPTextConfig(**{k: v for k, v in text_config.items() if k != "architectures"})
         components[encoder_name] = model_cls(config).eval()
-        components[f"tokenizer{suffix}"] = tokenizer
+        components[tokenizer_name] = tokenizer
 
-    pipe = assemble_pipeline(spec, components)
+    pipe = assemble_pipeline(spec, components, read("", "model_index.json"))
     if variant == "inpaint":  # saved as diffusers' inpainting pipeline class (what model_index.json names)
         pipe = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
 

@@ -43,11 +43,13 @@ def unet_example_inputs(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
+    time_ids: int = 6,
 ) -> dict[str, torch.Tensor | dict]:
     """Keyword inputs for `UNet2DConditionModel.forward` (random, or empty on meta).
 
     SDXL U-Nets (`addition_embed_type == "text_time"`) also get
-    `added_cond_kwargs = {text_embeds, time_ids}`; U-Nets with a guidance
+    `added_cond_kwargs = {text_embeds, time_ids}` (`time_ids` of them: 6, the refiner's 5, which end with an
+    aesthetic score; the config alone cannot tell them apart); U-Nets with a guidance
     embedding (`time_cond_proj_dim`) get `timestep_cond`.
     """
     config = unet.config
@@ -67,13 +69,13 @@ def unet_example_inputs(
         "encoder_hidden_states": make(batch, TEXT_LENGTH, cross_dim),
     }
     if config.get("addition_embed_type") == "text_time":
-        text_embeds_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        time_ids = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * batch, dtype=torch.float32)
+        text_embeds_dim = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        ids = [h * 8, w * 8, 0, 0] + ([h * 8, w * 8] if time_ids == 6 else [6.0])  # the refiner's aesthetic 6
         inputs["added_cond_kwargs"] = {
             "text_embeds": make(batch, text_embeds_dim),
-            "time_ids": time_ids.to(device=device, dtype=dtype)
+            "time_ids": torch.tensor([ids] * batch, dtype=torch.float32).to(device=device, dtype=dtype)
             if torch.device(device).type != "meta"
-            else torch.empty(batch, 6, device=device, dtype=dtype),
+            else torch.empty(batch, len(ids), device=device, dtype=dtype),
         }
     if config.get("time_cond_proj_dim") is not None:  # a guidance embedding (LCM, cfg-distill over a range of w)
         inputs["timestep_cond"] = make(batch, config.time_cond_proj_dim)

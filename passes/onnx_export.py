@@ -226,7 +226,9 @@ def component_exports(
             OnnxExport(name, TextEncoderForExport(encoder, hidden), (ids,), ["input_ids"], outputs, axes, dtype)
         )
 
-    inputs = unet_example_inputs(pipe.unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=generator)
+    inputs = unet_example_inputs(
+        pipe.unet, 2, (TRACE_LATENT, TRACE_LATENT), generator=generator, time_ids=spec.time_ids
+    )
     args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
     names = ["sample", "timestep", "encoder_hidden_states"]
     axes = {

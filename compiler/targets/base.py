@@ -156,7 +156,7 @@ def write_pipeline_files(pipe, out: Path, components: dict[str, list]) -> None:
         if getattr(pipe, name, None) is not None:
             index[name] = [_library(getattr(pipe, name)), type(getattr(pipe, name)).__name__]
     index.update(components)
-    if not type(pipe).__name__.endswith("XLPipeline"):
+    if not type(pipe).__name__.startswith("StableDiffusionXL"):  # SDXL's text-to-image and refiner pipelines
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -177,8 +177,7 @@ def load_tokenizers(root: Path, spec: ArchSpec) -> list:
 
     index = json.loads((root / "model_index.json").read_text())
     tokenizers = []
-    for i in range(len(spec.text_encoders)):
-        name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+    for name in spec.tokenizers:
         library, class_name = index[name]
         tokenizers.append(getattr(transformers, class_name).from_pretrained(root / name))
     return tokenizers

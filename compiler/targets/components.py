@@ -62,6 +62,7 @@ def make_components(
         decode=decode,
         scheduler_factory=scheduler_factory(root),
         is_sdxl=spec.is_sdxl,
+        aesthetic_time_ids=spec.aesthetic_time_ids,
         latent_channels=model["latent_channels"],
         unet_in_channels=model.get("unet_in_channels", model["latent_channels"]),
         vae_scale_factor=model["vae_scale_factor"],
@@ -95,7 +96,7 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
     for name in spec.text_encoders:
         getattr(pipe, name).to(device)
         text_encoders.append(torch_text_encoder(getattr(pipe, name), spec.is_sdxl))
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(spec.text_encoders) > 1 else [])
+    tokenizers = [getattr(pipe, name) for name in spec.tokenizers]
     vae = pipe.vae.to(device)
     pipe.unet.to(device)
     scheduler_cls, scheduler_config = type(pipe.scheduler), dict(pipe.scheduler.config)
@@ -107,6 +108,7 @@ def pipeline_components(pipe, spec, device: str = "cpu") -> Components:
         decode=torch_vae_decoder(vae, device),
         scheduler_factory=lambda: scheduler_cls.from_config(scheduler_config),
         is_sdxl=spec.is_sdxl,
+        aesthetic_time_ids=spec.aesthetic_time_ids,
         latent_channels=vae.config.latent_channels,
         unet_in_channels=pipe.unet.config.in_channels,
         vae_scale_factor=pipe.vae_scale_factor,

@@ -276,17 +276,17 @@ def rebuild_pipeline(root: Path, manifest: dict[str, Any], device: str = "cpu", 
     spec = get_arch(manifest["arch"])
     index = json.loads((root / "model_index.json").read_text())
     components: dict[str, Any] = {}
-    for i, (name, tokenizer) in enumerate(zip(spec.text_encoders, load_tokenizers(root, spec))):
+    for name, tokenizer_name, tokenizer in zip(spec.text_encoders, spec.tokenizers, load_tokenizers(root, spec)):
         encoder_cls = getattr(transformers, index[name][1])
         components[name] = encoder_cls.from_pretrained(root / name, dtype=dtype).eval()
-        components["tokenizer" if i == 0 else f"tokenizer_{i + 1}"] = tokenizer
+        components[tokenizer_name] = tokenizer
     components["vae"] = getattr(diffusers, index["vae"][1]).from_pretrained(root / "vae").eval()
     components["scheduler"] = scheduler_factory(root)()
     with init_empty_weights():
         components["unet"] = diffusers.UNet2DConditionModel.from_config(
             diffusers.UNet2DConditionModel.load_config(root / "unet")
         )
-    pipe = assemble_pipeline(spec, components)
+    pipe = assemble_pipeline(spec, components, index)
     rebuild(pipe, resolve_recipe(manifest["recipe"]))
     state = load_file(str(root / UNET_WEIGHTS))
     try:

@@ -152,7 +152,7 @@ def _model_sizes(pipe, ctx: LowerContext) -> ModelSizes:
     return ModelSizes(
         pipe.vae_scale_factor,
         pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        pipe.tokenizer.model_max_length,
+        getattr(pipe, ctx.arch.tokenizers[0]).model_max_length,  # the refiner has tokenizer_2 only
         guidance and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,
     )  # embedded w: no CFG
 
