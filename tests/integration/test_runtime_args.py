@@ -45,7 +45,7 @@ def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_sw
     # diffusers' text-to-image arguments (tests/integration/test_diffusers_dropin.py checks them against
     # diffusers), its image-to-image ones (image, strength), its ControlNet ones (tests/integration/
     # test_controlnet.py; control_image only to refuse it), its inpainting ones (tests/integration/
-    # test_inpaint.py), and the feature-cache switch
+    # test_inpaint.py), the SDXL refiner's (tests/integration/test_refiner.py), and the feature-cache switch
     assert set(SUPPORTED_ARGUMENTS) == {
         "prompt",
         "negative_prompt",
@@ -78,6 +78,10 @@ def test_supported_arguments_are_diffusers_common_ones_plus_the_feature_cache_sw
         "mask_image",
         "masked_image_latents",
         "padding_mask_crop",
+        "aesthetic_score",
+        "negative_aesthetic_score",
+        "denoising_start",
+        "denoising_end",
     }
 
 
