@@ -233,6 +233,11 @@ def check_controlnet_recipe(passes: list[str], target: str) -> None:
         )
     for name in passes:
         kind = get_pass(name).controlnet
+        if name == "ptq" and target == "onnx":  # ONNX Runtime's QDQ graph is quantized from the plain U-Net's
+            raise ConfigError(
+                "pass 'ptq' with ControlNets runs on target 'torch' (INT8 / FP8 layers); the onnx target's QDQ U-Net "
+                "has no residual inputs yet: use target='torch' or drop the ControlNet"
+            )
         if kind == "changes_layout":
             raise ConfigError(
                 f"pass {name!r} removes or reshapes the U-Net's down / mid blocks, so a ControlNet's residuals "

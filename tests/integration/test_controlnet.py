@@ -216,21 +216,22 @@ def test_onnx_components_layout_refused(artifact, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("recipe", "error", "match"),
+    ("recipe", "target", "match"),
     [
-        ("bk-small", ConfigError, "pass 'prune_blocks' removes or reshapes the U-Net's down / mid blocks"),
+        ("bk-small", "torch", "pass 'prune_blocks' removes or reshapes the U-Net's down / mid blocks"),
         (
             "deepcache",
-            ConfigError,
+            "torch",
             "pass 'feature_cache' is not yet checked with ControlNets; passes allowed with them: distill_cfg",
         ),
+        ("int8", "onnx", "pass 'ptq' with ControlNets runs on target 'torch'"),
     ],
 )
-def test_compile_refusals(tmp_path, controlnets, recipe, error, match):
+def test_compile_refusals(tmp_path, controlnets, recipe, target, match):
     """Refused before the checkpoint loads (the checkpoint path does not even exist), in one line."""
-    with pytest.raises(error, match=match) as info:
+    with pytest.raises(ConfigError, match=match) as info:
         compile_pipeline(
-            tmp_path / "missing", recipe=recipe, target="torch", output_dir=tmp_path / "out", controlnet=["cn"]
+            tmp_path / "missing", recipe=recipe, target=target, output_dir=tmp_path / "out", controlnet=["cn"]
         )
     assert "\n" not in str(info.value)
 
