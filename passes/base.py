@@ -129,7 +129,8 @@ class Pass:
     controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
     # runs on an inpainting U-Net (conv_in takes latents + mask + masked-image latents, 9 channels): False for
     # passes that sample the teacher (`teacher_data.sample_teacher` runs it as a text-to-image model), which the
-    # manager refuses on such U-Nets before any pass runs
+    # manager refuses on such U-Nets before any pass runs (and on the SDXL refiner, whose teacher is no
+    # text-to-image model either)
     inpainting: ClassVar[bool] = True
     description: ClassVar[str] = ""
 

@@ -77,6 +77,14 @@ class PassManager:
     def run(self, pipe, ctx: PassContext, on_step: Callable[[PassStep], None] | None = None) -> list[PassRecord]:
         records: list[PassRecord] = []
         unchanged: list[str] = []  # structural passes that left the parameters as they were
+        if ctx.arch == "sdxl-refiner":
+            for step in self.steps:
+                if not step.pass_.inpainting:  # the same passes: they sample the teacher from noise, text-to-image
+                    raise PassError(
+                        f"pass {step.name!r} samples the teacher as a text-to-image model from noise with the base's "
+                        f"time ids, which the SDXL refiner (aesthetic-score time ids, image-to-image) is not; drop "
+                        f"{step.name!r} (structural passes, fuse_qkv, merge_lora, set_scheduler run on it)"
+                    )
         in_channels = _inpainting_channels(pipe)
         if in_channels is not None:
             for step in self.steps:

@@ -131,6 +131,19 @@ def test_check_order_rejects_and_names_both_passes(names):
         PassManager(steps)
 
 
+@pytest.mark.parametrize("name", ["distill_cfg", "distill_steps", "ptq", "quest_w4a4"])
+def test_teacher_sampling_passes_are_refused_on_the_refiner_before_any_work(name, tmp_path):
+    """The refiner's teacher data would need its own 5 time ids and an input image; refused in one line, before
+    the pipeline is even looked at (None here)."""
+    from sdcompiler.passes import PassContext
+    from sdcompiler.passes.errors import PassError
+
+    ctx = PassContext(arch="sdxl-refiner", macs_resolution=(128, 128), cache_dir=tmp_path)
+    with pytest.raises(PassError, match=f"pass '{name}' samples the teacher .* SDXL refiner") as info:
+        PassManager([_step(name)]).run(None, ctx)
+    assert "\n" not in str(info.value)
+
+
 def test_check_order_accepts_valid_orders():
     check_order([_step("fuse_qkv"), _step("_test_passes_quantize")])
     check_order([_step("_test_passes_merge"), _step("fuse_qkv"), _step("_test_passes_quantize")])
