@@ -26,7 +26,7 @@ from sdcompiler.artifact import check_destination, staged_artifact, write_manife
 from sdcompiler.errors import ConfigError, LoweringError
 from sdcompiler.passes import PassContext, PassManager, available_passes, get_pass
 from sdcompiler.preflight import decode_bytes_per_pixel, min_latent_size
-from sdcompiler.recipe import RecipeLike, recipe_to_manifest, resolve_recipe
+from sdcompiler.recipe import RecipeLike, recipe_controlnets, recipe_to_manifest, resolve_recipe
 from sdcompiler.targets import LowerContext, get_target
 from sdcompiler.version import __version__
 
@@ -105,7 +105,8 @@ def compile_artifact(
             summed as diffusers' MultiControlNetModel), stored in the artifact: target torch stores the
             modules, target onnx exports each as its own graph and the U-Net with residual inputs (see
             `sdcompiler.passes.onnx_export`); not yet tensorrt. Passes that change the U-Net's down / mid
-            layout are refused with them, as are passes not yet checked with them (`Pass.controlnet`).
+            layout are refused with them, as are passes not yet checked with them (`Pass.controlnet`). A
+            mapping recipe may name them instead (`controlnet: PATH` or a list, relative to the recipe file).
 
     Returns:
         The artifact folder.
@@ -123,7 +124,12 @@ def compile_artifact(
                 f"pass {step.name!r} produces a model only target(s) {', '.join(supported)} can run "
                 f"(target {target!r} has no kernels for it); use target={supported[0]!r}"
             )
-    controlnets = controlnet_paths(controlnet)
+    named = recipe_controlnets(recipe)
+    if named and controlnet is not None:
+        raise ConfigError(
+            "the recipe names ControlNets (controlnet: ...) and controlnet= names some too; give them in one place"
+        )
+    controlnets = controlnet_paths(named or controlnet)
     if controlnets:
         check_controlnet_recipe([step.name for step in steps], target)
     target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")

@@ -333,10 +333,11 @@ def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
             f"{where} must be a list of passes, one item ({{preset: ...}} / {{pass: ...}}) "
             "or a mapping with 'version' and 'passes'"
         )
-    unknown = set(data) - {"version", "passes", "description", "limits"}
+    unknown = set(data) - {"version", "passes", "description", "limits", "controlnet"}
     if unknown:
         raise RecipeError(
-            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description, limits "
+            f"unknown key(s) {', '.join(sorted(unknown))} in {where}; allowed: version, passes, description, limits, "
+            "controlnet "
             "(or one item: a mapping with 'preset' or 'pass')"
         )
     version = data.get("version", RECIPE_VERSION)
@@ -351,6 +352,27 @@ def _parse_mapping(data: Any, where: str) -> dict[str, Any]:
         "description": data.get("description", ""),
         "limits": _parse_limits(data.get("limits") or {}, where),
     }
+
+
+def recipe_controlnets(recipe: RecipeLike) -> list[str]:
+    """The ControlNet folders a mapping recipe names (`controlnet: PATH` or a list of paths), relative paths taken
+    from the recipe file's folder (a mapping given in Python: from the working directory); [] for a recipe that
+    names none (lists, preset names, one item)."""
+    base, data = Path("."), recipe
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if not (text.endswith((".yaml", ".yml")) or Path(text).is_file()):
+            return []
+        base, data = Path(text).parent, read_yaml(Path(text))
+    if not isinstance(data, Mapping) or _is_item(data) or data.get("controlnet") is None:
+        return []
+    named = data["controlnet"]
+    paths = [named] if isinstance(named, str) else named
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise RecipeError(
+            f"'controlnet' in the recipe must be a ControlNet folder or a list of them (paths), not {named!r}"
+        )
+    return [str(base / p) if not Path(p).is_absolute() else p for p in paths]
 
 
 def _parse_limits(limits: Any, where: str) -> dict[str, int]:

@@ -127,6 +127,24 @@ def test_sd15_one_controlnet(tiny_checkpoint, controlnets, artifact):
     assert "controlnet/config.json" in manifest["files"]
 
 
+def test_a_recipe_file_names_the_controlnet(tiny_checkpoint, controlnets, artifact, tmp_path):
+    """`controlnet:` in a recipe file (relative to it) compiles as `controlnet=` does: the same images; naming
+    them in both places is refused in one line."""
+    import shutil
+
+    shutil.copytree(controlnets("sd15"), tmp_path / "nets" / "canny")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\ncontrolnet: nets/canny\npasses: []\n")
+    pipe = compile_pipeline(tiny_checkpoint("sd15"), recipe, "torch", tmp_path / "out", device="cpu")
+    assert pipe.manifest["controlnets"][0]["folder"] == "controlnet"
+    call = CALL | dict(num_inference_steps=2, image=_control_image(0))
+    got = pipe(**call, generator=_seed()).images
+    assert np.array_equal(got, artifact("sd15")(**call, generator=_seed()).images)
+    with pytest.raises(ConfigError, match="the recipe names ControlNets .* give them in one place") as info:
+        compile_pipeline(tmp_path / "missing", recipe, "torch", tmp_path / "o2", controlnet=controlnets("sd15"))
+    assert "\n" not in str(info.value)
+
+
 def test_sd15_two_controlnets(tiny_checkpoint, controlnets, artifact):
     """Per-net scales and guidance windows, several images per prompt; residuals summed as MultiControlNetModel;
     fuse_qkv kept with them."""

@@ -254,3 +254,23 @@ def test_inline_recipe_resolves_with_typed_values():
 def test_bad_inline_recipes(text, match):
     with pytest.raises(RecipeError, match=match):
         resolve_recipe(text)
+
+
+def test_a_recipe_may_name_its_controlnets(tmp_path):
+    from sdcompiler.recipe import recipe_controlnets
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    one = folder / "one.yaml"
+    one.write_text("version: 1\ncontrolnet: nets/canny\npasses: [fuse-qkv]\n")
+    assert recipe_controlnets(one) == [str(folder / "nets/canny")]  # relative to the recipe file
+    assert [s.name for s in resolve_recipe(one)] == ["fuse_qkv"]  # the passes read as before
+    two = folder / "two.yaml"
+    two.write_text(f"version: 1\ncontrolnet: [a, {tmp_path / 'abs'}]\npasses: []\n")
+    assert recipe_controlnets(two) == [str(folder / "a"), str(tmp_path / "abs")]
+    assert recipe_controlnets({"passes": [], "controlnet": ["x"]}) == ["x"]
+    for recipe in ("fuse-qkv", ["fuse-qkv"], {"pass": "fuse_qkv"}, {"passes": []}, None):
+        assert recipe_controlnets(recipe) == []
+    with pytest.raises(RecipeError, match="'controlnet' in the recipe must be a ControlNet folder or a list") as info:
+        recipe_controlnets({"passes": [], "controlnet": [3]})
+    assert "\n" not in str(info.value)
