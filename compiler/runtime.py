@@ -462,24 +462,37 @@ class CompiledPipeline:
             )
         except ValueError as exc:
             raise PipelineArgumentError(str(exc)) from None
-        if control_image is not None or strength is not None:
+        if control_image is not None:  # image-to-image: image= is the init image, control_image= the control
+            if image is None:
+                raise PipelineArgumentError(
+                    "control_image= is ControlNet image-to-image: pass image=, the image to start from, too (or "
+                    "pass the control image as image= for text-to-image)"
+                )
+            self._check_control_images(control_image, "control_image")
+            return image
+        if strength is not None:
             raise PipelineArgumentError(
-                "image-to-image with ControlNet (control_image= / strength=) is not supported yet; this artifact "
-                "takes image= as its control image(s), as diffusers' ControlNet pipelines"
+                "strength= is for ControlNet image-to-image: pass the control image(s) as control_image= and the "
+                "image to start from as image= (text-to-image takes the control image as image=)"
             )
         if image is None:
             raise PipelineArgumentError(
                 f"this artifact has {count} ControlNet(s): pass image=, the control image"
                 + ("s as a list, one per ControlNet" if count > 1 else "")
             )
+        return self._check_control_images(image, "image")
+
+    def _check_control_images(self, images, name: str):
+        """One control image per ControlNet (a list for several); returns the first."""
+        count = self.controlnet_count
         if count > 1:
-            if not isinstance(image, (list, tuple)) or len(image) != count:
+            if not isinstance(images, (list, tuple)) or len(images) != count:
                 raise PipelineArgumentError(
-                    f"this artifact has {count} ControlNets: pass image= as a list of {count} control images, one "
+                    f"this artifact has {count} ControlNets: pass {name}= as a list of {count} control images, one "
                     "per ControlNet"
                 )
-            return image[0]
-        return image
+            return images[0]
+        return images
 
     def __call__(
         self,
@@ -535,7 +548,9 @@ class CompiledPipeline:
         several; each a PIL image, an array in [0, 1] or a tensor, preprocessed by diffusers' control
         `VaeImageProcessor`: resized by height / width, not normalized), with `controlnet_conditioning_scale`,
         `control_guidance_start`, `control_guidance_end` (a number or one per net) and `guess_mode`, as
-        diffusers' `StableDiffusion[XL]ControlNetPipeline`; image-to-image with ControlNet is not supported yet.
+        diffusers' `StableDiffusion[XL]ControlNetPipeline`. Image-to-image with ControlNet as diffusers'
+        `StableDiffusion[XL]ControlNetImg2ImgPipeline`: `image` the image to start from, `control_image` the
+        control image(s), `strength` (default 0.8), `controlnet_conditioning_scale` default 0.8.
 
         Inpainting, as diffusers' `StableDiffusion[XL]InpaintPipeline`: `image` with `mask_image` (a PIL image,
         an (H, W) / (N, H, W, 1) array or an (N, 1, H, W) tensor in [0, 1], the image's size; white / >= 0.5:
@@ -610,7 +625,10 @@ class CompiledPipeline:
                 output_type=output_type,
                 return_dict=return_dict,
             )
-        control = {k: CONTROLNET_ARGUMENTS[k] if v is None else v for k, v in control.items()}
+        control_defaults = dict(CONTROLNET_ARGUMENTS)
+        if control_image is not None:
+            control_defaults["controlnet_conditioning_scale"] = 0.8  # diffusers' ControlNet image-to-image default
+        control = {k: control_defaults[k] if v is None else v for k, v in control.items()}
         on_step_end = None if callback_on_step_end is None else self._step_callback(callback_on_step_end)
         defaults = self.manifest.get("defaults", {})
         guidance = defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
@@ -629,10 +647,14 @@ class CompiledPipeline:
         if timesteps is None and num_inference_steps is None:
             timesteps = defaults.get("timesteps")  # a recorded schedule, unless the caller names one
         control_images = None
-        if self.controlnet_count:
+        if self.controlnet_count and control_image is not None:  # image-to-image: image= is the init image
+            control_images = [control_image] if self.controlnet_count == 1 else list(control_image)
+        elif self.controlnet_count:
             control_images, image = ([image] if self.controlnet_count == 1 else list(image)), None
         if strength is None and mask_image is not None:
             strength = 0.9999 if self.components.is_sdxl else 1.0  # diffusers' inpainting defaults
+        elif strength is None and control_images is not None:
+            strength = 0.8  # diffusers' ControlNet image-to-image default (SDXL too)
         elif strength is None:
             strength = 0.3 if self.components.is_sdxl else 0.8  # diffusers' img2img defaults
         self._interrupt, self._guidance_scale = False, guidance

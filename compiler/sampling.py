@@ -684,15 +684,21 @@ def generate(
             else f"this artifact has {c.controlnets.count} ControlNet(s): pass image=, one control image each"
         )
     if control_images is not None:
-        if image is not None or mask is not None:
-            raise ValueError("image-to-image with ControlNet is not supported yet; pass control images only")
+        if mask is not None:
+            raise ValueError("inpainting with ControlNet is not supported yet; pass control images only")
         if len(control_images) != c.controlnets.count:
             raise ValueError(
                 f"{len(control_images)} control image(s) for {c.controlnets.count} ControlNet(s); pass one each"
             )
-        height, width = control_images[0].shape[-2:]
-        if any(tuple(im.shape[-2:]) != (height, width) for im in control_images):
+        size = tuple(control_images[0].shape[-2:])
+        if any(tuple(im.shape[-2:]) != size for im in control_images):
             raise ValueError("the control images differ in size; pass height / width to resize them alike")
+        if image is not None and (height, width) != size:
+            raise ValueError(
+                f"the control image is {size[0]}x{size[1]} and the image {height}x{width}; pass height / width to "
+                "resize both alike"
+            )
+        height, width = size
         guess_mode = bool(guess_mode) or c.controlnets.global_pool_conditions
     height = c.default_size if height is None else height
     width = c.default_size if width is None else width

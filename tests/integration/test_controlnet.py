@@ -58,16 +58,27 @@ def artifact(tiny_checkpoint, controlnets, tmp_path_factory):
     return get
 
 
-def _reference(tiny_checkpoint, controlnets, arch: str, seeds: tuple[int, ...]):
-    """diffusers' ControlNet pipeline on the checkpoint's components and the same ControlNet folders."""
+def _reference(tiny_checkpoint, controlnets, arch: str, seeds: tuple[int, ...], img2img: bool = False):
+    """diffusers' ControlNet pipeline (`img2img`: its image-to-image one) on the checkpoint's components and the
+    same ControlNet folders."""
     import diffusers
 
     base = diffusers.DiffusionPipeline.from_pretrained(tiny_checkpoint(arch))
     nets = [diffusers.ControlNetModel.from_pretrained(controlnets(arch, seed)) for seed in seeds]
     if arch == "sdxl":
-        cls, extra = diffusers.StableDiffusionXLControlNetPipeline, {"add_watermarker": False}
+        cls = (
+            diffusers.StableDiffusionXLControlNetImg2ImgPipeline
+            if img2img
+            else diffusers.StableDiffusionXLControlNetPipeline
+        )
+        extra = {"add_watermarker": False}
     else:
-        cls, extra = diffusers.StableDiffusionControlNetPipeline, {}
+        cls = (
+            diffusers.StableDiffusionControlNetImg2ImgPipeline
+            if img2img
+            else diffusers.StableDiffusionControlNetPipeline
+        )
+        extra = {}
     components = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor")}
     if arch != "sdxl":
         extra |= dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -179,6 +190,34 @@ def test_sdxl_one_controlnet(tiny_checkpoint, controlnets, artifact):
     print(f"sdxl guess mode + start: max abs error {_close(got, expected):.2e}")
 
 
+# (arch, ControlNet seeds, target): image-to-image with ControlNet
+IMG2IMG_CASES = [("sd15", (0,), "torch"), ("sdxl", (0,), "torch"), ("sd15", (0, 1), "onnx")]
+
+
+@pytest.mark.parametrize(("arch", "seeds", "target"), IMG2IMG_CASES, ids=["sd15-torch", "sdxl-torch", "sd15-two-onnx"])
+def test_image_to_image_with_controlnet(tiny_checkpoint, controlnets, artifact, arch, seeds, target):
+    """image= the image to start from, control_image= the control image(s): diffusers'
+    `StableDiffusion[XL]ControlNetImg2ImgPipeline` on the same components and seed, its defaults (strength 0.8,
+    conditioning scale 0.8) included."""
+    pipe = artifact(arch, seeds, target=target)
+    reference = _reference(tiny_checkpoint, controlnets, arch, seeds, img2img=True)
+    start = _control_image(5, kind="np") ** 0.5  # another picture than the control images
+    control = [_control_image(s) for s in seeds]
+    control = control[0] if len(seeds) == 1 else control
+    call = CALL | dict(num_inference_steps=4, image=start, control_image=control)
+    got = pipe(**call, generator=_seed()).images
+    expected = reference(**call, generator=_seed()).images
+    tolerance = TOLERANCE if target == "torch" else 1e-3
+    print(f"{target} {arch} img2img, {len(seeds)} ControlNet(s): max abs error {_close(got, expected, tolerance):.2e}")
+    call2 = call | dict(strength=0.5, controlnet_conditioning_scale=1.0 if len(seeds) == 1 else [1.0, 0.3])
+    got2 = pipe(**call2, generator=_seed()).images
+    print(f"  strength 0.5: max abs error {_close(got2, reference(**call2, generator=_seed()).images, tolerance):.2e}")
+    _differs(got, got2)
+    _differs(got, pipe(**call | dict(image=start**2), generator=_seed()).images)  # the start image matters
+    other = [_control_image(s + 2) for s in seeds]
+    _differs(got, pipe(**call | dict(control_image=other[0] if len(seeds) == 1 else other), generator=_seed()).images)
+
+
 # (arch, ControlNet seeds, the call's ControlNet arguments, a second call's changes: guess mode, windows)
 ONNX_CASES = [
     ("sd15", (0,), dict(controlnet_conditioning_scale=0.7), dict(guess_mode=True, control_guidance_start=0.2)),
@@ -274,8 +313,14 @@ def test_call_refusals(artifact, compiled):
     image = _control_image(0)
     cases = [
         (one, dict(), "this artifact has 1 ControlNet\\(s\\): pass image="),
-        (one, dict(image=image, strength=0.5), "image-to-image with ControlNet"),
-        (one, dict(image=image, control_image=image), "image-to-image with ControlNet"),
+        (one, dict(image=image, strength=0.5), "strength= is for ControlNet image-to-image: pass the control"),
+        (one, dict(control_image=image), "control_image= is ControlNet image-to-image: pass image="),
+        (two, dict(image=image, control_image=image), "pass control_image= as a list of 2 control images"),
+        (
+            one,
+            dict(image=image, control_image=_control_image(0, 64)),
+            "the control image is 64x64 and the image 128x128",
+        ),
         (one, dict(image=image, controlnet_conditioning_scale=[0.5, 0.5]), "must be a number for one ControlNet"),
         (one, dict(image=image, control_guidance_start=0.9, control_guidance_end=0.5), "need 0 <= start < end"),
         (one, dict(image=image, guess_mode="yes"), "guess_mode='yes' must be True or False"),
