@@ -617,8 +617,6 @@ def _control_arguments(args, count: int):
                 "--control-image / --control-scale: this artifact has no ControlNet; compile one with --controlnet"
             )
         return None, {}
-    if args.image:
-        raise PipelineArgumentError("--image (image-to-image) with ControlNet is not supported yet; drop --image")
     if len(args.control_image) != count:
         raise PipelineArgumentError(
             f"this artifact has {count} ControlNet(s): pass --control-image {count} time(s), one per ControlNet "
@@ -626,6 +624,8 @@ def _control_arguments(args, count: int):
         )
     images = [_read_image(path) for path in args.control_image]
     control = {}
+    if args.image:  # image-to-image with ControlNet: --image starts, --control-image controls
+        control["control_image"] = images[0] if count == 1 else images
     if args.control_scale:
         scales = args.control_scale
         control["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales

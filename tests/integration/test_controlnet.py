@@ -351,6 +351,12 @@ def test_cli_compile_and_generate_with_control_image(tiny_checkpoint, controlnet
     base = ["generate", str(artifact_dir), "--prompt", "a fox", "--steps", "2", "--out", str(out)]
     assert main(base + ["--control-image", str(control), "--control-scale", "0.5"]) == 0
     assert Image.open(out).size == (128, 128)
+    first = np.asarray(Image.open(out))
+    start = tmp_path / "start.png"
+    _control_image(3).save(start)
+    img2img = ["--image", str(start), "--control-image", str(control), "--control-scale", "0.5", "--strength", "0.6"]
+    assert main(base + img2img) == 0  # image-to-image with ControlNet
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - first).max() > 0
     assert main(base) == 1
     assert "pass --control-image 1 time(s)" in capsys.readouterr().err
     plain = ["generate", str(compiled("sd15", "torch").root), "--prompt", "a fox", "--out", str(out)]
