@@ -449,7 +449,8 @@ class CompiledPipeline:
             return image
         from sdcompiler.sampling import control_schedule
 
-        settings = {k: CONTROLNET_ARGUMENTS[k] if v is None else v for k, v in control.items()}
+        # every setting (`check` may get some of them only: a served row names what it sets)
+        settings = {k: CONTROLNET_ARGUMENTS[k] if control.get(k) is None else control[k] for k in CONTROLNET_ARGUMENTS}
         if not isinstance(settings["guess_mode"], bool):
             raise PipelineArgumentError(f"guess_mode={settings['guess_mode']!r} must be True or False")
         try:

@@ -17,7 +17,9 @@ Two layouts, one request interface (`PIPELINE_INPUTS` -> `PIPELINE_OUTPUTS`, ser
 
 The request: a batch of rows, each one prompt (`prompt`, TYPE_STRING [rows, 1]) with its own optional
 `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `height`, `width`, `num_images`, `strength`
-([rows, 1] each), `image` (uint8 [rows, H, W, 3], image-to-image) and `loras` ("NAME[:SCALE],...": LoRAs
+([rows, 1] each), `image` (uint8 [rows, H, W, 3], image-to-image), `control_image` (uint8 [rows, nets, H, W, 3]:
+an artifact with ControlNets; with `image`, ControlNet image-to-image), `mask_image` (uint8 [rows, H, W, 1],
+inpainting; 255 repaints) and `loras` ("NAME[:SCALE],...": LoRAs
 from the folder the server was started with, `lora_dir`; layout "pipeline") -> `images` (uint8
 [rows, num_images, H, W, 3]). Image j of a row draws its noise from `seed + j`. Each row is checked with
 `CompiledPipeline.check`, so a bad request gets the Python API's one-line message as a Triton error and fails
@@ -98,7 +100,12 @@ PIPELINE_INPUTS = (
     TensorSpec("image", "TYPE_UINT8", (-1, -1, -1, 3), optional=True),
     TensorSpec("strength", "TYPE_FP32", (-1, 1), optional=True),
     TensorSpec("loras", "TYPE_STRING", (-1, 1), optional=True),
+    # [rows, nets, H, W, 3]: the control image of each ControlNet (with `image`: ControlNet image-to-image)
+    TensorSpec("control_image", "TYPE_UINT8", (-1, -1, -1, -1, 3), optional=True),
+    TensorSpec("mask_image", "TYPE_UINT8", (-1, -1, -1, 1), optional=True),  # [rows, H, W, 1]: inpainting, 255 repaints
 )
+# the image inputs: uint8 in, float arrays in [0, 1] to the pipeline; grouped rows must agree on their shapes
+IMAGE_INPUTS = ("image", "control_image", "mask_image")
 PIPELINE_OUTPUTS = (TensorSpec("images", "TYPE_UINT8", (-1, -1, -1, -1, 3)),)
 CALL_ARGUMENTS = {"num_images": "num_images_per_prompt"}
 LORA_DIR = "lora_dir"  # the pipeline model's config parameter: the server's LoRA folder  # input -> pipeline call argument, where they differ
@@ -271,13 +278,14 @@ def export_server(
     root = resolved_path(artifact, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     model = manifest.get("model", {})
-    if model.get("unet_in_channels", model.get("latent_channels")) != model.get("latent_channels"):
-        raise ArtifactError(
-            f"{root} holds an inpainting U-Net ({model['unet_in_channels']} input channels); served models take no "
-            "mask yet: run it with load_compiled(...)(image=, mask_image=) or `sdcompiler generate --image --mask`"
-        )
+    inpainting = model.get("unet_in_channels", model.get("latent_channels")) != model.get("latent_channels")
     target = get_target(manifest["target"])
-    layout = layout or ("components" if target.serves_components else "pipeline")
+    layout = layout or ("components" if target.serves_components and not inpainting else "pipeline")
+    if inpainting and layout == "components":
+        raise ArtifactError(
+            f"{root} holds an inpainting U-Net ({model['unet_in_channels']} input channels); the components layout "
+            "takes no mask yet: use --layout pipeline (its model takes mask_image)"
+        )
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
     if layout == "components" and not target.serves_components:
@@ -468,7 +476,7 @@ def request_rows(get: Callable[[str], np.ndarray | None], parameters: dict | Non
             raise PipelineArgumentError(f"input {name} has {len(array)} rows, the request {len(rows)}")
         argument = CALL_ARGUMENTS.get(name, name)
         for i, row in enumerate(rows):
-            if name == "image":
+            if name in IMAGE_INPUTS:
                 row[argument] = array[i].astype(np.float32) / 255.0
             elif array.dtype == object or array.dtype.kind == "S":
                 row[argument] = _text(array[i].reshape(-1)[0], name, i)
@@ -532,10 +540,11 @@ def _generators(seed: int, count: int) -> list:
 def batch_key(row: dict) -> tuple:
     """Rows with equal keys run as one pipeline call: every call setting but the prompts, seeds and images,
     and whether a negative prompt is given (SDXL zeroes the negative embedding without one)."""
-    image = row.get("image")
-    settings = sorted((k, v) for k, v in row.items() if k not in ("prompt", "negative_prompt", "seed", "image"))
+    shapes = tuple(None if row.get(name) is None else row[name].shape for name in IMAGE_INPUTS)
+    skip = ("prompt", "negative_prompt", "seed", *IMAGE_INPUTS)
+    settings = sorted((k, v) for k, v in row.items() if k not in skip)
     # `loras` (resolved by serve_rows: a tuple of (path, scale)) is one of the settings: one set per call
-    return (tuple(settings), "negative_prompt" in row, None if image is None else image.shape)
+    return (tuple(settings), "negative_prompt" in row, shapes)
 
 
 def serve_rows(pipeline, requests: list[list[dict]], loras: LoraFolder | None = None) -> list[np.ndarray | Exception]:
@@ -625,13 +634,19 @@ def _call_arguments(rows: list[dict]) -> dict:
     """One pipeline call's arguments for rows that share a `batch_key`."""
     first = rows[0]
     count = first.get("num_images_per_prompt", 1)
-    skip = ("prompt", "negative_prompt", "seed", "image", "loras")
+    skip = ("prompt", "negative_prompt", "seed", "loras", *IMAGE_INPUTS)
     arguments = {k: v for k, v in first.items() if k not in skip}
     arguments["prompt"] = [row["prompt"] for row in rows] if "prompt" in first else None
     if "negative_prompt" in first:
         arguments["negative_prompt"] = [row["negative_prompt"] for row in rows]
-    if "image" in first:  # one image per generated image: each sampled as a lone row samples it
-        arguments["image"] = np.repeat(np.stack([row["image"] for row in rows]), count, axis=0)
+    for name in ("image", "mask_image"):  # one per generated image: each sampled as a lone row samples it
+        if name in first:
+            arguments[name] = np.repeat(np.stack([row[name] for row in rows]), count, axis=0)
+    if "control_image" in first:  # per net: one control image per row (a prompt), as diffusers spreads them
+        nets = [np.stack([row["control_image"][n] for row in rows]) for n in range(first["control_image"].shape[0])]
+        control = nets[0] if len(nets) == 1 else nets
+        # with a start image: ControlNet image-to-image; else the control images are the call's `image`
+        arguments["control_image" if "image" in first else "image"] = control
     if isinstance(count, int) and count >= 1:  # else the check refuses num_images first
         arguments["generator"] = [g for row in rows for g in _generators(int(row.get("seed", 0)), count)]
     return arguments

@@ -362,3 +362,33 @@ def test_cli_compile_and_generate_with_control_image(tiny_checkpoint, controlnet
     plain = ["generate", str(compiled("sd15", "torch").root), "--prompt", "a fox", "--out", str(out)]
     assert main(plain + ["--control-image", str(control)]) == 1
     assert "this artifact has no ControlNet; compile one with --controlnet" in capsys.readouterr().err
+
+
+def test_served_rows_take_control_images(artifact):
+    """The `pipeline` model's `control_image` input (uint8 [rows, nets, H, W, 3]; with `image`: ControlNet
+    image-to-image) gives the Python call's images row by row; another control image gives other images."""
+    from sdcompiler.serving import request_rows, serve_rows
+
+    pipe = artifact("sd15", (0, 1), recipe="fuse-qkv")
+    controls = [np.asarray(_control_image(s)) for s in (0, 1, 2)]
+    start = (np.asarray(_control_image(5, kind="np"))[0] ** 0.5 * 255).round().astype(np.uint8)
+    for img2img in (False, True):
+        inputs = {
+            "prompt": np.array([[b"a fox"], [b"a fox"]], dtype=object),
+            "num_inference_steps": np.array([[3], [3]], dtype=np.int32),
+            "control_image": np.stack([np.stack(controls[:2]), np.stack([controls[2], controls[1]])]),
+        }
+        if img2img:
+            inputs["image"] = np.stack([start, start])
+        (served,) = serve_rows(pipe, [request_rows(inputs.get)])
+        assert not isinstance(served, Exception), repr(served)
+        for row, nets in enumerate([controls[:2], [controls[2], controls[1]]]):
+            floats = [n.astype(np.float32)[None] / 255.0 for n in nets]
+            call = dict(prompt="a fox", num_inference_steps=3, output_type="np", generator=[_seed()])
+            if img2img:
+                call |= dict(image=start.astype(np.float32)[None] / 255.0, control_image=floats)
+            else:
+                call |= dict(image=floats)
+            expected = (pipe(**call).images * 255).round().astype(np.uint8)
+            assert np.abs(served[row].astype(int) - expected.astype(int)).max() <= 1  # batched rounding (measured 0-1)
+        assert np.abs(served[0].astype(int) - served[1].astype(int)).max() > 10, img2img

@@ -56,6 +56,8 @@ PIPELINE_INPUTS = [
     "image",
     "strength",
     "loras",
+    "control_image",
+    "mask_image",
 ]
 
 
