@@ -1,5 +1,6 @@
 """Passes that keep the U-Net's down / mid layout, compiled with a ControlNet (issue 19, item 2): GRI attention,
-INT8 (modelopt, real INT8 layers on the torch target), QuEST W4A4, CFG distillation and LCM distillation.
+INT8 (modelopt, real INT8 layers on the torch target), QuEST W4A4, CFG distillation, LCM distillation and the
+LCM scheduler swap.
 
 Oracle: diffusers' own `StableDiffusionControlNetPipeline` built from the artifact's modules as loaded (the
 transformed U-Net, the stored ControlNet, the artifact's scheduler): the compiled pipeline must feed the net's
@@ -36,6 +37,7 @@ RECIPES = {
     # a guidance embedding: the U-Net takes `timestep_cond` (the loop's other U-Net call) next to the residuals
     "cfg-distill-range": [{"pass": "distill_cfg", **TRAINING, "image_steps": 2, "guidance_range": [2.0, 8.0]}],
     "lcm": [{"pass": "distill_steps", **TRAINING, "reference_steps": 2}],
+    "lcm-scheduler": ["lcm-scheduler"],  # set_scheduler: the nets run under the artifact's LCMScheduler
 }
 PASS_NAMES = {
     "gri": "swap_attention",
@@ -44,6 +46,7 @@ PASS_NAMES = {
     "cfg-distill": "distill_cfg",
     "cfg-distill-range": "distill_cfg",
     "lcm": "distill_steps",
+    "lcm-scheduler": "set_scheduler",
 }
 
 
