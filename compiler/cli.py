@@ -537,8 +537,6 @@ def cmd_generate(args) -> int:
 
     out = _check_image_path(Path(args.out))  # before anything is loaded or generated
     if args.high_noise_frac is not None and not args.refiner:
-        from sdcompiler.errors import PipelineArgumentError
-
         raise PipelineArgumentError("--high-noise-frac applies with --refiner DIR (the base's share of the schedule)")
     manifest = read_manifest(args.artifact)
     image, control = _control_arguments(args, len(manifest.get("controlnets", [])))

@@ -396,22 +396,18 @@ def _image_latents(
     An `image` `latent_channels` wide is latents already (a base's `output_type="latent"`): taken as they are."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    draw = lambda encoded, gen: _draw(c, encoded, gen)  # noqa: E731
     image = image.to(c.dtype)
     if image.shape[1] == c.latent_channels:
         init = image
-    elif isinstance(generator, list):  # one generator per image: encode each image on its own
-        if len(generator) != batch:
-            raise ValueError(f"{len(generator)} generators for a batch of {batch}; pass one per image")
-        if image.shape[0] < batch:
-            if batch % image.shape[0]:
-                raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
-            image = torch.cat([image] * (batch // image.shape[0]))
-        init = c.scaling_factor * torch.cat(
-            [draw(c.encode_image(image[i : i + 1]), generator[i]) for i in range(batch)]
-        ).to(c.dtype)
     else:
-        init = c.scaling_factor * draw(c.encode_image(image), generator).to(c.dtype)
+        if isinstance(generator, list):  # one generator per image: each image of the batch encoded on its own
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {batch}; pass one per image")
+            if image.shape[0] < batch:
+                if batch % image.shape[0]:
+                    raise ValueError(f"cannot spread {image.shape[0]} images over a batch of {batch}")
+                image = torch.cat([image] * (batch // image.shape[0]))
+        init = _encode_images(c, image, generator)
     if batch > init.shape[0]:
         if batch % init.shape[0]:
             raise ValueError(f"cannot spread {init.shape[0]} images over a batch of {batch}; pass 1 or {batch}")
@@ -422,9 +418,9 @@ def _image_latents(
     return scheduler.add_noise(init, noise, timestep)
 
 
-def _encode_inpaint_images(c: Components, images: torch.Tensor, generator) -> torch.Tensor:
-    """Scaled latents of `images` as diffusers' inpainting pipelines' `_encode_vae_image` draws them: with a list
-    of generators, image i with generator i (over the images given, not the batch)."""
+def _encode_images(c: Components, images: torch.Tensor, generator) -> torch.Tensor:
+    """Scaled latents of `images` as diffusers' pipelines draw them (img2img's `prepare_latents`, inpainting's
+    `_encode_vae_image`): with a list of generators, image i with generator i (over the images given)."""
     images = images.to(c.dtype)
     if isinstance(generator, list):
         if len(generator) < images.shape[0]:
@@ -497,7 +493,7 @@ def _inpaint_start(
     strength_max = strength == 1.0
     image_latents = None
     if not concat or not strength_max:
-        image_latents = _spread(_encode_inpaint_images(c, image, generator), batch, "images")
+        image_latents = _spread(_encode_images(c, image, generator), batch, "images")
     noise = randn_tensor(shape, generator=generator, dtype=c.dtype)
     if strength_max:
         latents = noise * scheduler.init_noise_sigma
@@ -506,7 +502,7 @@ def _inpaint_start(
 
     small = torch.nn.functional.interpolate(mask, size=shape[-2:]).to(c.dtype)
     if masked_image_latents is None:
-        masked = _encode_inpaint_images(c, image * (mask < 0.5), generator)
+        masked = _encode_images(c, image * (mask < 0.5), generator)
     else:
         masked = masked_image_latents.to(c.dtype)
         if masked.ndim != 4 or tuple(masked.shape[1:]) != tuple(shape[1:]):

@@ -127,11 +127,10 @@ class Pass:
     # "changes_layout" where the pass removes, renames or reshapes down / mid blocks (refused: the residuals no
     # longer fit); None: not yet checked with ControlNets (refused too)
     controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
-    # runs on an inpainting U-Net (conv_in takes latents + mask + masked-image latents, 9 channels): False for
-    # passes that sample the teacher (`teacher_data.sample_teacher` runs it as a text-to-image model), which the
-    # manager refuses on such U-Nets before any pass runs (and on the SDXL refiner, whose teacher is no
-    # text-to-image model either)
-    inpainting: ClassVar[bool] = True
+    # the pass samples its teacher as a text-to-image model from noise (`teacher_data`: calibration or training
+    # data); the manager refuses it, before any pass runs, on models that are not one: an inpainting U-Net
+    # (conv_in takes latents + mask + masked-image latents) and the SDXL refiner (aesthetic-score time ids)
+    text_to_image_teacher: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def supported_targets(self, config: PassConfig) -> tuple[str, ...] | None:

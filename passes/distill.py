@@ -120,7 +120,7 @@ class FeaturePairs:
 @register_pass
 class Distill(Pass):
     name = "distill"
-    inpainting = False  # samples the teacher as a text-to-image model
+    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     runtime_loras = True
     config_class = DistillConfig
     stage = "training"

@@ -88,7 +88,7 @@ class DistillCFGConfig(PassConfig):
 @register_pass
 class DistillCFG(Pass):
     name = "distill_cfg"
-    inpainting = False  # samples the teacher as a text-to-image model
+    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     runtime_loras = True
     config_class = DistillCFGConfig
     stage = "distill_merge"

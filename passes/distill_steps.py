@@ -232,7 +232,7 @@ def _sampler(pipe, scheduler):
 @register_pass
 class DistillSteps(Pass):
     name = "distill_steps"
-    inpainting = False  # samples the teacher as a text-to-image model
+    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     runtime_loras = True
     config_class = DistillStepsConfig
     stage = "distill_merge"

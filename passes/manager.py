@@ -9,9 +9,10 @@ were (bk-base on a U-Net that already has one pair per stage) changed nothing: t
 naming it, and when every pass of the recipe is such a no-op it stops with a one-line `PassError` before
 anything is lowered.
 
-On an inpainting U-Net (conv_in wider than the latents: + mask + masked-image latents) the manager refuses
-passes that cannot run on one (`Pass.inpainting`) before any pass runs, checks after each pass that conv_in
-still takes every input channel, and records `unet_in_channels` in each pass's metrics.
+On an inpainting U-Net (conv_in wider than the latents: + mask + masked-image latents) and on the SDXL refiner
+the manager refuses passes that sample their teacher as a text-to-image model (`Pass.text_to_image_teacher`)
+before any pass runs; on an inpainting U-Net it checks after each pass that conv_in still takes every input
+channel, and records `unet_in_channels` in each pass's metrics.
 """
 
 from __future__ import annotations
@@ -77,23 +78,15 @@ class PassManager:
     def run(self, pipe, ctx: PassContext, on_step: Callable[[PassStep], None] | None = None) -> list[PassRecord]:
         records: list[PassRecord] = []
         unchanged: list[str] = []  # structural passes that left the parameters as they were
-        if ctx.arch == "sdxl-refiner":
-            for step in self.steps:
-                if not step.pass_.inpainting:  # the same passes: they sample the teacher from noise, text-to-image
-                    raise PassError(
-                        f"pass {step.name!r} samples the teacher as a text-to-image model from noise with the base's "
-                        f"time ids, which the SDXL refiner (aesthetic-score time ids, image-to-image) is not; drop "
-                        f"{step.name!r} (structural passes, fuse_qkv, merge_lora, set_scheduler run on it)"
-                    )
         in_channels = _inpainting_channels(pipe)
-        if in_channels is not None:
-            for step in self.steps:
-                if not step.pass_.inpainting:
-                    raise PassError(
-                        f"pass {step.name!r} samples the teacher as a text-to-image model, which an inpainting "
-                        f"U-Net ({in_channels} input channels: latents, mask, masked image) is not; drop "
-                        f"{step.name!r} (structural passes, fuse_qkv, merge_lora, feature_cache run on it)"
-                    )
+        unfit = _teacher_unfit(ctx.arch, in_channels)
+        for step in self.steps:
+            if unfit is not None and step.pass_.text_to_image_teacher:
+                how, model, also = unfit
+                raise PassError(
+                    f"pass {step.name!r} samples the teacher as a text-to-image model{how}, which {model} is not; "
+                    f"drop {step.name!r} (structural passes, fuse_qkv, merge_lora, {also} run on it)"
+                )
         params, macs = self._cost(pipe, ctx)
         for index, step in enumerate(self.steps):
             pass_ = step.pass_
@@ -168,6 +161,17 @@ class PassManager:
         if not self.count_cost:
             return count_params(pipe.unet), 0
         return count_params(pipe.unet), count_macs(pipe.unet, ctx.macs_resolution, pipe.vae_scale_factor)
+
+
+def _teacher_unfit(arch: str, in_channels: int | None) -> tuple[str, str, str] | None:
+    """For a model no text-to-image teacher can be sampled from: (how that teacher would be sampled, what the
+    model is, a pass that does run on it), for the refusal; None for a text-to-image model."""
+    if arch == "sdxl-refiner":
+        refiner = "the SDXL refiner (aesthetic-score time ids, image-to-image)"
+        return " from noise with the base's time ids", refiner, "set_scheduler"
+    if in_channels is not None:
+        return "", f"an inpainting U-Net ({in_channels} input channels: latents, mask, masked image)", "feature_cache"
+    return None
 
 
 def _inpainting_channels(pipe) -> int | None:

@@ -355,7 +355,7 @@ def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
 @register_pass
 class Ptq(Pass):
     name = "ptq"
-    inpainting = False  # samples the teacher as a text-to-image model
+    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     config_class = PtqConfig
     stage = "quantize"
     controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float
@@ -426,11 +426,7 @@ class Ptq(Pass):
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
     ) -> tuple[Trajectories, Trajectories]:
         """Calibration trajectories (seed) and held-out ones (seed + 1, other prompts), cached."""
-        prompts = take_prompts(
-            config.prompts_file,
-            config.calib_prompts + config.held_out_prompts,
-            f"calib_prompts={config.calib_prompts} + held_out_prompts={config.held_out_prompts}",
-        )
+        prompts = take_prompts(config, "calib_prompts")
         common = dict(
             steps=config.calib_steps,
             guidance=config.guidance_scale,

@@ -41,15 +41,18 @@ def load_prompts(path: str | None = None) -> list[str]:
     return prompts
 
 
-def take_prompts(path: str | None, wanted: int, what: str) -> list[str]:
-    """The first `wanted` prompts of `path` (default: the shipped list), refusing a list that is too short;
-    `what` names the config keys that ask for them."""
-    prompts = load_prompts(path)
-    if len(prompts) < wanted:
+def take_prompts(config, count_key: str) -> list[str]:
+    """The first `config.<count_key> + config.held_out_prompts` prompts of `config.prompts_file` (default: the
+    shipped list): the prompts a pass trains or calibrates on, then its held-out ones. A list that is too short
+    is refused, naming the keys that ask for them."""
+    count, held_out = getattr(config, count_key), config.held_out_prompts
+    prompts = load_prompts(config.prompts_file)
+    if len(prompts) < count + held_out:
         raise PassError(
-            f"{wanted} prompts needed ({what}), the prompt list has {len(prompts)}; give a longer prompts_file"
+            f"{count + held_out} prompts needed ({count_key}={count} + held_out_prompts={held_out}), the prompt "
+            f"list has {len(prompts)}; give a longer prompts_file"
         )
-    return prompts[:wanted]
+    return prompts[: count + held_out]
 
 
 @dataclass

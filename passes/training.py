@@ -67,9 +67,7 @@ def teacher_data(
     model's native size), `teacher_steps` and `teacher_guidance` (or `guidance`, when the pass samples at
     another scale). `key` names the teacher in the data cache (`ctx.teacher_key` or `ctx.model_key`).
     """
-    wanted = config.num_prompts + config.held_out_prompts
-    what = f"num_prompts={config.num_prompts} + held_out_prompts={config.held_out_prompts}"
-    prompts = take_prompts(config.prompts_file, wanted, what)
+    prompts = take_prompts(config, "num_prompts")
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     samples = teacher_samples(
         pipe,

@@ -50,7 +50,7 @@ from sdcompiler.passes.teacher_data import take_prompts, teacher_trajectories
 @register_pass
 class QuestW4A4(Pass):
     name = "quest_w4a4"
-    inpainting = False  # samples the teacher as a text-to-image model
+    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     config_class = QuestConfig
     stage = "quantize"
     controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float
@@ -67,11 +67,7 @@ class QuestW4A4(Pass):
     def run(self, pipe, config: QuestConfig, ctx: PassContext) -> dict[str, float]:
         unet = pipe.unet
         resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-        prompts = take_prompts(
-            config.prompts_file,
-            config.calib_prompts + config.held_out_prompts,
-            f"calib_prompts={config.calib_prompts} + held_out_prompts={config.held_out_prompts}",
-        )
+        prompts = take_prompts(config, "calib_prompts")
         common = dict(
             steps=config.calib_steps,
             guidance=config.guidance_scale,

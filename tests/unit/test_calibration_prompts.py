@@ -14,13 +14,13 @@ from sdcompiler.passes.teacher_data import load_prompts, take_prompts
 def test_take_prompts_reads_the_file_in_order_and_refuses_a_short_one(tmp_path):
     file = tmp_path / "prompts.txt"
     file.write_text("# digits\na handwritten digit zero\n\nthe number 1\na handwritten digit two\n")
-    assert take_prompts(str(file), 2, "calib_prompts=1 + held_out_prompts=1") == [
+    assert take_prompts(PtqConfig(calib_prompts=1, held_out_prompts=1, prompts_file=str(file)), "calib_prompts") == [
         "a handwritten digit zero",
         "the number 1",
     ]
     with pytest.raises(PassError, match=r"4 prompts needed \(calib_prompts=3 \+ held_out_prompts=1\).* has 3"):
-        take_prompts(str(file), 4, "calib_prompts=3 + held_out_prompts=1")
-    assert take_prompts(None, 3, "x") == load_prompts()[:3]  # the shipped list by default
+        take_prompts(PtqConfig(calib_prompts=3, held_out_prompts=1, prompts_file=str(file)), "calib_prompts")
+    assert take_prompts(QuestConfig(calib_prompts=2, held_out_prompts=1), "calib_prompts") == load_prompts()[:3]
 
 
 @pytest.mark.parametrize("config_class", [PtqConfig, QuestConfig])
