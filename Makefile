@@ -30,7 +30,7 @@ TARGET ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test test-fast lint format bench install clean
+.PHONY: demo test test-fast lint format bench bench-full install clean
 
 install: $(STAMP)
 
@@ -69,8 +69,13 @@ format: $(STAMP)
 
 # the report (benchmarks/bench_report.py): our variants and the peers on the full SD1.5 architecture, JSON +
 # Markdown + plots in benchmarks/results/; e.g. BENCH_ARGS="--tiny" or BENCH_ARGS="--variants none:onnx --peers ''"
+# bench: 2 rounds, no batch-4 calls (warm caches, quiet 2 cores: 18.8 min, results/report_runs.json), results/report.*;
+# bench-full: 3 rounds and a batch-4 call per subject (the first full run's settings), results/report_full.*
 bench: $(STAMP)
 	$(PY) benchmarks/bench_report.py $(BENCH_ARGS)
+
+bench-full: $(STAMP)
+	$(PY) benchmarks/bench_report.py --full $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

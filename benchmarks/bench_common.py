@@ -58,17 +58,18 @@ def busy_processes(min_cpu: float = 20.0) -> list[str]:
     """Other processes with a high lifetime-average %CPU (ps): names the likely culprits, measures nothing."""
     try:
         out = subprocess.run(
-            ["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, check=True
+            ["ps", "-eo", "pid,ppid,ni,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     busy = []
     for line in out.splitlines()[1:]:
-        parts = line.split(None, 3)
-        if len(parts) < 4 or os.getpid() in (int(parts[0]), int(parts[1])):
+        parts = line.split(None, 4)
+        if len(parts) < 5 or os.getpid() in (int(parts[0]), int(parts[1])):
             continue
-        if float(parts[2]) >= min_cpu:
-            busy.append(f"pid {parts[0]}: {parts[3][:100]}")
+        if float(parts[3]) >= min_cpu:
+            niced = f" (nice {parts[2]})" if parts[2] not in ("0", "-") else ""
+            busy.append(f"pid {parts[0]}{niced}: {parts[4][:100]}")
     return busy[:5]
 
 

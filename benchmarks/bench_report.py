@@ -2,8 +2,24 @@
 to fidelity, with plots.
 
     python benchmarks/bench_report.py [--tiny] [--variants none:onnx,none:torch,...] [--peers eager,...]
-                                      [--steps 4] [--repeats 3] [--batch4-repeats 1] [--warmup 1]
-                                      [--workdir benchmarks/.cache] [--out benchmarks/results] [--name report]
+                                      [--steps 4] [--repeats 2] [--batch4-repeats 0] [--warmup 1]
+                                      [--held-out-calls 2] [--full] [--workdir benchmarks/.cache]
+                                      [--out benchmarks/results] [--name report]
+
+Default vs `--full` (`make bench` vs `make bench-full`): the issue asks `make bench` to fit a 2-core machine in
+under 15 minutes with warm caches. The first full run (3 rounds, a batch-4 call per subject; results/
+report_full.md) spent 44.7 min measuring: the baseline's batch-4 calls (162 s each, at the start and the end),
+every subject's batch-4 call (34-72 s, torch.compile's after a recompiling warm-up at batch 4) and a third round
+(subject + baseline, ~30 s) per subject. The default therefore runs 2 rounds (`--repeats 2`) and no batch-4
+calls (`--batch4-repeats 0`: the img/s batch 4 column says "not measured (--batch4-repeats 0)"); `--full`
+restores exactly the first run's settings (`--repeats 3 --batch4-repeats 1 --held-out-calls 2`) and writes
+NAME_full.* (explicit flags still win). In both, the baseline's held-out sampling decodes its image and is its
+warm-up call (one call fewer); torch.compile keeps its own warm-up after its compiling first call, since with a
+cold inductor cache its second call compiles again. Each run stores where its time went (`phase_seconds`: builds, the baseline's
+set-up, each subject's load / warm-up / rounds / batch 4 / SQNR) and shows the totals under the table.
+Measured (results/report.md): the default with warm caches on a quiet 2-core CPU took 18.8 min, still over the
+15: the 2 rounds 708 s, loads 172 s, warm-ups 139 s, SQNR calls 59 s. Less would drop a second round or the
+warm-up, which the issue keeps; two subjects loaded together sharing the baseline's calls would cut it (not built).
 
 Source: the full SD1.5 architecture with random weights (`make_checkpoint(DIR, "sd15", "full")`; `--tiny`: the
 tiny one), cached under `--workdir`, at a 32x32 latent (256 px; `--size`). Subjects:
@@ -23,8 +39,8 @@ Timing: one process, one intra-op thread count for torch and ONNX Runtime (SDCOM
 torch's default). The baseline stays loaded; each other subject is loaded in turn (memory: one of them at a
 time next to the baseline), gets `--warmup` calls, then `--repeats` rounds that call it and then the baseline
 (same prompt, same seed), so load on a shared machine hits both alike; its speed-up is the ratio of the two
-medians of those rounds. Then `--batch4-repeats` calls with 4 images per prompt (images/s at batch 4; the
-baseline's batch-4 calls run at the start and at the end). Per call the U-Net's time and calls are recorded
+medians of those rounds (2 rounds: the median is their mean). Then `--batch4-repeats` calls with 4 images per
+prompt (images/s at batch 4; the baseline's batch-4 calls run at the start and at the end; none by default). Per call the U-Net's time and calls are recorded
 (U-Net call latency = median of U-Net seconds / calls). Peak memory: the process's RSS sampled every 20 ms
 while the subject loads and runs, minus the RSS before it loaded (the baseline's share excluded), and the
 absolute peak; on CUDA, torch's peak allocated memory (ONNX Runtime's GPU arena is not counted).
@@ -59,9 +75,16 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_cache import ensure_artifact, ensure_checkpoint, ensure_optimum_export, ensure_ort_int8  # noqa: E402
-from bench_common import finish_results, log, new_results  # noqa: E402
+from bench_common import CpuMeter, finish_results, log, new_results  # noqa: E402
 
 NAME = "report"
+FULL_SUFFIX = "_full"  # --full writes NAME_full.* unless --name says otherwise
+# the default run (warm caches on a quiet 2-core CPU: 18.8 min, results/report_runs.json) and --full (the settings of the first full
+# run: 3 rounds and a batch-4 call per subject); an explicit --repeats / --batch4-repeats / --held-out-calls wins
+DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 2}
+FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2}
+GPU_NAME = "gpu_e2e"  # benchmarks/bench_gpu_e2e.py's result on CUDA, under results/gpu/ (run_gpu_checks.sh)
+RUNS_KEPT = 8  # runs listed in NAME_runs.json (the first run of a cache is kept besides)
 PACKAGES = ("sd-compiler", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx")
 DEFAULT_VARIANTS = "none:onnx,none:torch,bk-small:onnx,deepcache:onnx,gri:onnx,lcm-scheduler:onnx,int8:onnx"
 ALL_PEERS = ("torch-compile", "optimum-onnx", "ort-int8")
@@ -236,8 +259,9 @@ def timed_call(subject: Subject, batch: int, phase: str, partner: str | None = N
     return images
 
 
-def held_out_inputs(pipe, steps: int, guidance: float, size: int, count: int) -> list[tuple]:
-    """The baseline U-Net's inputs while it samples the held-out prompt; `count` of them, evenly spaced."""
+def held_out_inputs(pipe, steps: int, guidance: float, size: int, count: int, output_type: str = "latent") -> list:
+    """The baseline U-Net's inputs while it samples the held-out prompt; `count` of them, evenly spaced. With
+    `output_type="np"` the call decodes its image too, so it serves as the baseline's first warm-up call."""
     import torch
 
     captured = []
@@ -256,7 +280,7 @@ def held_out_inputs(pipe, steps: int, guidance: float, size: int, count: int) ->
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(1234),
-            output_type="latent",
+            output_type=output_type,
         )
     finally:
         pipe.unet.forward = forward
@@ -330,10 +354,33 @@ def _du(path: Path) -> int:
     return total
 
 
+class PhaseClock:
+    """Seconds of each phase of the run (builds, the baseline's set-up, each subject's load / warm-up / rounds /
+    batch 4 / SQNR): where a run's wall time goes, to size the defaults."""
+
+    def __init__(self):
+        self.clock = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.subjects: dict[str, dict[str, float]] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.clock, 1)
+        self.clock = now
+
+    def result(self) -> dict:
+        totals = {}
+        for subject in self.subjects.values():
+            for key, seconds in subject.items():
+                totals[key] = round(totals.get(key, 0.0) + seconds, 1)
+        return {**self.phases, "subjects_by_phase": totals, "per_subject": self.subjects}
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
 def run(args) -> dict:
+    phases = PhaseClock()  # from here: imports and the checkpoint count as "builds"
     import numpy as np
     import torch
 
@@ -348,6 +395,8 @@ def run(args) -> dict:
     results["machine"]["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # before anything compiles: inductor fixes its cache folder at its first use in the process
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor"))
     size_name = "tiny" if args.tiny else "full"
     checkpoint, checkpoint_build = (args.checkpoint, {}) if args.checkpoint else ensure_checkpoint(workdir, size_name)
     size = args.size or (64 if args.tiny else 256)
@@ -371,6 +420,7 @@ def run(args) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "batch4_repeats": args.batch4_repeats,
+        "full": args.full,
         "variants": variants,
         "peers": peers_asked,
         "threads": threads,
@@ -381,6 +431,9 @@ def run(args) -> dict:
         name, _, reason = item.partition("=")
         skipped[name] = f"left out of this run: {reason}"
     builds: dict[str, tuple[Path, dict]] = {}
+    not_measured = {}
+    if args.batch4_repeats == 0:
+        not_measured["images_per_second_batch4"] = "not measured (--batch4-repeats 0)"
 
     # 1. build or reuse everything (compiles are not timed with the measurements)
     for index, variant in enumerate(variants):
@@ -409,6 +462,9 @@ def run(args) -> dict:
         except RuntimeError as exc:
             skipped["ort-int8"] = f"quantize_static failed: {exc}"
 
+    phases.lap("builds")
+    meter = CpuMeter()  # the CPU other processes used while this run measured (a build is not measured)
+
     # 2. the baseline: diffusers eager, loaded once
     from diffusers import StableDiffusionPipeline
 
@@ -425,7 +481,11 @@ def run(args) -> dict:
         "macs_resolution": list(macs_resolution),
         "bytes": _du(checkpoint),
     }
-    inputs = held_out_inputs(eager, args.steps, args.guidance, size, args.held_out_calls)
+    phases.lap("baseline_load")
+    # the held-out prompt's sampling decodes its image and is the baseline's first warm-up call (saves one call)
+    inputs = held_out_inputs(
+        eager, args.steps, args.guidance, size, args.held_out_calls, "np" if args.warmup else "latent"
+    )
     with torch.inference_mode():
         reference_eps = [eager.unet(s, t, encoder_hidden_states=h, return_dict=False)[0].float() for s, t, h in inputs]
     baseline = diffusers_subject(
@@ -439,10 +499,12 @@ def run(args) -> dict:
         args.seed,
         {**source_facts, "memory": memory.result, "build": {"seconds": 0.0, "what": "from_pretrained"}},
     )
-    for _ in range(args.warmup):
+    for _ in range(args.warmup - 1):
         baseline.call(1)
+    phases.lap("baseline_held_out_and_warmup")
     for _ in range(min(args.batch4_repeats, 1)):
         baseline.images4 = timed_call(baseline, 4, "batch4")
+    phases.lap("baseline_batch4_start")
 
     # 3. every other subject, one at a time next to the baseline
     def loaders():
@@ -470,11 +532,14 @@ def run(args) -> dict:
                 start = time.perf_counter()
                 subject = load()
                 load_seconds = time.perf_counter() - start
-                measure(subject, baseline, args)
+                subject_phases = {"load": round(load_seconds, 1), **measure(subject, baseline, args)}
             subject.facts["memory"] = memory.result
             subject.facts["load_seconds"] = load_seconds
+            start = time.perf_counter()
             with torch.inference_mode():
                 subject.facts["eps_sqnr_db"] = sqnr_db(reference_eps, eps_outputs(subject, inputs))
+            subject_phases["sqnr"] = round(time.perf_counter() - start, 1)
+            phases.subjects[name] = subject_phases
         except Exception as exc:  # a peer or variant that cannot run is reported, never dropped
             log(f"{name} cannot run: {exc}")
             skipped[name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
@@ -485,8 +550,10 @@ def run(args) -> dict:
         subjects.append(subject)
         subject.call = subject.unet_eps = None  # drop the pipeline: one subject in memory at a time
         gc.collect()
+    phases.lap("subjects")
     for _ in range(min(args.batch4_repeats, 1)):
         timed_call(baseline, 4, "batch4")
+    phases.lap("baseline_batch4_end")
 
     # 4. fidelity and the summary
     rows = {}
@@ -495,8 +562,11 @@ def run(args) -> dict:
         if subject is not baseline:
             row["psnr_db"] = psnr_db(baseline.images, subject.images)
             row["ssim"] = ssim(baseline.images, subject.images)
-        rows[subject.name] = row
+        rows[subject.name] = row  # a metric in not_measured stays None in every row
     results["subjects"] = rows
+    results["not_measured"] = not_measured
+    results["phase_seconds"] = phases.result()
+    results["cpu_load_measuring"] = meter.stop()
     results["calls"] = {s.name: s.calls for s in subjects}
     results["skipped"] = skipped
     images = {s.name: np.asarray(s.images4 if s.images4 is not None else s.images) for s in subjects}
@@ -504,9 +574,15 @@ def run(args) -> dict:
     return results, images
 
 
-def measure(subject: Subject, baseline: Subject, args) -> None:
+def measure(subject: Subject, baseline: Subject, args) -> dict:
+    """Warm-up, the alternating rounds, the batch-4 calls; returns the seconds of each of these phases."""
+    clock = time.perf_counter()
+    phases = {}
+    # torch.compile's compiling first call (its load) does not replace the warm-up: with a cold inductor cache
+    # its second call compiled again (a trial 1-round run without this warm-up: 153 s for that round)
     for _ in range(args.warmup):
         subject.call(1)
+    phases["warmup"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
     for repeat in range(args.repeats):
         images = timed_call(subject, 1, "timed")
         base = timed_call(baseline, 1, "timed", partner=subject.name)
@@ -514,12 +590,15 @@ def measure(subject: Subject, baseline: Subject, args) -> None:
             subject.images = images
             if baseline.images is None:
                 baseline.images = base
+    phases["rounds"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
     for repeat in range(args.batch4_repeats):
         if repeat == 0 and subject.facts.get("recompiles_per_shape"):
             subject.call(4)  # torch.compile compiles again for a new batch: a warm-up at batch 4
         images = timed_call(subject, 4, "batch4")
         if repeat == 0:
             subject.images4 = images
+    phases["batch4"] = round(time.perf_counter() - clock, 1)
+    return phases
 
 
 def torch_compile_subject(eager, args, size, source_facts, workdir: Path) -> Subject:
@@ -528,7 +607,6 @@ def torch_compile_subject(eager, args, size, source_facts, workdir: Path) -> Sub
     import torch
     from diffusers import StableDiffusionPipeline
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor"))
     pipe = StableDiffusionPipeline(**{**eager.components, "unet": torch.compile(eager.unet)})
     subject = diffusers_subject(
         "torch-compile",
@@ -575,7 +653,47 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def markdown(results: dict, plots: list[str]) -> str:
+def gpu_rows(path: Path, skipped: dict[str, str]) -> str | None:
+    """The GPU rows: the stored Markdown of benchmarks/bench_gpu_e2e.py's CUDA run (one harness: this report
+    reads its result, it does not measure GPUs itself); absent, they are listed as skipped with the reason."""
+    if path.is_file():
+        return path.read_text()
+    skipped["gpu-e2e"] = (
+        f"no stored GPU run ({path.name} is not under {path.parent.name}/): no session has had a GPU lent; "
+        "benchmarks/run_gpu_checks.sh on a CUDA machine writes it, and this report then shows its rows"
+    )
+    return None
+
+
+def record_run(results: dict, history: Path) -> list[dict]:
+    """Append this run (wall time, what it built and what it took from the cache) to `history` and return the
+    runs kept there: the latest run from a cold cache stays listed next to the latest warm ones."""
+    builds = {name: r.get("build") or {} for name, r in results["subjects"].items()}
+    built = {name: b["seconds"] for name, b in builds.items() if b.get("seconds") and b.get("cached") is False}
+    entry = {
+        "date": results["date"],
+        "wall_seconds": results["wall_seconds"],
+        "built_in_run": built,
+        "built_in_run_seconds": round(sum(built.values()), 1),
+        "cached": sorted(name for name, b in builds.items() if b.get("cached")),
+        "subjects": len(results["subjects"]),
+        "skipped": sorted(results["skipped"]),
+        "load_average": results["load_average"],
+        "others_cores_measuring": (results.get("cpu_load_measuring") or {}).get("others_cores"),
+    }
+    try:
+        runs = json.loads(history.read_text()) if history.is_file() else []
+    except json.JSONDecodeError:
+        runs = []
+    runs.append(entry)
+    cold = [r for r in runs if not r["cached"] and r["built_in_run"]][-1:]
+    kept = runs[-RUNS_KEPT:]
+    runs = cold + [r for r in kept if r not in cold]
+    history.write_text(json.dumps(runs, indent=2) + "\n")
+    return runs
+
+
+def markdown(results: dict, plots: list[str], gpu_table: str | None = None) -> str:
     m, s = results["machine"], results["settings"]
     load = results["load_average"]
     lines = [
@@ -589,7 +707,7 @@ def markdown(results: dict, plots: list[str]) -> str:
         f"Source: {s['checkpoint']} (random weights), {s['size_px']}x{s['size_px']} px ({s['latent']}x{s['latent']} "
         f"latent), {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}, one prompt; "
         f"{s['warmup']} warm-up call(s), then {s['repeats']} rounds of (subject, baseline) at batch 1 and "
-        f"{s['batch4_repeats']} call(s) at batch 4 per subject. Speed-ups: the baseline's median over the same "
+        f"{s['batch4_repeats']} call(s) at batch 4 per subject{' (--full)' if s.get('full') else ''}. Speed-ups: the baseline's median over the same "
         "rounds / the subject's. eps SQNR: U-Net output vs the baseline's on "
         f"{s['held_out_calls']} held-out inputs; PSNR / SSIM: the image vs the baseline's (same prompt and seed).",
         "",
@@ -598,6 +716,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         "| GMACs per U-Net call | size GiB | build s | eps SQNR dB | PSNR dB | SSIM |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    not_measured = results.get("not_measured") or {}
+    batch4_missing = not_measured.get("images_per_second_batch4", "-")
     for name, r in results["subjects"].items():
         image = r["image_seconds"]
         build = r.get("build") or {}
@@ -616,7 +736,7 @@ def markdown(results: dict, plots: list[str]) -> str:
                     str(r["unet_calls_per_image"]),
                     _fmt(r.get("speedup_unet_call"), ".2f", "1") + "x",
                     _fmt(r["images_per_second_batch1"], ".3f"),
-                    _fmt(r["images_per_second_batch4"], ".3f"),
+                    _fmt(r["images_per_second_batch4"], ".3f", batch4_missing),
                     _fmt((r.get("memory") or {}).get("peak_rss_added_gib"), ".2f"),
                     _fmt(r["unet_params"] / 1e6 if r.get("unet_params") else None, ".1f"),
                     _fmt(r["macs_per_unet_call"] / 1e9 if r.get("macs_per_unet_call") else None, ".2f"),
@@ -631,6 +751,26 @@ def markdown(results: dict, plots: list[str]) -> str:
         )
     lines += ["", "Skipped (not measured in this run):", ""]
     lines += [f"- {name}: {reason}" for name, reason in results["skipped"].items()] or ["- none"]
+    lines += [f"- {metric} (every subject): {reason}" for metric, reason in not_measured.items()]
+    if results.get("phase_seconds"):
+        p = results["phase_seconds"]
+        by = p["subjects_by_phase"]
+        lines += [
+            "",
+            f"Where this run's {results['wall_seconds']:.0f} s went: builds {p['builds']:.0f} s, the baseline's "
+            f"load {p['baseline_load']:.0f} s, its held-out sampling and warm-up "
+            f"{p['baseline_held_out_and_warmup']:.0f} s, its batch-4 calls "
+            f"{p['baseline_batch4_start'] + p['baseline_batch4_end']:.0f} s; the {len(p['per_subject'])} other "
+            f"subjects {p['subjects']:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in by.items())
+            + "; `phase_seconds` in the JSON has them per subject)."
+            + (
+                f" While it measured, other processes kept {cpu['others_cores']:.2f} of the "
+                f"{m['cpu_count']} cores busy on average."
+                if (cpu := results.get("cpu_load_measuring"))
+                else ""
+            ),
+        ]
     lines += [
         "",
         "Notes: the baseline's U-Net params / MACs / size are the source checkpoint's (optimum's export and the "
@@ -643,6 +783,25 @@ def markdown(results: dict, plots: list[str]) -> str:
     ]
     if results.get("other_busy_processes"):
         lines += ["", "Other busy processes: " + "; ".join(results["other_busy_processes"])]
+    if results.get("runs"):
+        lines += [
+            "",
+            "Runs of this report (wall time of the whole `bench_report.py` run: builds plus measurements; a build "
+            "is cached after its first run):",
+            "",
+            "| date | wall min | built in the run | build min | from the cache | subjects measured | load average "
+            "start / end |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["runs"]:
+            load = r["load_average"]
+            lines.append(
+                f"| {r['date']} | {r['wall_seconds'] / 60:.1f} | {', '.join(r['built_in_run']) or '-'} | "
+                f"{r['built_in_run_seconds'] / 60:.1f} | {', '.join(r['cached']) or '-'} | {r['subjects']} | "
+                f"{load.get('start')} / {load.get('end')} |"
+            )
+    if gpu_table:
+        lines += ["", "## GPU rows (the stored run of benchmarks/bench_gpu_e2e.py)", "", gpu_table.strip()]
     lines += ["", *[f"![{p}]({p})" for p in plots]]
     return "\n".join(lines) + "\n"
 
@@ -714,7 +873,8 @@ def plot(results: dict, images: dict, out: Path, name: str) -> list[str]:
     return written
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The run's settings: the default (`make bench`) or `--full` ones where a flag is not given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny SD1.5 checkpoint (CI, tests)")
     parser.add_argument("--checkpoint", type=Path, help="a diffusers SD 1.x/2.x folder instead of make_checkpoint's")
@@ -729,12 +889,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch4-repeats", type=int, default=1)
-    parser.add_argument("--held-out-calls", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help=f"rounds (default {DEFAULT_SETTINGS['repeats']})")
+    parser.add_argument(
+        "--batch4-repeats",
+        type=int,
+        default=None,
+        help=f"batch-4 calls per subject (default {DEFAULT_SETTINGS['batch4_repeats']}: not measured)",
+    )
+    parser.add_argument("--held-out-calls", type=int, default=None, help="held-out U-Net inputs for eps SQNR")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the first full run's settings ({', '.join(f'{k} {v}' for k, v in FULL_SETTINGS.items())}) "
+        f"written as NAME{FULL_SUFFIX}.* (`make bench-full`); explicit flags still win",
+    )
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--name", default=NAME)
+    parser.add_argument("--name", default=None, help=f"default {NAME} ({NAME}{FULL_SUFFIX} with --full)")
     parser.add_argument(
         "--left-out",
         action="append",
@@ -742,17 +913,37 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="NAME=REASON",
         help="a subject this run leaves out and why (listed under skipped); repeatable",
     )
+    parser.add_argument(
+        "--gpu-results",
+        type=Path,
+        default=HERE / "results" / "gpu" / f"{GPU_NAME}.md",
+        help="the stored run of benchmarks/bench_gpu_e2e.py whose table the report shows (GPU rows)",
+    )
     parser.add_argument("--debug", action="store_true", help="print the traceback of a subject that cannot run")
     args = parser.parse_args(argv)
+    for key, value in (FULL_SETTINGS if args.full else DEFAULT_SETTINGS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.name is None:
+        args.name = NAME + (FULL_SUFFIX if args.full else "")
     if args.repeats < 1 or args.warmup < 0 or args.batch4_repeats < 0:
         parser.error("--repeats must be >= 1, --warmup and --batch4-repeats >= 0")
+    if args.held_out_calls < 1:
+        parser.error("--held-out-calls must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     started = time.perf_counter()
     results, images = run(args)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    gpu_table = gpu_rows(args.gpu_results, results["skipped"])
     args.out.mkdir(parents=True, exist_ok=True)
+    results["runs"] = record_run(results, args.out / f"{args.name}_runs.json")
     plots = plot(results, images, args.out, args.name)
     results["plots"] = plots
-    table = markdown(results, plots)
+    table = markdown(results, plots, gpu_table)
     (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (args.out / f"{args.name}.md").write_text(table)
     print(table)

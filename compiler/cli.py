@@ -32,6 +32,10 @@ LORA_DIR_HELP = (
     "a folder of NAME.safetensors LoRAs (torch and onnx artifacts): a request's loras input names them, "
     '"NAME[:SCALE],..."; each row runs with exactly the LoRAs it names'
 )
+SERVED_REFINER_HELP = (
+    "an SDXL refiner artifact run after this SDXL base on every row (diffusers' ensemble of experts); requests "
+    "take denoising_end (the base's share, default 0.8), aesthetic_score and negative_aesthetic_score"
+)
 TARGETS = {
     "onnx": "ONNX graphs in optimum's diffusers layout, run by ONNX Runtime (CPU or CUDA); export-server serves them",
     "torch": "safetensors weights rebuilt into PyTorch modules; torch.compile / CUDA graphs options, run-time LoRAs",
@@ -375,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="layout pipeline: cpu or cuda (default: CUDA when torch sees one)")
     p.add_argument("--python-env", help="EXECUTION_ENV_PATH (packed Python environment) for the pipeline model")
     p.add_argument("--lora-dir", help=LORA_DIR_HELP + " (layout pipeline)")
+    p.add_argument("--refiner", metavar="DIR", help=SERVED_REFINER_HELP + " (layout pipeline)")
     p.add_argument("--overwrite", action="store_true", help="replace a repository written earlier by export-server")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=cmd_export_server)
@@ -392,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["error", "warning", "info", "verbose"], default="warning")
     p.add_argument("--device", help="cpu or cuda (default: CUDA when torch sees one)")
     p.add_argument("--lora-dir", help=LORA_DIR_HELP)
+    p.add_argument("--refiner", metavar="DIR", help=SERVED_REFINER_HELP)
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds requests in flight get at shutdown")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
@@ -743,6 +749,7 @@ def cmd_export_server(args) -> int:
         kind=kind,
         python_env=args.python_env,
         lora_dir=args.lora_dir,
+        refiner=args.refiner,
         overwrite=args.overwrite,
         verify=not args.no_verify,
     )
@@ -764,6 +771,7 @@ def cmd_serve(args) -> int:
         log_level=args.log_level,
         device=args.device,
         lora_dir=args.lora_dir,
+        refiner=args.refiner,
         verify=not args.no_verify,
         ready_timeout=args.ready_timeout,
         exit_timeout=args.exit_timeout,

@@ -45,8 +45,6 @@ VERSIONED_PACKAGES = (
     "optimum-onnx",
 )
 
-CONTROLNET_TARGETS = ("torch", "onnx")  # the targets that compile ControlNets (`check_controlnet_recipe`)
-
 
 def compile_pipeline(
     checkpoint: str | Path,
@@ -131,7 +129,7 @@ def compile_artifact(
         )
     controlnets = controlnet_paths(named or controlnet)
     if controlnets:
-        check_controlnet_recipe([step.name for step in steps], target)
+        check_controlnet_recipe([step.name for step in steps])
     target_config = lowering.config_class.from_dict(target_options, owner=f"target {target}")
     lowering.check_tools(target_config)  # a missing TensorRT / GPU stops here, not after minutes of export
     if output_dir is None:
@@ -157,6 +155,8 @@ def compile_artifact(
         show_progress=show_progress,
         source_hash=loaded.source.get("sha256", ""),
         target=target,
+        controlnets={folder: model for folder, model, _ in nets},
+        controlnets_key=json.dumps([source.get("sha256", "") for _, _, source in nets]) if nets else "",
     )
     start = time.perf_counter()
     records = PassManager(steps).run(pipe, ctx)
@@ -229,21 +229,11 @@ def controlnet_paths(controlnet) -> list[str]:
     return [str(p) for p in paths]
 
 
-def check_controlnet_recipe(passes: list[str], target: str) -> None:
-    """Refuse, before the checkpoint loads, what cannot run with ControlNets: a target not in
-    `CONTROLNET_TARGETS`, and passes that are not `keeps_layout` (`Pass.controlnet`), naming why; one line."""
-    if target not in CONTROLNET_TARGETS:
-        raise LoweringError(
-            f"ControlNets compile for targets {' and '.join(map(repr, CONTROLNET_TARGETS))} so far (target "
-            f"{target!r} builds no engines for them yet); use target='onnx' (CLI: --target onnx)"
-        )
+def check_controlnet_recipe(passes: list[str]) -> None:
+    """Refuse, before the checkpoint loads, passes that cannot run with ControlNets (every target compiles them and
+    each allowed pass): those that are not `keeps_layout` (`Pass.controlnet`), naming why; one line."""
     for name in passes:
         kind = get_pass(name).controlnet
-        if name == "ptq" and target == "onnx":  # ONNX Runtime's QDQ graph is quantized from the plain U-Net's
-            raise ConfigError(
-                "pass 'ptq' with ControlNets runs on target 'torch' (INT8 / FP8 layers); the onnx target's QDQ U-Net "
-                "has no residual inputs yet: use target='torch' or drop the ControlNet"
-            )
         if kind == "changes_layout":
             raise ConfigError(
                 f"pass {name!r} removes or reshapes the U-Net's down / mid blocks, so a ControlNet's residuals "

@@ -31,7 +31,9 @@ or Triton Inference Server BLS calls plug in unchanged:
   each step (diffusers' `num_channels_unet == 4` path)
 - optionally a feature cache (`sdcompiler.targets.components.FeatureCache`):
   `full(...) -> (eps, deep)` and `shallow(..., deep) -> eps`, used on the
-  steps its plan marks (full / shallow) instead of `unet`.
+  steps its plan marks (full / shallow) instead of `unet`; with ControlNets the
+  nets run on every step and both calls take their residuals (a shallow step
+  adds those of the shallow skips).
 
 All tensors are torch tensors on the CPU (or the components' device).
 """
@@ -85,11 +87,14 @@ class ControlNets:
     each net on its control image (`images[i]`, (B, 3, H, W) in [0, 1]) with its scale (`scales[i]`, the keep of
     the step already applied), and returns the residuals summed over the nets in order (diffusers'
     `MultiControlNetModel`): a list of down-block residuals and the mid-block residual.
+    `shallow_residuals(skips, <the same inputs>)`, where a backend has it: the first `skips` down residuals only
+    (a feature cache's shallow step), without running the nets' deeper blocks.
     """
 
     residuals: Callable
     count: int
     global_pool_conditions: bool = False  # the first net's config: forces guess mode, as diffusers
+    shallow_residuals: Callable | None = None
 
 
 @dataclass(eq=False)
@@ -535,19 +540,24 @@ def _control_residuals(
     scales,
     conditional_only,
     guess_mode,
+    skips: int | None = None,
 ) -> dict:
     """The U-Net's residual inputs of one step (diffusers' ControlNet pipelines' loop body): in guess mode with
-    CFG the nets see the conditional half only and the unconditional half gets zeros."""
+    CFG the nets see the conditional half only and the unconditional half gets zeros. `skips`: a feature
+    cache's shallow step, which takes that many down residuals only (no mid one), where the nets can stop there."""
     if conditional_only:
         sample = scheduler.scale_model_input(latents, t)
         half = lambda x: None if x is None else x.chunk(2)[1]  # noqa: E731
         inputs = (sample, t, half(embeds), images, scales, guess_mode, half(pooled), half(time_ids))
     else:
         inputs = (model_input, t, embeds, images, scales, guess_mode, pooled, time_ids)
-    down, mid = c.controlnets.residuals(*inputs)
+    if skips is not None and c.controlnets.shallow_residuals is not None:
+        down, mid = c.controlnets.shallow_residuals(skips, *inputs), None
+    else:
+        down, mid = c.controlnets.residuals(*inputs)
     if conditional_only:
         down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-        mid = torch.cat([torch.zeros_like(mid), mid])
+        mid = None if mid is None else torch.cat([torch.zeros_like(mid), mid])
     return {"down_residuals": down, "mid_residual": mid}
 
 
@@ -791,7 +801,7 @@ def generate(
     if "generator" in step_params:
         step_kwargs["generator"] = generator
 
-    cache = c.feature_cache if feature_cache and control_images is None else None
+    cache = c.feature_cache if feature_cache else None
     plan = cache.plan(len(timesteps)) if cache is not None else None
     deep = None
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
@@ -802,6 +812,7 @@ def generate(
         if inpainting is not None:
             model_input = inpainting.unet_input(model_input)
         residuals = {}
+        shallow_step = cache is not None and not embedded and not (plan[i] or deep is None)
         if control_scales is not None:
             residuals = _control_residuals(
                 c,
@@ -816,15 +827,16 @@ def generate(
                 control_scales[i],
                 guess_mode and guidance,
                 guess_mode,
+                skips=cache.skips if shallow_step else None,
             )
         if embedded:
             eps = c.unet(model_input, t, embeds, pooled, time_ids, timestep_cond, **residuals)
         elif cache is None:
             eps = c.unet(model_input, t, embeds, pooled, time_ids, **residuals)
         elif plan[i] or deep is None:
-            eps, deep = cache.full(model_input, t, embeds, pooled, time_ids)
-        else:
-            eps = cache.shallow(model_input, t, embeds, pooled, time_ids, deep)
+            eps, deep = cache.full(model_input, t, embeds, pooled, time_ids, **residuals)
+        else:  # the nets ran on this step too: the shallow skips take their residuals
+            eps = cache.shallow(model_input, t, embeds, pooled, time_ids, deep, **residuals)
         if guidance:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)

@@ -3,12 +3,16 @@
     export_server("out/", "repo/", max_batch_size=8, instance_count=1, kind="GPU")  # kind None: the artifact's
     tritonserver --model-repository repo/
     sdcompiler serve out/      # layout "pipeline" on the server in the nvidia-pytriton wheel (`triton_server`)
+    export_server("base/", "repo/", refiner="refiner/")   # an SDXL base + refiner served as one unit
 
 Two layouts, one request interface (`PIPELINE_INPUTS` -> `PIPELINE_OUTPUTS`, served by a Python-backend model
 `pipeline` whose `execute` is `triton_execute`):
 - "pipeline": that model alone; it runs `load_compiled` on the artifact hard-linked into `pipeline/1/artifact/`
   (onnx: ONNX Runtime sessions in the backend's process; torch: the torch modules). Any target; what the
-  bundled server (no ONNX Runtime or TensorRT backend) serves.
+  bundled server (no ONNX Runtime or TensorRT backend) serves. With an SDXL refiner (`refiner=`), the refiner
+  artifact is hard-linked into `pipeline/1/refiner/` and model.py runs `load_compiled(artifact, refiner=...)`:
+  every row runs the base to `denoising_end` (default 0.8), then the refiner from there (diffusers' ensemble
+  of experts). An SDXL refiner artifact alone is served in this layout too (image-to-image: rows need `image`).
 - "components" (onnx and tensorrt artifacts, for a full Triton image): one model per component (for an `onnx`
   artifact: `onnxruntime_onnx` models `text_encoder[_2]`, `unet` (for a deepcache artifact `unet_refresh` and
   `unet_shallow` instead, the graphs its loop runs), `vae_decoder`, their ONNX
@@ -19,8 +23,10 @@ The request: a batch of rows, each one prompt (`prompt`, TYPE_STRING [rows, 1]) 
 `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, `height`, `width`, `num_images`, `strength`
 ([rows, 1] each), `image` (uint8 [rows, H, W, 3], image-to-image), `control_image` (uint8 [rows, nets, H, W, 3]:
 an artifact with ControlNets; with `image`, ControlNet image-to-image), `mask_image` (uint8 [rows, H, W, 1],
-inpainting; 255 repaints) and `loras` ("NAME[:SCALE],...": LoRAs
-from the folder the server was started with, `lora_dir`; layout "pipeline") -> `images` (uint8
+inpainting; 255 repaints), `loras` ("NAME[:SCALE],...": LoRAs
+from the folder the server was started with, `lora_dir`; layout "pipeline"), and for SDXL `denoising_end` (with a
+refiner: the base's share of the schedule, diffusers' high_noise_frac, default 0.8), `aesthetic_score` and
+`negative_aesthetic_score` (an SDXL refiner's, alone or after a base; default 6 / 2.5) -> `images` (uint8
 [rows, num_images, H, W, 3]). Image j of a row draws its noise from `seed + j`. Each row is checked with
 `CompiledPipeline.check`, so a bad request gets the Python API's one-line message as a Triton error and fails
 alone. Dynamic batching hands the model concurrent requests together; rows with the same call settings
@@ -78,6 +84,7 @@ PIPELINE = "pipeline"
 VERSION = "1"  # the model version folder Triton serves
 SERVED_MODELS = "models.json"  # pipeline/1/models.json: the component models' specs, for the BLS calls
 ARTIFACT = "artifact"  # pipeline/1/artifact/: the artifact itself (layout "pipeline")
+REFINER = "refiner"  # pipeline/1/refiner/: the SDXL refiner artifact run after the base (layout "pipeline")
 KINDS = ("GPU", "CPU")
 
 Infer = Callable[[str, dict, list], dict]  # (model name, {input: array}, [output]) -> {output: array}
@@ -103,6 +110,10 @@ PIPELINE_INPUTS = (
     # [rows, nets, H, W, 3]: the control image of each ControlNet (with `image`: ControlNet image-to-image)
     TensorSpec("control_image", "TYPE_UINT8", (-1, -1, -1, -1, 3), optional=True),
     TensorSpec("mask_image", "TYPE_UINT8", (-1, -1, -1, 1), optional=True),  # [rows, H, W, 1]: inpainting, 255 repaints
+    # SDXL: where the base stops (with a refiner: its share of the schedule, the refiner runs the rest; default 0.8)
+    TensorSpec("denoising_end", "TYPE_FP32", (-1, 1), optional=True),
+    TensorSpec("aesthetic_score", "TYPE_FP32", (-1, 1), optional=True),  # an SDXL refiner's (alone or after a base)
+    TensorSpec("negative_aesthetic_score", "TYPE_FP32", (-1, 1), optional=True),
 )
 # the image inputs: uint8 in, float arrays in [0, 1] to the pipeline; grouped rows must agree on their shapes
 IMAGE_INPUTS = ("image", "control_image", "mask_image")
@@ -240,6 +251,7 @@ def export_server(
     device: str | None = None,
     python_env: str | None = None,
     lora_dir: str | Path | None = None,
+    refiner: str | Path | None = None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> Path:
@@ -255,7 +267,8 @@ def export_server(
             `pipeline` model over BLS: onnx and tensorrt artifacts, for a full Triton image) or "pipeline"
             (the `pipeline` model alone, running `load_compiled` on a hard-linked copy of the artifact
             inside the Python backend: any target, and what the server in the nvidia-pytriton wheel runs);
-            None: "components" where the target serves its components, else "pipeline".
+            None: "components" where the target serves its components, else "pipeline" (always "pipeline" for an
+            SDXL refiner, alone or after a base).
         max_batch_size: max_batch_size of the models that can batch (text encoders, VAE decoder, and the
             `pipeline` model's rows); 0 makes every model non-batching.
         instance_count: instances per component model (per GPU for "GPU") and of the pipeline model.
@@ -267,20 +280,35 @@ def export_server(
             the Python that exports (see `environment_prelude`).
         lora_dir: layout "pipeline": a folder of `NAME.safetensors` LoRAs that requests name in their `loras`
             input (the config's `lora_dir` parameter: its absolute path, read when the model loads).
+        refiner: an SDXL refiner artifact to run after this SDXL base on every row, as diffusers' ensemble of
+            experts (layout "pipeline"; hard-linked into the repository as the base is). A pair that does not fit
+            is refused (RefinerError, `runtime.check_refiner_pair`) before anything is written.
         overwrite: replace a model repository earlier written by export-server at `out`.
         verify: check every file of the artifact against its manifest's sha256 first (the default).
 
     Returns:
         The repository folder.
     """
+    from sdcompiler.runtime import check_refiner_pair
     from sdcompiler.targets import TARGETS, get_target
 
     root = resolved_path(artifact, ArtifactError, "pass an artifact folder")
     manifest = read_manifest(root)
     model = manifest.get("model", {})
     inpainting = model.get("unet_in_channels", model.get("latent_channels")) != model.get("latent_channels")
+    refiner_root = None
+    if refiner is not None:
+        refiner_root = resolved_path(refiner, ArtifactError, "pass a refiner artifact folder")
+        check_refiner_pair(manifest, read_manifest(refiner_root), refiner_root)
+    refines = refiner_root is not None or manifest["arch"] == "sdxl-refiner"
     target = get_target(manifest["target"])
-    layout = layout or ("components" if target.serves_components and not inpainting else "pipeline")
+    layout = layout or ("components" if target.serves_components and not (inpainting or refines) else "pipeline")
+    if refines and layout == "components":
+        what = "a base + refiner pair" if refiner_root is not None else "an SDXL refiner (it refines images)"
+        raise ConfigError(
+            f"export-server's components layout does not serve {what} yet (its pipeline model has no VAE encoder "
+            "and runs one U-Net); use --layout pipeline"
+        )
     if inpainting and layout == "components":
         raise ArtifactError(
             f"{root} holds an inpainting U-Net ({model['unet_in_channels']} input channels); the components layout "
@@ -315,6 +343,8 @@ def export_server(
             )
         parameters[LORA_DIR] = str(LoraFolder(lora_dir).folder)
     verify_files(root, manifest, hashes=verify)
+    if refiner_root is not None:
+        verify_files(refiner_root, read_manifest(refiner_root), hashes=verify)
     models = target.serving_models(root, manifest) if layout == "components" else []
     specs = [spec for spec, _ in models]
     pipeline = ModelSpec(PIPELINE, PIPELINE_INPUTS, PIPELINE_OUTPUTS, backend="python", parameters=parameters)
@@ -332,6 +362,8 @@ def export_server(
         version.mkdir(parents=True)
         if layout == "pipeline":  # the whole artifact, hard-linked: load_compiled reads it as it is
             shutil.copytree(root, version / ARTIFACT, copy_function=_link_or_copy)
+            if refiner_root is not None:
+                shutil.copytree(refiner_root, version / REFINER, copy_function=_link_or_copy)
         else:
             for name in ("tokenizer", "tokenizer_2", "scheduler"):
                 if (root / name).is_dir():
@@ -339,7 +371,7 @@ def export_server(
             for name in ("model_index.json", MANIFEST):
                 shutil.copy2(root / name, version / name)
             (version / SERVED_MODELS).write_text(json.dumps({s.name: asdict(s) for s in specs}, indent=2) + "\n")
-        (version / "model.py").write_text(model_py(layout, device=device))
+        (version / "model.py").write_text(model_py(layout, device=device, refiner=refiner_root is not None))
         (repo / PIPELINE / "config.pbtxt").write_text(
             model_config(pipeline, max_batch_size=max_batch_size, kind="CPU", instance_count=instance_count)
         )
@@ -736,11 +768,16 @@ def environment_prelude() -> str:
     return PRELUDE.format(folders=folders, roots=roots, numpy1=numpy1)
 
 
-def model_py(layout: str, device: str | None = None) -> str:
-    """The `pipeline` model's model.py for a layout (see `export_server`)."""
+def model_py(layout: str, device: str | None = None, refiner: bool = False) -> str:
+    """The `pipeline` model's model.py for a layout (see `export_server`); `refiner`: layout "pipeline" with an
+    SDXL refiner in refiner/, attached to the base."""
     if layout == "pipeline":
         what = "It runs `load_compiled` on the artifact hard-linked into its version folder (artifact/)."
-        load = f"load_compiled(folder / {ARTIFACT!r}, device={device!r})"
+        attach = ""
+        if refiner:
+            what += " The SDXL refiner in refiner/ runs after it on every row (diffusers' ensemble of experts)."
+            attach = f", refiner=folder / {REFINER!r}"
+        load = f"load_compiled(folder / {ARTIFACT!r}, device={device!r}{attach})"
         imports, infer = "from sdcompiler import load_compiled  # noqa: E402\n", ""
     else:
         what = "Its component calls are BLS requests to the sibling models."

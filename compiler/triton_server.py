@@ -2,6 +2,7 @@
 wait until it is ready, stop it; and `serve`, which does all of that for an artifact.
 
     serve("out/", http_port=8000)           # blocks until SIGINT / SIGTERM; `sdcompiler serve out/`
+    serve("base/", refiner="refiner/")      # SDXL base + refiner as one model; `sdcompiler serve base/ --refiner DIR`
 
     with TritonServer(repo, Ports.free()) as server:   # started and ready; stopped on leaving
         server.endpoints["http"]
@@ -294,6 +295,7 @@ def serve(
     log_level: str = "warning",
     device: str | None = None,
     lora_dir: str | Path | None = None,
+    refiner: str | Path | None = None,
     verify: bool = True,
     ready_timeout: float = 300.0,
     exit_timeout: int = 30,
@@ -304,6 +306,8 @@ def serve(
     The model repository (layout "pipeline", the artifact hard-linked into it) is made in a scratch folder
     and removed at the end. Prints the endpoints to `out` (default stdout) once the server is ready. `lora_dir`:
     a folder of NAME.safetensors LoRAs that requests name in their `loras` input (`serving.LoraFolder`).
+    `refiner`: an SDXL refiner artifact run after the SDXL base `artifact` on every row (both hard-linked into the
+    repository; requests take `denoising_end`, `aesthetic_score`, `negative_aesthetic_score`).
     """
     from sdcompiler.artifact import read_manifest
     from sdcompiler.serving import PIPELINE, export_server
@@ -322,15 +326,17 @@ def serve(
             instance_count=instances,
             device=device,
             lora_dir=lora_dir,
+            refiner=refiner,
             verify=verify,
         )
         server = TritonServer(repo, ports, host=host, log_level=log_level, exit_timeout=exit_timeout)
         server.start()
         try:
             if server.wait_ready(ready_timeout, cancel=stop):
+                refined = "" if refiner is None else f" with the refiner {Path(refiner).resolve()}"
                 print(
-                    f"serving {Path(artifact).resolve()} ({manifest['arch']}, target {manifest['target']}) as "
-                    f"model '{PIPELINE}'",
+                    f"serving {Path(artifact).resolve()} ({manifest['arch']}, target {manifest['target']}){refined} "
+                    f"as model '{PIPELINE}'",
                     file=out,
                 )
                 for name, url in server.endpoints.items():

@@ -47,6 +47,8 @@ class QuantizedUNet:
     settings: dict[str, Any] = field(default_factory=dict)
     onnx_folder: Path | None = None
     layers: dict[str, str] = field(default_factory=dict)  # modelopt: the quantized layers, name -> "conv" | "linear"
+    # modelopt with `quantize_controlnets`: each ControlNet's quantized layers, artifact folder -> layers as above
+    controlnet_layers: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +80,12 @@ class PassContext:
     # such as set_scheduler; compile_pipeline records them in the manifest's "defaults".
     pipeline_defaults: dict = field(default_factory=dict)
     products: PassProducts = field(default_factory=PassProducts)  # for the target: see PassProducts
+    # compile_pipeline(controlnet=...): artifact folder -> diffusers ControlNetModel, in call order (float, as
+    # loaded; ptq's and quest_w4a4's `quantize_controlnets` quantize them in place, the torch target lowers or
+    # packs them as the U-Net), and a key naming them (their content
+    # hashes) for data caches
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    controlnets_key: str = ""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -101,9 +109,16 @@ class PassRecord:
     macs_after: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    # named facts that are not numbers, from the strings a pass's `run` returns among its metrics (e.g.
+    # `calibration_data`: what the calibration sampler fed the model; `conv_in`: how an inpainting U-Net's
+    # first layer was quantized); left out of the manifest when empty
+    notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        if not record["notes"]:
+            del record["notes"]
+        return record
 
 
 class Pass:
@@ -127,9 +142,10 @@ class Pass:
     # "changes_layout" where the pass removes, renames or reshapes down / mid blocks (refused: the residuals no
     # longer fit); None: not yet checked with ControlNets (refused too)
     controlnet: ClassVar[Literal["keeps_layout", "changes_layout"] | None] = None
-    # the pass samples its teacher as a text-to-image model from noise (`teacher_data`: calibration or training
+    # the pass samples its teacher as a text-to-image model from noise (`teacher_data.teacher_samples`: training
     # data); the manager refuses it, before any pass runs, on models that are not one: an inpainting U-Net
-    # (conv_in takes latents + mask + masked-image latents) and the SDXL refiner (aesthetic-score time ids)
+    # (conv_in takes latents + mask + masked-image latents) and the SDXL refiner (aesthetic-score time ids).
+    # Calibration passes (`teacher_trajectories`) sample each model as it runs and leave this False
     text_to_image_teacher: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
@@ -143,9 +159,15 @@ class Pass:
     def ensures(self, pipe, config: PassConfig, ctx: PassContext) -> None:
         """Raise PassError when the pass did not leave what it promises."""
 
-    def run(self, pipe, config: PassConfig, ctx: PassContext) -> dict[str, float]:
-        """Transform `pipe` in place; return named metrics for the record."""
+    def run(self, pipe, config: PassConfig, ctx: PassContext) -> dict[str, float | str]:
+        """Transform `pipe` in place; return named metrics for the record (strings go to its `notes`)."""
         raise NotImplementedError
+
+    def rebuild_controlnet(self, controlnet, config: PassConfig) -> bool:
+        """Target torch, at load: re-apply to a freshly built (weightless) ControlNet the modules this pass made
+        of the compile's ControlNets (ptq's INT8 / FP8 layers, quest_w4a4's packed ones); True when it did (the
+        stored state fills them)."""
+        return False
 
     def rebuild(self, pipe, config: PassConfig) -> None:
         """Re-apply the structural change to a freshly built (weightless) pipeline."""

@@ -13,7 +13,7 @@ deep features. Callers turn it off per call with `pipe(..., feature_cache=False)
 Metrics: U-Net MACs per image at the default resolution, step count (the
 scheduler's timesteps at the recorded `num_inference_steps`) and guidance (`macs_per_image_before` / `_after`: full-U-Net MACs x steps x CFG
 factor vs the plan's mix of full and shallow calls), and the full/shallow
-call counts of that plan.
+call counts of that plan. The U-Net's only: ControlNets are not counted.
 
 How: adjacent denoising steps produce nearly the same deep U-Net features. On a
 "full" step the U-Net runs whole and the input of up-block `n-1-branch` (the
@@ -31,10 +31,22 @@ Which steps are full (`full_steps`):
   `power` (> 1 clusters; DeepCache's non-uniform schedule spends its full
   steps where features change fastest). The first step is always full.
 
+With ControlNets (`compile_pipeline(controlnet=...)`) the nets run on every
+step, cached or not (on a cached step the torch target runs each net only up
+to the down block that makes the residuals the step takes:
+`shallow_controlnet_residuals`; the onnx target a view of each net's graph with
+just those outputs, `<folder>/shallow.onnx`). A full step adds their residuals as
+`UNet2DConditionModel.forward` does: one per down-block skip, after all down
+blocks, and the mid one to the mid block's output (so the cached deep features
+carry them). A shallow step adds only the residuals of the skips the shallow
+branch makes and consumes: the first `SplitUNet.shallow_skips()` down
+residuals (conv_in's, then down blocks `0..branch`'s); the deeper ones and
+the mid residual live in the cached deep features.
+
 `SplitUNet` runs a diffusers `UNet2DConditionModel` either way with its own
 modules, mirroring `UNet2DConditionModel.forward` for the inputs SD/SDXL
-pipelines pass (no ControlNet/adapter residuals, no attention masks); its
-full path equals `unet(...)` exactly. The ONNX target exports its two paths
+pipelines pass (ControlNet residuals included; no T2I-adapter residuals, no
+attention masks); its full path equals `unet(...)` exactly. The ONNX target exports its two paths
 as the refresh graph (with a second output, the deep features) and a
 `unet_shallow` graph (with the deep features as an input).
 """
@@ -157,8 +169,34 @@ class SplitUNet(torch.nn.Module):
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)
 
-    def full(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        """(eps, deep features): the whole U-Net, keeping the input of up block n-1-branch."""
+    def shallow_skips(self) -> int:
+        """How many skip connections the shallow branch makes (and consumes): conv_in's, then down blocks
+        `0..branch`'s without the last one's downsampler; as many ControlNet down residuals it takes."""
+        blocks = self.unet.down_blocks
+        count = 1 + sum(len(blocks[i].resnets) for i in range(self.branch + 1))
+        return count + sum(blocks[i].downsamplers is not None for i in range(self.branch))
+
+    @staticmethod
+    def _add_residuals(skips, down_residuals):
+        """diffusers' `down_block_additional_residuals`: one residual per skip, in order."""
+        if down_residuals is None:
+            return skips
+        if len(down_residuals) != len(skips):
+            raise ValueError(f"{len(down_residuals)} ControlNet down residuals for {len(skips)} U-Net skips")
+        return tuple(skip + residual for skip, residual in zip(skips, down_residuals))
+
+    def full(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
+        """(eps, deep features): the whole U-Net, keeping the input of up block n-1-branch; ControlNet
+        residuals (all down ones and the mid one) as `unet(...)` adds them."""
         unet = self.unet
         forward_size = self._upsample_sizes(sample)
         hidden, emb, context = self._prologue(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
@@ -166,27 +204,105 @@ class SplitUNet(torch.nn.Module):
         for block in unet.down_blocks:
             hidden, outputs = self._down(block, hidden, emb, context, downsample=True)
             skips += outputs
+        skips = self._add_residuals(skips, down_residuals)
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 hidden = unet.mid_block(hidden, emb, encoder_hidden_states=context)
             else:
                 hidden = unet.mid_block(hidden, emb)
+        if mid_residual is not None:
+            hidden = hidden + mid_residual
         split = len(unet.up_blocks) - 1 - self.branch
         deep, skips = self._up(range(split), hidden, skips, emb, context, forward_size)
         hidden, _ = self._up(range(split, len(unet.up_blocks)), deep, skips, emb, context, forward_size)
         return self._epilogue(hidden), deep
 
-    def shallow(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, deep=None):
-        """eps from the shallow branch, reusing `deep` from the last full step."""
+    def shallow(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        deep=None,
+        down_residuals=None,
+    ):
+        """eps from the shallow branch, reusing `deep` from the last full step; `down_residuals`: the ControlNet
+        residuals of the shallow skips (the first `shallow_skips()`; more are ignored: the deeper skips and the
+        mid block live in `deep`)."""
         forward_size = self._upsample_sizes(sample)
         hidden, emb, context = self._prologue(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         skips = (hidden,)
         for i in range(self.branch + 1):
             hidden, outputs = self._down(self.unet.down_blocks[i], hidden, emb, context, downsample=i < self.branch)
             skips += outputs
+        if down_residuals is not None:
+            skips = self._add_residuals(skips, down_residuals[: len(skips)])
         n = len(self.unet.up_blocks)
         hidden, _ = self._up(range(n - 1 - self.branch, n), deep, skips, emb, context, forward_size)
         return self._epilogue(hidden)
+
+
+class _ShallowResidualsDone(Exception):
+    """Raised by a hook once the ControlNet's down blocks have made the skips a shallow step needs."""
+
+
+def shallow_controlnet_residuals(
+    controlnet,
+    skips: int,
+    sample,
+    timestep,
+    encoder_hidden_states,
+    controlnet_cond,
+    conditioning_scale: float,
+    guess_mode: bool = False,
+    added_cond_kwargs=None,
+) -> list[torch.Tensor]:
+    """The first `skips` down residuals of a diffusers `ControlNetModel`, equal to those of `controlnet(...)`, from
+    its own forward stopped after the down block that makes them: the deeper down blocks, the mid block and their
+    zero convolutions do not run (what a cached DeepCache step needs: `SplitUNet.shallow_skips()` residuals).
+    Scaling as the model's own: `conditioning_scale`, or guess mode's `logspace(-1, 0, n + 1)` per-block scales,
+    then the spatial mean where `global_pool_conditions`."""
+    made: list[torch.Tensor] = []
+
+    def first(module, args, kwargs):
+        made.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])  # conv_in + condition
+
+    def after(module, args, output):
+        made.extend(output[1])
+        if len(made) >= skips:
+            raise _ShallowResidualsDone
+
+    hooks = [controlnet.down_blocks[0].register_forward_pre_hook(first, with_kwargs=True)]
+    hooks += [block.register_forward_hook(after) for block in controlnet.down_blocks]
+    try:
+        controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            guess_mode=guess_mode,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
+        raise RuntimeError("the ControlNet's down blocks made fewer skips than the shallow branch takes")
+    except _ShallowResidualsDone:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    residuals = [block(skip) for skip, block in zip(made[:skips], controlnet.controlnet_down_blocks)]
+    pooled = bool(controlnet.config.global_pool_conditions)
+    if guess_mode and not pooled:
+        count = len(controlnet.controlnet_down_blocks)
+        scales = torch.logspace(-1, 0, count + 1, device=residuals[0].device) * conditioning_scale
+        residuals = [r * s for r, s in zip(residuals, scales)]
+    else:
+        residuals = [r * conditioning_scale for r in residuals]
+    if pooled:
+        residuals = [torch.mean(r, dim=(2, 3), keepdim=True) for r in residuals]
+    return residuals
 
 
 @dataclass(frozen=True)
@@ -233,6 +349,8 @@ def _timestep_count(scheduler, defaults: dict) -> int:
 class FeatureCache(Pass):
     name = "feature_cache"
     runtime_loras = True
+    # the U-Net is untouched; the nets run on every step and a shallow step adds the shallow skips' residuals
+    controlnet = "keeps_layout"
     config_class = FeatureCacheConfig
     stage = "scheduler"
     description = "reuse deep U-Net features across timesteps; recompute only the shallow branch (DeepCache)"

@@ -10,9 +10,11 @@ naming it, and when every pass of the recipe is such a no-op it stops with a one
 anything is lowered.
 
 On an inpainting U-Net (conv_in wider than the latents: + mask + masked-image latents) and on the SDXL refiner
-the manager refuses passes that sample their teacher as a text-to-image model (`Pass.text_to_image_teacher`)
-before any pass runs; on an inpainting U-Net it checks after each pass that conv_in still takes every input
-channel, and records `unet_in_channels` in each pass's metrics.
+the manager refuses passes that sample their teacher as a text-to-image model (`Pass.text_to_image_teacher`:
+the distillation passes) before any pass runs; calibration passes (ptq, quest_w4a4) run, their teacher sampled
+as the model runs (`teacher_data.teacher_task`). On an inpainting U-Net it checks after each pass that conv_in
+still takes every input channel, and records `unet_in_channels` in each pass's metrics. A pass's string
+metrics go to its record's `notes`.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class PassManager:
                     macs_before=macs,
                     macs_after=macs_after,
                     seconds=round(seconds, 4),
-                    metrics={k: float(v) for k, v in metrics.items()},
+                    metrics={k: float(v) for k, v in metrics.items() if not isinstance(v, str)},
+                    notes={k: v for k, v in metrics.items() if isinstance(v, str)},
                 )
             )
             params, macs = params_after, macs_after
@@ -165,12 +168,13 @@ class PassManager:
 
 def _teacher_unfit(arch: str, in_channels: int | None) -> tuple[str, str, str] | None:
     """For a model no text-to-image teacher can be sampled from: (how that teacher would be sampled, what the
-    model is, a pass that does run on it), for the refusal; None for a text-to-image model."""
+    model is, passes that do run on it), for the refusal; None for a text-to-image model."""
     if arch == "sdxl-refiner":
         refiner = "the SDXL refiner (aesthetic-score time ids, image-to-image)"
-        return " from noise with the base's time ids", refiner, "set_scheduler"
+        return " from noise with the base's time ids", refiner, "ptq, quest_w4a4, set_scheduler"
     if in_channels is not None:
-        return "", f"an inpainting U-Net ({in_channels} input channels: latents, mask, masked image)", "feature_cache"
+        model = f"an inpainting U-Net ({in_channels} input channels: latents, mask, masked image)"
+        return "", model, "ptq, quest_w4a4, feature_cache"
     return None
 
 

@@ -13,7 +13,9 @@ written as `unet/refresh.onnx` with its weights always in `unet/model.onnx.data`
 traced again: it is that graph with `out_sample` as its only output (`write_graph_view`), reading the same
 weights file, so the artifact holds the U-Net's weights once and `unet/model.onnx` is the plain U-Net that
 optimum runs (ONNX Runtime reads external data only from the graph's own folder, hence the shared folder).
-`unet_shallow/model.onnx` runs the shallow branch from the deep features (an extra input).
+`unet_shallow/model.onnx` runs the shallow branch from the deep features (an extra input). With ControlNets,
+each net's `<folder>/shallow.onnx` is its graph cut down to the residuals the shallow graph takes (a view,
+`write_graph_view`: the deeper blocks and the mid block are not in it).
 
 With ControlNets (`compile_pipeline(controlnet=...)`) each net is its own graph, `<folder>/model.onnx`
 (`controlnet/`, or `controlnet_<i>/` for several): `sample, timestep, encoder_hidden_states, controlnet_cond,
@@ -45,7 +47,7 @@ import torch
 from sdcompiler.passes.accounting import VaeDecode, unet_example_inputs
 from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.errors import LoweringError
-from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, shallow_controlnet_residuals
 
 OPSET = 18  # the default opset of the onnx and tensorrt targets (and of the ptq pass's export)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -113,19 +115,52 @@ class ControlNetForExport(torch.nn.Module):
         return (*down, mid)
 
 
-class CachedUNetForExport(torch.nn.Module):
-    """Feature cache: the full U-Net returning (out_sample, deep_features), or the shallow branch."""
+class ShallowControlNetForExport(torch.nn.Module):
+    """`ControlNetForExport` returning only its first `skips` down residuals (a feature cache's shallow step):
+    the module the onnx target verifies the ControlNet's shallow graph (a view of its graph) against."""
 
-    def __init__(self, unet, branch: int, shallow: bool):
+    def __init__(self, controlnet, skips: int):
+        super().__init__()
+        self.controlnet, self.skips = controlnet, skips
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, *added):
+        return tuple(
+            shallow_controlnet_residuals(
+                self.controlnet,
+                self.skips,
+                sample,
+                timestep,
+                encoder_hidden_states,
+                controlnet_cond,
+                conditioning_scale,
+                added_cond_kwargs={"text_embeds": added[0], "time_ids": added[1]} if added else None,
+            )
+        )
+
+
+class CachedUNetForExport(torch.nn.Module):
+    """Feature cache: the full U-Net returning (out_sample, deep_features), or the shallow branch. Inputs:
+    sample, timestep, encoder_hidden_states, `extra` by name (SDXL: text_embeds, time_ids), then, with
+    `residuals` > 0, that many ControlNet down residuals (full: every skip's, then the mid residual; shallow:
+    the shallow skips' only), then (shallow) the deep features."""
+
+    def __init__(self, unet, branch: int, shallow: bool, extra: list[str] | None = None, residuals: int = 0):
         super().__init__()
 
         self.split, self.shallow = SplitUNet(unet, branch), shallow
+        self.extra, self.residuals = list(extra or []), residuals
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        named = dict(zip(self.extra, rest))
+        added = (named.get("text_embeds"), named.get("time_ids"))
+        control = rest[len(self.extra) :]
+        down = tuple(control[: self.residuals]) if self.residuals else None
         if self.shallow:
-            *added, deep = rest
-            return self.split.shallow(sample, timestep, encoder_hidden_states, *added, deep=deep)
-        return self.split.full(sample, timestep, encoder_hidden_states, *rest)
+            return self.split.shallow(
+                sample, timestep, encoder_hidden_states, *added, deep=control[-1], down_residuals=down
+            )
+        mid = control[self.residuals] if self.residuals else None
+        return self.split.full(sample, timestep, encoder_hidden_states, *added, down_residuals=down, mid_residual=mid)
 
 
 class TextEncoderForExport(torch.nn.Module):
@@ -160,8 +195,18 @@ UNET_REFRESH = "unet_refresh"  # the feature cache's refresh graph: a component 
 GRAPH_PATHS = {UNET_REFRESH: "unet/refresh.onnx"}  # components not at `<name>/model.onnx`
 
 
+SHALLOW_CONTROLNET = "_shallow"  # `<folder>_shallow`: a ControlNet's shallow graph, `<folder>/shallow.onnx`
+
+
+def shallow_controlnet_graph(folder: str) -> str:
+    """The component name of the ControlNet graph in `folder` cut down to a feature cache's shallow residuals."""
+    return f"{folder}{SHALLOW_CONTROLNET}"
+
+
 def graph_path(name: str) -> str:
     """Where component `name`'s graph lies in an artifact, relative to its root."""
+    if name.startswith("controlnet") and name.endswith(SHALLOW_CONTROLNET):
+        return f"{name[: -len(SHALLOW_CONTROLNET)]}/shallow.onnx"
     return GRAPH_PATHS.get(name, f"{name}/model.onnx")
 
 
@@ -202,8 +247,9 @@ def component_exports(
     """The exports of `pipe`'s components in optimum's layout: text encoder(s), U-Net (with `cache`: the
     `unet_refresh` graph, the plain `unet` as its view, and `unet_shallow`; see the module docstring), VAE
     decoder, VAE encoder (`vae_encoder`); U-Net and text encoders at `precision`, the VAE at `vae_precision`
-    ("fp32" | "fp16"). With `controlnets` (artifact folder -> `ControlNetModel`, in call order; not with
-    `cache`), one graph per net named by its folder, at `precision`, and the U-Net with their residual inputs.
+    ("fp32" | "fp16"). With `controlnets` (artifact folder -> `ControlNetModel`, in call order), one graph per
+    net named by its folder, at `precision`, and the U-Net graphs with their residual inputs (`unet_shallow`:
+    the shallow skips' down residuals only).
     Example inputs come from a generator seeded 0, so the same pipeline always exports the same graphs."""
     dtype, vae_dtype = DTYPES[precision], DTYPES[vae_precision]
     generator = torch.Generator().manual_seed(0)
@@ -245,11 +291,11 @@ def component_exports(
         names.append("timestep_cond")
         axes |= {"timestep_cond": batch}
     extra, control, down_residuals = names[3:], [], 0
+    residual_names = []
     if controlnets:
-        if cache is not None:
-            raise LoweringError("a feature cache and ControlNets cannot share a U-Net graph yet; drop one of the two")
         control, residuals, residual_axes = _controlnet_exports(pipe, controlnets, args, names, axes, dtype, generator)
-        args, names, axes = args + residuals, names + list(residual_axes), axes | residual_axes
+        residual_names = list(residual_axes)
+        args, names, axes = args + residuals, names + residual_names, axes | residual_axes
         down_residuals = len(residuals) - 1
     unet_module = UNetForExport(pipe.unet, extra, down_residuals)
     unet = OnnxExport("unet", unet_module, tuple(args), names, ["out_sample"], axes, dtype)
@@ -258,7 +304,7 @@ def component_exports(
         exports.append(unet)
     else:  # the refresh graph also returns the deep features; `unet_shallow` runs the shallow branch from them
         deep_axes = {"deep_features": {0: "batch_size", 2: "deep_height", 3: "deep_width"}}
-        full = CachedUNetForExport(pipe.unet, cache.branch, shallow=False)
+        full = CachedUNetForExport(pipe.unet, cache.branch, False, extra, down_residuals)
         refresh_outputs = ["out_sample", "deep_features"]
         refresh = OnnxExport(
             UNET_REFRESH, full, tuple(args), names, refresh_outputs, axes | deep_axes, dtype, external_weights=True
@@ -266,14 +312,29 @@ def component_exports(
         exports += [refresh, replace(unet, view_of=UNET_REFRESH)]
         with torch.no_grad():
             deep = full(*args)[1]
+        shallow = CachedUNetForExport(pipe.unet, cache.branch, True, extra)
+        if down_residuals:  # only the residuals of the skips the shallow branch makes
+            shallow.residuals = shallow.split.shallow_skips()
+        # each ControlNet's graph cut down to those residuals: the nets stop there on a shallow step
+        for net in list(control):
+            module = ShallowControlNetForExport(net.module.controlnet, shallow.residuals)
+            outputs = net.output_names[: shallow.residuals]
+            axes_kept = {n: a for n, a in net.dynamic_axes.items() if n in net.input_names or n in outputs}
+            name = shallow_controlnet_graph(net.name)
+            view = replace(
+                net, name=name, module=module, output_names=outputs, dynamic_axes=axes_kept, view_of=net.name
+            )
+            exports.append(view)
+        kept = len(names) - len(residual_names) + shallow.residuals
+        shallow_names = [*names[:kept], "deep_features"]
         exports.append(
             OnnxExport(
                 "unet_shallow",
-                CachedUNetForExport(pipe.unet, cache.branch, shallow=True),
-                (*args, deep),
-                [*names, "deep_features"],
+                shallow,
+                (*args[:kept], deep),
+                shallow_names,
                 ["out_sample"],
-                axes | deep_axes,
+                {n: a for n, a in (axes | deep_axes).items() if n in shallow_names or n == "out_sample"},
                 dtype,
             )
         )

@@ -24,7 +24,12 @@ float, as modelopt's diffusers example does: a negligible share of the MACs, a l
 Steps (the pass makes the deployed graph itself, so the SQNR it records is that graph's):
 1. calibration data: every U-Net input along the teacher's own CFG sampling trajectories
    (`teacher_data.teacher_trajectories`: `calib_prompts` prompts x `calib_steps` steps, seeded by the compile
-   seed, cached by content hash) and held-out trajectories of `held_out_prompts` other prompts (seed + 1);
+   seed, cached by content hash) and held-out trajectories of `held_out_prompts` other prompts (seed + 1); an
+   inpainting U-Net's through the inpainting pipeline with seeded synthetic images and masks, the refiner's
+   image-to-image (`teacher_data.teacher_task`); with ControlNets through diffusers' ControlNet pipeline with
+   seeded synthetic control images, the U-Net fed their residuals; the record's notes name them
+   (`calibration_data`) and say whether conv_in (9 input channels on an inpainting U-Net) was quantized
+   (`conv_in`: default float) and how the ControlNets were (`controlnets`);
 2. export of the float U-Net with the onnx target's interface (TorchScript exporter; inputs `sample`,
    `timestep`, `encoder_hidden_states` [, `text_embeds`, `time_ids`], output `out_sample`, dynamic
    batch and latent size) to a work folder;
@@ -37,6 +42,13 @@ tool versions; a rerun reuses it, metrics included) and handed to the target as
 `ctx.products.unet_quantization`, a `QuantizedUNet` (backend "onnxruntime"): the onnx target's
 `quantize_onnx` stage puts its graph in place of its own float U-Net export and records its settings. The torch U-Net is not changed, so the
 `torch` target, which would run it in float, is refused up front (`targets`).
+
+With ControlNets and `quantize_controlnets` (modelopt backend, target torch) the nets are quantized too, with the
+U-Net's precision, level and scheme (`CONTROLNET_EXCLUDE` kept float besides `exclude`): each calibrated first on
+its own inputs along the calibration trajectories, then the U-Net on the residuals of the quantized nets; the
+target deploys them as INT8 / FP8 layers (`QuantizedUNet.controlnet_layers`) and `rebuild_controlnet` makes them
+again at load. Metrics: `controlnet_residual_sqnr_db` (summed residuals, fake-quant vs float nets, held out) and
+`controlnet_quantized_layers`; `sqnr_db` is then the eps of the quantized U-Net fed by the quantized nets.
 
 For target "tensorrt" (and for fp8) the pass runs its modelopt backend instead (`ptq_modelopt`):
 `mtq.quantize` fake-quantizes `pipe.unet` in place (INT8 with SmoothQuant, or FP8 E4M3; TensorRT demo's
@@ -70,10 +82,10 @@ from sdcompiler.passes.architectures import ArchSpec
 from sdcompiler.passes.base import Pass, PassContext, QuantizedUNet, register_pass
 from sdcompiler.passes.config import PassConfig
 from sdcompiler.passes.errors import PassError, require
-from sdcompiler.passes.onnx_export import OPSET, component_exports, export_model
+from sdcompiler.passes.onnx_export import MID_RESIDUAL, OPSET, component_exports, down_residual_names, export_model
 from sdcompiler.passes.ptq_modelopt import DEFAULT_EXCLUDE as MODELOPT_EXCLUDE
 from sdcompiler.passes.ptq_modelopt import MODELOPT_LEVELS, module_excluded
-from sdcompiler.passes.teacher_data import Trajectories, take_prompts, teacher_trajectories
+from sdcompiler.passes.teacher_data import Trajectories, calibration_inputs, take_prompts, teacher_trajectories
 from sdcompiler.passes.training import sqnr_db
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -110,6 +122,9 @@ class PtqConfig(PassConfig):
     exclude: tuple[str, ...] | None = None
     level: float = 3.0  # modelopt: TensorRT demo's quantization level 1 / 2 / 2.5 / 3 / 4 (ptq_modelopt)
     smoothquant_alpha: float | None = 0.8  # modelopt int8: SmoothQuant migration strength; null: off
+    # with ControlNets (target torch): quantize the nets too, same precision, level and scheme, calibrated on
+    # their own inputs along the same trajectories; `exclude` plus CONTROLNET_EXCLUDE stay float in them
+    quantize_controlnets: bool = False
 
     def __post_init__(self):
         if self.calib_prompts < 1 or self.held_out_prompts < 1 or self.calib_steps < 1:
@@ -149,6 +164,23 @@ class PtqConfig(PassConfig):
         return MODELOPT_EXCLUDE if backend == "modelopt" else ORT_EXCLUDE
 
 
+# a ControlNet's layers kept in float besides `exclude`: the first conv of its control-image encoder (3 input
+# channels, as conv_in) and the 1x1 zero convs whose outputs are the residuals (as conv_out)
+CONTROLNET_EXCLUDE = ("controlnet_cond_embedding.conv_in", "controlnet_down_blocks", "controlnet_mid_block")
+
+
+def controlnet_excluded(config: PtqConfig) -> tuple[str, ...]:
+    """The module patterns `quantize_controlnets` keeps float in a ControlNet: the U-Net's, `CONTROLNET_EXCLUDE` too."""
+    return (*config.excluded("modelopt"), *CONTROLNET_EXCLUDE)
+
+
+def controlnet_layers(net, config: PtqConfig) -> dict[str, str]:
+    """The layers of a ControlNet that `quantize_controlnets` quantizes."""
+    from sdcompiler.passes import ptq_modelopt as mo
+
+    return mo.selected_layers(net, config.level, controlnet_excluded(config))
+
+
 def calibration_resolution(config: PtqConfig, pipe) -> int:
     """Pixels the pass calibrates and measures at: `config.resolution`, else the model's native size capped at
     `DEFAULT_MAX_RESOLUTION` (a full-size model calibrates at 256 px in minutes on a CPU; a tiny one at its
@@ -172,10 +204,11 @@ def check_calibration_memory(pipe, config: PtqConfig, resolution: int) -> None:
 # --- export -------------------------------------------------------------------------------------------
 
 
-def export_float_unet(pipe, spec: ArchSpec, folder: Path) -> Path:
+def export_float_unet(pipe, spec: ArchSpec, folder: Path, controlnets=None) -> Path:
     """The float U-Net exported exactly as the onnx target exports it (its wrapper, input/output names,
-    dynamic axes, trace size and opset), to `folder/model.onnx` (+ `model.onnx.data` when large)."""
-    (unet,) = [e for e in component_exports(pipe, spec) if e.name == "unet"]
+    dynamic axes, trace size and opset; with `controlnets`, the residual inputs), to `folder/model.onnx` (+
+    `model.onnx.data` when large)."""
+    (unet,) = [e for e in component_exports(pipe, spec, controlnets=controlnets) if e.name == "unet"]
     return export_model(unet, folder, OPSET)
 
 
@@ -215,8 +248,25 @@ def excluded_nodes(model, patterns: tuple[str, ...]) -> list[str]:
 # --- calibration and quantization -------------------------------------------------------------------
 
 
+class StepResiduals:
+    """The ControlNets' residuals along trajectories as U-Net graph feeds: one step's, for every row at once,
+    kept until another step is asked for (feeds go step by step). No nets: no feeds."""
+
+    def __init__(self, data: Trajectories, controlnets=()):
+        self.data, self.nets = data, list(controlnets)
+        self.step, self.values = None, []
+
+    def __call__(self, step: int, row: int) -> dict[str, np.ndarray]:
+        if not self.nets:
+            return {}
+        if step != self.step:
+            self.step, self.values = step, self.data.step_residuals(self.nets, step)
+        names = [*down_residual_names(len(self.values) - 1), MID_RESIDUAL]
+        return {name: value[row : row + 1].numpy() for name, value in zip(names, self.values)}
+
+
 def _feed(data: Trajectories, step: int, row: int) -> dict[str, np.ndarray]:
-    """One U-Net input of the trajectories as an ONNX Runtime feed (batch 1)."""
+    """One U-Net input of the trajectories as an ONNX Runtime feed (batch 1; the residuals come separately)."""
     feed = {
         "sample": data.samples[step, row : row + 1].numpy(),
         "timestep": np.asarray(data.timesteps[step].item(), dtype=np.float32),
@@ -234,9 +284,12 @@ def _feeds(data: Trajectories) -> list[tuple[int, int]]:
     return [(step, row) for step in range(len(data.timesteps)) for row in range(data.samples.shape[1])]
 
 
-def _reader(data: Trajectories):
-    """A CalibrationDataReader over every (step, row) input; `set_range` lets ORT calibrate in chunks."""
+def _reader(data: Trajectories, controlnets=()):
+    """A CalibrationDataReader over every (step, row) input (+ the float `controlnets`' residuals); `set_range`
+    lets ORT calibrate in chunks."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    residuals = StepResiduals(data, controlnets)
 
     class TrajectoryReader(CalibrationDataReader):
         def __init__(self):
@@ -251,7 +304,7 @@ def _reader(data: Trajectories):
 
         def get_next(self):
             item = next(self.pending, None)
-            return None if item is None else _feed(data, *item)
+            return None if item is None else _feed(data, *item) | residuals(*item)
 
     return TrajectoryReader()
 
@@ -263,8 +316,9 @@ class _PreprocessHint(logging.Filter):
         return "pre-processing" not in record.getMessage()
 
 
-def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqConfig) -> dict[str, Any]:
-    """Quantize the float graph `source` into `target` (QDQ); returns the settings for the record."""
+def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqConfig, controlnets=()) -> dict[str, Any]:
+    """Quantize the float graph `source` into `target` (QDQ; with `controlnets`, the graph takes their residuals,
+    computed along `calib` by the float nets); returns the settings for the record."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -285,7 +339,7 @@ def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqCo
             quantize_static(
                 str(source),
                 str(target),
-                _reader(calib),
+                _reader(calib, controlnets),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(config.op_types),
                 per_channel=config.per_channel,
@@ -313,18 +367,22 @@ def quantize_unet(source: Path, target: Path, calib: Trajectories, config: PtqCo
     }
 
 
-def eps_sqnr(unet, graph: Path, data: Trajectories) -> float:
-    """eps SQNR (dB) of the ONNX graph (CPU execution provider) vs the torch U-Net, over every input."""
+def eps_sqnr(unet, graph: Path, data: Trajectories, controlnets=()) -> float:
+    """eps SQNR (dB) of the ONNX graph (CPU execution provider) vs the torch U-Net, over every input (both fed
+    the float `controlnets`' residuals)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
     reference, estimate = [], []
+    residuals = StepResiduals(data, controlnets)
     with torch.no_grad():
         for step, row in _feeds(data):
-            feed = _feed(data, step, row)
+            extra = residuals(step, row)
+            feed = _feed(data, step, row) | extra
             estimate.append(torch.from_numpy(session.run(["out_sample"], feed)[0]))
+            fed = [torch.from_numpy(value) for value in extra.values()]
             added = (
                 None
                 if data.text_embeds is None
@@ -339,6 +397,8 @@ def eps_sqnr(unet, graph: Path, data: Trajectories) -> float:
                     data.timesteps[step],
                     torch.from_numpy(feed["encoder_hidden_states"]),
                     added_cond_kwargs=added,
+                    down_block_additional_residuals=fed[:-1] or None,
+                    mid_block_additional_residual=fed[-1] if fed else None,
                 ).sample
             )
     return sqnr_db(torch.cat(reference), torch.cat(estimate))
@@ -347,7 +407,9 @@ def eps_sqnr(unet, graph: Path, data: Trajectories) -> float:
 def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
     versions = {p: version(p) for p in ("torch", "onnx", "onnxruntime")}
     text = json.dumps(
-        [FORMAT_VERSION, ctx.model_key, config.to_dict(), ctx.seed, resolution, OPSET, versions], sort_keys=True
+        [FORMAT_VERSION, ctx.model_key, config.to_dict(), ctx.seed, resolution, OPSET, versions]
+        + ([ctx.controlnets_key] if ctx.controlnets else []),
+        sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -355,10 +417,10 @@ def _cache_key(config: PtqConfig, ctx: PassContext, resolution: int) -> str:
 @register_pass
 class Ptq(Pass):
     name = "ptq"
-    text_to_image_teacher = True  # refused on inpainting U-Nets and the refiner (`PassManager`)
     config_class = PtqConfig
     stage = "quantize"
-    controlnet = "keeps_layout"  # the U-Net's layers are quantized in place; ControlNets stay float
+    # the U-Net's layers are quantized in place; ControlNets stay float unless `quantize_controlnets`
+    controlnet = "keeps_layout"
     targets = ("onnx", "tensorrt", "torch")
     deploys_modules = True  # target torch: INT8 / FP8 layers that `rebuild` makes again at load
     description = (
@@ -385,6 +447,16 @@ class Ptq(Pass):
                 "takes (time_cond_proj_dim); quantize a model without one"
             )
         backend = config.backend_for(ctx.target)
+        if config.quantize_controlnets and not ctx.controlnets:
+            raise PassError(
+                "quantize_controlnets is set but this compile has no ControlNet; pass controlnet=PATH (CLI: "
+                "--controlnet PATH) or drop quantize_controlnets"
+            )
+        if config.quantize_controlnets and (backend != "modelopt" or ctx.target != "torch"):
+            raise PassError(
+                f"quantize_controlnets makes INT8 / FP8 ControlNet layers for target 'torch' (modelopt backend); "
+                f"this compile is target {ctx.target!r} with backend {backend!r}: use target='torch'"
+            )
         if backend == "modelopt":
             if config.calibration == "entropy":
                 raise PassError(
@@ -401,17 +473,34 @@ class Ptq(Pass):
             require("onnxruntime", "cpu", "ptq int8 for target onnx")  # or [gpu]: onnxruntime-gpu
             check_calibration_memory(pipe, config, calibration_resolution(config, pipe))
 
-    def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float]:
+    def run(self, pipe, config: PtqConfig, ctx: PassContext) -> dict[str, float | str]:
         pipe.unet.eval()
         resolution = calibration_resolution(config, pipe)
-        if config.backend_for(ctx.target) == "modelopt":
-            return self._quantize_modelopt(pipe, config, ctx, resolution) | {"resolution": resolution}
-        folder = ctx.cache_dir / "ptq" / _cache_key(config, ctx, resolution)
-        if not (folder / "metrics.json").exists():
-            self._quantize(pipe, config, ctx, resolution, folder)
-        record = json.loads((folder / "metrics.json").read_text())
-        ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
-        return record["metrics"] | {"resolution": resolution}
+        backend = config.backend_for(ctx.target)
+        # inpainting / refiner: synthetic images (+ masks); ControlNets: synthetic control images
+        notes = {"calibration_data": calibration_inputs(pipe, len(ctx.controlnets))}
+        if ctx.controlnets:
+            notes["controlnets"] = (
+                f"{config.precision}, the U-Net's level and scheme ({', '.join(CONTROLNET_EXCLUDE)} kept float)"
+                if config.quantize_controlnets
+                else "float (quantize_controlnets: false)"
+            )
+        if backend == "modelopt":
+            metrics = self._quantize_modelopt(pipe, config, ctx, resolution)
+            quantized = "conv_in" in ctx.products.unet_quantization.layers
+        else:
+            folder = ctx.cache_dir / "ptq" / _cache_key(config, ctx, resolution)
+            if not (folder / "metrics.json").exists():
+                self._quantize(pipe, config, ctx, resolution, folder)
+            record = json.loads((folder / "metrics.json").read_text())
+            ctx.products.unet_quantization = QuantizedUNet("onnxruntime", config.precision, record["settings"], folder)
+            metrics = record["metrics"]
+            quantized = not module_excluded("conv_in", config.excluded(backend))
+        width = pipe.unet.conv_in.in_channels
+        notes["conv_in"] = (
+            f"{config.precision} over all {width} input channels" if quantized else f"float ({width} input channels)"
+        )
+        return metrics | {"resolution": resolution} | notes
 
     def rebuild(self, pipe, config: PtqConfig) -> None:
         """Target torch: the INT8 / FP8 layers the artifact stores, empty (filled by the stored state)."""
@@ -421,6 +510,18 @@ class Ptq(Pass):
         layers = mo.selected_layers(pipe.unet, config.level, config.excluded("modelopt"))
         smoothed = mo.uses_smoothquant(config.precision, config.smoothquant_alpha)
         lowp_modules(pipe.unet, layers, config.precision, smoothed, empty=True)
+
+    def rebuild_controlnet(self, controlnet, config: PtqConfig) -> bool:
+        """Target torch with `quantize_controlnets`: the net's INT8 / FP8 layers, empty (the stored state fills
+        them)."""
+        if not config.quantize_controlnets:
+            return False
+        from sdcompiler.passes import ptq_modelopt as mo
+        from sdcompiler.passes.ptq_lowp import lowp_modules
+
+        smoothed = mo.uses_smoothquant(config.precision, config.smoothquant_alpha)
+        lowp_modules(controlnet, controlnet_layers(controlnet, config), config.precision, smoothed, empty=True)
+        return True
 
     def _trajectories(
         self, pipe, config: PtqConfig, ctx: PassContext, resolution: int
@@ -434,6 +535,8 @@ class Ptq(Pass):
             cache_dir=ctx.cache_dir,
             model_key=ctx.model_key,
         )
+        if ctx.controlnets:  # sampled through the ControlNet pipeline: the U-Net sees the nets' residuals
+            common |= {"controlnets": list(ctx.controlnets.values()), "controlnets_key": ctx.controlnets_key}
         calib = teacher_trajectories(pipe, prompts[: config.calib_prompts], seed=ctx.seed, **common)
         held = teacher_trajectories(pipe, prompts[config.calib_prompts :], seed=ctx.seed + 1, **common)
         return calib, held
@@ -446,12 +549,13 @@ class Ptq(Pass):
             work, result = Path(tmp) / "work", Path(tmp) / "result"
             work.mkdir()
             result.mkdir()
-            exported = export_float_unet(pipe, ctx.spec, work / "exported")
+            nets = list(ctx.controlnets.values())
+            exported = export_float_unet(pipe, ctx.spec, work / "exported", ctx.controlnets or None)
             simplify_graph(exported, work / "model.onnx")
-            settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config)
+            settings = quantize_unet(work / "model.onnx", result / "model.onnx", calib, config, nets)
             shutil.rmtree(work)  # the float graph: up to 10 GB (SDXL) that the SQNR session does not need
             metrics = {
-                "sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held),
+                "sqnr_db": eps_sqnr(pipe.unet, result / "model.onnx", held, nets),
                 "calibration_inputs": settings["calibration_inputs"],
                 "excluded_nodes": settings["excluded_nodes"],
             }
@@ -476,9 +580,32 @@ class Ptq(Pass):
             percentile=config.percentile,
         )
         label = (lambda text: f"ptq {config.precision} {text}") if ctx.show_progress else (lambda text: None)
-        reference = held.eps(unet, label("reference"))
-        mo.quantize(unet, quant, lambda model: calib.eps(model, label("calibrate")))
-        estimate = held.eps(unet, label("measure"))
+        nets = list(ctx.controlnets.values())
+        reference = held.eps(unet, label("reference"), nets)
+        net_layers, net_metrics = {}, {}
+        if config.quantize_controlnets:  # the nets first: their inputs do not depend on the U-Net, its do on them
+            reference_residuals = held.residuals(nets, label("controlnet reference"))
+            for folder, net in ctx.controlnets.items():
+                net_quant = mo.quant_config(
+                    net,
+                    config.precision,
+                    config.level,
+                    controlnet_excluded(config),
+                    smoothquant_alpha=config.smoothquant_alpha,
+                    calibration=config.calibration,
+                    percentile=config.percentile,
+                )
+                loop = lambda model, folder=folder: calib.residuals([model], label(f"calibrate {folder}"))  # noqa: E731
+                mo.quantize(net, net_quant, loop)
+                net_layers[folder] = net_quant["layers"]
+            net_metrics = {
+                "controlnet_residual_sqnr_db": sqnr_db(
+                    reference_residuals, held.residuals(nets, label("controlnet measure"))
+                ),
+                "controlnet_quantized_layers": sum(len(v) for v in net_layers.values()),
+            }
+        mo.quantize(unet, quant, lambda model: calib.eps(model, label("calibrate"), nets))
+        estimate = held.eps(unet, label("measure"), nets)
         layers = quant["layers"]
         settings = {
             "backend": "modelopt",
@@ -494,12 +621,18 @@ class Ptq(Pass):
             "quantized_layers": len(layers),
             "quantized_attention": config.level >= 4,
             "exclude": list(exclude),
-            "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)",
+            "sqnr_of": "the fake-quantized torch U-Net (modelopt's simulation of the Q/DQ graph)"
+            + (" fed by the ControlNets' residuals" if nets else ""),
         }
-        ctx.products.unet_quantization = QuantizedUNet("modelopt", config.precision, settings, layers=dict(layers))
+        if net_layers:
+            settings["controlnets"] = {folder: len(v) for folder, v in net_layers.items()}
+            settings["controlnet_exclude"] = list(CONTROLNET_EXCLUDE)
+        ctx.products.unet_quantization = QuantizedUNet(
+            "modelopt", config.precision, settings, layers=dict(layers), controlnet_layers=net_layers
+        )
         return {
             "sqnr_db": sqnr_db(reference, estimate),
             "calibration_inputs": calib.samples.shape[0] * calib.samples.shape[1],
             "quantized_layers": len(layers),
             "quantizers": len(mo.quantizers(unet)),
-        }
+        } | net_metrics

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sdcompiler.archs import get_arch
-from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps
+from sdcompiler.passes.feature_cache import CacheSettings, SplitUNet, full_steps, shallow_controlnet_residuals
 from sdcompiler.passes.onnx_export import MID_RESIDUAL, down_residual_names, vae_encoding
 from sdcompiler.sampling import Components, ControlNets, TextEncoding
 
@@ -153,11 +153,14 @@ def cache_settings(manifest: dict[str, Any]):
 
 @dataclass
 class FeatureCache:
-    """The sampling loop's view: two U-Net callables and the step plan."""
+    """The sampling loop's view: two U-Net callables and the step plan. Both take ControlNet residuals as the
+    U-Net does (`down_residuals=`, `mid_residual=`); the shallow call uses the shallow skips' down residuals
+    only (the rest live in the cached deep features)."""
 
     settings: CacheSettings
-    full: Callable  # (sample, t, embeds, text_embeds, time_ids) -> (eps, deep)
-    shallow: Callable  # (sample, t, embeds, text_embeds, time_ids, deep) -> eps
+    full: Callable  # (sample, t, embeds, text_embeds, time_ids[, down_residuals, mid_residual]) -> (eps, deep)
+    shallow: Callable  # (sample, t, embeds, text_embeds, time_ids, deep[, down_residuals, mid_residual]) -> eps
+    skips: int | None = None  # the down residuals the shallow call takes (`SplitUNet.shallow_skips`)
 
     def plan(self, num_steps: int) -> list[bool]:
         return full_steps(num_steps, self.settings)
@@ -165,7 +168,7 @@ class FeatureCache:
 
 def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode: str | None = None) -> FeatureCache:
     """FeatureCache over a torch U-Net (inputs and outputs as the sampling loop passes them); `compile_mode`:
-    torch.compile the full and shallow calls."""
+    torch.compile the full and shallow calls (with ControlNet residuals too: dynamo guards on their shapes)."""
     split = SplitUNet(unet, settings.branch)
     dtype = unet.dtype
     run_full, run_shallow = split.full, split.shallow
@@ -178,19 +181,29 @@ def torch_feature_cache(unet, device: str, settings: CacheSettings, compile_mode
         cast = lambda x: None if x is None else x.to(device, dtype)
         return cast(sample), cast(embeds), cast(text_embeds), cast(time_ids)
 
-    def full(sample, timestep, embeds, text_embeds=None, time_ids=None):
+    def cast_residuals(down_residuals, mid_residual):
+        if down_residuals is None:
+            return None, None
+        mid = None if mid_residual is None else mid_residual.to(device, dtype)  # a shallow step's: none
+        return [d.to(device, dtype) for d in down_residuals], mid
+
+    def full(sample, timestep, embeds, text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None):
         sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
+        down, mid = cast_residuals(down_residuals, mid_residual)
         with torch.inference_mode():
-            eps, deep = run_full(sample, timestep, embeds, text_embeds, time_ids)
+            eps, deep = run_full(sample, timestep, embeds, text_embeds, time_ids, down, mid)
         return eps.float().cpu(), deep
 
-    def shallow(sample, timestep, embeds, text_embeds=None, time_ids=None, deep=None):
+    def shallow(
+        sample, timestep, embeds, text_embeds=None, time_ids=None, deep=None, down_residuals=None, mid_residual=None
+    ):
         sample, embeds, text_embeds, time_ids = prepare(sample, text_embeds, time_ids, embeds)
+        down, _ = cast_residuals(down_residuals, mid_residual)
         with torch.inference_mode():
-            eps = run_shallow(sample, timestep, embeds, text_embeds, time_ids, deep)
+            eps = run_shallow(sample, timestep, embeds, text_embeds, time_ids, deep, down)
         return eps.float().cpu()
 
-    return FeatureCache(settings, full, shallow)
+    return FeatureCache(settings, full, shallow, skips=split.shallow_skips())
 
 
 # --- torch -----------------------------------------------------------------------------------
@@ -239,9 +252,11 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         text_embeds=None,
         time_ids=None,
         timestep_cond=None,
-        down=None,
         mid=None,
+        *down,
     ):
+        # ControlNet residuals as flat tensor arguments (the mid block's, then the down blocks'), so that a CUDA
+        # graph has a static buffer for each and torch.compile guards on their shapes; none: no ControlNet
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return unet(
             sample,
@@ -249,7 +264,7 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
             encoder_hidden_states,
             added_cond_kwargs=added,
             timestep_cond=timestep_cond,
-            down_block_additional_residuals=down,  # ControlNet residuals (None: none)
+            down_block_additional_residuals=list(down) if down else None,
             mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
@@ -275,42 +290,42 @@ def torch_unet(unet: torch.nn.Module, device: str, cuda_graphs: bool = False, co
         mid_residual=None,
     ):
         cast = lambda x: None if x is None else x.to(device, dtype)
-        if down_residuals is not None:  # ControlNet: eager (no captured graph takes the residuals yet)
-            with torch.inference_mode():
-                out = call(
-                    cast(sample),
-                    timestep,
-                    cast(encoder_hidden_states),
-                    cast(text_embeds),
-                    cast(time_ids),
-                    cast(timestep_cond),
-                    [cast(d) for d in down_residuals],
-                    cast(mid_residual),
-                )
-            return out.float().cpu()
+        residuals = () if down_residuals is None else (cast(mid_residual), *(cast(d) for d in down_residuals))
         # the timestep as a device tensor: a CUDA graph replays whatever the buffer holds
         t = torch.as_tensor(timestep, dtype=torch.float32).to(device) if cuda_graphs else timestep
         with torch.inference_mode():
             out = forward(
-                cast(sample), t, cast(encoder_hidden_states), cast(text_embeds), cast(time_ids), cast(timestep_cond)
+                cast(sample),
+                t,
+                cast(encoder_hidden_states),
+                cast(text_embeds),
+                cast(time_ids),
+                cast(timestep_cond),
+                *residuals,
             )
         return out.float().cpu()
 
     return run
 
 
-def torch_controlnets(nets: list[torch.nn.Module], device: str) -> ControlNets:
+def torch_controlnets(nets: list[torch.nn.Module], device: str, compile_mode: str | None = None) -> ControlNets:
     """The sampling loop's ControlNets over diffusers `ControlNetModel`s: each net's residuals scaled by its
     scale, summed over the nets in order as diffusers' `MultiControlNetModel` sums them; kept on `device` for
-    the U-Net call."""
+    the U-Net call. `compile_mode`: each net's whole forward under torch.compile (a deepcache step's stopped nets
+    run eagerly)."""
     dtype = nets[0].dtype
+    forwards = list(nets)
+    if compile_mode is not None:
+        from sdcompiler.cuda_graphs import compiled
+
+        forwards = [compiled(net, compile_mode) for net in nets]
 
     def residuals(sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids):
         cast = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
         added = None if text_embeds is None else {"text_embeds": cast(text_embeds), "time_ids": cast(time_ids)}
         down = mid = None
         with torch.inference_mode():
-            for net, image, scale in zip(nets, images, scales):
+            for net, image, scale in zip(forwards, images, scales):
                 down_i, mid_i = net(
                     cast(sample),
                     timestep,
@@ -328,8 +343,32 @@ def torch_controlnets(nets: list[torch.nn.Module], device: str) -> ControlNets:
                     mid = mid + mid_i
         return down, mid
 
+    def shallow_residuals(skips, sample, timestep, encoder_hidden_states, images, scales, guess_mode, *added):
+        """The first `skips` down residuals, each net stopped after the down block that makes them."""
+        cast = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
+        text_embeds, time_ids = added
+        extra = None if text_embeds is None else {"text_embeds": cast(text_embeds), "time_ids": cast(time_ids)}
+        total = None
+        with torch.inference_mode():
+            for net, image, scale in zip(nets, images, scales):
+                down = shallow_controlnet_residuals(
+                    net,
+                    skips,
+                    cast(sample),
+                    timestep,
+                    cast(encoder_hidden_states),
+                    cast(image),
+                    scale,
+                    guess_mode,
+                    extra,
+                )
+                total = down if total is None else [a + b for a, b in zip(total, down)]
+        return total
+
     global_pool = bool(getattr(nets[0].config, "global_pool_conditions", False))
-    return ControlNets(residuals=residuals, count=len(nets), global_pool_conditions=global_pool)
+    return ControlNets(
+        residuals=residuals, count=len(nets), global_pool_conditions=global_pool, shallow_residuals=shallow_residuals
+    )
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------
@@ -455,20 +494,22 @@ def ort_unet(model: OrtModel):
     return run
 
 
-def ort_controlnets(nets: list[OrtModel], configs: list[dict]) -> ControlNets:
+def ort_controlnets(nets: list[OrtModel], configs: list[dict], shallow: list[OrtModel] | None = None) -> ControlNets:
     """The sampling loop's ControlNets over ControlNet graphs (`sdcompiler.passes.onnx_export`) and their diffusers
     configs: each graph returns its residuals times its `conditioning_scale`; in guess mode (for a net without
     `global_pool_conditions`) the graph runs at scale 1 and its residuals get diffusers' per-block scales,
-    `logspace(-1, 0, n) * scale`; the residuals are summed over the nets in order, as `MultiControlNetModel`."""
+    `logspace(-1, 0, n) * scale`; the residuals are summed over the nets in order, as `MultiControlNetModel`.
+    `shallow` (a feature cache's artifact): each net's graph cut down to the first down residuals, which the
+    loop's shallow steps take (`ControlNets.shallow_residuals`)."""
     outputs = nets[0].outputs  # down_block_<i>_additional_residual..., mid_block_additional_residual
 
-    def residuals(sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids):
+    def run(graphs, sample, timestep, encoder_hidden_states, images, scales, guess_mode, text_embeds, time_ids):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
         total = None
-        for net, config, image, scale in zip(nets, configs, images, scales):
+        for net, config, image, scale in zip(graphs, configs, images, scales):
             per_block = guess_mode and not config.get("global_pool_conditions", False)
             out = net(
-                outputs,
+                net.outputs,
                 sample=sample,
                 timestep=t,
                 encoder_hidden_states=encoder_hidden_states,
@@ -477,42 +518,73 @@ def ort_controlnets(nets: list[OrtModel], configs: list[dict]) -> ControlNets:
                 text_embeds=text_embeds,
                 time_ids=time_ids,
             )
-            result = [out[name] for name in outputs]
-            if per_block:  # as diffusers' ControlNetModel in guess mode
-                block_scales = torch.logspace(-1, 0, len(result)) * scale
+            result = [out[name] for name in net.outputs]
+            if per_block:  # as diffusers' ControlNetModel in guess mode (scales over all of the net's residuals)
+                block_scales = torch.logspace(-1, 0, len(outputs)) * scale
                 result = [r * s for r, s in zip(result, block_scales)]
             total = result if total is None else [a + b for a, b in zip(total, result)]
+        return total
+
+    def residuals(*inputs):
+        total = run(nets, *inputs)
         return total[:-1], total[-1]
 
+    def shallow_residuals(skips, *inputs):
+        if len(shallow[0].outputs) != skips:
+            raise ValueError(f"the ControlNets' shallow graphs return {len(shallow[0].outputs)} residuals, not {skips}")
+        return run(shallow, *inputs)
+
     pooled = bool(configs[0].get("global_pool_conditions", False))
-    return ControlNets(residuals=residuals, count=len(nets), global_pool_conditions=pooled)
+    return ControlNets(
+        residuals=residuals,
+        count=len(nets),
+        global_pool_conditions=pooled,
+        shallow_residuals=shallow_residuals if shallow else None,
+    )
 
 
 def ort_feature_cache(refresh: OrtModel, shallow: OrtModel, settings):
     """FeatureCache over the refresh graph (the U-Net with a second output, the deep features) and the
-    shallow-branch graph."""
+    shallow-branch graph; ControlNet residuals go to the graphs' residual inputs by name (the shallow graph
+    declares the shallow skips' down residuals only; `OrtModel` feeds the inputs a graph declares)."""
 
-    def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals, mid_residual):
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(())
+        residuals = {}
+        if down_residuals is not None:
+            residuals = dict(zip(down_residual_names(len(down_residuals)), down_residuals))
+            residuals[MID_RESIDUAL] = mid_residual
         return dict(
             sample=sample,
             timestep=t,
             encoder_hidden_states=encoder_hidden_states,
             text_embeds=text_embeds,
             time_ids=time_ids,
+            **residuals,
         )
 
-    def full(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        out = refresh(
-            ["out_sample", "deep_features"], **feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
-        )
+    def full(
+        sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, down_residuals=None, mid_residual=None
+    ):
+        inputs = feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals, mid_residual)
+        out = refresh(["out_sample", "deep_features"], **inputs)
         return out["out_sample"], out["deep_features"]
 
-    def run_shallow(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, deep=None):
-        inputs = feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+    def run_shallow(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        deep=None,
+        down_residuals=None,
+        mid_residual=None,
+    ):
+        inputs = feed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals, mid_residual)
         return shallow(["out_sample"], deep_features=deep, **inputs)["out_sample"]
 
-    return FeatureCache(settings, full, run_shallow)
+    skips = sum(name.startswith("down_block_") for name in shallow.inputs)  # the ControlNet residuals it takes
+    return FeatureCache(settings, full, run_shallow, skips=skips or None)
 
 
 def ort_vae_decoder(model: OrtModel):

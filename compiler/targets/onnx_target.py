@@ -49,6 +49,7 @@ from sdcompiler.passes.onnx_export import (
     graph_path,
     initializer_names,
     lora_weight_map,
+    shallow_controlnet_graph,
     write_graph_view,
 )
 from sdcompiler.targets.base import (
@@ -279,7 +280,13 @@ class OnnxTarget(Target):
                 configs.append(controlnet_config(confined(root, entry["folder"], "a ControlNet folder")))
                 nets.append(session(entry["folder"]))
             check_residual_inputs(root, unet_model, nets[0])
-            controlnets = ort_controlnets(nets, configs)
+            shallow = None
+            if cache is not None:  # the shallow graph takes the shallow skips' residuals (at least conv_in's)
+                check_residual_inputs(root, models["unet_shallow"], nets[0], shallow=True)
+                names = [shallow_controlnet_graph(entry["folder"]) for entry in manifest["controlnets"]]
+                if all((root / graph_path(name)).is_file() for name in names):  # (absent: the whole nets run)
+                    shallow = [session(name) for name in names]
+            controlnets = ort_controlnets(nets, configs, shallow)
         return make_components(
             root,
             manifest,
@@ -438,14 +445,16 @@ def controlnet_interface(exports: list[OnnxExport], folders: list[str]) -> dict[
     }
 
 
-def check_residual_inputs(root: Path, unet: OrtModel, controlnet: OrtModel) -> None:
+def check_residual_inputs(root: Path, unet: OrtModel, controlnet: OrtModel, shallow: bool = False) -> None:
     """Refuse a ControlNet artifact whose U-Net graph does not take every residual its ControlNets return
-    (ONNX Runtime would otherwise leave them out without a word)."""
-    missing = [name for name in controlnet.outputs if name not in unet.inputs]
+    (ONNX Runtime would otherwise leave them out without a word); `shallow`: the feature cache's shallow graph,
+    which takes the first down residuals only (those of the skips it makes)."""
+    wanted = controlnet.outputs[:1] if shallow else controlnet.outputs
+    missing = [name for name in wanted if name not in unet.inputs]
     if missing:
+        graph = graph_path("unet_shallow" if shallow else "unet")
         raise ArtifactError(
-            f"artifact {root} has ControlNets but its {graph_path('unet')} has no input(s) {', '.join(missing)}; "
-            "recompile it"
+            f"artifact {root} has ControlNets but its {graph} has no input(s) {', '.join(missing)}; recompile it"
         )
 
 

@@ -93,6 +93,10 @@ class TorchTarget(Target):
                 getattr(pipe, name).to(torch.float32)
             pipe.vae.save_pretrained(out / "vae", safe_serialization=True)  # VAE stays fp32
             for folder, controlnet in ctx.controlnets.items():  # at the U-Net's precision
+                # quest_w4a4's quantize_controlnets: packed codes, like the U-Net's (floats: its precision, too)
+                packed_net = pack_quantized(controlnet)
+                if packed_net:
+                    stage.results.setdefault("controlnet_packed_quantized_layers", {})[folder] = packed_net
                 if dtype != torch.float32:  # (the nets are not used after lowering)
                     controlnet.to(dtype)
                 controlnet.save_pretrained(out / folder, safe_serialization=True)
@@ -156,7 +160,7 @@ class TorchTarget(Target):
             cache,
             pipeline=pipe,
             encode_image=torch_vae_encoder(pipe.vae, device),
-            controlnets=torch_controlnets(controlnets, device) if controlnets else None,
+            controlnets=torch_controlnets(controlnets, device, compile_mode) if controlnets else None,
         )
 
     def check_loras(self, manifest: dict[str, Any], loras: list[tuple[str, float]]) -> None:
@@ -217,19 +221,56 @@ def low_precision_stage(records: list[StageRecord], pipe, quantized: QuantizedUN
         stage.results["kernels"] = {device: layer_kernels(pipe.unet, device) for device in ("cpu", "cuda")}
         stage.results["low_precision_macs_share"] = round(low / total, 4)
         stage.results["macs_resolution"] = list(resolution)
+        for folder, layers in quantized.controlnet_layers.items():  # ptq's quantize_controlnets
+            net = ctx.controlnets[folder]
+            stage.results.setdefault("controlnets", {})[folder] = lowp_modules(
+                net, layers, quantized.precision, smoothed
+            )
     return fixed_dtype_tensors(pipe.unet)
 
 
 def load_controlnets(root: Path, manifest: dict[str, Any], device: str, dtype) -> list:
-    """The artifact's ControlNets (manifest `controlnets`, in call order) as diffusers `ControlNetModel`s."""
+    """The artifact's ControlNets (manifest `controlnets`, in call order) as diffusers `ControlNetModel`s; nets a
+    pass deployed its own modules in (`quantize_controlnets`: ptq's INT8 / FP8 layers, quest_w4a4's packed
+    layers) are built weightless, the pass's `rebuild_controlnet` applied, then filled from the stored state."""
     from diffusers import ControlNetModel
 
+    from sdcompiler.recipe import resolve_recipe
+
+    steps = resolve_recipe(manifest["recipe"]) if manifest.get("controlnets") else []
     nets = []
     for entry in manifest.get("controlnets", []):
         folder = confined(root, entry["folder"], "a ControlNet folder")
-        net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        net = _rebuilt_controlnet(folder, steps)
+        if net is None:
+            net = ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        elif net.dtype != dtype:
+            net.to(dtype=dtype)  # the low-precision layers keep their codes' and scales' dtypes
+        check_lowp_device(net, device)
         nets.append(net.to(device).eval().requires_grad_(False))
     return nets
+
+
+def _rebuilt_controlnet(folder: Path, steps):
+    """The ControlNet in `folder` rebuilt by the recipe's passes and filled from its safetensors, or None when no
+    pass changed its modules (then `from_pretrained` loads it as stored)."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    with init_empty_weights():
+        net = ControlNetModel.from_config(ControlNetModel.load_config(folder))
+    if not [step for step in steps if step.pass_.rebuild_controlnet(net, step.config)]:
+        return None
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    try:
+        net.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ArtifactError(
+            f"ControlNet weights in {folder} do not match its rebuilt layers ({first}); recompile"
+        ) from None
+    return net
 
 
 def restore_weights(pipe, root: Path, names: dict[str, list[str]]) -> None:

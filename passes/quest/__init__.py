@@ -30,6 +30,22 @@ Calibration data are the teacher's own sampling trajectories: `calib_prompts` pr
 `calib_steps` steps with classifier-free guidance; every U-Net input on the way (the unconditional
 and the conditional half) is kept, cached by content hash. Held-out prompts give the eps SQNR.
 
+With ControlNets in the compile (`PassContext.controlnets`) the trajectories are sampled through diffusers'
+ControlNet pipeline with seeded synthetic control images (edge maps), and every U-Net forward of the pass
+(calibration statistics, SQNR, finetuning) takes the nets' summed residuals, as the deployed pipeline feeds them;
+the record's notes say so (`calibration_data`, `controlnets`). The nets stay float unless `quantize_controlnets`:
+then each gets the same scheme (w / a bits, MSE weight ranges, time-wise activation scales, attention q / k / v and
+probabilities), calibrated first on its own inputs along the same trajectories (a net's inputs do not depend on
+the U-Net), then the U-Net on the residuals of the quantized nets. A net's ends get `first_last_bits` as the
+U-Net's conv_in / conv_out do (`modules.CONTROLNET_FIRST_LAST`: its latent and control-image input convs, and the
+1x1 zero convs whose outputs are the residuals, which go straight into the U-Net's skips and mid block, where
+ptq's `CONTROLNET_EXCLUDE` keeps the same layers float as ptq keeps the U-Net's conv_in float); `keep_fp` (the time
+embedding) stays float there too. Selective finetuning trains the U-Net only (the nets keep their calibrated
+weights and scales). Metrics: `controlnet_residual_sqnr_db` (held-out summed residuals, quantized vs float nets),
+`controlnet_quantized_layers`; every eps SQNR is then the quantized U-Net fed by the quantized nets vs both float.
+The `torch` target packs the nets' layers as the U-Net's and stores them in the net's folder; `rebuild_controlnet`
+makes the packed structure again at load.
+
 Selective finetuning (teacher = the same network with quantization switched off, so there is no
 second model in memory; the layers being trained keep a frozen copy of their original weight for the
 teacher's path), on the shared trainer: stage 1 trains the `time_emb_proj` weights and their

@@ -39,6 +39,9 @@ class QuestConfig(PassConfig):
     scale_lr: float = 1e-3  # activation scales
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = 0
+    # with ControlNets (target torch): quantize the nets too, the same scheme, calibrated on their own inputs along
+    # the same trajectories before the U-Net (`modules.CONTROLNET_FIRST_LAST` at `first_last_bits`); not finetuned
+    quantize_controlnets: bool = False
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "attn_bits", "prob_bits", "first_last_bits"):

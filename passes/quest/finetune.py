@@ -9,7 +9,9 @@ weights and every activation scale. Per batch of trajectory inputs::
     loss = MSE(eps_quant, eps_float) + mean over trained layers of MSE(out_quant, out_float)
 
 with straight-through rounding (`scheme.round_ste`); weights learn at `lr`, activation scales at
-`scale_lr` (as in LSQ), and scales are clamped to >= 1e-8 afterwards.
+`scale_lr` (as in LSQ), and scales are clamped to >= 1e-8 afterwards. With ControlNets the U-Net takes
+their residuals on both paths (float nets for the teacher, the deployed nets for the student); the nets
+themselves are not trained (with `quantize_controlnets` they keep their calibrated weights and scales).
 """
 
 from __future__ import annotations
@@ -18,15 +20,26 @@ import torch
 import torch.nn.functional as F
 
 from sdcompiler.passes.base import PassContext
+from sdcompiler.passes.quest.calibration import quantization
 from sdcompiler.passes.quest.config import QuestConfig
 from sdcompiler.passes.teacher_data import Trajectories
 from sdcompiler.passes.training import fit
 
 
 def finetune_stage(
-    unet, data: Trajectories, weights: list, scales: list, config: QuestConfig, steps: int, ctx: PassContext, tag: str
+    unet,
+    data: Trajectories,
+    weights: list,
+    scales: list,
+    config: QuestConfig,
+    steps: int,
+    ctx: PassContext,
+    tag: str,
+    controlnets=(),
 ) -> list[float]:
-    """Train `weights` (lr) and `scales` (scale_lr) so the quantized U-Net matches the float one."""
+    """Train `weights` (lr) and `scales` (scale_lr) so the quantized U-Net matches the float one; with
+    `controlnets` (the trajectories' nets, frozen) the float U-Net takes the float nets' residuals and the
+    quantized one the deployed nets' (quantized with `quantize_controlnets`), as `eps_sqnr` scores them."""
     if steps == 0 or not (weights or scales):
         return []
     state = unet.quant_state
@@ -49,12 +62,17 @@ def finetune_stage(
     def loss_fn(model, batch):
         step, row = batch["step"].cpu(), batch["row"].cpu()
         inputs = data.inputs(step, row)
+        with torch.no_grad():
+            with quantization(controlnets, False):
+                float_residuals = data.residual_kwargs(controlnets, inputs, row)
+            quantized_nets = any(hasattr(net, "quant_state") for net in controlnets)
+            residuals = data.residual_kwargs(controlnets, inputs, row) if quantized_nets else float_residuals
         outputs["float"].clear(), outputs["quant"].clear()
         state.enabled, phase["name"] = False, "float"
         with torch.no_grad():
-            target = model(**inputs).sample
+            target = model(**inputs, **float_residuals).sample
         state.enabled, phase["name"] = True, "quant"
-        eps = model(**inputs).sample
+        eps = model(**inputs, **residuals).sample
         eps_loss = F.mse_loss(eps, target)
         layer_loss = sum(F.mse_loss(q, f) for q, f in zip(outputs["quant"], outputs["float"]))
         layer_loss = layer_loss / max(1, len(layers))

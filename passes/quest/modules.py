@@ -16,7 +16,9 @@ Three forms of one layer:
 
 Which modules are quantized and how (`quantize_modules`): every linear and conv outside `keep_fp`,
 `conv_in` / `conv_out` at `first_last_bits`, decoder ResNets' `conv1` / `conv_shortcut` with one input
-quantizer per half of the [h, skip] concatenation (`split_skip`, split points from `_skip_split`).
+quantizer per half of the [h, skip] concatenation (`split_skip`, split points from `_skip_split`). A
+ControlNet (`quantize_controlnets`) the same way, with its ends (`CONTROLNET_FIRST_LAST`) at `first_last_bits`
+and nothing split (it has no decoder); it gets its own `QuantState` and timestep hook.
 """
 
 from __future__ import annotations
@@ -194,14 +196,32 @@ def _skip_split(unet) -> dict[str, int]:
     return splits
 
 
-def quantize_modules(unet, config: QuestConfig) -> QuantState:
-    """Switch the U-Net's linears, convs and attention processors to their fake-quant forms (idle ranges)."""
+# the first and last layers (`first_last_bits`): the U-Net's input and output convs; a ControlNet's two input
+# convs (latents; the control image's encoder) and the 1x1 zero convs whose outputs are the residuals it adds to
+# the U-Net's skips and mid block (the layers ptq's CONTROLNET_EXCLUDE keeps float, ptq keeping the U-Net's
+# conv_in float too: each pass treats a net's ends as it treats the U-Net's)
+UNET_FIRST_LAST = ("conv_in", "conv_out")
+CONTROLNET_FIRST_LAST = (
+    "conv_in",
+    "controlnet_cond_embedding.conv_in",
+    "controlnet_down_blocks",
+    "controlnet_mid_block",
+)
+
+
+def _is_first_last(name: str, first_last: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in first_last)
+
+
+def quantize_modules(unet, config: QuestConfig, first_last: tuple[str, ...] = UNET_FIRST_LAST) -> QuantState:
+    """Switch the U-Net's (or a ControlNet's: `first_last=CONTROLNET_FIRST_LAST`) linears, convs and attention
+    processors to their fake-quant forms (idle ranges). A ControlNet has no decoder, so nothing to split."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     steps = config.calib_steps
     unet.register_buffer("quant_timesteps", torch.zeros(steps))
     state = QuantState(unet)
-    splits = _skip_split(unet) if config.split_skip else {}
+    splits = _skip_split(unet) if config.split_skip and hasattr(unet, "up_blocks") else {}
     for name, module in list(unet.named_modules()):
         if any(part in name for part in config.keep_fp) or not name:
             continue
@@ -213,10 +233,10 @@ def quantize_modules(unet, config: QuestConfig) -> QuantState:
         elif isinstance(module, torch.nn.Conv2d) and type(module) is torch.nn.Conv2d:
             if leaf == "conv_shortcut" and config.keep_shortcut_fp:
                 continue
-            first_last = name in ("conv_in", "conv_out")
-            bits = config.first_last_bits if first_last else config.a_bits
+            end = _is_first_last(name, first_last)
+            bits = config.first_last_bits if end else config.a_bits
             module.__class__ = QuantConv2d
-            _weight_buffers(module, config.first_last_bits if first_last else config.w_bits)
+            _weight_buffers(module, config.first_last_bits if end else config.w_bits)
             module.act = ActQuantizer(state, bits, steps, config.dynamic_tokens, 1)
             parent = name.rsplit(".", 1)[0]
             module.split = splits.get(parent, 0) if leaf in ("conv1", "conv_shortcut") else 0

@@ -1,8 +1,10 @@
 """benchmarks/bench_report.py (`make bench`) on the tiny SD1.5 checkpoint: every subject measured or listed as
 skipped with its reason, ratios from the same rounds, fidelity next to speed, JSON + Markdown + plots written.
 
-One report run serves the module (~1 minute on 2 cores: optimum's export and ORT's quantization of the tiny
-checkpoint are most of it). Speed is never asserted here: only that it was measured and how the ratios are made.
+One report run with the default settings (`make bench`: no batch-4 calls) serves the module (~1 minute on 2
+cores: optimum's export and ORT's quantization of the tiny checkpoint are most of it), and one short `--full` run
+of one subject next to the baseline (its build cached) covers the batch-4 calls. Speed is never asserted here:
+only that it was measured and how the ratios are made.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.slow
 
-REPEATS = 2
+REPEATS = 2  # the default --repeats
+NOT_MEASURED = "not measured (--batch4-repeats 0)"
+
+
+def _bench_report():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return bench_report
 
 
 @pytest.fixture(scope="module")
 def report(tiny_checkpoint, compiled, tmp_path_factory):
     pytest.importorskip("matplotlib")
     pytest.importorskip("optimum.onnxruntime")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_report
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_report = _bench_report()
     out = tmp_path_factory.mktemp("bench-report")
     variants = [
         f"none={compiled('sd15', 'onnx').root}",
@@ -42,8 +50,6 @@ def report(tiny_checkpoint, compiled, tmp_path_factory):
             "64",
             "--steps",
             "2",
-            "--repeats",
-            str(REPEATS),
             "--variants",
             ",".join(variants),
             "--peers",
@@ -52,6 +58,8 @@ def report(tiny_checkpoint, compiled, tmp_path_factory):
             str(out / "work"),
             "--out",
             str(out / "results"),
+            "--gpu-results",
+            str(out / "gpu" / "gpu_e2e.md"),  # no stored GPU run: the GPU rows are listed as skipped
         ]
     )
     return results, out / "results", bench_report
@@ -60,12 +68,13 @@ def report(tiny_checkpoint, compiled, tmp_path_factory):
 def test_every_subject_is_measured_or_skipped_with_a_reason(report):
     results, _, bench_report = report
     measured, skipped = set(results["subjects"]), results["skipped"]
-    expected = {"eager", "none", "bk-small", "no-such-preset:onnx", *bench_report.ALL_PEERS}
+    expected = {"eager", "none", "bk-small", "no-such-preset:onnx", "gpu-e2e", *bench_report.ALL_PEERS}
     assert measured | set(skipped) == expected, "a subject was dropped without a reason"
     assert not measured & set(skipped)
     assert {"eager", "none", "bk-small", "optimum-onnx", "ort-int8"} <= measured
     assert skipped["torch-compile"] == "not asked for (--peers)"
     assert skipped["no-such-preset:onnx"].startswith("compile failed")
+    assert skipped["gpu-e2e"].startswith("no stored GPU run (gpu_e2e.md is not under gpu/)")
     assert results["subjects"]["eager"]["kind"] == "baseline"
     assert {results["subjects"][p]["kind"] for p in ("optimum-onnx", "ort-int8")} == {"peer"}
 
@@ -86,9 +95,74 @@ def test_ratios_come_from_the_same_rounds(report):
         assert row["speedup_image"] == pytest.approx(
             row["baseline_image_seconds_same_rounds"] / row["image_seconds"]["median"]
         )
-        assert row["images_per_second_batch1"] > 0 and row["images_per_second_batch4"] > 0
-        assert [c["images"] for c in calls[name] if c["phase"] == "batch4"] == [4]
+        assert row["images_per_second_batch1"] > 0
         assert row["unet_calls_per_image"] > 0 and row["unet_call_seconds"] > 0
+
+
+def test_default_settings_leave_batch4_out_and_say_so(report):
+    results, folder, _ = report
+    settings = results["settings"]
+    assert (settings["repeats"], settings["batch4_repeats"], settings["full"]) == (REPEATS, 0, False)
+    assert not any(c["phase"] == "batch4" for calls in results["calls"].values() for c in calls)
+    assert results["not_measured"] == {"images_per_second_batch4": NOT_MEASURED}
+    assert all(row["images_per_second_batch4"] is None for row in results["subjects"].values())
+    table = (folder / "report.md").read_text()
+    eager_row = next(line for line in table.splitlines() if line.startswith("| eager |"))
+    assert f"| {NOT_MEASURED} |" in eager_row  # the column stays, each row says why it is empty
+    assert f"- images_per_second_batch4 (every subject): {NOT_MEASURED}" in table
+    # where the time went: every subject's phases, and the baseline's warm-up folded into its held-out call
+    phases = results["phase_seconds"]
+    assert set(phases["per_subject"]) == set(results["subjects"]) - {"eager"}
+    assert all(set(p) == {"load", "warmup", "rounds", "batch4", "sqnr"} for p in phases["per_subject"].values())
+    assert phases["baseline_batch4_start"] < 1 and "Where this run's" in table
+
+
+def test_full_restores_the_first_runs_settings():
+    bench_report = _bench_report()
+    default = bench_report.parse_args([])
+    assert (default.repeats, default.batch4_repeats, default.held_out_calls, default.name) == (2, 0, 2, "report")
+    full = bench_report.parse_args(["--full"])
+    assert (full.repeats, full.batch4_repeats, full.held_out_calls, full.name) == (3, 1, 2, "report_full")
+    assert full.warmup == default.warmup == 1  # the warm-up stays in both
+    mixed = bench_report.parse_args(["--full", "--repeats", "1", "--name", "x"])  # an explicit flag wins
+    assert (mixed.repeats, mixed.batch4_repeats, mixed.name) == (1, 1, "x")
+
+
+def test_full_run_measures_batch4(report, compiled, tiny_checkpoint):
+    _, folder, bench_report = report
+    work = folder.parent / "work"  # the module run's cache: nothing is built again
+    out = folder.parent / "full"
+    results = bench_report.main(
+        [
+            "--full",
+            "--repeats",
+            "1",
+            "--checkpoint",
+            str(tiny_checkpoint("sd15")),
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--variants",
+            f"none={compiled('sd15', 'onnx').root}",
+            "--peers",
+            "",
+            "--workdir",
+            str(work),
+            "--out",
+            str(out),
+            "--gpu-results",
+            str(folder.parent / "gpu" / "gpu_e2e.md"),
+        ]
+    )
+    assert results["settings"]["full"] and results["settings"]["batch4_repeats"] == 1
+    assert "not_measured" in results and not results["not_measured"]
+    calls = results["calls"]
+    assert [c["images"] for c in calls["none"] if c["phase"] == "batch4"] == [4]
+    assert [c["images"] for c in calls["eager"] if c["phase"] == "batch4"] == [4, 4]  # at the start and the end
+    assert all(row["images_per_second_batch4"] > 0 for row in results["subjects"].values())
+    assert (out / "report_full.json").is_file() and (out / "report_full_runs.json").is_file()
+    assert NOT_MEASURED not in (out / "report_full.md").read_text()
 
 
 def test_fidelity_next_to_speed(report):
@@ -120,3 +194,43 @@ def test_files_written(report):
     for plot in results["plots"]:
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({plot})" in table
+
+
+def test_the_run_is_timed_and_kept_in_the_history(report):
+    results, folder, _ = report
+    runs = json.loads((folder / "report_runs.json").read_text())
+    assert runs == results["runs"] and len(runs) == 1
+    run = runs[0]
+    assert 0 < run["built_in_run_seconds"] < run["wall_seconds"] == results["wall_seconds"]
+    # the peers were exported and quantized in this run; the artifacts compiled elsewhere count as cached
+    assert set(run["built_in_run"]) == {"optimum-onnx", "ort-int8"}
+    assert run["cached"] == ["bk-small", "none"]
+    table = (folder / "report.md").read_text()
+    assert f"| {run['date']} | {run['wall_seconds'] / 60:.1f} | optimum-onnx, ort-int8 |" in table
+
+
+def test_history_keeps_the_cold_run_next_to_the_latest(report, tmp_path):
+    results, _, bench_report = report
+    history = tmp_path / "runs.json"
+    base = {**results, "subjects": {"eager": results["subjects"]["eager"]}}
+    cold = {**base, "date": "cold", "subjects": {**base["subjects"], "x": {"build": {"seconds": 9.0, "cached": False}}}}
+    warm = {**base, "subjects": {**base["subjects"], "x": {"build": {"seconds": 9.0, "cached": True}}}}
+    bench_report.record_run(cold, history)
+    for index in range(bench_report.RUNS_KEPT + 3):
+        runs = bench_report.record_run({**warm, "date": f"warm {index}"}, history)
+    assert len(runs) == bench_report.RUNS_KEPT + 1
+    assert runs[0]["date"] == "cold" and runs[0]["built_in_run"] == {"x": 9.0}
+    assert [r["date"] for r in runs[1:]] == [f"warm {i}" for i in range(3, bench_report.RUNS_KEPT + 3)]
+    assert all(r["cached"] == ["x"] and not r["built_in_run"] for r in runs[1:])
+
+
+def test_a_stored_gpu_run_is_shown(report, tmp_path):
+    results, _, bench_report = report
+    stored = tmp_path / "gpu_e2e.md"
+    stored.write_text("# bench_gpu_e2e\n\n| row | ms / image |\n|---|---|\n| diffusers-sdpa | 812.0 |\n")
+    skipped = {}
+    table = bench_report.gpu_rows(stored, skipped)
+    assert skipped == {}
+    text = bench_report.markdown(results, [], table)
+    assert "## GPU rows (the stored run of benchmarks/bench_gpu_e2e.py)" in text
+    assert "| diffusers-sdpa | 812.0 |" in text

@@ -58,6 +58,9 @@ PIPELINE_INPUTS = [
     "loras",
     "control_image",
     "mask_image",
+    "denoising_end",
+    "aesthetic_score",
+    "negative_aesthetic_score",
 ]
 
 

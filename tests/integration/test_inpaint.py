@@ -162,17 +162,18 @@ def test_inpaint_errors(inpaint_compiled):
 
 def test_passes_on_an_inpainting_unet(inpaint_compiled, inpaint_checkpoint, tmp_path):
     """Structural passes keep conv_in's 9 input channels (their records say so); passes that sample the teacher
-    (distillation, calibration) are refused before any work, in one line."""
+    as a text-to-image model (distillation) are refused before any work, in one line (calibration passes run:
+    test_inpaint_refiner_passes.py)."""
     pipe = inpaint_compiled("sd15", "torch", ["bk-small", "fuse-qkv"])
     for record in pipe.manifest["passes"]:
         assert record["metrics"]["unet_in_channels"] == 9
     assert pipe.unet.conv_in.in_channels == 9
     out = pipe("a cat", image=_image(), mask_image=_mask(), generator=torch.Generator().manual_seed(0), **CALL)
     assert out.images.shape == (1, 128, 128, 3) and np.isfinite(out.images).all()
-    for recipe in ("distill", "int8"):
+    for recipe in ("distill", "cfg-distill"):
         with pytest.raises(PassError, match="inpainting U-Net") as caught:
             compile_pipeline(inpaint_checkpoint("sd15"), ["bk-small", recipe], "torch", tmp_path / recipe)
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value) and "ptq, quest_w4a4" in str(caught.value)
 
 
 def test_depth_and_upscale_unets_are_refused(inpaint_checkpoint, tmp_path):

@@ -89,25 +89,63 @@ def test_unet_graph_is_qdq_with_uint8_activations_and_int8_per_channel_weights(i
     assert all(n.input[1] in weights for n in gemms)  # the time embedding path stays float
 
 
-def test_activation_ranges_are_the_min_max_over_every_calibration_input(int8, tiny_checkpoint, tmp_path):
-    """minmax: each quantized Conv / Linear input's (scale, zero point) in the graph is its [min, max] over all 8
-    calibration inputs, found here without the calibrator: forward pre-hooks on the float torch U-Net run on the
-    same teacher trajectories, rebuilt in a fresh cache. A calibrator fed fewer inputs or altered ones misses it."""
+def qdq_input_ranges(graph) -> dict[str, tuple[float, int]]:
+    """Module path -> (scale, zero point) of the QuantizeLinear on the input of each quantized Conv / MatMul /
+    Gemm of a QDQ graph."""
     from onnx import numpy_helper
 
-    from sdcompiler.loading import load_checkpoint
-    from sdcompiler.passes.ptq import PtqConfig, calibration_resolution, module_path
-    from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
+    from sdcompiler.passes.ptq import module_path
 
-    graph = _unet_graph(int8).graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    recorded = {}  # module path -> (scale, zero point) of the QuantizeLinear on its input
+    recorded = {}
     for node in graph.node:
         source = producer.get(node.input[0])
         if node.op_type in ("Conv", "MatMul", "Gemm") and source is not None and source.op_type == "DequantizeLinear":
             quantize = producer[source.input[0]]
             recorded[module_path(node.name)] = (float(weights[quantize.input[1]]), int(weights[quantize.input[2]]))
+    return recorded
+
+
+def assert_ranges_are_min_max(unet, recorded: dict, run) -> None:
+    """Each recorded (scale, zero point) of a Conv / Linear of `unet` is ONNX Runtime's uint8 range of the
+    [min, max] its input takes while `run()` calls `unet` (found by forward pre-hooks, not the calibrator)."""
+    observed = {}
+
+    def observe(name):
+        def hook(module, args):
+            low, high = observed.get(name, (0.0, 0.0))  # quantization ranges always hold 0
+            observed[name] = (min(low, args[0].min().item()), max(high, args[0].max().item()))
+
+        return hook
+
+    modules = dict(unet.named_modules())
+    layers = [n for n in recorded if isinstance(modules.get(n), (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [modules[n].register_forward_pre_hook(observe(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(layers) > 200  # every quantized Conv / Linear input (the attention's own MatMuls have no module)
+    for name in layers:
+        (low, high), (scale, zero) = observed[name], recorded[name]
+        # ONNX Runtime's uint8 range: scale = (max - min) / 255, zero point = round(-min / scale)
+        assert scale == pytest.approx((high - low) / 255, rel=1e-4), name
+        assert abs(zero + low / scale) <= 0.5 + 1e-3, name
+
+
+def test_activation_ranges_are_the_min_max_over_every_calibration_input(int8, tiny_checkpoint, tmp_path):
+    """minmax: each quantized Conv / Linear input's (scale, zero point) in the graph is its [min, max] over all 8
+    calibration inputs, found here without the calibrator: forward pre-hooks on the float torch U-Net run on the
+    same teacher trajectories, rebuilt in a fresh cache. A calibrator fed fewer inputs or altered ones misses it."""
+
+    from sdcompiler.loading import load_checkpoint
+    from sdcompiler.passes.ptq import PtqConfig, calibration_resolution
+    from sdcompiler.passes.teacher_data import load_prompts, teacher_trajectories
+
+    recorded = qdq_input_ranges(_unet_graph(int8).graph)
 
     pipe = load_checkpoint(tiny_checkpoint("sd15")).pipeline
     config = PtqConfig(**SMALL)
@@ -122,31 +160,13 @@ def test_activation_ranges_are_the_min_max_over_every_calibration_input(int8, ti
         model_key="independent",
     )
     assert data.samples.shape[:2] == (2, 4)  # 2 steps x (2 prompts x 2 CFG halves): the 8 calibration inputs
-    unet, observed = pipe.unet.eval(), {}
+    unet = pipe.unet.eval()
 
-    def observe(name):
-        def hook(module, args):
-            low, high = observed.get(name, (0.0, 0.0))  # quantization ranges always hold 0
-            observed[name] = (min(low, args[0].min().item()), max(high, args[0].max().item()))
+    def run():
+        for step, timestep in enumerate(data.timesteps):
+            unet(data.samples[step], timestep, data.context)
 
-        return hook
-
-    modules = dict(unet.named_modules())
-    layers = [n for n in recorded if isinstance(modules.get(n), (torch.nn.Conv2d, torch.nn.Linear))]
-    handles = [modules[n].register_forward_pre_hook(observe(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            for step, timestep in enumerate(data.timesteps):
-                unet(data.samples[step], timestep, data.context)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert len(layers) > 200  # every quantized Conv / Linear input (the attention's own MatMuls have no module)
-    for name in layers:
-        (low, high), (scale, zero) = observed[name], recorded[name]
-        # ONNX Runtime's uint8 range: scale = (max - min) / 255, zero point = round(-min / scale)
-        assert scale == pytest.approx((high - low) / 255, rel=1e-4), name
-        assert abs(zero + low / scale) <= 0.5 + 1e-3, name
+    assert_ranges_are_min_max(unet, recorded, run)
 
 
 def test_generates_images_close_to_the_float_artifact(int8, compiled):

@@ -10,6 +10,7 @@ refiner per module, compiled without the verify stage (every test here compares 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -182,3 +183,150 @@ def test_refiner_misuse_is_refused_in_one_line(compiled, refiners):
         with pytest.raises(PipelineArgumentError, match=match) as info:
             pipe("a cat", generator=_seed(), **CALL | kwargs)
         assert "\n" not in str(info.value)
+
+
+# --- serving: the `pipeline` model with a refiner attached, and a refiner alone ----------------------------------
+
+SERVED = dict(num_inference_steps=4, height=64, width=64)
+
+
+def _served_model_pipeline(repo, monkeypatch):
+    """What the repository's model.py loads in Triton's Python backend (its `initialize`, run here with a stand-in
+    for the backend's utilities module, which `initialize` does not use)."""
+    import importlib.util
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("served_refiner_model", repo / "pipeline" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / "pipeline"), "model_version": "1"})
+    return model.pipeline
+
+
+def _request(prompts: list[str], **settings):
+    """A served request's rows (`request_rows`) from its tensors as Triton hands them over: [rows, 1] per setting
+    (one value for every row), images [rows, H, W, C] uint8."""
+    from sdcompiler.serving import request_rows
+
+    types = {"seed": np.int64, "num_inference_steps": np.int32, "height": np.int32, "width": np.int32}
+    tensors = {"prompt": np.array([[p.encode()] for p in prompts], dtype=object)}
+    for name, value in settings.items():
+        if name == "image":
+            tensors[name] = value
+        else:
+            values = value if isinstance(value, list) else [value] * len(prompts)
+            tensors[name] = np.array(values, dtype=types.get(name, np.float32)).reshape(-1, 1)
+    return request_rows(tensors.get)
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)  # as the served model rounds
+
+
+def test_served_base_and_refiner_rows_match_load_compiled(compiled, refiners, tmp_path, monkeypatch):
+    """export_server(base, refiner=DIR): a self-contained repository (served after both source artifacts are gone)
+    whose pipeline model runs the base to `denoising_end`, then the refiner, row by row as
+    `load_compiled(base, refiner=DIR)` does with the same arguments and seed; bad rows fail alone, in one line."""
+    import shutil
+
+    from sdcompiler.serving import export_server, one_line, serve_rows
+
+    monkeypatch.setenv("SDCOMPILER_DISABLE_TRITON", "1")
+    base, refiner = compiled("sdxl", "torch"), refiners["torch"]
+    copies = {name: shutil.copytree(pipe.root, tmp_path / name) for name, pipe in (("base", base), ("ref", refiner))}
+    repo = export_server(copies["base"], tmp_path / "repo", refiner=copies["ref"])
+    version = repo / "pipeline" / "1"
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline"]
+    assert (version / "artifact" / "manifest.json").is_file() and (version / "refiner" / "manifest.json").is_file()
+    assert "refiner=folder / 'refiner'" in (version / "model.py").read_text()
+    for folder in copies.values():
+        shutil.rmtree(folder)
+    served = _served_model_pipeline(repo, monkeypatch)
+
+    scores = dict(denoising_end=0.5, aesthetic_score=3.0, negative_aesthetic_score=8.0)
+    split = _request(["a cat", "a red cube"], seed=[1, 2], **scores, **SERVED)  # one grouped call of two rows
+    default = _request(["a cat"], seed=1, **SERVED)  # diffusers' split 0.8 and scores 6 / 2.5
+    bad_split = _request(["a cat"], denoising_end=1.5, **SERVED)
+    bad_score = _request(["a cat"], aesthetic_score=float("nan"), **SERVED)
+    results = serve_rows(served, [split, default, bad_split, bad_score])
+    assert results[0].shape == (2, 1, 64, 64, 3) and results[1].shape == (1, 1, 64, 64, 3)
+
+    paired = load_compiled(base.root, device="cpu", refiner=refiner.root)
+    worst = 0
+    for got, prompt, seed, kwargs in [
+        (results[0][0], "a cat", 1, scores),
+        (results[0][1], "a red cube", 2, scores),
+        (results[1][0], "a cat", 1, {}),
+    ]:
+        want = _uint8(paired(prompt, generator=_seed(seed), output_type="np", **SERVED, **kwargs).images)
+        worst = max(worst, int(np.abs(got.astype(int) - want.astype(int)).max()))
+    print(f"served base + refiner vs load_compiled: max diff {worst} uint8 levels")
+    assert worst <= 1
+    # the split and the scores reach the served call: the same prompt and seed with diffusers' defaults differs
+    assert np.abs(results[0][0].astype(int) - results[1][0].astype(int)).max() > 8
+
+    for result, match in [
+        (results[2], r"denoising_end=1.5 must be a number in \(0, 1\)"),
+        (results[3], "aesthetic_score=nan must be a finite number"),
+    ]:
+        assert isinstance(result, Exception) and re.search(match, one_line(result)) and "\n" not in one_line(result)
+    # the base served alone takes no aesthetic score: the Python API's message
+    (alone,) = serve_rows(base, [_request(["a cat"], aesthetic_score=6.0, **SERVED)])
+    assert "only an SDXL refiner's time ids take an aesthetic score" in one_line(alone)
+
+
+def test_served_refiner_alone_refines_images(refiners):
+    """An SDXL refiner artifact served alone (its pipeline model: image-to-image): rows with `image` give the
+    Python call's images; a row without one gets the Python API's message."""
+    from sdcompiler.serving import one_line, serve_rows
+
+    refiner = refiners["torch"]
+    picture = np.random.default_rng(4).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    rows = _request(["a cat"], image=picture, strength=0.6, seed=3, aesthetic_score=4.0, num_inference_steps=4)
+    served, refused = serve_rows(refiner, [rows, _request(["a cat"], num_inference_steps=4)])
+    want = refiner(
+        "a cat",
+        image=picture.astype(np.float32) / 255.0,
+        strength=0.6,
+        aesthetic_score=4.0,
+        num_inference_steps=4,
+        generator=_seed(3),
+        output_type="np",
+    ).images
+    assert served.shape == (1, 1, 64, 64, 3)
+    assert np.abs(served[0].astype(int) - _uint8(want).astype(int)).max() <= 1
+    assert one_line(refused).startswith("the SDXL refiner refines an image: pass image=")
+
+
+def test_export_server_with_a_refiner_refuses_what_cannot_serve_in_one_line(compiled, refiners, tmp_path, capsys):
+    from sdcompiler.cli import main
+    from sdcompiler.errors import ConfigError
+    from sdcompiler.serving import export_server
+
+    base, refiner = compiled("sdxl", "torch"), refiners["torch"]
+    refusals = [
+        (compiled("sd15", "torch").root, dict(refiner=refiner.root), RefinerError, "a refiner runs after an SDXL base"),
+        (base.root, dict(refiner=base.root), RefinerError, "is a sdxl artifact, not an SDXL refiner"),
+        (base.root, dict(refiner=refiner.root, layout="components"), ConfigError, "does not serve a base \\+ refiner"),
+        (refiners["onnx"].root, dict(layout="components"), ConfigError, "does not serve an SDXL refiner"),
+    ]
+    for artifact, kwargs, error, match in refusals:
+        with pytest.raises(error, match=match) as info:
+            export_server(artifact, tmp_path / "never", **kwargs)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "never").exists()
+    # an onnx refiner alone: layout pipeline by default (the components layout has no VAE encoder)
+    alone = export_server(refiners["onnx"].root, tmp_path / "alone")
+    assert sorted(p.name for p in alone.iterdir()) == ["pipeline"]
+    assert (alone / "pipeline" / "1" / "artifact" / "manifest.json").is_file()
+
+    out = tmp_path / "cli"
+    assert main(["export-server", str(base.root), "--refiner", str(refiner.root), "--out", str(out)]) == 0
+    assert (out / "pipeline" / "1" / "refiner" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["export-server", str(refiner.root), "--refiner", str(refiner.root), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "a refiner runs after an SDXL base; this artifact is sdxl-refiner" in err and "\n" not in err

@@ -251,6 +251,23 @@ def test_image_to_image_matches_load_compiled(servers):
     assert_close(images[0], reference)
 
 
+def test_base_and_refiner_are_served_as_one_model(compiled, tmp_path):
+    """`sdcompiler serve BASE --refiner DIR`: a request runs the SDXL base to its denoising_end, then the refiner
+    with its aesthetic score, as `load_compiled(base, refiner=DIR)` does with the same seed."""
+    base, refiner = compiled("sdxl", "torch").root, compiled("sdxl-refiner", "torch").root
+    served = Served(base, tmp_path / "refiner.log", f"--refiner={refiner}")
+    try:
+        served.wait_ready()
+        assert f"with the refiner {refiner.resolve()}" in served.output()
+        request = dict(num_inference_steps=4, height=64, width=64, denoising_end=0.5, aesthetic_score=3.0)
+        images = infer(served.http, http, prompt="a cat", seed=2, **request)
+    finally:
+        status = served.stop()
+    assert status == 0
+    assert images.shape == (1, 1, 64, 64, 3)
+    assert_close(images[0], expected(load_compiled(base, device="cpu", refiner=refiner), "a cat", 2, **request))
+
+
 def test_health_readiness_and_metadata(servers):
     served, _ = servers("onnx")
     for client in (served.http, served.grpc):

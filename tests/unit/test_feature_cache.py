@@ -113,3 +113,81 @@ def test_a_graph_view_keeps_what_its_outputs_need_and_reads_the_same_weights_fil
     np.testing.assert_allclose(full.run(None, {"x": x.numpy()})[1], z.numpy(), atol=1e-6)
     with pytest.raises(LoweringError, match="no output"):
         write_graph_view(source, folder / "other.onnx", ["w"])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("branch", [0, 1])
+def test_split_unet_takes_controlnet_residuals_as_the_unet_does(tiny_checkpoint, arch, branch):
+    """Full path with every residual == `unet(..., down_block_additional_residuals=, mid_...=)`; the shallow path
+    from that step's deep features takes the first `shallow_skips()` down residuals (more are ignored) and equals
+    it again; a change to a shallow skip's residual moves the shallow output."""
+    unet = _unet(tiny_checkpoint, arch)
+    inputs = unet_example_inputs(unet, 2, (10, 10), generator=torch.Generator().manual_seed(1))
+    added = inputs.get("added_cond_kwargs") or {}
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    args += (added.get("text_embeds"), added.get("time_ids"))
+    shapes = []  # a ControlNet's residuals have the shapes of the skips and of the mid block's output
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, out: shapes.append(out.shape))]
+    hooks += [
+        b.register_forward_hook(lambda m, i, out: shapes.extend(r.shape for r in out[1])) for b in unet.down_blocks
+    ]
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, out: shapes.append(out.shape)))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        unet(**inputs)
+        for hook in hooks:
+            hook.remove()
+        *down, mid = [torch.randn(shape, generator=generator) for shape in shapes]
+        expected = unet(
+            **inputs, down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False
+        )[0]
+        split = SplitUNet(unet, branch)
+        eps, deep = split.full(*args, down_residuals=down, mid_residual=mid)
+        torch.testing.assert_close(eps, expected, rtol=0, atol=0)
+        shallow = split.shallow(*args, deep=deep, down_residuals=down)
+        torch.testing.assert_close(shallow, expected, rtol=0, atol=0)
+        assert split.shallow_skips() == (3 if branch == 0 else 6)  # conv_in + 2 resnets (+ downsampler + 2)
+        moved = list(down)
+        moved[split.shallow_skips() - 1] = moved[split.shallow_skips() - 1] + 1.0
+        changed = split.shallow(*args, deep=deep, down_residuals=moved)
+        assert (changed - expected).abs().max() > 1e-3
+        assert torch.equal(split.shallow(*args, deep=deep, down_residuals=moved[: split.shallow_skips()]), changed)
+        # the onnx target's refresh and shallow graphs take them positionally after the arch's added inputs
+        from sdcompiler.passes.onnx_export import CachedUNetForExport
+
+        extra = ["text_embeds", "time_ids"] if arch == "sdxl" else []
+        base, skips = args[: 3 + len(extra)], split.shallow_skips()
+        refresh = CachedUNetForExport(unet, branch, False, extra, len(down))(*base, *down, mid)
+        torch.testing.assert_close(refresh[0], expected, rtol=0, atol=0)
+        cached = CachedUNetForExport(unet, branch, True, extra, skips)(*base, *down[:skips], refresh[1])
+        torch.testing.assert_close(cached, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("guess_mode", "pooled"), [(False, False), (True, False), (True, True)])
+def test_shallow_controlnet_residuals_equal_the_nets_first_ones(tiny_checkpoint, tmp_path, guess_mode, pooled):
+    """The ControlNet stopped after the down block that makes a shallow step's skips: its residuals equal the
+    first ones of the whole net's (scale, guess mode's per-block scales, global pooling), and its mid block
+    never runs."""
+    import diffusers
+
+    from sdcompiler.passes.feature_cache import shallow_controlnet_residuals
+    from sdcompiler.testing import make_controlnet
+
+    net = diffusers.ControlNetModel.from_pretrained(make_controlnet(tmp_path / "cn", tiny_checkpoint("sd15"))).eval()
+    net.register_to_config(global_pool_conditions=pooled)
+    unet = _unet(tiny_checkpoint, "sd15")
+    inputs = unet_example_inputs(unet, 2, (8, 8), generator=torch.Generator().manual_seed(1))
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    mid_calls = []
+    net.mid_block.register_forward_hook(lambda *a: mid_calls.append(1))
+    with torch.no_grad():
+        down, _ = net(*args, controlnet_cond=image, conditioning_scale=0.7, guess_mode=guess_mode, return_dict=False)
+        mid_calls.clear()
+        for branch in (0, 1):
+            skips = SplitUNet(unet, branch).shallow_skips()
+            got = shallow_controlnet_residuals(net, skips, *args, image, 0.7, guess_mode)
+            assert len(got) == skips and not mid_calls
+            for residual, expected in zip(got, down):
+                torch.testing.assert_close(residual, expected, rtol=0, atol=0)
+            assert float(got[-1].abs().max()) > 1e-4

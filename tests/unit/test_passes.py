@@ -131,10 +131,11 @@ def test_check_order_rejects_and_names_both_passes(names):
         PassManager(steps)
 
 
-@pytest.mark.parametrize("name", ["distill_cfg", "distill_steps", "ptq", "quest_w4a4"])
+@pytest.mark.parametrize("name", ["distill", "distill_cfg", "distill_steps"])
 def test_teacher_sampling_passes_are_refused_on_the_refiner_before_any_work(name, tmp_path):
-    """The refiner's teacher data would need its own 5 time ids and an input image; refused in one line, before
-    the pipeline is even looked at (None here)."""
+    """The distillation passes' teacher data is text-to-image (the refiner's would need its own 5 time ids and an
+    input image); refused in one line, before the pipeline is even looked at (None here). The calibration passes
+    sample the refiner as it runs and are not refused (tests/integration/test_inpaint_refiner_passes.py)."""
     from sdcompiler.passes import PassContext
     from sdcompiler.passes.errors import PassError
 
@@ -142,6 +143,13 @@ def test_teacher_sampling_passes_are_refused_on_the_refiner_before_any_work(name
     with pytest.raises(PassError, match=f"pass '{name}' samples the teacher .* SDXL refiner") as info:
         PassManager([_step(name)]).run(None, ctx)
     assert "\n" not in str(info.value)
+    assert "ptq, quest_w4a4" in str(info.value)  # the message names the calibration passes that do run
+
+
+@pytest.mark.parametrize("name", ["ptq", "quest_w4a4"])
+def test_calibration_passes_sample_a_teacher_that_fits(name):
+    """Calibration (`teacher_trajectories`) samples inpainting U-Nets and the refiner as they run: not refused."""
+    assert not get_pass(name).text_to_image_teacher
 
 
 def test_check_order_accepts_valid_orders():

@@ -70,45 +70,64 @@ class ModelSizes:
     default_size: int  # pixels (the U-Net's sample size x the VAE factor)
     text_length: int = 77  # tokens: the tokenizers' model_max_length
     guidance: bool = True  # the artifact's default call runs classifier-free guidance (U-Net batch doubled)
+    # ControlNets: each residual (a ControlNet graph's output, a U-Net graph's input) and the factor by which
+    # its height and width are smaller than the latents' (1, 2, 4, ...: one per stride-2 downsampler passed)
+    residual_factors: tuple[tuple[str, int], ...] = ()
 
 
 def dimension_ranges(config: TensorRTTargetConfig, sizes: ModelSizes) -> dict[str, dict[str, Range]]:
     """(min, opt, max) of every named dynamic ONNX dimension, per component kind.
 
-    Kinds: "text_encoder" (each text encoder), "unet", "vae_decoder"; dimension names are the exporter's
-    dynamic axes (`batch_size`, `sequence_length`, `height`, `width`, `latent_height`, `latent_width`).
+    Kinds: "text_encoder" (each text encoder), "unet", "vae_decoder", and with ControlNets "controlnet"
+    (each ControlNet graph); dimension names are the exporter's dynamic axes (`batch_size`,
+    `sequence_length`, `height`, `width`, `latent_height`, `latent_width`; with ControlNets the control
+    image's `image_height` / `image_width` in pixels and each residual's `<residual>_height` / `_width`: the
+    latent range divided by its factor, rounded up as each stride-2, padding-1 downsampler rounds).
     """
     factor, size = sizes.vae_scale_factor, sizes.default_size
     default = (max(factor, size // 2 // factor * factor), size, (size * 3 // 2 + factor - 1) // factor * factor)
-    latent = {}
+    latent, image = {}, {}
     for name in ("height", "width"):
         pixels = getattr(config, name) or default
         if any(v % factor for v in pixels):
             raise ConfigError(f"target tensorrt: {name}={list(pixels)} must hold multiples of the VAE factor {factor}")
         latent[name] = tuple(v // factor for v in pixels)
+        image[name] = tuple(pixels)
     low, opt, high = config.batch_size
     text = (sizes.text_length,) * 3
+    unet = {
+        "batch_size": (low, opt * (2 if sizes.guidance else 1), high * 2),
+        "sequence_length": text,
+        "height": latent["height"],
+        "width": latent["width"],
+    }
+    residuals = {
+        f"{residual}_{name}": tuple(-(-v // down) for v in latent[name])
+        for residual, down in sizes.residual_factors
+        for name in ("height", "width")
+    }
     ranges = {
         "text_encoder": {"batch_size": (1, opt, high), "sequence_length": text},  # prompts: at most the images
-        "unet": {
-            "batch_size": (low, opt * (2 if sizes.guidance else 1), high * 2),
-            "sequence_length": text,
-            "height": latent["height"],
-            "width": latent["width"],
-        },
+        "unet": unet | residuals,
         "vae_decoder": {
             "batch_size": (low, opt, high),
             "latent_height": latent["height"],
             "latent_width": latent["width"],
         },
     }
+    if residuals:  # a ControlNet runs at the U-Net's batch (guess mode: the conditional half, within the range)
+        ranges["controlnet"] = unet | {"image_height": image["height"], "image_width": image["width"]} | residuals
     if config.static:
         ranges = {kind: {dim: (r[1],) * 3 for dim, r in dims.items()} for kind, dims in ranges.items()}
     return ranges
 
 
 def component_kind(name: str) -> str:
-    return "text_encoder" if name.startswith("text_encoder") else name
+    """The kind whose ranges a component's profile takes: its name, or the family of numbered ones."""
+    for family in ("text_encoder", "controlnet"):
+        if name.startswith(family):
+            return family
+    return name
 
 
 def onnx_input_dims(path: Path) -> dict[str, list[int | str]]:

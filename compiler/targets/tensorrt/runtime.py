@@ -20,14 +20,17 @@ import torch
 
 from sdcompiler import knobs
 from sdcompiler.archs import get_arch
+from sdcompiler.artifact import confined
 from sdcompiler.errors import ArtifactError, PipelineArgumentError, require
 from sdcompiler.targets.components import (
     FINAL_NORM,
     make_components,
+    ort_controlnets,
     ort_text_encoder,
     ort_unet,
     ort_vae_decoder,
 )
+from sdcompiler.targets.onnx_target import check_residual_inputs, controlnet_config
 from sdcompiler.targets.tensorrt.build import (
     OPTIMIZED,
     EngineBuild,
@@ -56,7 +59,16 @@ def load_components(root: Path, manifest: dict[str, Any], device: str):
     }
     encoders = [ort_text_encoder(models[n], spec.is_sdxl, root / n / FINAL_NORM) for n in spec.text_encoders]
     unet, decode = ort_unet(models["unet"]), ort_vae_decoder(models["vae_decoder"])
-    return make_components(root, manifest, encoders, unet, decode, backends=models)  # backends: LoRA refit
+    controlnets = None
+    if manifest.get("controlnets"):  # one engine per net, called like its ONNX Runtime session
+        folders = [entry["folder"] for entry in manifest["controlnets"]]  # in call order
+        configs = [controlnet_config(confined(root, folder, "a ControlNet folder")) for folder in folders]
+        nets = [TrtModel(trt, _engine_bytes(trt, root, folder, built), folder) for folder in folders]
+        check_residual_inputs(root, models["unet"], nets[0])
+        controlnets = ort_controlnets(nets, configs)
+    return make_components(
+        root, manifest, encoders, unet, decode, backends=models, controlnets=controlnets
+    )  # backends: LoRA refit
 
 
 def _engine_bytes(trt, root: Path, name: str, built: Mapping[str, Any]) -> bytes:

@@ -23,6 +23,11 @@
    component's build (profile, settings) without a plan, and the load builds the engines from the ONNX.
    `check_tools` refuses a missing TensorRT or GPU before `compile_pipeline` loads the checkpoint.
 
+With ControlNets (`compile_pipeline(controlnet=...)`) each net gets its own graph and engine, as in the onnx
+target (`<folder>/model.opt.onnx`, `<folder>/model_sm<cc>.plan`; the U-Net graph takes their residuals as
+inputs), in the U-Net's precision; the profiles add the control image's pixel range and each residual's
+range (`config.dimension_ranges`). UNVERIFIED like the rest of the target's engine code: no TensorRT here.
+
 Loading is `runtime.load_components`; `tensorrt_model_spec` describes an engine to `sdcompiler.serving`.
 """
 
@@ -40,7 +45,13 @@ from sdcompiler.passes import QuantizedUNet
 from sdcompiler.passes.onnx_export import OnnxExport, component_exports
 from sdcompiler.targets.base import LowerContext, Stage, StageRecord, Target, check_runtime_loras
 from sdcompiler.targets.components import cache_settings, lora_map_path
-from sdcompiler.targets.onnx_target import check_verified, export_onnx_stage, served_components, verify_model
+from sdcompiler.targets.onnx_target import (
+    check_verified,
+    controlnet_interface,
+    export_onnx_stage,
+    served_components,
+    verify_model,
+)
 from sdcompiler.targets.served_models import ModelSpec, onnx_model_spec
 from sdcompiler.targets.tensorrt.build import (
     OPTIMIZED,
@@ -89,8 +100,8 @@ class TensorRTTarget(Target):
 
     def lower(self, pipe, out: Path, config: TensorRTTargetConfig, ctx: LowerContext) -> list[StageRecord]:
         handed = _handed_quantization(ctx)
-        exports = _component_exports(pipe, ctx.arch, config)
-        ranges = dimension_ranges(config, _model_sizes(pipe, ctx))  # before any work: it checks height / width
+        exports = _component_exports(pipe, ctx.arch, config, ctx.controlnets)
+        ranges = dimension_ranges(config, _model_sizes(pipe, ctx, exports))  # before any work: checks height / width
         quantization = handed.settings if handed is not None else None
         records: list[StageRecord] = []
         _export_onnx_stage(records, pipe, out, exports, config, quantization, ctx)
@@ -146,22 +157,48 @@ def _handed_quantization(ctx: LowerContext) -> QuantizedUNet | None:
     return handed
 
 
-def _model_sizes(pipe, ctx: LowerContext) -> ModelSizes:
+def _model_sizes(pipe, ctx: LowerContext, exports: list[OnnxExport]) -> ModelSizes:
     """The facts about the pipeline's model that its optimization profiles derive from."""
     guidance = ctx.defaults.get("guidance_scale", ctx.arch.default_guidance_scale) > 1.0
     return ModelSizes(
         pipe.vae_scale_factor,
         pipe.unet.config.sample_size * pipe.vae_scale_factor,
         getattr(pipe, ctx.arch.tokenizers[0]).model_max_length,  # the refiner has tokenizer_2 only
-        guidance and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,
-    )  # embedded w: no CFG
+        guidance and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,  # embedded w: no CFG
+        _residual_factors(exports),
+    )
 
 
-def _component_exports(pipe, spec, config: TensorRTTargetConfig) -> list:
-    """The onnx target's exports, each in the dtype this target's precision gives its component."""
-    exports = component_exports(pipe, spec, vae_encoder=False)  # text-to-image engines
+def _residual_factors(exports: list[OnnxExport]) -> tuple[tuple[str, int], ...]:
+    """Each ControlNet residual input of the U-Net graph and the power of 2 its height and width are smaller
+    than the latents' by (rounded up, as each stride-2 downsampler rounds), read off the export's example
+    inputs."""
+    (unet,) = [e for e in exports if e.name == "unet"]
+    inputs = dict(zip(unet.input_names, unet.args))
+    latent = tuple(inputs["sample"].shape[-2:])
+    factors = []
+    for name, value in inputs.items():
+        if not name.endswith("_additional_residual"):
+            continue
+        down = 1
+        while -(-latent[0] // down) > value.shape[-2] and down < latent[0]:
+            down *= 2
+        if tuple(value.shape[-2:]) != tuple(-(-side // down) for side in latent):
+            raise LoweringError(
+                f"ControlNet residual {name} is {tuple(value.shape[-2:])} for {latent} latents, not a power-of-2 "
+                "reduction the tensorrt target can give a profile for; use target onnx for this model"
+            )
+        factors.append((name, down))
+    return tuple(factors)
+
+
+def _component_exports(pipe, spec, config: TensorRTTargetConfig, controlnets=None) -> list:
+    """The onnx target's exports, each in the dtype this target's precision gives its component (ControlNet
+    graphs in the U-Net's)."""
+    exports = component_exports(pipe, spec, vae_encoder=False, controlnets=controlnets or None)  # no VAE encoder
     text = "fp32" if config.precision == "bf16" else config.precision  # bf16 CLIP graphs fail to export
     precision = {"unet": config.precision, "vae_decoder": config.vae_precision}
+    precision |= {folder: config.precision for folder in controlnets or {}}
     return [dataclasses.replace(e, dtype=DTYPES[precision.get(e.name, text)]) for e in exports]
 
 
@@ -181,6 +218,8 @@ def _export_onnx_stage(
 
         set_export_dtype(pipe.unet, DTYPES[dtypes["unet"]])
     settings = {"opset": config.opset, "exporter": "torchscript", "dtypes": dtypes, "unet_quantization": quantization}
+    if ctx.controlnets:  # the onnx target's convention: the ControlNet graphs' outputs, the U-Net's extra inputs
+        settings["controlnet_residuals"] = controlnet_interface(exports, list(ctx.controlnets))
     opsets = {"unet": max(config.opset, QDQ_OPSET)} if quantization else None
     export_onnx_stage(records, pipe, out, exports, ctx, settings, config.opset, opsets=opsets)
 
