@@ -7,19 +7,23 @@ to fidelity, with plots.
                                       [--out benchmarks/results] [--name report]
 
 Default vs `--full` (`make bench` vs `make bench-full`): the issue asks `make bench` to fit a 2-core machine in
-under 15 minutes with warm caches. The first full run (3 rounds, a batch-4 call per subject; results/
-report_full.md) spent 44.7 min measuring: the baseline's batch-4 calls (162 s each, at the start and the end),
-every subject's batch-4 call (34-72 s, torch.compile's after a recompiling warm-up at batch 4) and a third round
-(subject + baseline, ~30 s) per subject. The default therefore runs 2 rounds (`--repeats 2`) and no batch-4
-calls (`--batch4-repeats 0`: the img/s batch 4 column says "not measured (--batch4-repeats 0)"); `--full`
-restores exactly the first run's settings (`--repeats 3 --batch4-repeats 1 --held-out-calls 2`) and writes
+under 15 minutes with warm caches. The first full run (3 rounds, a batch-4 call per subject, one subject at a
+time; results/report_full.md) spent 44.7 min measuring: the baseline's batch-4 calls (162 s each, at the start
+and the end), every subject's batch-4 call (34-72 s, torch.compile's after a recompiling warm-up at batch 4) and a
+third round (subject + baseline, ~30 s) per subject. A default of 2 rounds without batch-4 calls then took 18.8
+min (warm caches, quiet 2-core CPU): the rounds 708 s, of which the baseline's calls (one per subject per round,
+~22 s each) were ~440 s; loads 172 s, warm-ups 139 s, SQNR 59 s. So the default now loads two subjects together
+(`--together 2`) and each round calls them around one baseline call (A, baseline, B; reversed the next round),
+which halves the baseline's calls while every subject's call still sits next to the baseline call it is
+compared with, and takes eps SQNR on one held-out input (`--held-out-calls 1`). No batch-4 calls
+(`--batch4-repeats 0`: the img/s batch 4 column says "not measured (--batch4-repeats 0)"). `--full` restores
+exactly the first run's settings (`--repeats 3 --batch4-repeats 1 --held-out-calls 2 --together 1`) and writes
 NAME_full.* (explicit flags still win). In both, the baseline's held-out sampling decodes its image and is its
 warm-up call (one call fewer); torch.compile keeps its own warm-up after its compiling first call, since with a
-cold inductor cache its second call compiles again. Each run stores where its time went (`phase_seconds`: builds, the baseline's
-set-up, each subject's load / warm-up / rounds / batch 4 / SQNR) and shows the totals under the table.
-Measured (results/report.md): the default with warm caches on a quiet 2-core CPU took 18.8 min, still over the
-15: the 2 rounds 708 s, loads 172 s, warm-ups 139 s, SQNR calls 59 s. Less would drop a second round or the
-warm-up, which the issue keeps; two subjects loaded together sharing the baseline's calls would cut it (not built).
+cold inductor cache its second call compiles again. Each run stores where its time went (`phase_seconds`:
+builds, the baseline's set-up, each subject's load / warm-up / rounds (its calls and its share of the baseline's)
+/ batch 4 / SQNR) and shows the totals under the table; NAME_runs.json lists the runs with their wall time (the
+first run of a cache, which builds everything, kept).
 
 Source: the full SD1.5 architecture with random weights (`make_checkpoint(DIR, "sd15", "full")`; `--tiny`: the
 tiny one), cached under `--workdir`, at a 32x32 latent (256 px; `--size`). Subjects:
@@ -36,14 +40,15 @@ tiny one), cached under `--workdir`, at a 32x32 latent (256 px; `--size`). Subje
   under "skipped" with the reason, never dropped.
 
 Timing: one process, one intra-op thread count for torch and ONNX Runtime (SDCOMPILER_NUM_THREADS, else
-torch's default). The baseline stays loaded; each other subject is loaded in turn (memory: one of them at a
-time next to the baseline), gets `--warmup` calls, then `--repeats` rounds that call it and then the baseline
-(same prompt, same seed), so load on a shared machine hits both alike; its speed-up is the ratio of the two
-medians of those rounds (2 rounds: the median is their mean). Then `--batch4-repeats` calls with 4 images per
+torch's default). The baseline stays loaded; the other subjects are loaded in groups of `--together` (memory:
+one group at a time next to the baseline), each gets `--warmup` calls after its load, then `--repeats` rounds
+call the group's first half, the baseline, then the rest (same prompt, same seed; reversed order every other
+round), so load on a shared machine hits a subject and its baseline call alike; a subject's speed-up is the ratio
+of the medians of its calls and of the baseline calls of its rounds (2 rounds: the median is their mean). Then `--batch4-repeats` calls with 4 images per
 prompt (images/s at batch 4; the baseline's batch-4 calls run at the start and at the end; none by default). Per call the U-Net's time and calls are recorded
 (U-Net call latency = median of U-Net seconds / calls). Peak memory: the process's RSS sampled every 20 ms
-while the subject loads and runs, minus the RSS before it loaded (the baseline's share excluded), and the
-absolute peak; on CUDA, torch's peak allocated memory (ONNX Runtime's GPU arena is not counted).
+while the subject loads and runs its warm-up (the same call as a timed one), minus the RSS before it loaded (the
+baseline's share excluded, and that of the group's subjects loaded before it), and the absolute peak; on CUDA, torch's peak allocated memory (ONNX Runtime's GPU arena is not counted).
 
 Fidelity: eps SQNR of each subject's U-Net vs the baseline's on held-out inputs (the baseline's own U-Net
 inputs while it samples `--held-out-prompt`, not a timed prompt), and PSNR / SSIM of the first timed call's
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -81,9 +87,10 @@ NAME = "report"
 FULL_SUFFIX = "_full"  # --full writes NAME_full.* unless --name says otherwise
 # the default run (warm caches on a quiet 2-core CPU: 18.8 min, results/report_runs.json) and --full (the settings of the first full
 # run: 3 rounds and a batch-4 call per subject); an explicit --repeats / --batch4-repeats / --held-out-calls wins
-DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 2}
-FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2}
+DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 1, "together": 2}
+FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2, "together": 1}
 GPU_NAME = "gpu_e2e"  # benchmarks/bench_gpu_e2e.py's result on CUDA, under results/gpu/ (run_gpu_checks.sh)
+CALL_ORDER = itertools.count()
 RUNS_KEPT = 8  # runs listed in NAME_runs.json (the first run of a cache is kept besides)
 PACKAGES = ("sd-compiler", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx")
 DEFAULT_VARIANTS = "none:onnx,none:torch,bk-small:onnx,deepcache:onnx,gri:onnx,lcm-scheduler:onnx,int8:onnx"
@@ -249,12 +256,22 @@ class MemorySampler:
             self.result["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
-def timed_call(subject: Subject, batch: int, phase: str, partner: str | None = None) -> Any:
+def timed_call(subject: Subject, batch: int, phase: str, partners: list[str] | None = None) -> Any:
+    """One call, recorded with its seconds and U-Net timer; `partners`: the subjects a baseline call is the
+    reference for (the group of its round)."""
     start = time.perf_counter()
     images, timer = subject.call(batch)
     seconds = time.perf_counter() - start
     subject.calls.append(
-        {"phase": phase, "batch": batch, "seconds": seconds, **timer, "images": len(images), "partner": partner}
+        {
+            "phase": phase,
+            "batch": batch,
+            "seconds": seconds,
+            **timer,
+            "images": len(images),
+            "partners": partners,
+            "order": next(CALL_ORDER),  # the call's place in the run (all subjects)
+        }
     )
     return images
 
@@ -322,7 +339,7 @@ def summarize(subject: Subject, baseline: Subject | None) -> dict:
     b4 = [c["seconds"] for c in subject.calls if c["phase"] == "batch4"]
     out["images_per_second_batch4"] = 4 / statistics.median(b4) if b4 else None
     if baseline is not None and subject is not baseline:
-        partner = [c for c in baseline.calls if c["phase"] == "timed" and c["partner"] == subject.name]
+        partner = [c for c in baseline.calls if c["phase"] == "timed" and subject.name in (c["partners"] or [])]
         base_image = statistics.median(c["seconds"] for c in partner)
         base_unet = statistics.median(c["unet"] / c["unet_calls"] for c in partner)
         out["baseline_image_seconds_same_rounds"] = base_image
@@ -419,6 +436,7 @@ def run(args) -> dict:
         "held_out_calls": args.held_out_calls,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "together": args.together,
         "batch4_repeats": args.batch4_repeats,
         "full": args.full,
         "variants": variants,
@@ -514,7 +532,7 @@ def run(args) -> dict:
                 facts = {**source_facts, "bytes": _du(folder), "build": build, "recipe": variant}
                 yield (
                     variant,
-                    lambda folder=folder, facts=facts: artifact_subject(
+                    lambda variant=variant, folder=folder, facts=facts: artifact_subject(
                         variant, folder, args.steps, args.guidance, size, args.seed, device, facts
                     ),
                 )
@@ -525,30 +543,37 @@ def run(args) -> dict:
                 yield peer, lambda peer=peer: optimum_subject(peer, builds[peer], args, size, source_facts, threads)
 
     subjects = [baseline]
-    for name, load in loaders():
-        log(f"measuring {name}")
-        try:
-            with MemorySampler() as memory:
-                start = time.perf_counter()
-                subject = load()
-                load_seconds = time.perf_counter() - start
-                subject_phases = {"load": round(load_seconds, 1), **measure(subject, baseline, args)}
-            subject.facts["memory"] = memory.result
-            subject.facts["load_seconds"] = load_seconds
+    loads = list(loaders())
+    for first in range(0, len(loads), args.together):
+        group = []  # loaded together; each round calls them around one baseline call
+        for name, load in loads[first : first + args.together]:
+            log(f"loading {name}")
+            try:
+                with MemorySampler() as memory:
+                    start = time.perf_counter()
+                    subject = load()
+                    subject_phases = {"load": round(time.perf_counter() - start, 1), **warm_up(subject, args)}
+                subject.facts["memory"] = memory.result
+                subject.facts["load_seconds"] = subject_phases["load"]
+                group.append((subject, subject_phases))
+            except Exception as exc:  # a peer or variant that cannot run is reported, never dropped
+                cannot_run(name, exc, skipped, args)
+        log(f"measuring {', '.join(s.name for s, _ in group)}")
+        group = measure(group, baseline, args, skipped)
+        for subject, subject_phases in group:
             start = time.perf_counter()
-            with torch.inference_mode():
-                subject.facts["eps_sqnr_db"] = sqnr_db(reference_eps, eps_outputs(subject, inputs))
+            try:
+                with torch.inference_mode():
+                    subject.facts["eps_sqnr_db"] = sqnr_db(reference_eps, eps_outputs(subject, inputs))
+            except Exception as exc:
+                cannot_run(subject.name, exc, skipped, args)
+                continue
             subject_phases["sqnr"] = round(time.perf_counter() - start, 1)
-            phases.subjects[name] = subject_phases
-        except Exception as exc:  # a peer or variant that cannot run is reported, never dropped
-            log(f"{name} cannot run: {exc}")
-            skipped[name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-            if args.debug:
-                traceback.print_exc()
-            gc.collect()
-            continue
-        subjects.append(subject)
-        subject.call = subject.unet_eps = None  # drop the pipeline: one subject in memory at a time
+            phases.subjects[subject.name] = subject_phases
+            subjects.append(subject)
+        for subject, _ in group:
+            subject.call = subject.unet_eps = None  # drop the pipelines: one group in memory at a time
+        del group
         gc.collect()
     phases.lap("subjects")
     for _ in range(min(args.batch4_repeats, 1)):
@@ -574,31 +599,73 @@ def run(args) -> dict:
     return results, images
 
 
-def measure(subject: Subject, baseline: Subject, args) -> dict:
-    """Warm-up, the alternating rounds, the batch-4 calls; returns the seconds of each of these phases."""
-    clock = time.perf_counter()
-    phases = {}
-    # torch.compile's compiling first call (its load) does not replace the warm-up: with a cold inductor cache
-    # its second call compiled again (a trial 1-round run without this warm-up: 153 s for that round)
+def cannot_run(name: str, exc: Exception, skipped: dict, args) -> None:
+    log(f"{name} cannot run: {exc}")
+    skipped[name] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    if args.debug:
+        traceback.print_exc()
+
+
+def warm_up(subject: Subject, args) -> dict:
+    """`--warmup` untimed calls right after the load. torch.compile's compiling first call (its load) does not
+    replace them: with a cold inductor cache its second call compiled again (a trial 1-round run without this
+    warm-up: 153 s for that round)."""
+    start = time.perf_counter()
     for _ in range(args.warmup):
         subject.call(1)
-    phases["warmup"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+    return {"warmup": round(time.perf_counter() - start, 1)}
+
+
+def measure(group: list[tuple[Subject, dict]], baseline: Subject, args, skipped: dict) -> list:
+    """The alternating rounds of a group of subjects loaded together, then their batch-4 calls; adds each one's
+    seconds to its phases (its own calls plus its share of the baseline calls) and returns those that ran.
+
+    A round calls the group's first half, the baseline, then the rest ((A, baseline, B) for two), in reversed
+    order every other round, so each subject's calls sit next to the baseline call its speed-up is measured
+    against (`partners` of that call), and one baseline call serves the whole group."""
+    alive = list(group)
+
+    def call(subject, phases, batch, phase, key, partners=None):
+        start = time.perf_counter()
+        try:
+            return timed_call(subject, batch, phase, partners)
+        except Exception as exc:
+            cannot_run(subject.name, exc, skipped, args)
+            alive[:] = [pair for pair in alive if pair[0] is not subject]
+        finally:
+            phases[key] = round(phases.get(key, 0.0) + time.perf_counter() - start, 1)
+
     for repeat in range(args.repeats):
-        images = timed_call(subject, 1, "timed")
-        base = timed_call(baseline, 1, "timed", partner=subject.name)
-        if repeat == 0:
-            subject.images = images
-            if baseline.images is None:
-                baseline.images = base
-    phases["rounds"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
-    for repeat in range(args.batch4_repeats):
-        if repeat == 0 and subject.facts.get("recompiles_per_shape"):
-            subject.call(4)  # torch.compile compiles again for a new batch: a warm-up at batch 4
-        images = timed_call(subject, 4, "batch4")
-        if repeat == 0:
-            subject.images4 = images
-    phases["batch4"] = round(time.perf_counter() - clock, 1)
-    return phases
+        order = alive if repeat % 2 == 0 else alive[::-1]
+        half = (len(order) + 1) // 2
+        for subject, phases in order[:half]:
+            images = call(subject, phases, 1, "timed", "rounds")
+            if repeat == 0 and images is not None:
+                subject.images = images
+        if not alive:
+            break
+        start = time.perf_counter()
+        base = timed_call(baseline, 1, "timed", [s.name for s, _ in alive])
+        share = (time.perf_counter() - start) / len(alive)
+        for _, phases in alive:
+            phases["rounds"] = round(phases.get("rounds", 0.0) + share, 1)
+        if baseline.images is None:
+            baseline.images = base
+        for subject, phases in order[half:]:
+            images = call(subject, phases, 1, "timed", "rounds")
+            if repeat == 0 and images is not None:
+                subject.images = images
+    for subject, phases in list(alive):
+        phases["batch4"] = 0.0
+        for repeat in range(args.batch4_repeats):
+            if repeat == 0 and subject.facts.get("recompiles_per_shape"):
+                subject.call(4)  # torch.compile compiles again for a new batch: a warm-up at batch 4
+            images = call(subject, phases, 4, "batch4", "batch4")
+            if images is None:
+                break
+            if repeat == 0:
+                subject.images4 = images
+    return alive
 
 
 def torch_compile_subject(eager, args, size, source_facts, workdir: Path) -> Subject:
@@ -706,7 +773,9 @@ def markdown(results: dict, plots: list[str], gpu_table: str | None = None) -> s
         "",
         f"Source: {s['checkpoint']} (random weights), {s['size_px']}x{s['size_px']} px ({s['latent']}x{s['latent']} "
         f"latent), {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}, one prompt; "
-        f"{s['warmup']} warm-up call(s), then {s['repeats']} rounds of (subject, baseline) at batch 1 and "
+        f"{s['warmup']} warm-up call(s), then {s['repeats']} rounds at batch 1 of "
+        + ("(subject, baseline)" if s.get("together", 1) == 1 else f"{s['together']} subjects around one baseline call")
+        + f" and "
         f"{s['batch4_repeats']} call(s) at batch 4 per subject{' (--full)' if s.get('full') else ''}. Speed-ups: the baseline's median over the same "
         "rounds / the subject's. eps SQNR: U-Net output vs the baseline's on "
         f"{s['held_out_calls']} held-out inputs; PSNR / SSIM: the image vs the baseline's (same prompt and seed).",
@@ -779,7 +848,8 @@ def markdown(results: dict, plots: list[str], gpu_table: str | None = None) -> s
         f"{results['subjects']['eager']['macs_resolution'][0]} px (the artifacts' recorded `macs_resolution`), "
         "not at the timed size. Build s: the first build's time (compile, export, quantization, "
         "torch.compile's first call), kept from the first run when cached. Peak RSS added: the process's peak "
-        "while the subject loaded and ran, minus its RSS before (the baseline's share).",
+        "while the subject loaded and ran its warm-up, minus its RSS before (the baseline's share, and with "
+        "--together > 1 the static share of the subjects loaded before it in its group).",
     ]
     if results.get("other_busy_processes"):
         lines += ["", "Other busy processes: " + "; ".join(results["other_busy_processes"])]
@@ -898,6 +968,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--held-out-calls", type=int, default=None, help="held-out U-Net inputs for eps SQNR")
     parser.add_argument(
+        "--together",
+        type=int,
+        default=None,
+        help=f"subjects loaded together, sharing each round's baseline call (default {DEFAULT_SETTINGS['together']})",
+    )
+    parser.add_argument(
         "--full",
         action="store_true",
         help=f"the first full run's settings ({', '.join(f'{k} {v}' for k, v in FULL_SETTINGS.items())}) "
@@ -926,8 +1002,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.name is None:
         args.name = NAME + (FULL_SUFFIX if args.full else "")
-    if args.repeats < 1 or args.warmup < 0 or args.batch4_repeats < 0:
-        parser.error("--repeats must be >= 1, --warmup and --batch4-repeats >= 0")
+    if args.repeats < 1 or args.together < 1 or args.warmup < 0 or args.batch4_repeats < 0:
+        parser.error("--repeats and --together must be >= 1, --warmup and --batch4-repeats >= 0")
     if args.held_out_calls < 1:
         parser.error("--held-out-calls must be >= 1")
     return args

@@ -87,8 +87,10 @@ def test_ratios_come_from_the_same_rounds(report):
             assert "speedup_image" not in row
             continue
         mine = [c for c in calls[name] if c["phase"] == "timed"]
-        partner = [c for c in calls["eager"] if c["phase"] == "timed" and c["partner"] == name]
+        partner = [c for c in calls["eager"] if c["phase"] == "timed" and name in c["partners"]]
         assert len(mine) == len(partner) == REPEATS  # every repeat kept
+        # each of its calls sits next to the baseline call it is compared with: no other call between them
+        assert all(abs(own["order"] - base["order"]) == 1 for own, base in zip(mine, partner))
         assert row["image_seconds"]["n"] == REPEATS
         base = sorted(c["seconds"] for c in partner)
         assert row["baseline_image_seconds_same_rounds"] == pytest.approx(sum(base) / 2)  # median of 2
@@ -97,6 +99,28 @@ def test_ratios_come_from_the_same_rounds(report):
         )
         assert row["images_per_second_batch1"] > 0
         assert row["unet_calls_per_image"] > 0 and row["unet_call_seconds"] > 0
+
+
+def order(call):
+    return call["order"]
+
+
+def test_subjects_loaded_in_pairs_share_the_baseline_call(report):
+    results, _, _ = report
+    timed = sorted((c for c in results["calls"]["eager"] if c["phase"] == "timed"), key=order)
+    # 4 subjects measured, 2 at a time (--together 2): 2 rounds of 2 groups, one baseline call per round
+    assert [sorted(c["partners"]) for c in timed] == [
+        sorted(["none", "bk-small"]),
+        sorted(["none", "bk-small"]),
+        sorted(["optimum-onnx", "ort-int8"]),
+        sorted(["optimum-onnx", "ort-int8"]),
+    ]
+    assert results["settings"]["together"] == 2
+    first, second = (
+        [c["order"] for c in results["calls"][name] if c["phase"] == "timed"] for name in ("none", "bk-small")
+    )
+    assert first[0] < timed[0]["order"] < second[0]  # round 1: none, baseline, bk-small
+    assert second[1] < timed[1]["order"] < first[1]  # round 2 reversed
 
 
 def test_default_settings_leave_batch4_out_and_say_so(report):
@@ -120,9 +144,21 @@ def test_default_settings_leave_batch4_out_and_say_so(report):
 def test_full_restores_the_first_runs_settings():
     bench_report = _bench_report()
     default = bench_report.parse_args([])
-    assert (default.repeats, default.batch4_repeats, default.held_out_calls, default.name) == (2, 0, 2, "report")
+    assert (default.repeats, default.batch4_repeats, default.held_out_calls, default.together, default.name) == (
+        2,
+        0,
+        1,
+        2,
+        "report",
+    )
     full = bench_report.parse_args(["--full"])
-    assert (full.repeats, full.batch4_repeats, full.held_out_calls, full.name) == (3, 1, 2, "report_full")
+    assert (full.repeats, full.batch4_repeats, full.held_out_calls, full.together, full.name) == (
+        3,
+        1,
+        2,
+        1,
+        "report_full",
+    )
     assert full.warmup == default.warmup == 1  # the warm-up stays in both
     mixed = bench_report.parse_args(["--full", "--repeats", "1", "--name", "x"])  # an explicit flag wins
     assert (mixed.repeats, mixed.batch4_repeats, mixed.name) == (1, 1, "x")
