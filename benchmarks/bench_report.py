@@ -87,8 +87,8 @@ NAME = "report"
 FULL_SUFFIX = "_full"  # --full writes NAME_full.* unless --name says otherwise
 # the default run (warm caches on a quiet 2-core CPU: 18.8 min, results/report_runs.json) and --full (the settings of the first full
 # run: 3 rounds and a batch-4 call per subject); an explicit --repeats / --batch4-repeats / --held-out-calls wins
-DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 1, "together": 2}
-FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2, "together": 1}
+DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 1, "together": 2, "warmup_steps": 1}
+FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2, "together": 1, "warmup_steps": 0}
 GPU_NAME = "gpu_e2e"  # benchmarks/bench_gpu_e2e.py's result on CUDA, under results/gpu/ (run_gpu_checks.sh)
 CALL_ORDER = itertools.count()
 RUNS_KEPT = 8  # runs listed in NAME_runs.json (the first run of a cache is kept besides)
@@ -105,7 +105,8 @@ CALIBRATION_PROMPTS = ("a photo of a cat on a sofa", "a mountain lake at dawn")
 
 @dataclass
 class Subject:
-    """One pipeline under measurement: `call(batch) -> (images, {"unet": s, "unet_calls": n})`."""
+    """One pipeline under measurement: `call(batch, warmup_steps=None) -> (images, {"unet": s, "unet_calls": n})`
+    (`warmup_steps`: an untimed call with fewer steps, same shapes)."""
 
     name: str
     kind: str  # "baseline" | "ours" | "peer"
@@ -142,11 +143,11 @@ def diffusers_subject(name, kind, label, pipe, steps, guidance, size, seed, fact
     _timed_forward(pipe.unet, timer)
     pipe.set_progress_bar_config(disable=True)
 
-    def call(batch: int):
+    def call(batch: int, warmup_steps: int | None = None):
         timer.update(unet=0.0, unet_calls=0)
         images = pipe(
             PROMPT,
-            num_inference_steps=steps,
+            num_inference_steps=warmup_steps or steps,
             guidance_scale=guidance,
             height=size,
             width=size,
@@ -191,19 +192,19 @@ def artifact_subject(name, folder: Path, steps, guidance, size, seed, device, fa
         )
     facts["own_schedule"] = own
 
-    def call(batch: int):
+    def call(batch: int, warmup_steps: int | None = None):
         timed, timer = _timed(components)
         images = generate(
             timed,
             [PROMPT],
-            num_inference_steps=steps_used,
+            num_inference_steps=warmup_steps or steps_used,
             guidance_scale=guidance_used,
             height=size,
             width=size,
             generator=torch.Generator().manual_seed(seed),
             num_images_per_prompt=batch,
             output_type="np",
-            timesteps=timesteps,
+            timesteps=timesteps[:warmup_steps] if timesteps and warmup_steps else timesteps,
         )
         return images, {"unet": timer["unet"], "unet_calls": timer["unet_calls"]}
 
@@ -256,11 +257,13 @@ class MemorySampler:
             self.result["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
-def timed_call(subject: Subject, batch: int, phase: str, partners: list[str] | None = None) -> Any:
+def timed_call(
+    subject: Subject, batch: int, phase: str, partners: list[str] | None = None, warmup_steps: int | None = None
+) -> Any:
     """One call, recorded with its seconds and U-Net timer; `partners`: the subjects a baseline call is the
     reference for (the group of its round)."""
     start = time.perf_counter()
-    images, timer = subject.call(batch)
+    images, timer = subject.call(batch, warmup_steps)
     seconds = time.perf_counter() - start
     subject.calls.append(
         {
@@ -435,6 +438,7 @@ def run(args) -> dict:
         "held_out_prompt": HELD_OUT_PROMPT,
         "held_out_calls": args.held_out_calls,
         "warmup": args.warmup,
+        "warmup_steps": args.warmup_steps or args.steps,
         "repeats": args.repeats,
         "together": args.together,
         "batch4_repeats": args.batch4_repeats,
@@ -611,8 +615,10 @@ def warm_up(subject: Subject, args) -> dict:
     replace them: with a cold inductor cache its second call compiled again (a trial 1-round run without this
     warm-up: 153 s for that round)."""
     start = time.perf_counter()
+    # the timed call's shapes with fewer steps (`--warmup-steps`); torch.compile's warm-up is a whole call
+    steps = None if subject.facts.get("recompiles_per_shape") else args.warmup_steps
     for _ in range(args.warmup):
-        subject.call(1)
+        timed_call(subject, 1, "warmup", warmup_steps=steps)
     return {"warmup": round(time.perf_counter() - start, 1)}
 
 
@@ -636,7 +642,7 @@ def measure(group: list[tuple[Subject, dict]], baseline: Subject, args, skipped:
             phases[key] = round(phases.get(key, 0.0) + time.perf_counter() - start, 1)
 
     for repeat in range(args.repeats):
-        order = alive if repeat % 2 == 0 else alive[::-1]
+        order = list(alive) if repeat % 2 == 0 else alive[::-1]  # a copy: a failing call drops its subject
         half = (len(order) + 1) // 2
         for subject, phases in order[:half]:
             images = call(subject, phases, 1, "timed", "rounds")
@@ -659,7 +665,12 @@ def measure(group: list[tuple[Subject, dict]], baseline: Subject, args, skipped:
         phases["batch4"] = 0.0
         for repeat in range(args.batch4_repeats):
             if repeat == 0 and subject.facts.get("recompiles_per_shape"):
-                subject.call(4)  # torch.compile compiles again for a new batch: a warm-up at batch 4
+                try:
+                    subject.call(4)  # torch.compile compiles again for a new batch: a warm-up at batch 4
+                except Exception as exc:
+                    cannot_run(subject.name, exc, skipped, args)
+                    alive.remove((subject, phases))
+                    break
             images = call(subject, phases, 4, "batch4", "batch4")
             if images is None:
                 break
@@ -773,7 +784,8 @@ def markdown(results: dict, plots: list[str], gpu_table: str | None = None) -> s
         "",
         f"Source: {s['checkpoint']} (random weights), {s['size_px']}x{s['size_px']} px ({s['latent']}x{s['latent']} "
         f"latent), {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}, one prompt; "
-        f"{s['warmup']} warm-up call(s), then {s['repeats']} rounds at batch 1 of "
+        f"{s['warmup']} warm-up call(s) of {s.get('warmup_steps', s['steps'])} step(s) (torch.compile's: "
+        f"{s['steps']}), then {s['repeats']} rounds at batch 1 of "
         + ("(subject, baseline)" if s.get("together", 1) == 1 else f"{s['together']} subjects around one baseline call")
         + f" and "
         f"{s['batch4_repeats']} call(s) at batch 4 per subject{' (--full)' if s.get('full') else ''}. Speed-ups: the baseline's median over the same "
@@ -968,6 +980,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--held-out-calls", type=int, default=None, help="held-out U-Net inputs for eps SQNR")
     parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps of a subject's warm-up calls (same shapes as the timed ones; 0: the timed steps; torch.compile's "
+        f"warm-up always runs them; default {DEFAULT_SETTINGS['warmup_steps']})",
+    )
+    parser.add_argument(
         "--together",
         type=int,
         default=None,
@@ -1002,8 +1021,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.name is None:
         args.name = NAME + (FULL_SUFFIX if args.full else "")
-    if args.repeats < 1 or args.together < 1 or args.warmup < 0 or args.batch4_repeats < 0:
-        parser.error("--repeats and --together must be >= 1, --warmup and --batch4-repeats >= 0")
+    if args.repeats < 1 or args.together < 1 or min(args.warmup, args.batch4_repeats, args.warmup_steps) < 0:
+        parser.error("--repeats and --together must be >= 1, --warmup, --warmup-steps and --batch4-repeats >= 0")
     if args.held_out_calls < 1:
         parser.error("--held-out-calls must be >= 1")
     return args

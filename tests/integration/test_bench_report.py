@@ -116,6 +116,12 @@ def test_subjects_loaded_in_pairs_share_the_baseline_call(report):
         sorted(["optimum-onnx", "ort-int8"]),
     ]
     assert results["settings"]["together"] == 2
+    # each subject's warm-up: one call of --warmup-steps 1, the timed call's shapes with fewer U-Net calls
+    assert results["settings"]["warmup_steps"] == 1 < results["settings"]["steps"]
+    for name, row in results["subjects"].items():
+        if name != "eager":
+            (warmup,) = [c for c in results["calls"][name] if c["phase"] == "warmup"]
+            assert 0 < warmup["unet_calls"] < row["unet_calls_per_image"] and warmup["images"] == 1
     first, second = (
         [c["order"] for c in results["calls"][name] if c["phase"] == "timed"] for name in ("none", "bk-small")
     )
@@ -160,6 +166,7 @@ def test_full_restores_the_first_runs_settings():
         "report_full",
     )
     assert full.warmup == default.warmup == 1  # the warm-up stays in both
+    assert (default.warmup_steps, full.warmup_steps) == (1, 0)  # --full: the timed steps, as its first run
     mixed = bench_report.parse_args(["--full", "--repeats", "1", "--name", "x"])  # an explicit flag wins
     assert (mixed.repeats, mixed.batch4_repeats, mixed.name) == (1, 1, "x")
 
