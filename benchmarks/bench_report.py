@@ -2,8 +2,9 @@
 to fidelity, with plots.
 
     python benchmarks/bench_report.py [--tiny] [--variants none:onnx,none:torch,...] [--peers eager,...]
-                                      [--steps 4] [--repeats 2] [--batch4-repeats 0] [--warmup 1]
-                                      [--held-out-calls 2] [--full] [--workdir benchmarks/.cache]
+                                      [--steps 4] [--repeats 2] [--together 2] [--batch4-repeats 0]
+                                      [--warmup 1] [--warmup-steps 1] [--held-out-calls 1] [--full]
+                                      [--workdir benchmarks/.cache]
                                       [--out benchmarks/results] [--name report]
 
 Default vs `--full` (`make bench` vs `make bench-full`): the issue asks `make bench` to fit a 2-core machine in
@@ -15,10 +16,12 @@ min (warm caches, quiet 2-core CPU): the rounds 708 s, of which the baseline's c
 ~22 s each) were ~440 s; loads 172 s, warm-ups 139 s, SQNR 59 s. So the default now loads two subjects together
 (`--together 2`) and each round calls them around one baseline call (A, baseline, B; reversed the next round),
 which halves the baseline's calls while every subject's call still sits next to the baseline call it is
-compared with, and takes eps SQNR on one held-out input (`--held-out-calls 1`). No batch-4 calls
-(`--batch4-repeats 0`: the img/s batch 4 column says "not measured (--batch4-repeats 0)"). `--full` restores
-exactly the first run's settings (`--repeats 3 --batch4-repeats 1 --held-out-calls 2 --together 1`) and writes
-NAME_full.* (explicit flags still win). In both, the baseline's held-out sampling decodes its image and is its
+compared with, warms each subject up with one call of the timed shapes at 1 step (`--warmup-steps 1`;
+torch.compile's stays a whole call) and takes eps SQNR on one held-out input (`--held-out-calls 1`): 12.6 min
+with warm caches (results/report.md; the first run on an empty cache, results/report_cold.md, 39.3 min). No
+batch-4 calls (`--batch4-repeats 0`: the img/s batch 4 column says "not measured (--batch4-repeats 0)").
+`--full` restores exactly the first run's settings (`--repeats 3 --batch4-repeats 1 --held-out-calls 2
+--together 1 --warmup-steps 0`) and writes NAME_full.* (explicit flags still win). In both, the baseline's held-out sampling decodes its image and is its
 warm-up call (one call fewer); torch.compile keeps its own warm-up after its compiling first call, since with a
 cold inductor cache its second call compiles again. Each run stores where its time went (`phase_seconds`:
 builds, the baseline's set-up, each subject's load / warm-up / rounds (its calls and its share of the baseline's)
@@ -85,8 +88,9 @@ from bench_common import CpuMeter, finish_results, log, new_results  # noqa: E40
 
 NAME = "report"
 FULL_SUFFIX = "_full"  # --full writes NAME_full.* unless --name says otherwise
-# the default run (warm caches on a quiet 2-core CPU: 18.8 min, results/report_runs.json) and --full (the settings of the first full
-# run: 3 rounds and a batch-4 call per subject); an explicit --repeats / --batch4-repeats / --held-out-calls wins
+# the default run (warm caches on a quiet 2-core CPU: 12.6 min, results/report_runs.json) and --full (the settings
+# of the first full run: 3 rounds, a batch-4 call per subject, one subject at a time, whole warm-up calls); an
+# explicit flag wins
 DEFAULT_SETTINGS = {"repeats": 2, "batch4_repeats": 0, "held_out_calls": 1, "together": 2, "warmup_steps": 1}
 FULL_SETTINGS = {"repeats": 3, "batch4_repeats": 1, "held_out_calls": 2, "together": 1, "warmup_steps": 0}
 GPU_NAME = "gpu_e2e"  # benchmarks/bench_gpu_e2e.py's result on CUDA, under results/gpu/ (run_gpu_checks.sh)
@@ -743,6 +747,15 @@ def gpu_rows(path: Path, skipped: dict[str, str]) -> str | None:
     return None
 
 
+def run_layout(settings: dict) -> str:
+    """The settings that size a run's measuring time, in a few words (the runs table's "layout")."""
+    return (
+        f"{settings['repeats']} rounds, {settings.get('together', 1)} together, "
+        f"warm-up {settings.get('warmup_steps', settings['steps'])} of {settings['steps']} steps, "
+        f"{settings['held_out_calls']} held-out, {settings['batch4_repeats']} batch-4"
+    )
+
+
 def record_run(results: dict, history: Path) -> list[dict]:
     """Append this run (wall time, what it built and what it took from the cache) to `history` and return the
     runs kept there: the latest run from a cold cache stays listed next to the latest warm ones."""
@@ -755,6 +768,7 @@ def record_run(results: dict, history: Path) -> list[dict]:
         "built_in_run_seconds": round(sum(built.values()), 1),
         "cached": sorted(name for name, b in builds.items() if b.get("cached")),
         "subjects": len(results["subjects"]),
+        "layout": run_layout(results["settings"]),
         "skipped": sorted(results["skipped"]),
         "load_average": results["load_average"],
         "others_cores_measuring": (results.get("cpu_load_measuring") or {}).get("others_cores"),
@@ -871,15 +885,16 @@ def markdown(results: dict, plots: list[str], gpu_table: str | None = None) -> s
             "Runs of this report (wall time of the whole `bench_report.py` run: builds plus measurements; a build "
             "is cached after its first run):",
             "",
-            "| date | wall min | built in the run | build min | from the cache | subjects measured | load average "
-            "start / end |",
-            "|---|---|---|---|---|---|---|",
+            "| date | wall min | built in the run | build min | from the cache | subjects measured | layout | load "
+            "average start / end |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
             load = r["load_average"]
             lines.append(
                 f"| {r['date']} | {r['wall_seconds'] / 60:.1f} | {', '.join(r['built_in_run']) or '-'} | "
                 f"{r['built_in_run_seconds'] / 60:.1f} | {', '.join(r['cached']) or '-'} | {r['subjects']} | "
+                f"{r.get('layout', '-')} | "
                 f"{load.get('start')} / {load.get('end')} |"
             )
     if gpu_table:

@@ -248,6 +248,7 @@ def test_the_run_is_timed_and_kept_in_the_history(report):
     # the peers were exported and quantized in this run; the artifacts compiled elsewhere count as cached
     assert set(run["built_in_run"]) == {"optimum-onnx", "ort-int8"}
     assert run["cached"] == ["bk-small", "none"]
+    assert run["layout"] == "2 rounds, 2 together, warm-up 1 of 2 steps, 1 held-out, 0 batch-4"
     table = (folder / "report.md").read_text()
     assert f"| {run['date']} | {run['wall_seconds'] / 60:.1f} | optimum-onnx, ort-int8 |" in table
 
